@@ -1,0 +1,1 @@
+"""Stable Diffusion side: presets, data, models, training loop, sampling."""
