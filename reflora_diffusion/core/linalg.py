@@ -1,0 +1,81 @@
+"""Batched r x r algebra for the LoRA methods (METHODS.md sections 2 and 3).
+
+Every function takes stacks of Gram matrices ``AAt = A A^T`` and ``BtB = B^T B`` shaped (n, r, r) and
+returns a pair of r x r preconditioners ``(P_A, P_B)`` and a validity mask: the gradient update is
+``G_A <- P_A G_A``, ``G_B <- G_B P_B``. Invalid layers (rank-deficient or non-finite factors) get the
+identity so their gradients pass through untouched. Nothing here synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Relative eigenvalue floor for the Gram matrices: below this fraction of the largest eigenvalue a factor
+# counts as rank-deficient (its Gram is computed in float32, so smaller eigenvalues are rounding noise).
+RANK_TOL = 1e-6
+
+
+def _eigh(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """eigh of a stack of symmetric matrices; returns (eigenvalues clamped at the floor, vectors, ok mask)."""
+    finite = torch.isfinite(sym).all(dim=(-2, -1))
+    sym = torch.where(finite[:, None, None], sym, torch.eye(sym.shape[-1], dtype=sym.dtype, device=sym.device))
+    sym = 0.5 * (sym + sym.transpose(-1, -2))
+    w, v = torch.linalg.eigh(sym)
+    top = w[:, -1:]
+    ok = finite & (top[:, 0] > 0) & (w[:, 0] > RANK_TOL * top[:, 0])
+    floor = (RANK_TOL * top).clamp_min(torch.finfo(w.dtype).tiny)
+    return torch.maximum(w, floor), v, ok
+
+
+def _identity_where(mask: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(mats.shape[-1], dtype=mats.dtype, device=mats.device)
+    return torch.where(mask[:, None, None], mats, eye)
+
+
+def geometric_mean(AAt: torch.Tensor, BtB: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RefLoRA's optimal metric (Theorem 3): S* = (A A^T)^{-1} # (B^T B), and S*^{-1}.
+
+    S* is the unique SPD solution of S (A A^T) S = B^T B. With A A^T = V_A diag(a^2) V_A^T and
+    diag(a) V_A^T B^T B V_A diag(a) = V_M diag(m^2) V_M^T:
+        S*    = V_A diag(1/a) V_M diag(m)   V_M^T diag(1/a) V_A^T
+        S*^-1 = V_A diag(a)   V_M diag(1/m) V_M^T diag(a)   V_A^T
+    Returns (S*^-1, S*, ok): the preconditioners for G_A and G_B.
+    """
+    wa, va, ok_a = _eigh(AAt)
+    a = wa.sqrt()
+    K = va.transpose(-1, -2) @ BtB @ va * (a[:, :, None] * a[:, None, :])  # (M^T M) with M = B V_A diag(a)
+    wm, vm, ok_m = _eigh(K)
+    m = wm.sqrt()
+    left = va / a[:, None, :] @ vm  # V_A diag(1/a) V_M
+    S = (left * m[:, None, :]) @ left.transpose(-1, -2)
+    right = va * a[:, None, :] @ vm  # V_A diag(a) V_M
+    S_inv = (right / m[:, None, :]) @ right.transpose(-1, -2)
+    ok = ok_a & ok_m & torch.isfinite(S).all(dim=(-2, -1)) & torch.isfinite(S_inv).all(dim=(-2, -1))
+    return _identity_where(ok, S_inv), _identity_where(ok, S), ok
+
+
+def _inverse(gram: torch.Tensor, delta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gram + delta I)^{-1} through eigh; ok is False for non-finite or (undamped) singular grams."""
+    if delta:
+        gram = gram + delta * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    w, v, ok = _eigh(gram)
+    if delta:  # the damping makes the matrix definite; only non-finite input is refused
+        ok = torch.isfinite(w).all(-1) & (w[:, 0] > 0)
+    inv = (v / w[:, None, :]) @ v.transpose(-1, -2)
+    ok = ok & torch.isfinite(inv).all(dim=(-2, -1))
+    return _identity_where(ok, inv), ok
+
+
+def scaled_gd(AAt: torch.Tensor, BtB: torch.Tensor, delta: float = 0.0):
+    """ScaledGD (delta = 0) / PrecLoRA (delta > 0): P_A = (B^T B + delta I)^-1, P_B = (A A^T + delta I)^-1."""
+    P_A, ok_b = _inverse(BtB, delta)
+    P_B, ok_a = _inverse(AAt, delta)
+    ok = ok_a & ok_b
+    return _identity_where(ok, P_A), _identity_where(ok, P_B), ok
+
+
+def normalized_scaled_gd(AAt: torch.Tensor, BtB: torch.Tensor, delta: float = 1e-6):
+    """NoRA+: ScaledGD preconditioners with each Gram normalised by its Frobenius norm, damped by delta."""
+    nb = torch.linalg.matrix_norm(BtB).clamp_min(torch.finfo(BtB.dtype).tiny)[:, None, None]
+    na = torch.linalg.matrix_norm(AAt).clamp_min(torch.finfo(AAt.dtype).tiny)[:, None, None]
+    return scaled_gd(AAt / na, BtB / nb, delta)

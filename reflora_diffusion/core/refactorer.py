@@ -1,0 +1,335 @@
+"""Refactorer: hooks a LoRA method into any torch optimizer's step."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .methods import METHODS, Chain, Method
+from .pairs import LoraPair, find_lora_pairs, unwrap_model
+
+STATE_FILE = "refactorer.safetensors"
+
+
+def _method_names() -> str:
+    return ", ".join(sorted(METHODS))
+
+
+class Refactorer:
+    """Apply a LoRA method (``METHODS``) to every peft LoRA pair of ``model`` inside ``optimizer.step()``.
+
+    >>> ref = Refactorer(model, method="reflora", warmup_steps=100)
+    >>> ref.attach(optimizer)   # before creating the lr scheduler
+
+    Refactoring methods (reflora, reflora-s, scaledgd, preclora, nora+) run plain LoRA steps for the
+    first ``warmup_steps`` optimizer steps (peft starts with B = 0, where S* is undefined) and then act
+    on every ``interval``-th step. Because the work happens in optimizer step hooks it runs once per
+    real optimizer step: after gradient accumulation, DDP all-reduce and the GradScaler's unscale, and
+    not at all on a step the GradScaler skips.
+    """
+
+    def __init__(self, model: nn.Module, method: str = "reflora", warmup_steps: int = 0, interval: int = 1,
+                 adapter: str | None = None, **method_options):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of: {_method_names()}.")
+        if int(warmup_steps) < 0 or int(interval) < 1:
+            raise ValueError(f"warmup_steps must be >= 0 and interval >= 1 (got {warmup_steps}, {interval}).")
+        self.model = unwrap_model(model)
+        self.pairs: list[LoraPair] = find_lora_pairs(self.model, adapter)
+        if not self.pairs:
+            raise ValueError(
+                f"{type(self.model).__name__} has no trainable peft LoRA layers; add adapters first "
+                "(peft.get_peft_model(model, LoraConfig(...)) or model.add_adapter(LoraConfig(...))).")
+        self.method_name = method
+        self.method: Method = METHODS[method](**method_options)
+        self.warmup_steps, self.interval = int(warmup_steps), int(interval)
+        if self.method.needs_full_rank:
+            self._check_ranks()
+        if isinstance(self.method, Chain) and any(getattr(p.module, "use_dora", {}).get(p.adapter, False)
+                                                  for p in self.pairs):
+            raise ValueError(f"method {method!r} merges links into the base weight, which DoRA does not allow; "
+                             "train DoRA with a non-chain method.")
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.step_count = 0
+        self._buckets = self._group_pairs()
+        self._handles = []
+        self._warned_state: set[str] = set()
+        self._reset_counters()
+
+    # ------------------------------------------------------------------ set-up
+    def _check_ranks(self) -> None:
+        for p in self.pairs:
+            if p.rank > min(p.d_in, p.d_out):
+                raise ValueError(
+                    f"LoRA rank {p.rank} of layer {p.name!r} exceeds min(d_in, d_out) = {min(p.d_in, p.d_out)}; "
+                    f"method {self.method_name!r} needs full-rank factors: lower the rank or leave that layer out.")
+
+    def _group_pairs(self) -> dict[tuple, list[LoraPair]]:
+        # Pairs of equal shapes, dtype and device are stacked and handled by one batched matmul.
+        buckets: dict[tuple, list[LoraPair]] = defaultdict(list)
+        for p in self.pairs:
+            buckets[(p.rank, p.d_in, p.d_out, p.A.dtype, p.B.dtype, p.A.device)].append(p)
+        return dict(buckets)
+
+    def attach(self, optimizer):
+        """Hook the method into ``optimizer`` (a torch optimizer, or a wrapper holding one as ``.optimizer``)."""
+        inner = optimizer
+        while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+            inner = inner.optimizer
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(f"attach() needs a torch.optim.Optimizer (or a wrapper with .optimizer), "
+                            f"got {type(optimizer).__name__}.")
+        held = {id(p) for g in inner.param_groups for p in g["params"]}
+        missing = [p.name for p in self.pairs if id(p.A) not in held or id(p.B) not in held]
+        if missing:
+            raise ValueError(f"the optimizer does not hold the LoRA parameters of {len(missing)} layer(s) "
+                             f"(e.g. {missing[0]!r}); create it from the model's trainable parameters "
+                             "after adding the adapters.")
+        if self.optimizer is not None:
+            self.detach()
+        self.optimizer = inner
+        self._handles = [inner.register_step_pre_hook(self._pre_hook),
+                         inner.register_step_post_hook(self._post_hook)]
+        self.method.setup(self)
+        return optimizer
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self.optimizer = [], None
+
+    # ------------------------------------------------------------------ the hooks
+    def _active(self) -> bool:
+        if not self.method.uses_warmup:
+            return True  # lora, lora+, chains act on every step
+        k = self.step_count - self.warmup_steps
+        return k >= 0 and k % self.interval == 0
+
+    @torch.no_grad()
+    def _pre_hook(self, optimizer, args, kwargs):
+        if self._active():
+            self._last = {k: torch.zeros((), dtype=torch.long) for k in self._last}
+            self.method.pre_step(self)
+
+    @torch.no_grad()
+    def _post_hook(self, optimizer, args, kwargs):
+        active = self._active()
+        self.step_count += 1
+        if active:
+            self.method.post_step(self)
+
+    # ------------------------------------------------------------------ shared machinery for methods
+    def _reset_counters(self) -> None:
+        zero = lambda: torch.zeros((), dtype=torch.long)  # noqa: E731
+        self._last = {"refactored": zero(), "skipped_rank_deficient": zero(), "skipped_nonfinite": zero()}
+        self._total = {k: zero() for k in self._last}
+
+    def count(self, ok: torch.Tensor, finite: torch.Tensor) -> None:
+        """Record one step's per-layer outcome (device tensors; no host synchronisation)."""
+        counts = {"refactored": ok.sum(), "skipped_rank_deficient": (~ok & finite).sum(),
+                  "skipped_nonfinite": (~finite).sum()}
+        for k, v in counts.items():  # a 0-dim CPU tensor adds to a device tensor without a sync
+            self._last[k] = self._last[k] + v
+            self._total[k] = self._total[k] + v
+
+    def precondition_gradients(self, preconditioner) -> None:
+        """G_A <- P_A G_A, G_B <- G_B P_B with (P_A, P_B, ok) = preconditioner(A A^T, B^T B), batched.
+
+        Gram matrices come from one batched matmul per bucket of equal shapes; the r x r algebra runs in
+        float64 with one batched call per (rank, device), whatever the parameter dtype.
+        """
+        by_rank: dict[tuple, list] = defaultdict(list)
+        for (r, *_rest), pairs in self._buckets.items():
+            pairs = [p for p in pairs if p.A.grad is not None and p.B.grad is not None]
+            if not pairs:
+                continue
+            cdt = torch.float64 if pairs[0].A.dtype == torch.float64 else torch.float32
+            A = torch.stack([p.a_matrix(p.A.detach()) for p in pairs]).to(cdt)
+            B = torch.stack([p.b_matrix(p.B.detach()) for p in pairs]).to(cdt)
+            AAt = A @ A.transpose(-1, -2)
+            BtB = B.transpose(-1, -2) @ B
+            by_rank[(r, A.device)].append((pairs, AAt, BtB, cdt))
+        for items in by_rank.values():
+            AAt = torch.cat([it[1] for it in items]).double()
+            BtB = torch.cat([it[2] for it in items]).double()
+            P_A, P_B, ok = preconditioner(AAt, BtB)
+            finite = torch.isfinite(AAt).all(dim=(-2, -1)) & torch.isfinite(BtB).all(dim=(-2, -1))
+            self.count(ok, finite)
+            start = 0
+            for pairs, _, _, cdt in items:
+                n = len(pairs)
+                pa, pb = P_A[start:start + n].to(cdt), P_B[start:start + n].to(cdt)
+                start += n
+                GA = torch.stack([p.a_matrix(p.A.grad) for p in pairs]).to(cdt)
+                GB = torch.stack([p.b_matrix(p.B.grad) for p in pairs]).to(cdt)
+                new_a, new_b = (pa @ GA).unbind(), (GB @ pb).unbind()
+                torch._foreach_copy_([p.A.grad for p in pairs], [g.view_as(p.A) for g, p in zip(new_a, pairs)])
+                torch._foreach_copy_([p.B.grad for p in pairs], [g.view_as(p.B) for g, p in zip(new_b, pairs)])
+
+    def warn_unknown_state(self, known: tuple) -> None:
+        """Warn once per unknown optimizer-state key that a factor rescaling cannot carry along."""
+        for pair in self.pairs[:1]:
+            for key in self.optimizer.state.get(pair.A, {}):
+                if key not in known and key not in self._warned_state:
+                    self._warned_state.add(key)
+                    warnings.warn(f"{self.method_name}: optimizer state {key!r} of "
+                                  f"{type(self.optimizer).__name__} is not rescaled with the factors; "
+                                  "use Adam/AdamW/SGD for exact results.", stacklevel=3)
+
+    # ------------------------------------------------------------------ chains: merging and export
+    @staticmethod
+    def _delta(pair: LoraPair, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """scaling * B @ A laid out like the base layer's weight."""
+        base = pair.module.get_base_layer().weight
+        mat = pair.scaling * (pair.b_matrix(B).float() @ pair.a_matrix(A).float())
+        if pair.kind == "embedding" or (pair.kind == "linear" and getattr(pair.module, "fan_in_fan_out", False)):
+            mat = mat.T
+        return mat.reshape(base.shape).to(base.dtype)
+
+    @torch.no_grad()
+    def merge_into_base(self) -> None:
+        """Merge each pair's current s * B @ A into its base weight and remember it as a chain link."""
+        links = getattr(self, "_links", None)
+        if links is None:
+            links = self._links = [[] for _ in self.pairs]
+        for pair, pair_links in zip(self.pairs, links):
+            pair.module.get_base_layer().weight.add_(self._delta(pair, pair.A, pair.B))
+            pair_links.append((pair.A.detach().clone(), pair.B.detach().clone()))
+
+    def effective_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """{pair name: (A, B, scaling)} of the LoRA to export.
+
+        For chains the merged links and the current link are concatenated, [A_1; ...; A_K] and
+        [B_1 ... B_K]: one LoRA of rank K*r with the same scaling reproduces base + all links.
+        """
+        links = getattr(self, "_links", None) or [[] for _ in self.pairs]
+        out = {}
+        for pair, pair_links in zip(self.pairs, links):
+            As = [a for a, _ in pair_links] + [pair.A.detach()]
+            Bs = [b for _, b in pair_links] + [pair.B.detach()]
+            key = pair.name if pair.adapter == "default" else f"{pair.name}[{pair.adapter}]"
+            out[key] = (torch.cat(As, dim=0), torch.cat(Bs, dim=1), pair.scaling)
+        return out
+
+    # ------------------------------------------------------------------ figures for a UI
+    @torch.no_grad()
+    def stats(self) -> dict:
+        """Per-step figures: layers refactored / skipped at the last active step, balance ||B||/||A||.
+
+        Synchronises the device (it reads numbers): call it at logging steps only.
+        """
+        na = torch.stack([n.float() for n in torch._foreach_norm([p.A.detach() for p in self.pairs])])
+        nb = torch.stack([n.float() for n in torch._foreach_norm([p.B.detach() for p in self.pairs])])
+        ratio = nb / na
+        ratio = ratio[torch.isfinite(ratio)]
+        last = {k: int(v) for k, v in self._last.items()}
+        return {
+            "method": self.method_name,
+            "step": self.step_count,
+            "layers": len(self.pairs),
+            "refactored": last["refactored"],
+            "skipped": last["skipped_rank_deficient"] + last["skipped_nonfinite"],
+            "skipped_rank_deficient": last["skipped_rank_deficient"],
+            "skipped_nonfinite": last["skipped_nonfinite"],
+            "skipped_total": int(self._total["skipped_rank_deficient"]) + int(self._total["skipped_nonfinite"]),
+            "balance_mean": float(ratio.mean()) if ratio.numel() else float("nan"),
+            "balance_max": float(ratio.max()) if ratio.numel() else float("nan"),
+        }
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        state = {
+            "method": self.method_name, "step_count": self.step_count,
+            "warmup_steps": self.warmup_steps, "interval": self.interval,
+            "totals": {k: v.cpu() for k, v in self._total.items()},
+            "method_state": self.method.state_dict(),
+        }
+        links = getattr(self, "_links", None)
+        if links:
+            state["links"] = [[(a.cpu(), b.cpu()) for a, b in pl] for pl in links]
+            state["base_checksums"] = [self._checksum(p) for p in self.pairs]
+        return state
+
+    @staticmethod
+    def _checksum(pair: LoraPair) -> float:
+        return float(pair.module.get_base_layer().weight.double().sum())
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if state["method"] != self.method_name:
+            raise ValueError(f"the saved state is for method {state['method']!r}, this Refactorer runs "
+                             f"{self.method_name!r}; resume with --method {state['method']}.")
+        self.step_count = int(state["step_count"])
+        self._total = {k: v.clone() for k, v in state["totals"].items()}
+        self.method.load_state_dict(state["method_state"], self)
+        links = state.get("links")
+        if links:
+            if len(links) != len(self.pairs):
+                raise ValueError(f"the saved chain has {len(links)} layers, this model {len(self.pairs)}.")
+            self._links = [[(a.to(p.A), b.to(p.B)) for a, b in pl] for pl, p in zip(links, self.pairs)]
+            # The base weights may come back pristine (only LoRA weights were checkpointed) or already merged
+            # (the whole model was): merge the links only where the checksum says they are missing.
+            for pair, pl, saved in zip(self.pairs, self._links, state["base_checksums"]):
+                weight = pair.module.get_base_layer().weight
+                if abs(self._checksum(pair) - saved) <= 1e-6 * (1.0 + float(weight.double().abs().sum())):
+                    continue
+                for a, b in pl:
+                    weight.add_(self._delta(pair, a, b))
+
+    def save(self, directory) -> Path:
+        """Write the state to ``directory/refactorer.safetensors`` (tensors + JSON metadata), atomically."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+
+        def encode(obj, key):
+            if isinstance(obj, torch.Tensor):
+                tensors[key] = obj.detach().cpu().contiguous()
+                return {"__tensor__": key}
+            if isinstance(obj, dict):
+                return {k: encode(v, f"{key}.{k}") for k, v in obj.items()}
+            if isinstance(obj, (list, tuple)):
+                return [encode(v, f"{key}.{i}") for i, v in enumerate(obj)]
+            return obj
+
+        meta = encode(self.state_dict(), "state")
+        path = Path(directory) / STATE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"refactorer": json.dumps(meta)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    def load(self, directory) -> None:
+        """Restore the state written by :meth:`save` (``directory`` or the file itself)."""
+        from safetensors import safe_open
+
+        path = Path(directory)
+        path = path / STATE_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"no Refactorer state at {path}; pass the checkpoint folder that holds "
+                                    f"{STATE_FILE}.")
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["refactorer"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+
+        def decode(obj):
+            if isinstance(obj, dict):
+                return tensors[obj["__tensor__"]] if set(obj) == {"__tensor__"} else {k: decode(v) for k, v in obj.items()}
+            if isinstance(obj, list):
+                return [decode(v) for v in obj]
+            return obj
+
+        self.load_state_dict(decode(meta))
