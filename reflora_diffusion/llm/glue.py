@@ -1,0 +1,390 @@
+"""GLUE fine-tuning with LoRA and a core method: tasks, data, presets, model and the run (entry: llm/glue.py).
+
+Data flow: GlueArguments + GlueTrainingArguments -> load_glue (TSV folder or hub) -> tokenize -> model + add_lora
+-> RefactorTrainer (core attached) -> train -> evaluate -> results.json / events.jsonl / status.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from transformers import TrainerCallback, TrainingArguments
+
+from reflora_diffusion.llm.metrics import MAIN_METRIC, glue_metrics, main_value
+from reflora_diffusion.llm.trainer import RefactorTrainer, add_lora, write_json_atomic, write_status
+
+csv.field_size_limit(sys.maxsize)  # MNLI parse-tree columns are long
+
+
+# ---- tasks -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GlueTask:
+    name: str
+    folder: str                      # folder in the GLUE download (download_glue_data.py layout)
+    text_columns: tuple              # TSV columns: (first, second or None)
+    label_column: str | int          # TSV column name, or index for header-less CoLA
+    labels: tuple | None             # label strings in id order (as in the hub's `glue`), None = regression
+    eval_splits: tuple = ("validation",)
+    hub_text_columns: tuple = ()     # the hub dataset's column names
+    header: bool = True
+
+
+TASKS = {
+    # CoLA train/dev have no header: source, label, original label ("*" if unacceptable), sentence.
+    "cola": GlueTask("cola", "CoLA", (3, None), 1, ("0", "1"), header=False, hub_text_columns=("sentence", None)),
+    "sst2": GlueTask("sst2", "SST-2", ("sentence", None), "label", ("0", "1"), hub_text_columns=("sentence", None)),
+    "mrpc": GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"),
+                     hub_text_columns=("sentence1", "sentence2")),
+    "stsb": GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", None,
+                     hub_text_columns=("sentence1", "sentence2")),
+    "qqp": GlueTask("qqp", "QQP", ("question1", "question2"), "is_duplicate", ("0", "1"),
+                    hub_text_columns=("question1", "question2")),
+    "mnli": GlueTask("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label", ("entailment", "neutral", "contradiction"),
+                     eval_splits=("validation_matched", "validation_mismatched"),
+                     hub_text_columns=("premise", "hypothesis")),
+    "qnli": GlueTask("qnli", "QNLI", ("question", "sentence"), "label", ("entailment", "not_entailment"),
+                     hub_text_columns=("question", "sentence")),
+    "rte": GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label", ("entailment", "not_entailment"),
+                    hub_text_columns=("sentence1", "sentence2")),
+}
+SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv",
+               "validation_matched": "dev_matched.tsv", "validation_mismatched": "dev_mismatched.tsv"}
+
+# Per-task presets for DeBERTaV3-base, applied with --preset paper. lr 1e-3, batch 32, r=8, alpha=8 and the
+# RefLoRA warm-up of 100 steps are the RefLoRA paper's shared setting (arXiv 2505.18877, Sec. 5.1; authors'
+# NLU/debertaV3-base.sh, which also gives the CoLA row). The other rows' epochs, lr warm-up steps (a float < 1
+# is a ratio), max length, classifier dropout and weight decay are AdaLoRA's DeBERTaV3-base GLUE scripts
+# (QingruZhang/AdaLoRA NLU/scripts/run_debertav3_<task>.sh), the setup the LoRA baselines in those tables follow.
+PRESETS = {
+    "cola": dict(num_train_epochs=5, warmup_steps=100, max_length=64, cls_dropout=0.15, weight_decay=0.0),
+    "sst2": dict(num_train_epochs=24, warmup_steps=1000, max_length=128, cls_dropout=0.0, weight_decay=0.01),
+    "mrpc": dict(num_train_epochs=30, warmup_steps=0.1, max_length=320, cls_dropout=0.0, weight_decay=0.01),
+    "stsb": dict(num_train_epochs=25, warmup_steps=100, max_length=128, cls_dropout=0.2, weight_decay=0.1),
+    "qqp": dict(num_train_epochs=5, warmup_steps=2000, max_length=320, cls_dropout=0.15, weight_decay=0.01),
+    "mnli": dict(num_train_epochs=7, warmup_steps=1000, max_length=256, cls_dropout=0.15, weight_decay=0.0),
+    "qnli": dict(num_train_epochs=5, warmup_steps=500, max_length=512, cls_dropout=0.1, weight_decay=0.01),
+    "rte": dict(num_train_epochs=50, warmup_steps=200, max_length=320, cls_dropout=0.2, weight_decay=0.01),
+}
+PAPER_SHARED = dict(learning_rate=1e-3, per_device_train_batch_size=32, lora_r=8, lora_alpha=8, refactor_warmup_steps=100)
+
+# LoRA targets: query/key/value projections, attention output dense and intermediate dense (the paper's set).
+# (The authors' script passes "output.dense", which in peft's suffix matching also hits the FFN output.)
+TARGETS = {
+    "deberta": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense"],
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense"],
+}
+
+
+def get_task(name: str) -> GlueTask:
+    key = name.lower().replace("-", "")
+    if key not in TASKS:
+        raise ValueError(f"unknown GLUE task {name!r}; choose one of: {', '.join(TASKS)}")
+    return TASKS[key]
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+
+def _task_dir(task: GlueTask, data_dir: str) -> str:
+    # Accept the GLUE root (with CoLA/, RTE/, ...) or the task's own folder.
+    nested = os.path.join(data_dir, task.folder)
+    return nested if os.path.isdir(nested) else data_dir
+
+
+def read_glue_tsv(task: GlueTask, path: str) -> dict[str, list]:
+    """Rows of one GLUE TSV as {"text_a", "text_b", "label"}; labels become ids (or floats for STS-B)."""
+    # utf-8-sig drops MRPC's byte-order mark; QUOTE_NONE because quotes in GLUE text are not CSV quoting.
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if task.header:
+        if not rows:
+            raise ValueError(f"{path} is empty; expected a header row and {task.name} examples")
+        header, rows, first_line = rows[0], rows[1:], 2
+        missing = [c for c in (*task.text_columns, task.label_column) if c is not None and c not in header]
+        if missing:
+            raise ValueError(f"{path} has no column(s) {missing} (header: {header}); is it the {task.name} file?")
+        cols = [header.index(c) if c is not None else None for c in (*task.text_columns, task.label_column)]
+    else:
+        first_line, cols = 1, [*task.text_columns, task.label_column]
+    ia, ib, il = cols
+    need = max(c for c in cols if c is not None)
+    out = {"text_a": [], "text_b": [], "label": []}
+    for i, row in enumerate(rows, start=first_line):
+        if not row:
+            continue
+        if len(row) <= need:
+            raise ValueError(f"{path}:{i}: {len(row)} tab-separated fields, expected at least {need + 1} for {task.name}")
+        raw = row[il].strip()
+        if task.labels is None:
+            try:
+                label = float(raw)
+            except ValueError:
+                label = math.nan
+            if not 0.0 <= label <= 5.0:
+                raise ValueError(f"{path}:{i}: label {raw!r} is not a score in [0, 5] for task {task.name}")
+        elif raw in task.labels:
+            label = task.labels.index(raw)
+        else:
+            raise ValueError(f"{path}:{i}: label {raw!r} is not one of {list(task.labels)} for task {task.name}")
+        out["text_a"].append(row[ia])
+        out["text_b"].append(row[ib] if ib is not None else None)
+        out["label"].append(label)
+    return out
+
+
+def load_glue(task_name: str, data_dir: str | None = None, splits=None,
+              max_train_samples: int | None = None, max_eval_samples: int | None = None, subset_seed: int = 0):
+    """DatasetDict with "train" and the task's eval splits, columns text_a, text_b, label.
+
+    data_dir: a GLUE TSV folder; None loads the hub's `nyu-mll/glue` (needs network or a cache).
+    max_*_samples take a fixed random subset (subset_seed), the same for every method and training seed.
+    """
+    from datasets import Dataset, DatasetDict
+
+    task = get_task(task_name)
+    splits = list(splits or ("train", *task.eval_splits))
+    result = {}
+    if data_dir is not None:
+        if not os.path.isdir(data_dir):
+            raise FileNotFoundError(f"GLUE data folder {data_dir} does not exist; pass --data_dir <folder with "
+                                    f"{task.folder}/train.tsv>, or omit it to load the hub's glue dataset")
+        folder = _task_dir(task, data_dir)
+        for split in splits:
+            path = os.path.join(folder, SPLIT_FILES[split])
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"GLUE folder {folder} is missing the {task.name} {split} split "
+                                        f"({SPLIT_FILES[split]}); use the GLUE layout <data_dir>/{task.folder}/"
+                                        f"{SPLIT_FILES[split]}")
+            result[split] = Dataset.from_dict(read_glue_tsv(task, path))
+    else:
+        from datasets import load_dataset
+
+        hub = load_dataset("nyu-mll/glue", task.name)
+        a, b = task.hub_text_columns
+        for split in splits:
+            ds = hub[split]
+            result[split] = Dataset.from_dict({"text_a": ds[a], "text_b": ds[b] if b else [None] * len(ds),
+                                               "label": ds["label"]})
+    for split, ds in result.items():
+        limit = max_train_samples if split == "train" else max_eval_samples
+        if limit is not None and limit < len(ds):
+            result[split] = ds.shuffle(seed=subset_seed).select(range(limit))
+    return DatasetDict(result)
+
+
+def tokenize_glue(datasets, tokenizer, max_length: int):
+    """Tokenize text pairs (truncation only; DataCollatorWithPadding pads per batch)."""
+    def encode(batch):
+        second = batch["text_b"] if any(t is not None for t in batch["text_b"]) else None
+        return tokenizer(batch["text_a"], second, truncation=True, max_length=max_length)
+
+    return datasets.map(encode, batched=True, remove_columns=["text_a", "text_b"])
+
+
+# ---- arguments ---------------------------------------------------------------------------------------------
+
+@dataclass
+class GlueArguments:
+    task_name: str = field(metadata={"help": f"GLUE task: {', '.join(TASKS)}"})
+    model_name_or_path: str = field(metadata={"help": "AutoModelForSequenceClassification hub id or local folder"})
+    data_dir: str | None = field(default=None, metadata={"help": "GLUE TSV folder (e.g. ../shared/data/glue); "
+                                                                  "omit to load the hub's glue dataset"})
+    method: str = field(default="reflora", metadata={"help": "core method: lora, reflora, reflora-s, lora+, ..."})
+    preset: str | None = field(default=None, metadata={"help": "'paper': the per-task DeBERTaV3 hyperparameters "
+                                                                "(flags given explicitly still win)"})
+    max_length: int = field(default=128, metadata={"help": "max tokens per example (pair)"})
+    lora_r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: str | None = field(default=None, metadata={"help": "comma-separated module names; default: "
+                                                                        "q/k/v, attention output, intermediate"})
+    cls_dropout: float | None = field(default=None, metadata={"help": "classifier-head dropout"})
+    refactor_warmup_steps: int = field(default=100, metadata={"help": "plain LoRA steps before refactoring starts"})
+    refactor_interval: int = field(default=1, metadata={"help": "refactor every N optimizer steps"})
+    ratio: float | None = field(default=None, metadata={"help": "lora+: lr(B) / lr(A)"})
+    delta: float | None = field(default=None, metadata={"help": "preclora / nora+: damping"})
+    chain_every: int | None = field(default=None, metadata={"help": "rac-lora / cola: steps per chain link"})
+    p: float | None = field(default=None, metadata={"help": "rac-lora / cola: probability of freezing A"})
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+    def __post_init__(self):
+        self.task_name = get_task(self.task_name).name
+        if self.preset not in (None, "paper"):
+            raise ValueError(f"unknown --preset {self.preset!r}; the only preset is 'paper'")
+
+    def method_options(self) -> dict:
+        opts = {"warmup_steps": self.refactor_warmup_steps, "interval": self.refactor_interval,
+                "ratio": self.ratio, "delta": self.delta, "chain_every": self.chain_every, "p": self.p}
+        return {k: v for k, v in opts.items() if v is not None}
+
+
+@dataclass
+class GlueTrainingArguments(TrainingArguments):
+    # The paper's shared setting as defaults; everything else is TrainingArguments' own.
+    learning_rate: float = 1e-3
+    per_device_train_batch_size: int = 32
+    per_device_eval_batch_size: int = 64
+    logging_steps: float = 10
+    save_strategy: str = "no"
+
+
+def parse_args(argv=None):
+    """(GlueArguments, TrainingArguments) from CLI flags, or from a single .json/.yaml file."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((GlueArguments, GlueTrainingArguments))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        glue_args, train_args = parser.parse_json_file(argv[0])
+        given = set(json.load(open(argv[0])))
+    elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        import yaml
+        glue_args, train_args = parser.parse_yaml_file(argv[0])
+        given = set(yaml.safe_load(open(argv[0])))
+    else:
+        glue_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+        given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    if glue_args.preset == "paper":
+        apply_preset(glue_args, train_args, given)
+    return glue_args, train_args
+
+
+def apply_preset(glue_args, train_args, given: set) -> None:
+    """Fill in the paper's per-task hyperparameters, except where a flag was given explicitly."""
+    values = {**PAPER_SHARED, **PRESETS[glue_args.task_name]}
+    for key, value in values.items():
+        if key in given:
+            continue
+        target = train_args if hasattr(train_args, key) and key != "max_length" else glue_args
+        setattr(target, key, value)
+
+
+# ---- model -------------------------------------------------------------------------------------------------
+
+def default_targets(model) -> list[str]:
+    names = [n for n, _ in model.named_modules()]
+    for targets in TARGETS.values():
+        if any(n.endswith("." + targets[0]) for n in names):
+            return targets
+    return TARGETS["bert"]  # add_lora reports what the model has instead
+
+
+def load_model(args: GlueArguments):
+    """Tokenizer and LoRA-wrapped AutoModelForSequenceClassification for the task (classifier head trained)."""
+    from peft import TaskType
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    task = get_task(args.task_name)
+    if task.labels is None:
+        config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=1, problem_type="regression")
+    else:
+        config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=len(task.labels),
+                                            id2label=dict(enumerate(task.labels)),
+                                            label2id={l: i for i, l in enumerate(task.labels)})
+    if args.cls_dropout is not None:
+        config.cls_dropout = args.cls_dropout          # DeBERTa's head
+        config.classifier_dropout = args.cls_dropout   # BERT / RoBERTa's head
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, config=config)
+    targets = args.target_modules.split(",") if args.target_modules else default_targets(model)
+    # TaskType.SEQ_CLS makes peft train the new head ("classifier" / "score") in full: modules_to_save.
+    model = add_lora(model, [t.strip() for t in targets], r=args.lora_r, alpha=args.lora_alpha,
+                     dropout=args.lora_dropout, method=args.method, task_type=TaskType.SEQ_CLS)
+    return tokenizer, model
+
+
+# ---- run ---------------------------------------------------------------------------------------------------
+
+class ResultsWriter(TrainerCallback):
+    """Rewrites results.json after every evaluation, so a crash later keeps the metrics so far."""
+
+    def __init__(self, path: str, header: dict):
+        self.path, self.header, self.evals = path, header, []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.is_world_process_zero and metrics:
+            self.add(state.global_step, state.epoch, metrics)
+
+    def add(self, step, epoch, metrics):
+        entry = {"step": step, "epoch": epoch, **{k: _clean(v) for k, v in metrics.items()}}
+        if self.evals and self.evals[-1]["step"] == step:
+            self.evals[-1].update(entry)    # MNLI: matched and mismatched arrive as two evaluations
+        else:
+            self.evals.append(entry)
+        self.write()
+
+    def write(self, **extra):
+        task = self.header["task"]
+        last = self.evals[-1] if self.evals else {}
+        write_json_atomic(self.path, {**self.header, "main_metric": MAIN_METRIC[task],
+                                      "main_value": main_value(task, last), "evals": self.evals, **extra})
+
+
+def _clean(v):
+    if isinstance(v, (float, np.floating)):
+        return None if math.isnan(float(v)) else float(v)
+    return v
+
+
+def run(glue_args: GlueArguments, train_args) -> dict:
+    """Train and evaluate one GLUE task; returns the final metrics. Writes the run folder (DESIGN.md)."""
+    from transformers import DataCollatorWithPadding, set_seed
+
+    out = train_args.output_dir
+    os.makedirs(out, exist_ok=True)
+    is_main = train_args.process_index == 0
+    if is_main:
+        if not train_args.resume_from_checkpoint:  # a fresh run does not append to an old run's files
+            for name in ("events.jsonl", "status.json", "results.json"):
+                if os.path.exists(os.path.join(out, name)):
+                    os.remove(os.path.join(out, name))
+        write_json_atomic(os.path.join(out, "config.json"), {**asdict(glue_args), **train_args.to_dict()})
+        write_status(out, "running", 0, train_args.max_steps)
+    try:
+        set_seed(train_args.seed)
+        task = get_task(glue_args.task_name)
+        raw = load_glue(task.name, glue_args.data_dir, max_train_samples=glue_args.max_train_samples,
+                        max_eval_samples=glue_args.max_eval_samples)
+        tokenizer, model = load_model(glue_args)
+        data = tokenize_glue(raw, tokenizer, glue_args.max_length)
+        evals = {s.split("_", 1)[1]: data[s] for s in task.eval_splits} if len(task.eval_splits) > 1 \
+            else data[task.eval_splits[0]]
+
+        def compute_metrics(p):
+            preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
+            return glue_metrics(task.name, preds, p.label_ids)
+
+        results = ResultsWriter(os.path.join(out, "results.json"),
+                                   {"task": task.name, "method": glue_args.method,
+                                    "model": glue_args.model_name_or_path, "seed": train_args.seed})
+        trainer = RefactorTrainer(
+            model=model, args=train_args, train_dataset=data["train"], eval_dataset=evals,
+            data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
+            compute_metrics=compute_metrics, callbacks=[results],
+            method=glue_args.method, method_options=glue_args.method_options(),
+            events_path=os.path.join(out, "events.jsonl") if is_main else None)
+        started = time.time()
+        train_out = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+        train_seconds = time.time() - started
+        trainer.save_model(out)    # peft adapter (safetensors) + the trained head
+        done = results.evals and results.evals[-1]["step"] == trainer.state.global_step
+        final = results.evals[-1] if done else trainer.evaluate()  # no second pass over the same weights
+        if is_main:
+            results.write(final=results.evals[-1], train_loss=train_out.training_loss, train_seconds=train_seconds,
+                          train_steps=trainer.state.global_step, refactor=trainer.refactorer.stats())
+            write_status(out, "done", trainer.state.global_step, trainer.state.max_steps)
+        return final
+    except BaseException as e:
+        if is_main:
+            write_status(out, "cancelled" if isinstance(e, KeyboardInterrupt) else "failed",
+                         error=f"{type(e).__name__}: {e}")
+        raise

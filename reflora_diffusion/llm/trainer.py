@@ -1,0 +1,180 @@
+"""transformers' Trainer with the optimizer core attached (shared by GLUE and commonsense).
+
+    model = add_lora(model, ["query", "key", "value"], r=8, alpha=8)
+    trainer = RefactorTrainer(model=model, args=args, train_dataset=ds, method="reflora",
+                              method_options={"warmup_steps": 100}, events_path="runs/x/events.jsonl")
+    trainer.train()                       # or trainer.train(resume_from_checkpoint=True)
+
+Hook points (transformers 5.x `Trainer`): `create_optimizer` runs before the lr scheduler is created in every
+code path (plain, accelerate-prepared, FSDP-delayed), so the core attaches there; `_save_checkpoint` writes
+each checkpoint-<N>/ folder; `_load_optimizer_and_scheduler` runs exactly when a checkpoint is resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from reflora_diffusion.core import METHODS, Refactorer
+from reflora_diffusion.core.refactorer import STATE_FILE
+
+__all__ = ["RefactorTrainer", "EventsCallback", "add_lora", "write_status", "write_json_atomic"]
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON to a temporary name, then rename: a reader never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def write_status(output_dir: str, state: str, step: int | None = None, max_steps: int | None = None,
+                 error: str | None = None) -> None:
+    """status.json of the run folder (DESIGN.md), the file the app polls; step/max_steps None keep the last."""
+    path = os.path.join(output_dir, "status.json")
+    old = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            pass
+    now = time.time()
+    write_json_atomic(path, {"state": state, "step": int(step if step is not None else old.get("step", 0)),
+                             "max_steps": int(max_steps if max_steps is not None else old.get("max_steps", 0)),
+                             "started_at": old.get("started_at", now), "updated_at": now, "error": error,
+                             "pid": os.getpid()})
+
+
+def _target_matches(module_name: str, targets) -> bool:
+    # peft's rule (tuners_utils.check_target_module_exists): a str is a full regex match,
+    # a list entry matches the whole name or a dotted suffix of it.
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module_name) is not None
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+
+def add_lora(model, target_modules, r: int = 8, alpha: float = 8, dropout: float = 0.0,
+             modules_to_save=None, method: str = "lora", task_type=None, **lora_kwargs):
+    """Wrap `model` with a peft LoRA adapter; `method` is only validated here (the core applies it).
+
+    Raises one-line ValueErrors for an unknown method or a model without any of the target modules.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if isinstance(target_modules, str) and "," in target_modules:
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+    names = [n for n, _ in model.named_modules()]
+    if not any(_target_matches(n, target_modules) for n in names):
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"model {type(model).__name__} has none of the target modules {target_modules}; "
+                         f"its linear layers are named {linear}: pass --target_modules from those names")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        modules_to_save=modules_to_save, task_type=task_type, **lora_kwargs)
+    return get_peft_model(model, config)
+
+
+class EventsCallback(TrainerCallback):
+    """Appends one JSON line per logging step (and per evaluation) to events.jsonl, keeps status.json fresh."""
+
+    def __init__(self, events_path: str, refactorer: Refactorer, status: bool = True):
+        self.events_path = events_path
+        self.refactorer = refactorer
+        self.status = status
+        self._last_step = 0
+        self._last_time = time.time()
+
+    def _append(self, event: dict) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.events_path)), exist_ok=True)
+        with open(self.events_path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    def _status(self, state, name="running"):
+        if self.status:
+            write_status(os.path.dirname(os.path.abspath(self.events_path)), name, state.global_step, state.max_steps)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_step, self._last_time = state.global_step, time.time()
+        if state.is_world_process_zero:
+            self._status(state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        now = time.time()
+        steps = max(state.global_step - self._last_step, 1)
+        event = {"step": state.global_step, "loss": float(logs["loss"]), "lr": logs.get("learning_rate"),
+                 "sec_per_step": (now - self._last_time) / steps, "time": now,
+                 "refactor": self.refactorer.stats()}
+        if "grad_norm" in logs:
+            event["grad_norm"] = float(logs["grad_norm"])
+        if "epoch" in logs:
+            event["epoch"] = logs["epoch"]
+        self._append(event)
+        self._status(state)
+        self._last_step, self._last_time = state.global_step, now
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.is_world_process_zero and metrics:
+            self._append({"step": state.global_step, "time": time.time(),
+                          "eval": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}})
+        self._exclude_pause(state)
+
+    def on_save(self, args, state, control, **kwargs):
+        self._exclude_pause(state)
+
+    def _exclude_pause(self, state):
+        # Evaluation and saving run right after the log of the same step: keep them out of sec_per_step.
+        if state.global_step == self._last_step:
+            self._last_time = time.time()
+
+
+class RefactorTrainer(Trainer):
+    """`transformers.Trainer` whose optimizer runs a core method (METHODS.md) and whose checkpoints carry its state."""
+
+    def __init__(self, *args, method: str = "reflora", method_options: dict | None = None,
+                 events_path: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+        self.method = method
+        self.method_options = dict(method_options or {})
+        # The core walks module names: give it the unwrapped model (no DDP/compile wrapper).
+        self.refactorer = Refactorer(self.accelerator.unwrap_model(self.model), method=method, **self.method_options)
+        self._attached_to = None
+        if events_path is not None:
+            self.add_callback(EventsCallback(events_path, self.refactorer))
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        # Trainer calls this before create_scheduler, so param groups the core adds (lora+) get scheduled.
+        # A second train() call hands back the same optimizer: attach once.
+        if optimizer is not None and optimizer is not self._attached_to:
+            optimizer = self.refactorer.attach(optimizer) or optimizer
+            self.optimizer = self._attached_to = optimizer
+        return optimizer
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            self.refactorer.save(folder)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        if not os.path.isfile(os.path.join(checkpoint, STATE_FILE)):
+            raise FileNotFoundError(f"checkpoint {checkpoint} has no {STATE_FILE} (the core's state); resume from "
+                                    "a checkpoint written by RefactorTrainer, or train without --resume_from_checkpoint")
+        self.refactorer.load(checkpoint)
