@@ -79,9 +79,14 @@ class Refactorer:
         return dict(buckets)
 
     def attach(self, optimizer):
-        """Hook the method into ``optimizer`` (a torch optimizer, or a wrapper holding one as ``.optimizer``)."""
-        inner = optimizer
-        while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        """Hook the method into ``optimizer`` (a torch optimizer, or a wrapper holding one as ``.optimizer``).
+
+        Chains start their first link here (RAC-LoRA re-initialises the factors it draws): when resuming,
+        restore model weights, optimizer state and then :meth:`load` after attaching, as
+        ``accelerator.load_state`` after ``prepare`` does.
+        """
+        inner = optimizer  # accelerate's AcceleratedOptimizer is an Optimizer wrapping the real one
+        while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
             inner = inner.optimizer
         if not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(f"attach() needs a torch.optim.Optimizer (or a wrapper with .optimizer), "
@@ -188,7 +193,8 @@ class Refactorer:
     def _delta(pair: LoraPair, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """scaling * B @ A laid out like the base layer's weight."""
         base = pair.module.get_base_layer().weight
-        mat = pair.scaling * (pair.b_matrix(B).float() @ pair.a_matrix(A).float())
+        dt = torch.promote_types(base.dtype, torch.float32)
+        mat = pair.scaling * (pair.b_matrix(B).to(dt) @ pair.a_matrix(A).to(dt))
         if pair.kind == "embedding" or (pair.kind == "linear" and getattr(pair.module, "fan_in_fan_out", False)):
             mat = mat.T
         return mat.reshape(base.shape).to(base.dtype)

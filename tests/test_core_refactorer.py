@@ -1,0 +1,414 @@
+"""The Refactorer on real peft models: hooks, methods, state, peft parity, bad input."""
+
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from reflora_diffusion.core import METHODS, Refactorer, find_lora_pairs
+
+
+class Net(nn.Module):
+    def __init__(self, d=12, conv=False, emb=False):
+        super().__init__()
+        self.emb = nn.Embedding(20, d) if emb else None
+        self.conv = nn.Conv2d(3, 8, 3, padding=1) if conv else None
+        self.fc1 = nn.Linear(d, 24)
+        self.fc2 = nn.Linear(24, 6)
+
+    def forward(self, x):
+        if self.emb is not None:
+            x = self.emb(x).mean(1)
+        h = torch.tanh(self.fc1(x))
+        out = self.fc2(h)
+        if self.conv is not None:
+            out = out + self.conv(torch.ones(x.shape[0], 3, 4, 4, dtype=out.dtype)).mean((1, 2, 3))[:, None]
+        return out
+
+
+def lora_model(seed=0, r=4, alpha=8, targets=("fc1", "fc2"), dtype=torch.float32, warm=True, **net_kw):
+    torch.manual_seed(seed)
+    model = get_peft_model(Net(**net_kw), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets)))
+    model.to(dtype)
+    if warm:  # full-rank factors, as after the warm-up (peft starts with B = 0)
+        with torch.no_grad():
+            for p in find_lora_pairs(model):
+                p.B.normal_(0, 0.3)
+    return model
+
+
+def data(seed=1, n=32, d=12, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g).to(dtype), torch.randn(n, 6, generator=g).to(dtype)
+
+
+def train(model, method, steps=5, lr=1e-2, opt_cls=torch.optim.AdamW, accum=1, **kw):
+    ref = Refactorer(model, method=method, **kw)
+    opt = opt_cls([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ref.attach(opt)
+    x, y = data(dtype=next(model.parameters()).dtype)
+    losses = []
+    for _ in range(steps):
+        for xb, yb in zip(x.chunk(accum), y.chunk(accum)):
+            loss = ((model(xb) - yb) ** 2).mean() / accum
+            loss.backward()
+        losses.append(loss.item())
+        opt.step()
+        opt.zero_grad()
+    return ref, opt, losses
+
+
+def lora_params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_find_lora_pairs_linear_conv_embedding_match_peft_delta():
+    model = get_peft_model(Net(conv=True, emb=True), LoraConfig(r=3, lora_alpha=5, target_modules=["fc1", "conv", "emb"]))
+    pairs = {p.name.split(".")[-1]: p for p in find_lora_pairs(model)}
+    assert {k: p.kind for k, p in pairs.items()} == {"emb": "embedding", "conv": "conv", "fc1": "linear"}
+    with torch.no_grad():
+        for p in pairs.values():
+            p.A.normal_()
+            p.B.normal_()
+    conv = pairs["conv"]
+    assert (conv.rank, conv.d_in, conv.d_out) == (3, 3 * 3 * 3, 8)
+    for p in pairs.values():
+        assert p.scaling == pytest.approx(5 / 3)
+        expected = p.module.get_delta_weight(p.adapter)
+        assert torch.allclose(Refactorer._delta(p, p.A, p.B), expected, atol=1e-5)
+
+
+def test_plain_model_with_add_adapter_and_ddp_style_wrapper():
+    net = Net()
+    from peft import inject_adapter_in_model
+    net = inject_adapter_in_model(LoraConfig(r=2, target_modules=["fc1"]), net)
+    wrapper = nn.Module()
+    wrapper.module = net  # what DDP looks like
+    names = [p.name for p in find_lora_pairs(wrapper)]
+    assert names == ["fc1"]
+
+
+def _first_order_update(model, method, lr=1e-6):
+    """(W_new - W_old) / lr for every adapted layer after one plain-SGD step."""
+    before = {p.name: Refactorer._delta(p, p.A, p.B).double() for p in find_lora_pairs(model)}
+    train(model, method, steps=1, lr=lr, opt_cls=torch.optim.SGD)
+    return {p.name: (Refactorer._delta(p, p.A, p.B).double() - before[p.name]) / lr for p in find_lora_pairs(model)}
+
+
+@pytest.mark.parametrize("method,consistent", [("reflora", True), ("scaledgd", True), ("lora", False)])
+def test_factorization_consistency_theorem_6(method, consistent):
+    m1 = lora_model(dtype=torch.float64)
+    m2 = copy.deepcopy(m1)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():  # (A, B) -> (Q^T A, B Q^-T): same product, same loss, other factorization
+        for p in find_lora_pairs(m2):
+            Q = torch.randn(4, 4, generator=g, dtype=torch.float64) + 3 * torch.eye(4, dtype=torch.float64)
+            p.A.copy_(Q.T @ p.A)
+            p.B.copy_(p.B @ torch.linalg.inv(Q).T)
+    for p1, p2 in zip(find_lora_pairs(m1), find_lora_pairs(m2)):
+        assert torch.allclose(p1.B @ p1.A, p2.B @ p2.A, atol=1e-10)
+    u1, u2 = _first_order_update(m1, method), _first_order_update(m2, method)
+    gap = max(((u1[k] - u2[k]).norm() / u1[k].norm()).item() for k in u1)
+    if consistent:
+        assert gap < 1e-4
+    else:
+        assert gap > 1e-2
+
+
+def test_reflora_sgd_step_matches_closed_form():
+    """-eta s^2 (B S^-1 B^T G + G A^T S A) from METHODS.md section 1, with S = S*."""
+    from reflora_diffusion.core import geometric_mean
+    model = lora_model(targets=("fc2",), dtype=torch.float64)
+    (pair,) = find_lora_pairs(model)
+    A, B, s = pair.A.detach().clone(), pair.B.detach().clone(), pair.scaling
+    x, y = data(dtype=torch.float64)
+    W = pair.module.get_base_layer().weight
+    W.requires_grad_(True)
+    ((model(x) - y) ** 2).mean().backward()
+    G = W.grad.clone()
+    W.requires_grad_(False)
+    model.zero_grad()
+    S_inv, S, _ = geometric_mean((A @ A.T)[None], (B.T @ B)[None])
+    S_inv, S = S_inv[0], S[0]
+    expected = -(s ** 2) * (B @ S_inv @ B.T @ G + G @ A.T @ S @ A)
+    update = _first_order_update(model, "reflora", lr=1e-7)["base_model.model.fc2"]
+    assert torch.allclose(update, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+
+
+def test_reflora_s_balances_factors_and_carries_adam_state():
+    ref, opt, _ = train(lora_model(), "reflora-s", steps=3)
+    for p in ref.pairs:
+        assert p.A.norm().item() == pytest.approx(p.B.norm().item(), rel=1e-5)
+    assert ref.stats()["balance_max"] == pytest.approx(1.0, rel=1e-5)
+
+    # one step from identical states: RefLoRA-S = an AdamW step, then the rescaling of factors and moments
+    m_lora, m_s = lora_model(seed=3), lora_model(seed=3)
+    _, opt_lora, _ = train(m_lora, "lora", steps=1)
+    _, opt_s, _ = train(m_s, "reflora-s", steps=1)
+    for pl, ps in zip(find_lora_pairs(m_lora), find_lora_pairs(m_s)):
+        s = pl.B.norm() / pl.A.norm()
+        p = s.sqrt()
+        assert torch.allclose(ps.A, p * pl.A, atol=1e-6) and torch.allclose(ps.B, pl.B / p, atol=1e-6)
+        assert torch.allclose(ps.B @ ps.A, pl.B @ pl.A, atol=1e-6)
+        sl, ss = opt_lora.state, opt_s.state
+        assert torch.allclose(ss[ps.A]["exp_avg"], sl[pl.A]["exp_avg"] / p, atol=1e-7)
+        assert torch.allclose(ss[ps.A]["exp_avg_sq"], sl[pl.A]["exp_avg_sq"] / s, atol=1e-9)
+        assert torch.allclose(ss[ps.B]["exp_avg"], sl[pl.B]["exp_avg"] * p, atol=1e-7)
+        assert torch.allclose(ss[ps.B]["exp_avg_sq"], sl[pl.B]["exp_avg_sq"] * s, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["reflora", "reflora-s", "nora+"])
+def test_gradient_accumulation_preconditions_once_per_step(method):
+    m1, m4 = lora_model(seed=5), lora_model(seed=5)
+    r1, _, _ = train(m1, method, steps=3, accum=1)
+    r4, _, _ = train(m4, method, steps=3, accum=4)
+    assert r1.step_count == r4.step_count == 3
+    for (n, a), b in zip(lora_params(m1).items(), lora_params(m4).values()):
+        assert torch.allclose(a, b, atol=1e-5), n
+
+
+def test_warmup_runs_plain_lora_then_refactors():
+    # from peft's init (B = 0) RefLoRA is undefined: the warm-up steps are exactly LoRA's
+    m_lora, m_ref = lora_model(seed=2, warm=False), lora_model(seed=2, warm=False)
+    train(m_lora, "lora", steps=3)
+    ref, _, _ = train(m_ref, "reflora", steps=3, warmup_steps=3)
+    for a, b in zip(lora_params(m_lora).values(), lora_params(m_ref).values()):
+        assert torch.equal(a, b)
+    assert ref.stats()["refactored"] == 0
+    # without warm-up, B = 0 makes every layer rank-deficient: skipped and counted, never NaN
+    m0 = lora_model(seed=2, warm=False)
+    ref0, _, losses = train(m0, "reflora", steps=1)
+    st = ref0.stats()
+    assert st["skipped_rank_deficient"] == 2 and st["refactored"] == 0
+    assert all(torch.isfinite(p).all() for p in lora_params(m0).values())
+
+
+def test_nonfinite_factor_is_left_untouched_and_counted():
+    model = lora_model()
+    pairs = find_lora_pairs(model)
+    ref = Refactorer(model, method="reflora")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ref.attach(opt)
+    x, y = data()
+    ((model(x) - y) ** 2).mean().backward()
+    with torch.no_grad():
+        pairs[1].B[0, 0] = float("inf")
+    grads = [p.A.grad.clone() for p in pairs] + [p.B.grad.clone() for p in pairs]
+    ref._pre_hook(opt, (), {})
+    st = ref.stats()
+    assert st["skipped_nonfinite"] == 1 and st["refactored"] == 1
+    assert torch.equal(pairs[1].A.grad, grads[1]) and torch.equal(pairs[1].B.grad, grads[3])
+    assert not torch.equal(pairs[0].A.grad, grads[0])
+
+
+def test_bf16_parameters_keep_their_dtype_and_follow_float32():
+    m32 = lora_model(seed=4)
+    m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    grads = {}
+    for m in (m32, m16):
+        ref = Refactorer(m, method="reflora")
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+        ref.attach(opt)
+        x, y = data(dtype=next(m.parameters()).dtype)
+        ((m(x) - y) ** 2).mean().backward()
+        ref._pre_hook(opt, (), {})  # the r x r algebra runs in float32/64 whatever the parameter dtype
+        assert ref.stats()["refactored"] == 2
+        grads[m is m16] = [t for p in ref.pairs for t in (p.A.grad, p.B.grad)]
+    for g32, g16 in zip(grads[False], grads[True]):
+        assert g16.dtype == torch.bfloat16 and torch.isfinite(g16).all()
+        assert (g16.float() - g32).norm() / g32.norm() < 0.05
+    _, _, losses = train(m16, "reflora", steps=4)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("method,opts", [("reflora", {"warmup_steps": 2}), ("reflora-s", {}),
+                                         ("rac-lora", {"chain_every": 2, "p": 0.5}), ("cola", {"chain_every": 2})])
+def test_state_round_trip_gives_identical_next_steps(tmp_path, method, opts):
+    """Train 3 steps, save model LoRA weights + optimizer + core, reload into fresh objects, continue."""
+    full = lora_model(seed=7, warm=False)
+    train(full, method, steps=6, **opts)
+
+    part = lora_model(seed=7, warm=False)
+    ref, opt, _ = train(part, method, steps=3, **opts)
+    ref.save(tmp_path)
+    lora_state = lora_params(part)
+    opt_state = copy.deepcopy(opt.state_dict())
+
+    fresh = lora_model(seed=7, warm=False)  # pristine base weights, as after loading the base model again
+    ref2 = Refactorer(fresh, method=method, **opts)
+    opt2 = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    ref2.attach(opt2)
+    with torch.no_grad():  # as accelerator.load_state does: after prepare/attach
+        for n, p in fresh.named_parameters():
+            if n in lora_state:
+                p.copy_(lora_state[n])
+    opt2.load_state_dict(opt_state)
+    ref2.load(tmp_path)
+    assert ref2.step_count == 3
+    x, y = data()
+    for _ in range(3):
+        ((fresh(x) - y) ** 2).mean().backward()
+        opt2.step()
+        opt2.zero_grad()
+    torch.testing.assert_close(fresh(x), full(x), atol=1e-5, rtol=1e-5)
+    for (n, a), b in zip(lora_params(full).items(), lora_params(fresh).values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("method", ["rac-lora", "cola"])
+def test_chain_exports_as_one_lora_of_rank_K_times_r(method):
+    model = lora_model(seed=8, warm=False)
+    ref, _, losses = train(model, method, steps=7, chain_every=3, p=0.5) if method == "rac-lora" else \
+        train(model, method, steps=7, chain_every=3)
+    assert losses[-1] < losses[0]
+    factors = ref.effective_factors()
+    x, _ = data()
+    out = model(x)
+    # the exported adapter on the ORIGINAL base model reproduces the trained (merged) model
+    torch.manual_seed(8)
+    base = Net()
+    for name, (A, B, s) in factors.items():
+        layer = getattr(base, name.split(".")[-1])
+        with torch.no_grad():
+            layer.weight += s * B @ A
+        assert A.shape[0] == 3 * 4  # two merged links + the current one
+    torch.testing.assert_close(base(x), out, atol=1e-5, rtol=1e-5)
+
+
+def test_rac_lora_trains_one_factor_per_link():
+    model = lora_model(seed=9, warm=False)
+    ref = Refactorer(model, method="rac-lora", chain_every=10, p=0.5)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    ref.attach(opt)
+    frozen_before = [(p.B if not t else p.A).detach().clone() for p, t in zip(ref.pairs, ref.method.trains_b)]
+    for p, t in zip(ref.pairs, ref.method.trains_b):
+        assert ((p.B if t else p.A) == 0).all()  # the trained factor starts at zero
+    x, y = data()
+    for _ in range(3):
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for (p, t), before in zip(zip(ref.pairs, ref.method.trains_b), frozen_before):
+        assert torch.equal(p.B if not t else p.A, before)
+        assert not ((p.B if t else p.A) == 0).all()
+
+
+def test_lora_plus_matches_peft():
+    from peft.optimizers import create_loraplus_optimizer
+    m_ours, m_peft = lora_model(seed=11), lora_model(seed=11)
+    no_decay = functools.partial(torch.optim.AdamW, weight_decay=0.0)  # peft's LoRA+ default
+    train(m_ours, "lora+", steps=4, ratio=8.0, opt_cls=no_decay)
+    opt = create_loraplus_optimizer(m_peft, torch.optim.AdamW, lr=1e-2, loraplus_lr_ratio=8.0)
+    x, y = data()
+    for _ in range(4):
+        ((m_peft(x) - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for (n, a), b in zip(lora_params(m_ours).items(), lora_params(m_peft).values()):
+        torch.testing.assert_close(a, b, msg=n)
+
+
+def test_lora_plus_groups_feed_an_lr_scheduler():
+    model = lora_model()
+    ref = Refactorer(model, method="lora+", ratio=4.0)
+    opt = ref.attach(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    assert sorted(g["lr"] for g in opt.param_groups) == [5e-4, 2e-3]
+    assert sched.base_lrs == [1e-3, 4e-3]
+
+
+def test_preclora_matches_peft_riemannian_optimizer():
+    from peft.optimizers import create_riemannian_optimizer
+    m_ours, m_peft = lora_model(seed=12, dtype=torch.float64), lora_model(seed=12, dtype=torch.float64)
+    train(m_ours, "preclora", steps=4, delta=0.05)
+    opt = create_riemannian_optimizer(m_peft, torch.optim.AdamW, lr=1e-2, reg=0.05)
+    x, y = data(dtype=torch.float64)
+    for _ in range(4):
+        ((m_peft(x) - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for (n, a), b in zip(lora_params(m_ours).items(), lora_params(m_peft).values()):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7, msg=n)
+
+
+def test_conv_and_embedding_pairs_are_preconditioned_as_matrices():
+    model = get_peft_model(Net(conv=True, emb=True), LoraConfig(r=2, target_modules=["conv", "emb", "fc2"]))
+    for p in find_lora_pairs(model):
+        with torch.no_grad():
+            p.A.normal_()
+            p.B.normal_()
+    ref = Refactorer(model, method="reflora")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ref.attach(opt)
+    x = torch.randint(0, 20, (8, 5))
+    model(x).pow(2).mean().backward()
+    from reflora_diffusion.core import geometric_mean
+    expected = {}
+    for p in ref.pairs:
+        A, B = p.a_matrix(p.A.detach()).double(), p.b_matrix(p.B.detach()).double()
+        S_inv, S, _ = geometric_mean((A @ A.T)[None], (B.T @ B)[None])
+        expected[p.name] = (S_inv[0].float() @ p.a_matrix(p.A.grad), p.b_matrix(p.B.grad) @ S[0].float())
+    ref._pre_hook(opt, (), {})
+    assert ref.stats()["refactored"] == 3
+    for p in ref.pairs:
+        ga, gb = expected[p.name]
+        torch.testing.assert_close(p.a_matrix(p.A.grad), ga, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p.b_matrix(p.B.grad), gb, rtol=1e-4, atol=1e-6)
+
+
+def test_accelerate_prepared_optimizer_with_accumulation():
+    from accelerate import Accelerator
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = lora_model(seed=13)
+    ref = Refactorer(model, method="reflora")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, opt = accelerator.prepare(model, opt)
+    ref.attach(opt)  # the AcceleratedOptimizer wrapper
+    x, y = data()
+    for xb, yb in zip(x.chunk(4), y.chunk(4)):
+        with accelerator.accumulate(model):
+            accelerator.backward(((model(xb) - yb) ** 2).mean())
+            opt.step()
+            opt.zero_grad()
+    assert ref.step_count == 2
+    assert ref.stats()["refactored"] == 2
+
+
+# ---------------------------------------------------------------- bad input
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown method 'refloar'.*reflora"):
+        Refactorer(lora_model(), method="refloar")
+
+
+def test_unknown_option():
+    with pytest.raises(TypeError, match="unknown option.*'rato'.*ratio"):
+        Refactorer(lora_model(), method="lora+", rato=4)
+
+
+def test_model_without_lora():
+    with pytest.raises(ValueError, match="no trainable peft LoRA layers.*add_adapter"):
+        Refactorer(Net(), method="reflora")
+
+
+def test_optimizer_without_lora_params():
+    model = lora_model()
+    ref = Refactorer(model, method="reflora")
+    with pytest.raises(ValueError, match="does not hold the LoRA parameters"):
+        ref.attach(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1))
+
+
+def test_rank_larger_than_layer_allows():
+    with pytest.raises(ValueError, match="rank 8 of layer .*fc2.* exceeds min\\(d_in, d_out\\) = 6"):
+        Refactorer(lora_model(r=8), method="reflora")
+
+
+def test_every_method_runs_and_lowers_the_loss():
+    for name in METHODS:
+        opts = {"chain_every": 3} if name in ("rac-lora", "cola") else {}
+        _, _, losses = train(lora_model(seed=14, warm=False), name, steps=8, warmup_steps=2, **opts) \
+            if name not in ("lora", "lora+", "rac-lora", "cola") else train(lora_model(seed=14, warm=False), name, steps=8, **opts)
+        assert losses[-1] < losses[0], name
