@@ -1,0 +1,238 @@
+"""reflora-diffusion web app: train LoRA / RefLoRA on Stable Diffusion, watch runs live, compare, export.
+
+    python app.py                      # http://127.0.0.1:7860, runs in ./runs, tiny offline model by default
+    python app.py --runs_dir /data/runs --port 8000 --auth me:secret
+
+Layout only; the logic is in reflora_diffusion.app (jobs, run folders, comparisons, exports). Runs are
+plain run folders started with `accelerate launch train/sd.py --config <run>/config.json`, so they
+survive an app restart and runs started from a terminal show up here too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import gradio as gr
+
+from reflora_diffusion.app.jobs import MAX_UPLOAD_BYTES
+from reflora_diffusion.app.views import RUN_COLUMNS, AppViews, default_resolution
+from reflora_diffusion.core import METHODS
+
+POLL_SECONDS = 2.0
+
+
+def build_demo(runs_dir: str) -> gr.Blocks:
+    views = AppViews(runs_dir)
+    methods = list(METHODS)
+
+    with gr.Blocks(title="reflora-diffusion") as demo:
+        gr.Markdown("## reflora-diffusion · LoRA vs RefLoRA for Stable Diffusion")
+        timer = gr.Timer(POLL_SECONDS)
+        ab_pending = gr.State([])
+
+        with gr.Tabs():
+            # ---------------------------------------------------------------- Train
+            with gr.Tab("Train", id="train"):
+                with gr.Row():
+                    with gr.Column():
+                        base = gr.Dropdown(["tiny", "tiny-sdxl", "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                            "stabilityai/stable-diffusion-xl-base-1.0"], value="tiny",
+                                           allow_custom_value=True, label="Base model (hub id, local folder, or tiny)")
+                        images = gr.File(file_count="multiple", file_types=["image"], label="Training images")
+                        data_dir = gr.Textbox(label="…or a folder of images on this machine")
+                        instance_prompt = gr.Textbox("a photo of sks dog", label="Instance prompt")
+                        validation_prompt = gr.Textbox("a photo of sks dog", lines=2,
+                                                       label="Sample prompts (one per line)")
+                    with gr.Column():
+                        with gr.Row():
+                            method = gr.Dropdown(methods, value="reflora", label="Method")
+                            method_b = gr.Dropdown(methods, value="lora", label="A/B: compare with")
+                        with gr.Row():
+                            rank = gr.Number(4, precision=0, label="Rank")
+                            alpha = gr.Number(4, label="Alpha")
+                            steps = gr.Number(100, precision=0, label="Steps")
+                        with gr.Row():
+                            lr = gr.Number(1e-4, label="Learning rate")
+                            resolution = gr.Number(64, precision=0, label="Resolution")
+                            seed = gr.Number(0, precision=0, label="Seed")
+                        with gr.Row():
+                            precision = gr.Dropdown(["no", "fp16", "bf16"], value="no", label="Precision")
+                            train_te = gr.Checkbox(False, label="Text-encoder LoRA")
+                        with gr.Accordion("More options", open=False):
+                            with gr.Row():
+                                warmup = gr.Number(20, precision=0, label="RefLoRA warm-up steps")
+                                val_steps = gr.Number(25, precision=0, label="Sample every N steps")
+                                ckpt_steps = gr.Number(50, precision=0, label="Checkpoint every N steps")
+                            run_name = gr.Textbox(label="Run name (optional)")
+                            side_by_side = gr.Checkbox(False, label="A/B side by side (default: one after the other)")
+                with gr.Row():
+                    start_btn = gr.Button("Start", variant="primary")
+                    ab_btn = gr.Button("Start A/B (both methods, same data and seed)", variant="secondary")
+                train_msg = gr.Markdown()
+
+            # ---------------------------------------------------------------- Runs
+            with gr.Tab("Runs", id="runs"):
+                runs_table = gr.Dataframe(headers=RUN_COLUMNS, value=views.table(), interactive=False,
+                                          label="Runs (refreshed live)")
+                with gr.Row():
+                    run_pick = gr.Dropdown(views.run_names(), label="Run", scale=3)
+                    cancel_btn = gr.Button("Cancel run", variant="stop", scale=1)
+                cancel_msg = gr.Markdown()
+                progress = gr.HTML()
+                with gr.Row():
+                    loss_plot = gr.Plot(label="Loss")
+                    stats = gr.JSON(label="RefLoRA balance statistics (latest step)")
+                samples = gr.Gallery(label="Latest validation samples", columns=4, height=220)
+                log = gr.Textbox(label="train.log (tail)", lines=12, max_lines=12, autoscroll=True)
+
+            # ---------------------------------------------------------------- Compare
+            with gr.Tab("Compare", id="compare"):
+                cmp_runs = gr.Dropdown(views.run_names(), multiselect=True, label="Runs to compare")
+                with gr.Row():
+                    cmp_prompts = gr.Textbox("a photo of sks dog\na sks dog on the beach", lines=2,
+                                             label="Prompts (one per line)")
+                    cmp_seeds = gr.Textbox("0, 1", label="Seeds")
+                    cmp_steps = gr.Slider(1, 100, value=20, step=1, label="Denoising steps")
+                gen_btn = gr.Button("Generate comparison grid", variant="primary")
+                cmp_msg = gr.Markdown()
+                grid = gr.Image(label="Comparison grid (same prompts and seeds, one base pipeline)", type="filepath",
+                                elem_id="comparison-grid")
+                with gr.Row():
+                    cmp_plot = gr.Plot(label="Loss, overlaid")
+                    cmp_table = gr.Dataframe(label="Steps to reach the reference (LoRA) final loss",
+                                             interactive=False)
+                with gr.Row():
+                    sample_step = gr.Dropdown([], label="Saved samples at step")
+                saved = gr.Gallery(label="Saved validation samples at equal steps", columns=4, height=240)
+
+            # ---------------------------------------------------------------- Export
+            with gr.Tab("Export", id="export"):
+                with gr.Row():
+                    exp_run = gr.Dropdown(views.run_names(), label="Run")
+                    exp_source = gr.Dropdown([], label="Final adapter or checkpoint")
+                    exp_format = gr.Radio(["diffusers", "kohya"], value="diffusers",
+                                          label="Format (kohya = A1111 / ComfyUI)")
+                exp_btn = gr.Button("Export", variant="primary")
+                exp_info = gr.Markdown()
+                with gr.Row():
+                    exp_file = gr.File(label="Adapter (.safetensors)")
+                    exp_card = gr.File(label="Model card (README.md)")
+
+        # ---------------------------------------------------------------- wiring
+        form_inputs = [images, run_name, base, data_dir, instance_prompt, validation_prompt, method, rank, alpha,
+                       steps, lr, resolution, seed, precision, train_te, warmup, val_steps, ckpt_steps]
+
+        def form(base, data_dir, instance_prompt, validation_prompt, method, rank, alpha, steps, lr, resolution,
+                 seed, precision, train_text_encoder, warmup_steps, validation_steps, checkpointing_steps) -> dict:
+            """The form as train/sd.py options (same names as its CLI flags)."""
+            return {"pretrained_model_name_or_path": base, "instance_data_dir": data_dir,
+                    "instance_prompt": instance_prompt, "validation_prompt": validation_prompt, "method": method,
+                    "rank": rank, "lora_alpha": alpha, "max_train_steps": steps, "learning_rate": lr,
+                    "resolution": resolution, "seed": seed, "mixed_precision": precision,
+                    "train_text_encoder": train_text_encoder, "warmup_steps": warmup_steps,
+                    "validation_steps": validation_steps, "checkpointing_steps": checkpointing_steps}
+
+        def start(images, run_name, base, data_dir, instance_prompt, validation_prompt, method, rank, alpha, steps,
+                  lr, resolution, seed, precision, train_text_encoder, warmup_steps, validation_steps,
+                  checkpointing_steps):
+            msg, _ = views.start(form(base, data_dir, instance_prompt, validation_prompt, method, rank, alpha, steps,
+                                      lr, resolution, seed, precision, train_text_encoder, warmup_steps,
+                                      validation_steps, checkpointing_steps), images, run_name)
+            return msg
+
+        def start_ab(method_b, side_by_side, images, run_name, base, data_dir, instance_prompt, validation_prompt,
+                     method, rank, alpha, steps, lr, resolution, seed, precision, train_text_encoder, warmup_steps,
+                     validation_steps, checkpointing_steps):
+            msg, names = views.start(form(base, data_dir, instance_prompt, validation_prompt, method, rank, alpha,
+                                          steps, lr, resolution, seed, precision, train_text_encoder, warmup_steps,
+                                          validation_steps, checkpointing_steps), images, run_name, ab=True,
+                                     method_b=method_b, side_by_side=side_by_side)
+            if not names:
+                return msg, [], gr.update()
+            return msg, names, gr.Dropdown(choices=views.run_names(), value=names)
+
+        private = {"api_visibility": "private"}
+        base.change(default_resolution, base, resolution, **private)
+        start_btn.click(start, form_inputs, train_msg, api_name="start")
+        ab_btn.click(start_ab, [method_b, side_by_side, *form_inputs], [train_msg, ab_pending, cmp_runs],
+                     api_name="start_ab")
+
+        live = [runs_table, run_pick, cmp_runs, exp_run, progress, loss_plot, stats, samples, log]
+
+        def refresh(selected, cmp_selected, exp_selected):
+            names = views.run_names()
+            selected = selected if selected in names else None
+            d = views.run_details(selected)
+            return (views.table(), gr.Dropdown(choices=names, value=selected),
+                    gr.Dropdown(choices=names, value=[n for n in cmp_selected or [] if n in names]),
+                    gr.Dropdown(choices=names, value=exp_selected if exp_selected in names else None),
+                    d["progress"], d["figure"], d["stats"], d["samples"], d["log"])
+
+        timer.tick(refresh, [run_pick, cmp_runs, exp_run], live, show_progress="hidden", **private)
+        run_pick.input(refresh, [run_pick, cmp_runs, exp_run], live, show_progress="hidden", **private)
+        cancel_btn.click(views.cancel, run_pick, cancel_msg, api_name="cancel")
+
+        def compare_curves(names):
+            fig, headers, rows, steps = views.compare_curves(names)
+            table = {"headers": headers, "data": rows} if headers else None
+            return fig, table, gr.Dropdown(choices=steps, value=steps[-1] if steps else None)
+
+        def ab_tick(pending, prompts, seeds, steps, cmp_selected):
+            pending, grid_path, msg = views.ab_poll(pending, prompts, seeds, steps)
+            curves = compare_curves(cmp_selected) if grid_path else (gr.update(),) * 3
+            return (pending, grid_path or gr.update(), msg or gr.update(), *curves)
+
+        timer.tick(ab_tick, [ab_pending, cmp_prompts, cmp_seeds, cmp_steps, cmp_runs],
+                   [ab_pending, grid, cmp_msg, cmp_plot, cmp_table, sample_step], show_progress="hidden", **private)
+        cmp_runs.input(compare_curves, cmp_runs, [cmp_plot, cmp_table, sample_step], **private)
+        sample_step.change(views.saved_samples, [cmp_runs, sample_step], saved, **private)
+        gen_btn.click(views.generate, [cmp_runs, cmp_prompts, cmp_seeds, cmp_steps], [grid, cmp_msg],
+                      api_name="generate")
+
+        def sources(name):
+            choices = views.export_sources(name)
+            return gr.Dropdown(choices=choices, value=choices[0] if choices else None)
+
+        exp_run.change(sources, exp_run, exp_source, **private)
+        exp_btn.click(views.export, [exp_run, exp_source, exp_format], [exp_file, exp_card, exp_info],
+                      api_name="export")
+
+        # plain endpoints for scripts (gradio_client): the run list and one run's status
+        gr.api(views.runs_status, api_name="runs")
+        gr.api(views.status, api_name="status")
+    return demo
+
+
+def parse_auth(value: str | None):
+    """'user:pass' -> (user, pass); empty -> no login."""
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise SystemExit("--auth must look like user:password (or set REFLORA_APP_AUTH)")
+    return (user, password)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default=os.environ.get("REFLORA_APP_HOST", "127.0.0.1"),
+                        help="interface to bind (default 127.0.0.1: this machine only; 0.0.0.0 for the network)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("REFLORA_APP_PORT", 7860)))
+    parser.add_argument("--runs_dir", default=os.environ.get("REFLORA_RUNS_DIR", "runs"),
+                        help="folder holding the run folders (created if missing)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    parser.add_argument("--auth", default=os.environ.get("REFLORA_APP_AUTH"),
+                        help="user:password for a login page (or env REFLORA_APP_AUTH)")
+    args = parser.parse_args(argv)
+    runs_dir = os.path.abspath(args.runs_dir)
+    os.makedirs(runs_dir, exist_ok=True)
+    demo = build_demo(runs_dir)
+    demo.queue(default_concurrency_limit=2).launch(
+        server_name=args.host, server_port=args.port, share=args.share, auth=parse_auth(args.auth),
+        allowed_paths=[runs_dir],  # the only folder whose files can be served
+        max_file_size=MAX_UPLOAD_BYTES, footer_links=["api"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Compare runs: overlaid loss curves, steps-to-loss, saved samples at equal steps, and a generated
+grid (same prompts and seeds, each run's adapter loaded into one base pipeline with load_lora_weights).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .runs import event_log, read_json, read_run, safe_path, sample_steps
+
+REFERENCE_METHOD = "lora"  # steps-to-loss is measured against plain LoRA's final loss when it is compared
+
+
+class CompareError(ValueError):
+    """Runs that cannot be compared; the message is shown to the user as is."""
+
+
+# --------------------------------------------------------------------------- loss curves
+
+
+def smooth(values: list[float], beta: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing): diffusion losses
+    are very noisy per step, so curves and steps-to-loss are read from this."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * float(v)
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+def steps_to_loss(steps: list[int], losses: list[float], target: float) -> int | None:
+    """First step at which the loss is <= target, None if never."""
+    return next((s for s, v in zip(steps, losses) if v <= target), None)
+
+
+def loss_table(runs_dir, names: list[str], beta: float = 0.9) -> tuple[list[str], list[list]]:
+    """Headers and rows: steps, final smoothed loss, steps to reach the reference's final smoothed loss
+    (the LoRA run if there is one, else the first run) and that as % of the reference's steps."""
+    curves = {}
+    for name in names:
+        log = event_log(safe_path(runs_dir, name))
+        curves[name] = (log.steps, smooth(log.losses, beta))
+    runs = {name: read_run(runs_dir, name) for name in names}
+    with_data = [n for n in names if curves[n][0]]
+    ref = next((n for n in with_data if runs[n].method == REFERENCE_METHOD), with_data[0] if with_data else None)
+    headers = ["run", "method", "steps", "final loss (smoothed)", "steps to reference loss", "% of reference steps"]
+    rows = []
+    target = curves[ref][1][-1] if ref else None
+    ref_steps = steps_to_loss(*curves[ref], target) if ref else None
+    for name in names:
+        steps, sm = curves[name]
+        reach = steps_to_loss(steps, sm, target) if steps and target is not None else None
+        pct = f"{100 * reach / ref_steps:.0f}%" if reach and ref_steps else ""
+        rows.append([name, runs[name].method, steps[-1] if steps else 0, round(sm[-1], 5) if sm else None,
+                     reach if reach is not None else "not reached", pct])
+    return headers, rows
+
+
+def loss_figure(runs_dir, names: list[str], beta: float = 0.9, title: str = "training loss"):
+    """matplotlib figure: each run's raw loss (faint) and smoothed loss, labelled with its method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    for i, name in enumerate(names):
+        log = event_log(safe_path(runs_dir, name))
+        if not log.steps:
+            continue
+        color = f"C{i % 10}"
+        method = (read_json(safe_path(runs_dir, name, "config.json"), {}) or {}).get("method", "?")
+        ax.plot(log.steps, log.losses, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(log.steps, smooth(log.losses, beta), color=color, linewidth=1.8, label=f"{method}: {name}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no logged steps yet", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    plt.close(fig)  # gradio renders the figure object; keep pyplot's global state empty
+    return fig
+
+
+# --------------------------------------------------------------------------- saved samples
+
+
+def common_sample_steps(runs_dir, names: list[str]) -> list[int]:
+    """Steps at which every one of the runs saved validation samples."""
+    sets = [set(sample_steps(runs_dir, n)) for n in names]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def samples_at_step(runs_dir, names: list[str], step: int | None = None) -> tuple[int | None, list[tuple[Path, str]]]:
+    """(step, [(image, caption)]) of saved samples at one step common to all runs (latest by default):
+    compares methods at equal steps without generating anything."""
+    steps = common_sample_steps(runs_dir, names)
+    if not steps:
+        return None, []
+    step = step if step in steps else steps[-1]
+    items = []
+    for name in names:
+        method = read_run(runs_dir, name).method
+        for i, path in enumerate(sample_steps(runs_dir, name)[step]):
+            items.append((path, f"{method} · {name} · step {step} · #{i}"))
+    return step, items
+
+
+# --------------------------------------------------------------------------- generated grid
+
+
+def base_model(runs_dir, names: list[str]) -> str:
+    """The one base model the runs share (an adapter only makes sense on its own base)."""
+    bases = {(read_run(runs_dir, n).config.get("pretrained_model_name_or_path") or "tiny") for n in names}
+    if len(bases) != 1:
+        raise CompareError(f"the runs use different base models ({', '.join(sorted(bases))}); pick runs of one base")
+    return bases.pop()
+
+
+def load_pipeline(base: str):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from reflora_diffusion.sd.presets import resolve_pretrained
+
+    cuda = torch.cuda.is_available()
+    pipe = DiffusionPipeline.from_pretrained(resolve_pretrained(base),
+                                             torch_dtype=torch.float16 if cuda else torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to("cuda" if cuda else "cpu")
+
+
+def generate_grid(runs_dir, names: list[str], prompts: list[str], seeds: list[int], num_inference_steps: int = 20,
+                  include_base: bool = True, pipe=None, out_dir: Path | None = None) -> tuple[Path, list[tuple[Path, str]]]:
+    """Images for every (prompt, seed) from the base model and from each run's final adapter, all in
+    one pipeline; saved under <runs_dir>/_compare/<time>/ with a labelled grid.png."""
+    import torch
+
+    if not names:
+        raise CompareError("pick at least one run to compare")
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts:
+        raise CompareError("no prompt given; enter one prompt per line")
+    runs = [read_run(runs_dir, n) for n in names]
+    for r in runs:
+        if not (r.path / "pytorch_lora_weights.safetensors").is_file():
+            raise CompareError(f"run {r.name!r} has no pytorch_lora_weights.safetensors yet ({r.state}); "
+                               "wait until it is done or pick another run")
+    base = base_model(runs_dir, names)
+    pipe = pipe or load_pipeline(base)
+    size = runs[0].config.get("resolution")
+    size_kw = {"height": int(size), "width": int(size)} if size else {}
+    out_dir = out_dir or safe_path(runs_dir, "_compare", f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    rows: list[tuple[str, list]] = []
+
+    def render(tag: str):
+        images = []
+        for prompt in prompts:
+            for seed in seeds:
+                g = torch.Generator("cpu").manual_seed(int(seed))
+                images.append(pipe(prompt, num_inference_steps=num_inference_steps, generator=g, **size_kw).images[0])
+        return images
+
+    with torch.inference_mode():
+        if include_base:
+            rows.append(("base model", render("base")))
+        for r in runs:
+            pipe.load_lora_weights(str(r.path), weight_name="pytorch_lora_weights.safetensors")
+            try:
+                rows.append((f"{r.method} ({r.name})", render(r.name)))
+            finally:
+                pipe.unload_lora_weights()  # the next run starts from the same clean base
+
+    captions = [f"{p[:40]} · seed {s}" for p in prompts for s in seeds]
+    items = []
+    for label, images in rows:
+        slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in label)[:60]
+        for j, (img, cap) in enumerate(zip(images, captions)):
+            path = out_dir / f"{slug}-{j}.png"
+            img.save(path)
+            items.append((path, f"{label} · {cap}"))
+    grid = make_grid(rows, captions)
+    grid.save(out_dir / ".grid.png.tmp", format="PNG")
+    (out_dir / ".grid.png.tmp").replace(out_dir / "grid.png")
+    return out_dir / "grid.png", items
+
+
+def make_grid(rows: list[tuple[str, list]], captions: list[str], cell: int = 192):
+    """One labelled image: a row per model (label on the left), a column per (prompt, seed)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=14)
+    label_w, head_h, pad = 200, 40, 4
+    ncols = max(len(images) for _, images in rows)
+    grid = Image.new("RGB", (label_w + ncols * (cell + pad), head_h + len(rows) * (cell + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, cap in enumerate(captions):
+        draw.text((label_w + j * (cell + pad) + 4, 4), _wrap(cap, 24), fill="black", font=font)
+    for i, (label, images) in enumerate(rows):
+        y = head_h + i * (cell + pad)
+        draw.text((6, y + cell // 2 - 16), _wrap(label, 24), fill="black", font=font)
+        for j, img in enumerate(images):
+            # nearest-neighbour: small sample images stay sharp instead of blurred
+            grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + j * (cell + pad), y))
+    return grid
+
+
+def _wrap(text: str, width: int) -> str:
+    return "\n".join(text[i:i + width] for i in range(0, len(text), width))

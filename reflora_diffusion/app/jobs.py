@@ -1,0 +1,382 @@
+"""Start, queue, watch and cancel SD training jobs as separate processes.
+
+A job is an ordinary run folder plus the command a user would type:
+    accelerate launch train/sd.py --config <run>/config.json
+so a run started here is indistinguishable from one started in a terminal, and survives an app
+restart (the process runs in its own session; the folder is the only state). The runner only adds
+`job.json` (the command and process group, so a later app can cancel it) and marks the end state in
+status.json when the trainer could not (crash, kill, cancel).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from .runs import (
+    effective_status,
+    is_run_dir,
+    pid_alive,
+    read_json,
+    safe_path,
+    sanitize_run_name,
+    write_json_atomic,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TRAIN_SCRIPT = "train/sd.py"
+IMAGE_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp"}
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_UPLOAD_FILES = 500
+CANCEL_GRACE_SECONDS = 10.0
+
+
+class JobError(ValueError):
+    """Bad form input; the message is shown to the user as is."""
+
+
+# --------------------------------------------------------------------------- uploads
+
+
+def check_image(path: str | os.PathLike, max_bytes: int = MAX_UPLOAD_BYTES) -> str:
+    """The image format of an uploaded file; JobError if it is too big, not an image, or corrupt."""
+    name = Path(path).name
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise JobError(f"upload {name!r} is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB per image")
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+            im.verify()  # reads the whole file: catches truncated/corrupt data, not only the header
+        with Image.open(path) as im:
+            im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise JobError(f"upload {name!r} is not a readable image ({e}); use JPEG, PNG, WEBP or BMP files") from None
+    if fmt not in IMAGE_FORMATS:
+        raise JobError(f"upload {name!r} is a {fmt} image; use JPEG, PNG, WEBP or BMP files")
+    return fmt
+
+
+def save_uploads(files, dest: Path, max_bytes: int = MAX_UPLOAD_BYTES, max_files: int = MAX_UPLOAD_FILES) -> Path:
+    """Check every upload first, then copy them into `dest` under safe names (nothing copied on error)."""
+    files = [os.fspath(f) if isinstance(f, (str, os.PathLike)) else f.name for f in files or []]  # paths or tempfiles
+    if len(files) > max_files:
+        raise JobError(f"{len(files)} images uploaded; the limit is {max_files}")
+    formats = [check_image(f, max_bytes) for f in files]
+    dest.mkdir(parents=True, exist_ok=True)
+    for i, (f, fmt) in enumerate(zip(files, formats)):
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(f).stem)[:40] or "image"
+        shutil.copyfile(f, dest / f"{i:04d}-{stem}{IMAGE_FORMATS[fmt]}")
+    return dest
+
+
+# --------------------------------------------------------------------------- config
+
+
+def build_config(form: dict, run_dir: Path, data_dir: Path | None = None) -> dict:
+    """config.json for train/sd.py from the form (same keys as its CLI flags; empty fields left out),
+    resolved and checked by the trainer's own config code, so a bad field fails here, in the form."""
+    from reflora_diffusion.sd.config import ConfigError, make_config
+
+    values = {k: v for k, v in form.items() if v is not None and v != "" and v != []}
+    if isinstance(values.get("validation_prompt"), str):  # one prompt per line in the form
+        values["validation_prompt"] = [p.strip() for p in values["validation_prompt"].splitlines() if p.strip()]
+    if data_dir is not None:
+        values["instance_data_dir"] = str(data_dir)
+    else:
+        for key in ("instance_data_dir", "train_data_dir", "class_data_dir"):
+            if values.get(key):
+                folder = Path(values[key]).expanduser().resolve()
+                if not folder.is_dir() and key != "class_data_dir":  # class images may be generated
+                    raise JobError(f"data folder {values[key]!r} does not exist; upload images or give a folder")
+                values[key] = str(folder)
+        if not values.get("instance_data_dir") and not values.get("train_data_dir"):
+            raise JobError("no training images: upload some images or give a data folder")
+    values["output_dir"] = str(run_dir)
+    try:
+        return make_config(values).to_dict()
+    except ConfigError as e:
+        raise JobError(str(e)) from None
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def train_command(config_path: Path) -> list[str]:
+    """`accelerate launch train/sd.py --config ...` with this interpreter's accelerate; plain python without it."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if accelerate.is_file() and os.access(accelerate, os.X_OK):
+        return [str(accelerate), "launch", TRAIN_SCRIPT, "--config", str(config_path)]
+    return [sys.executable, TRAIN_SCRIPT, "--config", str(config_path)]
+
+
+def last_error(log_text: str) -> str | None:
+    """The line of a log that says why a process died: the last exception or error line."""
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)\b|error:|Error:|RuntimeError)", ln):
+            return ln[:500]
+    return lines[-1][:500] if lines else None
+
+
+class JobRunner:
+    """Launches training processes for run folders under `runs_dir`; thread-safe, one per app."""
+
+    def __init__(self, runs_dir, repo_root: Path = REPO_ROOT, command=train_command, adopt: bool = True):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.repo_root = Path(repo_root)
+        self.command = command
+        self._lock = threading.Lock()
+        self._procs: dict[Path, subprocess.Popen] = {}
+        self._cancelled: set[Path] = set()
+        self._queue: queue.Queue[Path] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        if adopt:
+            self.adopt()
+
+    # ---- creating runs
+
+    def new_run_dir(self, name: str) -> Path:
+        """A fresh, unique run folder: os.mkdir is atomic, so two users asking at once get two runs."""
+        base = sanitize_run_name(name)
+        for i in range(1, 10_000):
+            candidate = safe_path(self.runs_dir, base if i == 1 else f"{base}-{i}")
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+        raise JobError(f"too many runs named {base!r}; choose another run name")
+
+    def create_run(self, form: dict, name: str | None = None, images=(), data_dir: Path | None = None) -> Path:
+        """Run folder with config.json and a 'queued' status.json; uploads copied into <run>/data."""
+        name = name or f"{time.strftime('%Y%m%d-%H%M%S')}-{form.get('method', 'run')}"
+        run_dir = self.new_run_dir(name)
+        try:
+            if images:
+                data_dir = save_uploads(images, run_dir / "data")
+            config = build_config(form, run_dir, data_dir)
+            write_json_atomic(run_dir / "config.json", config)
+            write_json_atomic(run_dir / "status.json", {
+                "state": "queued", "step": 0, "max_steps": int(config.get("max_train_steps") or 0),
+                "started_at": None, "updated_at": time.time(), "error": None, "pid": None})
+        except Exception:
+            shutil.rmtree(run_dir, ignore_errors=True)  # bad form: leave no half-made run behind
+            raise
+        return run_dir
+
+    def start(self, form: dict, name: str | None = None, images=(), queue_it: bool = False) -> Path:
+        """Create a run and launch it now (or after the queued jobs when queue_it)."""
+        run_dir = self.create_run(form, name, images)
+        self.enqueue(run_dir) if queue_it else self.launch(run_dir)
+        return run_dir
+
+    def start_ab(self, form: dict, methods=("lora", "reflora"), name: str | None = None, images=(),
+                 side_by_side: bool = False) -> list[Path]:
+        """Runs that differ only in `method` (same data, seed, settings), queued one after the other
+        (the default: fair timings on a CPU) or launched side by side."""
+        methods = [m for m in methods if m]
+        if len(methods) < 2 or len(set(methods)) != len(methods):
+            raise JobError(f"A/B needs two or more different methods, got {methods}")
+        base = name or f"{time.strftime('%Y%m%d-%H%M%S')}-ab"
+        if form.get("seed") in (None, ""):  # the trainer would draw one per run: the runs must share it
+            form = {**form, "seed": random.randint(0, 2**31 - 1)}
+        run_dirs = []
+        try:
+            for method in methods:  # each run gets its own copy of the uploads: run folders stand alone
+                run_dirs.append(self.create_run({**form, "method": method}, f"{base}-{method}", images))
+        except Exception:
+            for d in run_dirs:
+                shutil.rmtree(d, ignore_errors=True)
+            raise
+        for run_dir in run_dirs:
+            self.launch(run_dir) if side_by_side else self.enqueue(run_dir)
+        return run_dirs
+
+    # ---- processes
+
+    def launch(self, run_dir: Path) -> subprocess.Popen:
+        run_dir = Path(run_dir)
+        cmd = self.command(run_dir / "config.json")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(self.repo_root), os.environ.get("PYTHONPATH")]))}
+        with open(run_dir / "train.log", "ab") as log:
+            log.write(f"$ {shlex.join(cmd)}\n".encode())
+            log.flush()
+            # own session: a cancel kills the whole group (accelerate + trainer); an app restart doesn't
+            proc = subprocess.Popen(cmd, cwd=self.repo_root, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        write_json_atomic(run_dir / "job.json", {"command": cmd, "cwd": str(self.repo_root), "pgid": proc.pid,
+                                                 "launched_at": time.time()})
+        status = read_json(run_dir / "status.json", {}) or {}
+        if status.get("state") == "queued":  # the trainer overwrites this with its own pid once it starts
+            write_json_atomic(run_dir / "status.json", {**status, "state": "running", "pid": proc.pid,
+                                                        "started_at": time.time(), "updated_at": time.time()})
+        with self._lock:
+            self._procs[run_dir] = proc
+        threading.Thread(target=self._watch, args=(run_dir, proc), daemon=True).start()
+        return proc
+
+    def _watch(self, run_dir: Path, proc: subprocess.Popen) -> None:
+        returncode = proc.wait()
+        self._finalize(run_dir, returncode)
+        with self._lock:
+            self._procs.pop(run_dir, None)
+
+    def _finalize(self, run_dir: Path, returncode: int | None) -> None:
+        """After the process is gone: make status.json say how the run ended if the trainer didn't."""
+        with self._lock:
+            status = read_json(run_dir / "status.json", {}) or {}
+            state = status.get("state")
+            if run_dir in self._cancelled:
+                status.update(state="cancelled", error="cancelled by the user")
+            elif state == "done" and returncode in (0, None):
+                return
+            elif state not in ("failed", "cancelled"):
+                log = ""
+                try:
+                    log = (run_dir / "train.log").read_text(errors="replace")[-20_000:]
+                except OSError:
+                    pass
+                reason = last_error(log) if returncode != 0 else "the trainer exited without finishing"
+                status.update(state="failed",
+                              error=f"{reason or 'process died'} (exit code {returncode}); see train.log")
+            else:
+                return
+            status["updated_at"] = time.time()
+            write_json_atomic(run_dir / "status.json", status)
+
+    def enqueue(self, run_dir: Path) -> None:
+        """Run after every job queued before it (one at a time)."""
+        self._queue.put(Path(run_dir))
+        with self._lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work, daemon=True)
+                self._worker.start()
+
+    def _work(self) -> None:
+        while True:
+            try:
+                run_dir = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._worker = None
+                        return
+                continue
+            if (read_json(run_dir / "status.json", {}) or {}).get("state") != "queued":
+                continue  # cancelled while waiting
+            try:
+                proc = self.launch(run_dir)
+            except OSError as e:
+                self._mark(run_dir, "failed", f"could not start the trainer: {e}")
+                continue
+            proc.wait()
+            while self.is_running(run_dir):  # let the watcher write the final status first
+                time.sleep(0.05)
+
+    def is_running(self, run_dir: Path) -> bool:
+        with self._lock:
+            return Path(run_dir) in self._procs
+
+    def _mark(self, run_dir: Path, state: str, error: str | None) -> None:
+        status = read_json(run_dir / "status.json", {}) or {}
+        status.update(state=state, error=error, updated_at=time.time())
+        write_json_atomic(run_dir / "status.json", status)
+
+    def cancel(self, name: str, grace: float = CANCEL_GRACE_SECONDS) -> str:
+        """Stop a queued or running job; its status.json ends as 'cancelled'. Returns a message."""
+        run_dir = safe_path(self.runs_dir, name)
+        if not is_run_dir(run_dir):
+            raise JobError(f"no run named {name!r}")
+        status = effective_status(read_json(run_dir / "status.json"))
+        if status.get("state") not in ("queued", "running"):
+            return f"{run_dir.name} is already {status.get('state')}"
+        with self._lock:
+            self._cancelled.add(run_dir)
+            proc = self._procs.get(run_dir)
+        if status.get("state") == "queued" and proc is None:
+            self._mark(run_dir, "cancelled", "cancelled by the user before it started")
+            return f"cancelled {run_dir.name} (it had not started)"
+        job = read_json(run_dir / "job.json", {}) or {}
+        pid = proc.pid if proc else status.get("pid")
+        pgid = proc.pid if proc else job.get("pgid")
+        # the app's own jobs: the whole process group; a run started in a terminal: only its trainer pid
+        _signal(pgid, pid, signal.SIGTERM)
+        deadline = time.time() + grace
+        while time.time() < deadline and (_alive(proc, pid)):
+            time.sleep(0.1)
+        if _alive(proc, pid):
+            _signal(pgid, pid, signal.SIGKILL)
+            if proc:
+                proc.wait(timeout=5)
+        if proc is not None:  # the watcher thread writes the final status; wait for it
+            while self.is_running(run_dir):
+                time.sleep(0.05)
+        else:
+            self._mark(run_dir, "cancelled", "cancelled by the user")
+        return f"cancelled {run_dir.name} at step {status.get('step', 0)}"
+
+    def adopt(self) -> None:
+        """After an app restart: re-queue jobs that were waiting, mark jobs that died meanwhile,
+        and watch jobs a previous app launched that are still running."""
+        queued = []
+        for run_dir in sorted(self.runs_dir.iterdir()):
+            if run_dir.name.startswith((".", "_")) or not is_run_dir(run_dir):
+                continue
+            status = read_json(run_dir / "status.json", {}) or {}
+            job = read_json(run_dir / "job.json")
+            if status.get("state") == "queued" and job is None:
+                queued.append((status.get("updated_at") or 0, run_dir))
+            elif status.get("state") == "running" and job is not None:
+                if pid_alive(status.get("pid")):
+                    threading.Thread(target=self._watch_pid, args=(run_dir, status["pid"]), daemon=True).start()
+                else:
+                    self._finalize(run_dir, None)
+        for _, run_dir in sorted(queued):
+            self.enqueue(run_dir)
+
+    def _watch_pid(self, run_dir: Path, pid: int) -> None:
+        while pid_alive(pid):
+            time.sleep(2.0)
+        self._finalize(run_dir, None)
+
+    def wait(self, run_dir: Path, timeout: float | None = None) -> str:
+        """Block until the run is no longer queued/running; returns its final state."""
+        deadline = None if timeout is None else time.time() + timeout
+        while True:
+            state = effective_status(read_json(Path(run_dir) / "status.json")).get("state")
+            if state not in ("queued", "running") and not self.is_running(Path(run_dir)):
+                return state
+            if deadline is not None and time.time() > deadline:
+                raise TimeoutError(f"{Path(run_dir).name} still {state} after {timeout} s")
+            time.sleep(0.2)
+
+
+def _alive(proc: subprocess.Popen | None, pid) -> bool:
+    if proc is not None:
+        return proc.poll() is None
+    return pid_alive(pid)
+
+
+def _signal(pgid, pid, sig) -> None:
+    try:
+        if pgid is not None:
+            os.killpg(int(pgid), sig)
+        elif pid is not None:
+            os.kill(int(pid), sig)
+    except (ProcessLookupError, PermissionError):
+        pass

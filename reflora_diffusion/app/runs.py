@@ -1,0 +1,305 @@
+"""Read run folders (written by `train/sd.py`, whoever started it) for the app.
+
+Everything the app shows or serves goes through `safe_path`, so a run name or a file parameter can
+never point outside the runs directory. Reading never changes a run folder; a "running" run whose
+process is gone is *reported* as failed here and *marked* failed by the job runner that owns it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+ACTIVE_STATES = ("queued", "running")
+_NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_NAME_LEN = 64
+
+
+class RunPathError(ValueError):
+    """A run name or file parameter that would leave the runs directory."""
+
+
+def sanitize_run_name(name: str) -> str:
+    """A run name that is a single safe folder name: letters, digits, '.', '_', '-'."""
+    cleaned = _NAME_OK.sub("-", (name or "").strip()).strip("-.")[:MAX_NAME_LEN].strip("-.")
+    if not cleaned:
+        raise ValueError(f"run name {name!r} has no usable characters; use letters, digits, '-', '_' or '.'")
+    return cleaned
+
+
+def safe_path(runs_dir: str | os.PathLike, *parts: str | os.PathLike) -> Path:
+    """`runs_dir/parts...` resolved (symlinks too); raises RunPathError if it is not inside runs_dir."""
+    root = Path(runs_dir).resolve()
+    for part in parts:
+        if part is None or str(part) == "" or "\x00" in str(part):
+            raise RunPathError(f"invalid path component {part!r}")
+    target = root.joinpath(*[str(p) for p in parts]).resolve()
+    if target != root and root not in target.parents:
+        raise RunPathError(f"{os.path.join(*map(str, parts))!r} is outside the runs directory")
+    return target
+
+
+def read_json(path: Path, default=None):
+    """JSON file contents, or `default` if it is missing or half-written."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temporary name, then rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def pid_alive(pid) -> bool:
+    """True if a process with this pid exists and is not a zombie."""
+    try:
+        proc = psutil.Process(int(pid))
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass
+class EventLog:
+    """events.jsonl read incrementally: each call to `update` parses only the newly appended lines.
+
+    A resumed run appends steps it already logged before; the later value wins (`by_step`).
+    """
+
+    path: Path
+    offset: int = 0
+    by_step: dict = field(default_factory=dict)  # step -> latest loss event
+    samples: list = field(default_factory=list)  # sample events in file order
+    _inode: int | None = None
+
+    def update(self) -> "EventLog":
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return self
+        if st.st_ino != self._inode or st.st_size < self.offset:  # replaced or truncated: start over
+            self.offset, self.by_step, self.samples, self._inode = 0, {}, [], st.st_ino
+        if st.st_size == self.offset:
+            return self
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read(st.st_size - self.offset)
+        end = chunk.rfind(b"\n") + 1  # keep a half-written last line for the next call
+        for line in chunk[:end].splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(event, dict) or "step" not in event:
+                continue
+            if "samples" in event:
+                self.samples.append(event)
+            if isinstance(event.get("loss"), (int, float)):  # a NaN loss is logged as null: no point
+                self.by_step[int(event["step"])] = event
+        self.offset += end
+        return self
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self.by_step)
+
+    @property
+    def losses(self) -> list[float]:
+        return [float(self.by_step[s]["loss"]) for s in self.steps]
+
+    @property
+    def last(self) -> dict | None:
+        return self.by_step[max(self.by_step)] if self.by_step else None
+
+
+_EVENT_LOGS: dict[Path, EventLog] = {}
+
+
+def event_log(run_dir: Path) -> EventLog:
+    """The cached incremental reader of a run's events.jsonl, brought up to date."""
+    path = Path(run_dir) / "events.jsonl"
+    log = _EVENT_LOGS.get(path)
+    if log is None:
+        log = _EVENT_LOGS[path] = EventLog(path)
+    return log.update()
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    state: str
+    step: int
+    max_steps: int
+    method: str
+    config: dict
+    status: dict
+    error: str | None = None
+    eta_seconds: float | None = None
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.step / self.max_steps) if self.max_steps else 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.method})"
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "config.json").is_file() or (path / "status.json").is_file())
+
+
+def effective_status(status: dict | None) -> dict:
+    """status.json as the user should see it: a 'running' run whose process is gone has crashed."""
+    status = dict(status or {"state": "queued"})
+    if status.get("state") == "running" and status.get("pid") is not None and not pid_alive(status["pid"]):
+        status["state"] = "failed"
+        status["error"] = status.get("error") or (
+            f"training process {status['pid']} is no longer running (it crashed or was killed); see train.log")
+    return status
+
+
+def eta_seconds(status: dict, log: EventLog) -> float | None:
+    """Remaining steps times the median recent seconds per step (robust to the slow first steps)."""
+    step, max_steps = int(status.get("step") or 0), int(status.get("max_steps") or 0)
+    if status.get("state") != "running" or not max_steps or step >= max_steps:
+        return None
+    recent = [e["sec_per_step"] for e in (log.by_step[s] for s in log.steps[-20:])
+              if isinstance(e.get("sec_per_step"), (int, float)) and e["sec_per_step"] > 0]
+    if recent:
+        per_step = statistics.median(recent)
+    elif step and status.get("started_at") and status.get("updated_at"):
+        per_step = (status["updated_at"] - status["started_at"]) / step
+    else:
+        return None
+    return per_step * (max_steps - step)
+
+
+def read_run(runs_dir, name: str) -> Run:
+    path = safe_path(runs_dir, name)
+    if not is_run_dir(path):
+        raise FileNotFoundError(f"no run named {name!r} in {runs_dir}")
+    config = read_json(path / "config.json", {}) or {}
+    status = effective_status(read_json(path / "status.json"))
+    log = event_log(path)
+    step = int(status.get("step") or (log.steps[-1] if log.steps else 0))
+    max_steps = int(status.get("max_steps") or config.get("max_train_steps") or 0)
+    return Run(name=path.name, path=path, state=status.get("state", "queued"), step=step, max_steps=max_steps,
+               method=str(config.get("method", "?")), config=config, status=status, error=status.get("error"),
+               eta_seconds=eta_seconds(status, log))
+
+
+def list_runs(runs_dir) -> list[Run]:
+    """Every run folder directly under runs_dir, newest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    runs = []
+    for child in root.iterdir():
+        if child.name.startswith((".", "_")) or not is_run_dir(child):
+            continue
+        try:
+            runs.append(read_run(root, child.name))
+        except (OSError, RunPathError):  # e.g. a symlink pointing out of the runs dir
+            continue
+    return sorted(runs, key=lambda r: (r.status.get("updated_at") or _mtime(r.path)), reverse=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def balance_stats(runs_dir, name: str) -> dict:
+    """The core's latest statistics (balance_mean, balance_max, refactored, ...) for a run."""
+    last = event_log(safe_path(runs_dir, name)).last
+    return dict(last.get("refactor") or {}) if last else {}
+
+
+def loss_curve(runs_dir, name: str) -> tuple[list[int], list[float]]:
+    log = event_log(safe_path(runs_dir, name))
+    return log.steps, log.losses
+
+
+def sample_steps(runs_dir, name: str) -> dict[int, list[Path]]:
+    """step -> the saved validation sample files of that step that exist inside the run."""
+    run_dir = safe_path(runs_dir, name)
+    out: dict[int, list[Path]] = {}
+    for event in event_log(run_dir).samples:
+        files = []
+        for rel in event.get("samples") or []:
+            try:
+                p = safe_path(run_dir, rel)
+            except RunPathError:
+                continue
+            if p.is_file():
+                files.append(p)
+        if files:
+            out[int(event["step"])] = files
+    return out
+
+
+def latest_samples(runs_dir, name: str) -> tuple[int | None, list[Path]]:
+    steps = sample_steps(runs_dir, name)
+    if not steps:
+        return None, []
+    step = max(steps)
+    return step, steps[step]
+
+
+def log_tail(runs_dir, name: str, lines: int = 40, max_bytes: int = 64_000) -> str:
+    """The last lines of the run's train.log (progress-bar carriage returns folded)."""
+    path = safe_path(runs_dir, name, "train.log")
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    rows = [row.rstrip("\r").rsplit("\r", 1)[-1] for row in text.rstrip("\n").split("\n")]  # tqdm redraws with \r
+    return "\n".join(rows[-lines:])
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def summary_rows(runs: list[Run]) -> list[list]:
+    """Rows for the runs table: name, method, state, progress, ETA, last loss, error."""
+    rows = []
+    for r in runs:
+        last = event_log(r.path).last
+        loss = f"{last['loss']:.4f}" if last and isinstance(last.get("loss"), (int, float)) else ""
+        rows.append([r.name, r.method, r.state, f"{r.step}/{r.max_steps}", format_eta(r.eta_seconds), loss,
+                     (r.error or "")[:200]])
+    return rows

@@ -1,0 +1,180 @@
+"""The app's callbacks: turn form values into jobs and run folders into what the components show.
+
+app.py only lays out components and wires them to these methods, so everything the page does is
+testable without a browser. Errors a user can cause come back as messages, never as tracebacks.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from . import compare, downloads, runs
+from .jobs import JobError, JobRunner
+
+RUN_COLUMNS = ["run", "method", "state", "step", "ETA", "last loss", "error"]
+USER_ERRORS = (JobError, compare.CompareError, downloads.ExportError, runs.RunPathError, FileNotFoundError,
+               ValueError)
+
+
+def default_resolution(base: str) -> int:
+    """The size a base model is made for: the tiny presets 64, SDXL 1024, SD 1.x/2.x 512."""
+    base = (base or "").lower()
+    return 64 if base.startswith("tiny") else 1024 if "xl" in base else 512
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in str(text).replace(",", " ").split()]
+    except ValueError:
+        raise JobError(f"seeds {text!r} must be whole numbers separated by commas, e.g. '0, 1'") from None
+    if not seeds:
+        raise JobError("give at least one seed, e.g. '0'")
+    return seeds
+
+
+def progress_html(run: runs.Run | None) -> str:
+    """A progress bar with step, state and ETA (plain HTML: no extra component needed)."""
+    if run is None:
+        return "<div class='rd-progress'>no run selected</div>"
+    pct = 100 * run.progress
+    color = {"done": "#2e7d32", "failed": "#c62828", "cancelled": "#757575"}.get(run.state, "#1565c0")
+    eta = f" · ETA {runs.format_eta(run.eta_seconds)}" if run.eta_seconds is not None else ""
+    error = f"<div style='color:#c62828'>{html.escape(run.error)}</div>" if run.error else ""
+    return (f"<div class='rd-progress'><b>{html.escape(run.name)}</b> ({html.escape(run.method)}): {run.state}, "
+            f"step {run.step}/{run.max_steps}{eta}"
+            f"<div style='background:#e0e0e0;border-radius:4px;height:14px;margin-top:4px'>"
+            f"<div style='background:{color};width:{pct:.1f}%;height:14px;border-radius:4px'></div></div>{error}</div>")
+
+
+class AppViews:
+    def __init__(self, runs_dir, runner: JobRunner | None = None):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.runner = runner or JobRunner(self.runs_dir)
+
+    # ---- Train
+
+    def start(self, form: dict, images=None, name: str = "", ab: bool = False, method_b: str = "lora",
+              side_by_side: bool = False) -> tuple[str, list[str]]:
+        """Start one run, or an A/B pair differing only in method. Returns (message, run names)."""
+        try:
+            if ab:
+                dirs = self.runner.start_ab(form, methods=(method_b, form.get("method")), name=name or None,
+                                            images=images or (), side_by_side=side_by_side)
+                how = "side by side" if side_by_side else "one after the other"
+                return (f"Started A/B ({how}): {', '.join(d.name for d in dirs)}. The comparison grid appears "
+                        "in the Compare tab when both are done.", [d.name for d in dirs])
+            run_dir = self.runner.start(form, name=name or None, images=images or ())
+            return f"Started {run_dir.name}. Watch it in the Runs tab.", [run_dir.name]
+        except USER_ERRORS as e:
+            return f"**Not started:** {e}", []
+
+    # ---- Runs
+
+    def run_names(self) -> list[str]:
+        return [r.name for r in runs.list_runs(self.runs_dir)]
+
+    def table(self) -> list[list]:
+        return runs.summary_rows(runs.list_runs(self.runs_dir))
+
+    def status(self, name: str) -> dict:
+        """One run's status for scripts: state, step, max_steps, progress, eta_seconds, error, method."""
+        run = runs.read_run(self.runs_dir, name)
+        return {"name": run.name, "method": run.method, "state": run.state, "step": run.step,
+                "max_steps": run.max_steps, "progress": run.progress, "eta_seconds": run.eta_seconds,
+                "error": run.error}
+
+    def runs_status(self) -> list[dict]:
+        """Every run's status, newest first."""
+        return [self.status(r.name) for r in runs.list_runs(self.runs_dir)]
+
+    def run_details(self, name: str | None) -> dict:
+        """Everything the Runs tab shows for one run (progress, curve, stats, samples, log)."""
+        if not name:
+            return {"progress": progress_html(None), "figure": None, "stats": {}, "samples": [], "log": ""}
+        try:
+            run = runs.read_run(self.runs_dir, name)
+        except USER_ERRORS as e:
+            return {"progress": f"<div>{html.escape(str(e))}</div>", "figure": None, "stats": {}, "samples": [],
+                    "log": ""}
+        step, files = runs.latest_samples(self.runs_dir, name)
+        return {
+            "progress": progress_html(run),
+            "figure": compare.loss_figure(self.runs_dir, [name], title=f"loss: {name}"),
+            "stats": runs.balance_stats(self.runs_dir, name),
+            "samples": [(str(p), f"step {step} #{i}") for i, p in enumerate(files)],
+            "log": runs.log_tail(self.runs_dir, name),
+        }
+
+    def cancel(self, name: str | None) -> str:
+        if not name:
+            return "Pick a run to cancel."
+        try:
+            return self.runner.cancel(name)
+        except USER_ERRORS as e:
+            return f"**Not cancelled:** {e}"
+
+    # ---- Compare
+
+    def compare_curves(self, names: list[str]) -> tuple:
+        """(overlaid loss figure, steps-to-loss table headers and rows, common sample steps)."""
+        names = [n for n in names or [] if n]
+        if not names:
+            return None, [], [], []
+        headers, rows = compare.loss_table(self.runs_dir, names)
+        return (compare.loss_figure(self.runs_dir, names, title="loss, overlaid"), headers, rows,
+                compare.common_sample_steps(self.runs_dir, names))
+
+    def saved_samples(self, names: list[str], step) -> list[tuple[str, str]]:
+        names = [n for n in names or [] if n]
+        if not names:
+            return []
+        _, items = compare.samples_at_step(self.runs_dir, names, int(step) if step not in (None, "") else None)
+        return [(str(p), cap) for p, cap in items]
+
+    def generate(self, names: list[str], prompts: str, seeds: str, steps: int) -> tuple[str | None, str]:
+        """(grid image path, message)."""
+        try:
+            grid, _ = compare.generate_grid(self.runs_dir, [n for n in names or [] if n],
+                                            (prompts or "").splitlines(), parse_seeds(seeds), int(steps))
+            return str(grid), f"Generated {grid.parent.name}: same prompts and seeds, one base pipeline."
+        except USER_ERRORS as e:
+            return None, f"**No grid:** {e}"
+
+    def ab_poll(self, pending: list[str], prompts: str, seeds: str, steps: int):
+        """Called on every tick while an A/B pair is pending: when all its runs ended, make the grid.
+        Returns (still pending, grid path or None, message or None)."""
+        if not pending:
+            return pending, None, None
+        try:
+            states = {n: runs.read_run(self.runs_dir, n).state for n in pending}
+        except USER_ERRORS as e:
+            return [], None, f"A/B stopped: {e}"
+        if any(s in runs.ACTIVE_STATES for s in states.values()):
+            return pending, None, None
+        bad = {n: s for n, s in states.items() if s != "done"}
+        if bad:
+            return [], None, "A/B did not finish: " + ", ".join(f"{n} {s}" for n, s in bad.items())
+        grid, msg = self.generate(pending, prompts, seeds, steps)
+        return [], grid, msg
+
+    # ---- Export
+
+    def export_sources(self, name: str | None) -> list[str]:
+        if not name:
+            return []
+        try:
+            return downloads.export_sources(self.runs_dir, name)
+        except USER_ERRORS:
+            return []
+
+    def export(self, name: str | None, source: str | None, fmt: str) -> tuple[str | None, str | None, str]:
+        """(adapter file, model card file, description)."""
+        if not name:
+            return None, None, "Pick a run to export."
+        try:
+            result = downloads.export_for_download(self.runs_dir, name, source or downloads.FINAL, fmt)
+        except USER_ERRORS as e:
+            return None, None, f"**Not exported:** {e}"
+        card = str(result["card"]) if result["card"] else None
+        return str(result["file"]), card, downloads.info_markdown(result["info"])

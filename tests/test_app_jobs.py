@@ -1,0 +1,266 @@
+"""Job runner: uploads, run folders, launching, queueing, crashes, cancel, app restart.
+
+A small stand-in trainer (same run-folder contract as train/sd.py: status.json, events.jsonl,
+samples) makes these fast; test_app_train.py runs the real trainer through the same runner.
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from reflora_diffusion.app import jobs, runs
+from reflora_diffusion.app.jobs import JobError, JobRunner
+
+FAKE_TRAINER = r'''
+import json, os, sys, time
+from pathlib import Path
+cfg_path, mode = sys.argv[2], sys.argv[3]
+cfg = json.loads(Path(cfg_path).read_text())
+out = Path(cfg["output_dir"]); steps = cfg["max_train_steps"]
+if mode == "die_early":
+    print("Traceback (most recent call last):\nValueError: --rank 999 is larger than layer to_q allows", flush=True)
+    sys.exit(1)
+def status(**kw):
+    st = {"state": "running", "step": 0, "max_steps": steps, "started_at": t0, "updated_at": time.time(),
+          "error": None, "pid": os.getpid()}; st.update(kw)
+    tmp = out / ".status.tmp"; tmp.write_text(json.dumps(st)); os.replace(tmp, out / "status.json")
+t0 = time.time(); status()
+print("training", cfg["method"], flush=True)
+for step in range(1, steps + 1):
+    time.sleep(0.02)
+    with open(out / "events.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "loss": 1.0 / step, "lr": 1e-4, "sec_per_step": 0.02, "time": time.time(),
+                            "refactor": {"step": step, "balance_mean": 1.0}}) + "\n")
+    status(step=step)
+    if mode == "crash" and step == 3:
+        raise RuntimeError("boom at step 3")
+    if mode == "hang" and step == 2:
+        while True:
+            time.sleep(0.1)
+if mode == "silent_exit":
+    sys.exit(0)
+status(step=steps, state="done")
+'''
+
+
+@pytest.fixture
+def fake(tmp_path):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+
+    def command(mode="ok"):
+        return lambda cfg: [sys.executable, str(script), "--config", str(cfg), mode]
+    return command
+
+
+@pytest.fixture
+def images(tmp_path):
+    paths = []
+    for i, fmt in enumerate(["PNG", "JPEG"]):
+        p = tmp_path / f"img{i}.{fmt.lower()}"
+        Image.new("RGB", (16, 16), (i * 100, 50, 50)).save(p, format=fmt)
+        paths.append(p)
+    return paths
+
+
+FORM = {"pretrained_model_name_or_path": "tiny", "instance_prompt": "a photo of sks dog", "method": "reflora",
+        "rank": 4, "max_train_steps": 5, "resolution": 64, "seed": 3}
+
+
+def runner(tmp_path, command, **kw):
+    return JobRunner(tmp_path / "runs", command=command, **kw)
+
+
+# ---------------------------------------------------------------------------- uploads and config
+
+
+def test_check_image_rejects_bad_uploads(tmp_path, images):
+    assert jobs.check_image(images[0]) == "PNG" and jobs.check_image(images[1]) == "JPEG"
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(JobError, match="'notes.png' is not a readable image"):
+        jobs.check_image(text)
+    truncated = tmp_path / "cut.jpg"
+    big = tmp_path / "big.jpg"
+    Image.effect_noise((256, 256), 64).convert("RGB").save(big, quality=95)
+    truncated.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    with pytest.raises(JobError, match="'cut.jpg' is not a readable image"):
+        jobs.check_image(truncated)
+    with pytest.raises(JobError, match="'big.jpg' is .* MB; the limit is"):
+        jobs.check_image(big, max_bytes=1000)
+    gif = tmp_path / "anim.gif"
+    Image.new("P", (8, 8)).save(gif)
+    with pytest.raises(JobError, match="GIF image; use JPEG, PNG"):
+        jobs.check_image(gif)
+
+
+def test_save_uploads_all_or_nothing(tmp_path, images):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    with pytest.raises(JobError, match="bad.png"):
+        jobs.save_uploads([*images, bad], tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+    dest = jobs.save_uploads([str(images[0]), str(images[1])], tmp_path / "ok")
+    assert sorted(p.name for p in dest.iterdir()) == ["0000-img0.png", "0001-img1.jpg"]
+    with pytest.raises(JobError, match="limit is 1"):
+        jobs.save_uploads(images, tmp_path / "x", max_files=1)
+
+
+def test_build_config_uses_trainer_names_and_checks(tmp_path, images):
+    data = tmp_path / "data"
+    data.mkdir()
+    cfg = jobs.build_config({**FORM, "instance_data_dir": str(data), "validation_prompt": "a\n\n b \n",
+                             "lora_alpha": None, "class_prompt": ""}, tmp_path / "run")
+    assert cfg["output_dir"] == str(tmp_path / "run") and cfg["instance_data_dir"] == str(data.resolve())
+    assert cfg["validation_prompt"] == ["a", "b"] and cfg["rank"] == 4 and cfg["seed"] == 3
+    assert cfg["lora_alpha"] is None and cfg["class_prompt"] is None  # empty fields take the trainer default
+    with pytest.raises(JobError, match="no training images"):
+        jobs.build_config(FORM, tmp_path / "run")
+    with pytest.raises(JobError, match="'/nope' does not exist"):
+        jobs.build_config({**FORM, "instance_data_dir": "/nope"}, tmp_path / "run")
+    with pytest.raises(JobError, match="--method 'nope' is unknown"):
+        jobs.build_config({**FORM, "method": "nope", "instance_data_dir": str(data)}, tmp_path / "run")
+    with pytest.raises(JobError, match="--rank must be >= 1"):
+        jobs.build_config({**FORM, "rank": 0, "instance_data_dir": str(data)}, tmp_path / "run")
+
+
+def test_unique_run_names_under_concurrency(tmp_path, fake):
+    r = runner(tmp_path, fake())
+    made = []
+    threads = [threading.Thread(target=lambda: made.append(r.new_run_dir("same name"))) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len({p.name for p in made}) == 8 and {p.name for p in made} >= {"same-name", "same-name-8"}
+    with pytest.raises(ValueError):
+        r.new_run_dir("../")
+
+
+def test_bad_form_leaves_no_run_folder(tmp_path, fake, images):
+    r = runner(tmp_path, fake())
+    with pytest.raises(JobError, match="instance_prompt is required"):
+        r.start({**FORM, "instance_prompt": ""}, name="bad", images=images)
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_train_command_is_accelerate_launch(tmp_path):
+    cmd = jobs.train_command(tmp_path / "config.json")
+    assert cmd[-3:] == ["train/sd.py", "--config", str(tmp_path / "config.json")]
+    assert cmd[:2] == [str(Path(sys.executable).with_name("accelerate")), "launch"]
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def test_job_runs_to_done(tmp_path, fake, images):
+    r = runner(tmp_path, fake())
+    run_dir = r.start(FORM, name="ok", images=images)
+    assert r.wait(run_dir, timeout=60) == "done"
+    run = runs.read_run(r.runs_dir, "ok")
+    assert run.step == 5 and run.progress == 1.0 and run.error is None
+    assert sorted(p.name for p in (run_dir / "data").iterdir()) == ["0000-img0.png", "0001-img1.jpg"]
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["instance_data_dir"] == str(run_dir / "data") and cfg["output_dir"] == str(run_dir)
+    log = (run_dir / "train.log").read_text()
+    assert log.startswith("$ ") and "fake_trainer.py --config" in log and "training reflora" in log
+    assert json.loads((run_dir / "job.json").read_text())["command"][-2] == str(run_dir / "config.json")
+
+
+@pytest.mark.parametrize("mode,error", [("crash", "RuntimeError: boom at step 3"),
+                                        ("die_early", "ValueError: --rank 999 is larger"),
+                                        ("silent_exit", "the trainer exited without finishing")])
+def test_dead_job_is_marked_failed_with_its_error(tmp_path, fake, images, mode, error):
+    r = runner(tmp_path, fake(mode))
+    run_dir = r.start(FORM, name=mode, images=images)
+    assert r.wait(run_dir, timeout=60) == "failed"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and error in status["error"] and "train.log" in status["error"]
+    assert runs.read_run(r.runs_dir, mode).error == status["error"]
+
+
+def test_cancel_running_job_kills_process_group(tmp_path, fake, images):
+    r = runner(tmp_path, fake("hang"))
+    run_dir = r.start(FORM, name="hang", images=images)
+    deadline = time.time() + 30
+    while runs.read_run(r.runs_dir, "hang").step < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    pid = json.loads((run_dir / "status.json").read_text())["pid"]
+    assert runs.pid_alive(pid)
+    assert r.cancel("hang", grace=5).startswith("cancelled hang at step 2")
+    assert not runs.pid_alive(pid)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "cancelled" and status["step"] == 2 and "cancelled by the user" in status["error"]
+    assert r.cancel("hang") == "hang is already cancelled"
+    with pytest.raises(runs.RunPathError):
+        r.cancel("../hang")
+
+
+def test_ab_runs_one_after_the_other_with_same_settings(tmp_path, fake, images):
+    r = runner(tmp_path, fake())
+    first, second = r.start_ab({**FORM, "seed": None}, methods=("lora", "reflora"), name="ab", images=images)
+    assert [first.name, second.name] == ["ab-lora", "ab-reflora"]
+    assert r.wait(second, timeout=60) == "done" and r.wait(first, timeout=1) == "done"
+    c1, c2 = (json.loads((d / "config.json").read_text()) for d in (first, second))
+    differing = {k for k in c1 if c1[k] != c2[k]}
+    assert differing == {"method", "output_dir", "instance_data_dir"}  # same seed although none was given
+    assert sorted(os.listdir(c1["instance_data_dir"])) == sorted(os.listdir(c2["instance_data_dir"]))
+    s1, s2 = (json.loads((d / "status.json").read_text()) for d in (first, second))
+    assert s2["started_at"] >= s1["updated_at"]  # the second started after the first ended
+    with pytest.raises(JobError, match="two or more different methods"):
+        r.start_ab(FORM, methods=("lora", "lora"), images=images)
+
+
+def test_ab_side_by_side(tmp_path, fake, images):
+    r = runner(tmp_path, fake("hang"))
+    dirs = r.start_ab(FORM, methods=("lora", "reflora", "reflora-s"), name="sbs", images=images, side_by_side=True)
+    deadline = time.time() + 30
+    while not all(runs.read_run(r.runs_dir, d.name).step >= 2 for d in dirs) and time.time() < deadline:
+        time.sleep(0.05)
+    assert [runs.read_run(r.runs_dir, d.name).state for d in dirs] == ["running"] * 3  # all at once
+    for d in dirs:
+        r.cancel(d.name, grace=5)
+    assert [runs.read_run(r.runs_dir, d.name).state for d in dirs] == ["cancelled"] * 3
+
+
+def test_cancel_queued_job_never_starts(tmp_path, fake, images):
+    r = runner(tmp_path, fake("hang"))
+    first, second = r.start_ab(FORM, name="q", images=images)
+    assert r.cancel(second.name).endswith("(it had not started)")
+    r.cancel(first.name, grace=5)
+    time.sleep(1.5)  # the queue worker would have launched the second one by now
+    assert not (second / "job.json").exists() and runs.read_run(r.runs_dir, second.name).state == "cancelled"
+
+
+def test_restart_requeues_waiting_and_marks_dead_jobs(tmp_path, fake, images):
+    r1 = runner(tmp_path, fake())
+    queued = r1.create_run(FORM, name="waiting", images=images)  # queued, app stopped before launching it
+    dead = r1.create_run(FORM, name="dead", images=images)
+    status = json.loads((dead / "status.json").read_text())
+    proc = __import__("subprocess").Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    (dead / "status.json").write_text(json.dumps({**status, "state": "running", "pid": proc.pid}))
+    (dead / "job.json").write_text(json.dumps({"pgid": proc.pid}))
+    r2 = runner(tmp_path, fake())  # a new app on the same runs dir
+    assert r2.wait(queued, timeout=60) == "done"
+    status = json.loads((dead / "status.json").read_text())
+    assert status["state"] == "failed" and "exit code None" in status["error"]
+
+
+def test_adopted_job_can_be_cancelled_after_restart(tmp_path, fake, images):
+    r1 = runner(tmp_path, fake("hang"))
+    r1._finalize = lambda *a: None  # this app "dies": it will not write the end state itself
+    run_dir = r1.start(FORM, name="long", images=images)
+    deadline = time.time() + 30
+    while runs.read_run(r1.runs_dir, "long").step < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    r2 = runner(tmp_path, fake())  # the app restarted; the job kept running in its own session
+    assert runs.read_run(r2.runs_dir, "long").state == "running"
+    pid = json.loads((run_dir / "status.json").read_text())["pid"]
+    r2.cancel("long", grace=5)
+    assert not runs.pid_alive(pid) and runs.read_run(r2.runs_dir, "long").state == "cancelled"

@@ -1,0 +1,143 @@
+"""Run-folder reading for the app: safe paths, incremental events, status, ETA, samples, log tail."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from reflora_diffusion.app import runs
+from reflora_diffusion.app.runs import RunPathError, safe_path, sanitize_run_name
+
+
+def make_run(root, name, state="running", step=0, max_steps=10, pid=None, method="reflora", events=()):
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"method": method, "max_train_steps": max_steps,
+                                               "pretrained_model_name_or_path": "tiny"}))
+    now = time.time()
+    (d / "status.json").write_text(json.dumps({"state": state, "step": step, "max_steps": max_steps,
+                                               "started_at": now - 10, "updated_at": now, "error": None,
+                                               "pid": os.getpid() if pid is None else pid}))
+    with open(d / "events.jsonl", "w") as f:
+        for e in events:
+            f.write(json.dumps(e) + "\n")
+    return d
+
+
+def dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("raw,clean", [("my run", "my-run"), ("../../etc/passwd", "etc-passwd"),
+                                       ("a/b\\c", "a-b-c"), (".hidden", "hidden"), ("ok_name-1.2", "ok_name-1.2")])
+def test_sanitize_run_name(raw, clean):
+    assert sanitize_run_name(raw) == clean
+
+
+@pytest.mark.parametrize("raw", ["", "...", "/", "   "])
+def test_sanitize_run_name_rejects_empty(raw):
+    with pytest.raises(ValueError, match="no usable characters"):
+        sanitize_run_name(raw)
+
+
+def test_safe_path_blocks_traversal(tmp_path):
+    root = tmp_path / "runs"
+    (root / "r1" / "samples").mkdir(parents=True)
+    (tmp_path / "secret.txt").write_text("x")
+    assert safe_path(root, "r1", "samples") == (root / "r1" / "samples").resolve()
+    for bad in [("..", "secret.txt"), ("r1", "../../secret.txt"), (str(tmp_path / "secret.txt"),),
+                ("r1/../../secret.txt",), ("a\x00b",)]:
+        with pytest.raises(RunPathError):
+            safe_path(root, *bad)
+    os.symlink(tmp_path, root / "escape")  # a symlink out of the runs dir is outside too
+    with pytest.raises(RunPathError):
+        safe_path(root, "escape", "secret.txt")
+
+
+def test_event_log_reads_incrementally(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)))
+    log = runs.EventLog(path).update()
+    assert log.steps == [1, 2, 3] and log.losses == [1.0, 0.5, pytest.approx(1 / 3)]
+    offset = log.offset
+    with open(path, "a") as f:  # the trainer is mid-way through writing a line
+        f.write('{"step": 4, "lo')
+    log.update()
+    assert log.steps == [1, 2, 3] and log.offset == offset
+    with open(path, "a") as f:
+        f.write('ss": 0.25}\n{"step": 4, "samples": ["samples/step_4/0.png"]}\n{"step": 5, "loss": null}\n')
+    log.update()
+    assert log.steps == [1, 2, 3, 4] and log.losses[-1] == 0.25  # the NaN (null) loss is no point
+    assert [e["step"] for e in log.samples] == [4]
+    assert log.offset == path.stat().st_size
+
+
+def test_event_log_resume_and_rewrite(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in (1, 2, 3)))
+    log = runs.EventLog(path).update()
+    with open(path, "a") as f:  # a resumed run logs step 3 again: the later value wins
+        f.write(json.dumps({"step": 3, "loss": 30.0}) + "\n")
+    assert log.update().losses == [1.0, 2.0, 30.0]
+    tmp = tmp_path / "tmp.jsonl"  # the trainer rewrites the file (truncate_after on resume): start over
+    tmp.write_text(json.dumps({"step": 1, "loss": 7.0}) + "\n")
+    os.replace(tmp, path)
+    assert log.update().steps == [1] and log.losses == [7.0]
+
+
+def test_status_dead_pid_is_failed_and_eta(tmp_path):
+    events = [{"step": s, "loss": 1.0, "sec_per_step": 0.5, "refactor": {"balance_mean": 1.5, "step": s}}
+              for s in range(1, 11)]
+    make_run(tmp_path, "alive", step=10, max_steps=30, events=events)
+    make_run(tmp_path, "crashed", step=3, pid=dead_pid())
+    alive = runs.read_run(tmp_path, "alive")
+    assert alive.state == "running" and alive.progress == pytest.approx(1 / 3)
+    assert alive.eta_seconds == pytest.approx(20 * 0.5)  # 20 steps left at the median 0.5 s/step
+    crashed = runs.read_run(tmp_path, "crashed")
+    assert crashed.state == "failed" and "no longer running" in crashed.error
+    assert json.loads((tmp_path / "crashed" / "status.json").read_text())["state"] == "running"  # read-only
+    assert runs.balance_stats(tmp_path, "alive") == {"balance_mean": 1.5, "step": 10}
+
+
+def test_list_runs_finds_cli_runs_and_skips_others(tmp_path):
+    make_run(tmp_path, "a", state="done")
+    make_run(tmp_path, "b")
+    (tmp_path / "_compare" / "x").mkdir(parents=True)
+    (tmp_path / "not-a-run").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    make_run(outside, "ext")
+    os.symlink(outside / "ext", tmp_path / "link")
+    assert sorted(r.name for r in runs.list_runs(tmp_path)) == ["a", "b"]
+    assert runs.list_runs(tmp_path / "missing") == []
+    with pytest.raises(FileNotFoundError):
+        runs.read_run(tmp_path, "not-a-run")
+
+
+def test_samples_only_inside_the_run(tmp_path):
+    d = make_run(tmp_path, "r", events=[{"step": 5, "samples": ["samples/step_5/0.png", "../../../etc/passwd"]},
+                                        {"step": 10, "samples": ["samples/step_10/0.png", "samples/step_10/1.png"]}])
+    for rel in ("samples/step_5/0.png", "samples/step_10/0.png", "samples/step_10/1.png"):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_bytes(b"png")
+    assert runs.sample_steps(tmp_path, "r") == {5: [d / "samples/step_5/0.png"],
+                                                10: [d / "samples/step_10/0.png", d / "samples/step_10/1.png"]}
+    assert runs.latest_samples(tmp_path, "r") == (10, [d / "samples/step_10/0.png", d / "samples/step_10/1.png"])
+
+
+def test_log_tail_folds_progress_bars(tmp_path):
+    d = make_run(tmp_path, "r")
+    (d / "train.log").write_text("start\n" + "".join(f"\r step {i}/50" for i in range(51)) + "\nValueError: bad\n")
+    assert runs.log_tail(tmp_path, "r").splitlines() == ["start", " step 50/50", "ValueError: bad"]
+    assert runs.log_tail(tmp_path, "r", lines=1) == "ValueError: bad"
+    with pytest.raises(RunPathError):
+        runs.log_tail(tmp_path, "../r")
+
+
+def test_format_eta():
+    assert [runs.format_eta(s) for s in (None, 5, 65, 3725)] == ["", "5s", "1m05s", "1h02m"]
