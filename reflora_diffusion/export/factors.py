@@ -1,0 +1,175 @@
+"""LoRA factors in one neutral form, collected from peft models (and a Refactorer) or read from a file.
+
+Every writer works from this form: per component ("unet", "text_encoder", "text_encoder_2") and module
+name, the factors A (r x d_in; conv r x C_in x k x k) and B (d_out x r; conv C_out x r x 1 x 1) in peft's
+layout and alpha, such that the layer adds alpha / r * B @ A. Writing alpha = scaling * r keeps any
+scaling exact (also rsLoRA and chains of rank K*r) in formats that only know alpha and rank.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name
+
+
+class ExportError(ValueError):
+    """A user-fixable export problem; the message is one line naming the input and the fix."""
+
+
+@dataclass
+class Factor:
+    A: torch.Tensor
+    B: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class LoraFactors:
+    layers: dict[str, dict[str, Factor]]  # component -> module name -> factors
+    sdxl: bool
+    # method, base_model, steps, unet_blocks (layers_per_block, up_block_types: kohya's SDXL names need them)
+    info: dict = field(default_factory=dict)
+
+    def common(self, attr: str) -> float:
+        """The most common rank or alpha (kohya's ss_network_dim / ss_network_alpha)."""
+        values = [getattr(f, attr) for layers in self.layers.values() for f in layers.values()]
+        return Counter(values).most_common(1)[0][0]
+
+
+def unet_blocks(config) -> dict:
+    """The UNet layout facts kohya's SDXL block numbering depends on."""
+    return {"layers_per_block": config.layers_per_block, "up_block_types": list(config.up_block_types)}
+
+
+def _refactored(refactorer) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{id(peft layer): (A, B, scaling)} from Refactorer.effective_factors() (chains: concatenated links)."""
+    if refactorer is None:
+        return {}
+    out = {}
+    for ref in refactorer if isinstance(refactorer, (list, tuple)) else [refactorer]:
+        # effective_factors() is built in ref.pairs order; match by layer object, not name, so it works
+        # whichever model (UNet, text encoder, a container of both) the Refactorer was made on.
+        for pair, factors in zip(ref.pairs, ref.effective_factors().values()):
+            out[id(pair.module)] = factors
+    return out
+
+
+def _lora_layers(model: nn.Module, adapter: str | None):
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    from reflora_diffusion.core import unwrap_model
+
+    model = unwrap_model(model)
+    if isinstance(model, PeftModel):  # names as in the bare model, as diffusers expects
+        model = model.base_model.model
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            active = module.active_adapters
+            ad = adapter or (active[0] if active else None)
+            if ad in module.lora_A:
+                yield name, module, ad
+            elif ad in getattr(module, "lora_embedding_A", {}):
+                raise ExportError(f"layer {name!r} has an embedding LoRA, which diffusers/kohya SD files "
+                                  "cannot hold; leave embeddings out of target_modules.")
+
+
+def collect_factors(unet: nn.Module | None = None, text_encoder: nn.Module | None = None,
+                    text_encoder_2: nn.Module | None = None, refactorer=None,
+                    adapter: str | None = None) -> dict[str, dict[str, Factor]]:
+    """Factors of every LoRA layer of the given models; a Refactorer (or a list) supplies chain factors."""
+    refactored = _refactored(refactorer)
+    layers: dict[str, dict[str, Factor]] = {}
+    for component, model in zip(COMPONENTS, (unet, text_encoder, text_encoder_2)):
+        if model is None:
+            continue
+        found = {}
+        for name, module, ad in _lora_layers(model, adapter):
+            if module.use_dora.get(ad, False) or getattr(module, "lora_bias", {}).get(ad, False):
+                raise ExportError(f"layer {name!r} uses DoRA or a LoRA bias, which kohya/A1111 files cannot "
+                                  "hold; export works for plain LoRA layers.")
+            if id(module) in refactored:
+                A, B, scaling = refactored[id(module)]
+            else:
+                A, B, scaling = module.lora_A[ad].weight, module.lora_B[ad].weight, module.scaling[ad]
+            A = A.detach().float().cpu().contiguous()
+            found[name] = Factor(A, B.detach().float().cpu().contiguous(), float(scaling) * A.shape[0])
+        if found:
+            layers[component] = found
+    if not layers:
+        raise ExportError("no LoRA layers found in the given models; add adapters (unet.add_adapter(LoraConfig("
+                          "...))) before exporting.")
+    return layers
+
+
+# ---- reading a diffusers file back ---------------------------------------------------------------------
+
+_SUFFIXES = {  # the key spellings diffusers' save_lora_weights writes (peft and its "diffusers" renaming)
+    ".lora_A.weight": "A", ".lora_B.weight": "B",
+    ".lora.down.weight": "A", ".lora.up.weight": "B",
+    ".lora_linear_layer.down.weight": "A", ".lora_linear_layer.up.weight": "B",
+}  # fmt: skip
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def read_diffusers(path: str | Path) -> LoraFactors:
+    """Read a diffusers-format LoRA file (as written by export_diffusers) into factors."""
+    from peft.utils.other import get_pattern_key
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+        meta = read_metadata(path)
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise ExportError(f"{path} is not a readable safetensors file ({e}); re-export it from the run.") from e
+    parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, t in tensors.items():
+        component, _, rest = key.partition(".")
+        suffix = next((s for s in _SUFFIXES if rest.endswith(s)), None)
+        if component not in COMPONENTS or suffix is None:
+            raise ExportError(f"{path} is not a diffusers LoRA file (unexpected key {key!r}); give the "
+                              f"{WEIGHT_NAME} of a run or checkpoint.")
+        parts.setdefault(component, {}).setdefault(rest[: -len(suffix)], {})[_SUFFIXES[suffix]] = t
+    config = json.loads(meta.get("lora_adapter_metadata", "{}"))
+    layers = {}
+    for component, modules in parts.items():
+        cfg = {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith(component + ".")}
+        layers[component] = {}
+        for name, ab in modules.items():
+            if ab.keys() != {"A", "B"}:
+                raise ExportError(f"{path}: layer {component}.{name} lacks its lora_A or lora_B tensor; "
+                                  "re-export it from the run.")
+            r = ab["A"].shape[0]
+            alpha = r  # diffusers' convention without metadata: scale 1
+            if cfg:  # peft's LoraConfig semantics: alpha_pattern overrides lora_alpha
+                pattern = get_pattern_key(cfg.get("alpha_pattern", {}).keys(), name)
+                alpha = cfg.get("alpha_pattern", {}).get(pattern, cfg.get("lora_alpha", r))
+                if cfg.get("use_rslora"):
+                    alpha = alpha / r**0.5 * r  # rsLoRA scales by alpha / sqrt(r)
+            layers[component][name] = Factor(ab["A"].float(), ab["B"].float(), float(alpha))
+    info = json.loads(meta.get("reflora_info", "{}"))
+    sdxl = "text_encoder_2" in layers or bool(info.get("sdxl"))
+    return LoraFactors(layers, sdxl, info)

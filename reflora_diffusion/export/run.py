@@ -1,0 +1,169 @@
+"""Export from a run folder or checkpoint (the trainer's diffusers file) and write the model card."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from reflora_diffusion.sd.presets import PRESETS
+
+from .diffusers_format import write_diffusers
+from .factors import WEIGHT_NAME, ExportError, LoraFactors, read_diffusers
+from .files import write_text
+from .kohya import write_kohya
+
+FORMATS = ("diffusers", "kohya")
+
+
+def _locate(source: Path) -> tuple[Path, Path | None]:
+    """(the diffusers weight file, the run folder holding config.json or None) for a run/checkpoint/file."""
+    if not source.exists():
+        raise ExportError(f"{source} does not exist; give a run folder, one of its checkpoints/checkpoint-N "
+                          f"folders or a {WEIGHT_NAME} file.")
+    weights = source if source.is_file() else source / WEIGHT_NAME
+    if not weights.is_file():
+        raise ExportError(f"{source} holds no {WEIGHT_NAME}; give a finished run folder or one of its "
+                          "checkpoints/checkpoint-N folders.")
+    for folder in (weights.parent, weights.parent.parent.parent):  # run/ or run/checkpoints/checkpoint-N/
+        if (folder / "config.json").is_file():
+            return weights, folder
+    return weights, None
+
+
+def _run_info(weights: Path, run_dir: Path | None) -> dict:
+    """method, base_model, steps, rank, alpha, prompt: from the run's config/status, the checkpoint name."""
+    info = {}
+    if run_dir is not None:
+        config = json.loads((run_dir / "config.json").read_text())
+        info = {"method": config.get("method"), "base_model": config.get("pretrained_model_name_or_path"),
+                "steps": config.get("max_train_steps"), "prompt": config.get("instance_prompt"),
+                "train_text_encoder": config.get("train_text_encoder")}
+        status = run_dir / "status.json"
+        if status.is_file():
+            info["steps"] = json.loads(status.read_text()).get("step", info["steps"])
+    m = re.fullmatch(r"checkpoint-(\d+)", weights.parent.name)
+    if m:
+        info["steps"] = int(m[1])
+    return {k: v for k, v in info.items() if v is not None}
+
+
+def _unet_blocks(base_model: str | None) -> dict | None:
+    """The base UNet's layout (kohya's SDXL naming needs it) from its config, when the file lacks it."""
+    if not base_model:
+        return None
+    from reflora_diffusion.sd.presets import resolve_pretrained
+
+    folder = Path(resolve_pretrained(base_model))
+    try:
+        if folder.is_dir():
+            cfg = folder / "unet" / "config.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            cfg = Path(hf_hub_download(base_model, "unet/config.json"))
+        config = json.loads(cfg.read_text())
+    except Exception:
+        return None
+    return {"layers_per_block": config["layers_per_block"], "up_block_types": config["up_block_types"]}
+
+
+def load_run(source: str | Path) -> tuple[LoraFactors, Path, Path | None]:
+    """Factors of a run/checkpoint with its info filled in; also the weight file and the run folder."""
+    weights, run_dir = _locate(Path(source))
+    factors = read_diffusers(weights)
+    for key, value in _run_info(weights, run_dir).items():
+        if key == "steps" or key not in factors.info:  # the checkpoint's own step count wins
+            factors.info[key] = value
+    if factors.sdxl and "unet_blocks" not in factors.info:
+        blocks = _unet_blocks(factors.info.get("base_model"))
+        if blocks:
+            factors.info["unet_blocks"] = blocks
+    return factors, weights, run_dir
+
+
+def export_run(source: str | Path, format: str = "diffusers", output: str | Path | None = None,
+               overwrite: bool = False, name: str | None = None) -> Path:
+    """Export a run or checkpoint folder's adapter; returns the written weight file.
+
+    diffusers: <output>/pytorch_lora_weights.safetensors. kohya: <output>/<name>.safetensors, name
+    defaulting to the run folder's name (A1111 shows it as <lora:name:1>). A model card README.md goes
+    beside it. output defaults to the source folder.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; use one of: {', '.join(FORMATS)}.")
+    factors, weights, run_dir = load_run(source)
+    output = Path(output) if output is not None else weights.parent
+    if output.suffix == ".safetensors":
+        raise ExportError(f"--output {output} should be a folder, not a file name; use --name for the file name.")
+    name = name or (run_dir or weights.parent).resolve().name
+    if format == "diffusers":
+        path = write_diffusers(factors, output, overwrite=overwrite)
+    else:
+        path = write_kohya(factors, output / f"{name}.safetensors", overwrite=overwrite)
+    write_model_card(output, factors=factors, kohya_file=path if format == "kohya" else None)
+    return path
+
+
+def write_model_card(run_dir: str | Path, factors: LoraFactors | None = None, kohya_file: str | Path | None = None,
+                     info: dict | None = None) -> Path:
+    """Write run_dir/README.md: base model, method, rank, alpha, steps, how to load (diffusers, A1111, ComfyUI).
+
+    factors default to the folder's own diffusers file with its run info; info overrides single fields.
+    """
+    run_dir = Path(run_dir)
+    if factors is None:
+        factors = load_run(run_dir)[0]
+    info = {**factors.info, **(info or {})}
+    base = info.get("base_model") or "<base model>"
+    method = info.get("method") or "lora"
+    rank, alpha = factors.common("rank"), factors.common("alpha")
+    parts = ", ".join(f"{c} ({len(layers)} layers)" for c, layers in factors.layers.items())
+    pipeline = "StableDiffusionXLPipeline" if factors.sdxl else "StableDiffusionPipeline"
+    prompt = info.get("prompt") or "a photo of sks dog"
+    kohya = Path(kohya_file).name if kohya_file else None
+    lora_name = Path(kohya).stem if kohya else run_dir.resolve().name
+    rank_note = (" (a chain of LoRA links exported as one LoRA of the summed rank)"
+                 if method in ("rac-lora", "cola") else "")
+    if base in PRESETS:  # the built-in offline presets are built locally, not on the hub
+        load, base_arg = "from reflora_diffusion.sd.presets import resolve_pretrained\n", f'resolve_pretrained("{base}")'
+    else:
+        load, base_arg = "", json.dumps(base)
+    tags = ["lora", "diffusers", "reflora", "text-to-image", "stable-diffusion-xl" if factors.sdxl else "stable-diffusion"]
+    card = f"""---
+base_model: {base}
+library_name: diffusers
+tags: [{", ".join(tags)}]
+instance_prompt: {json.dumps(prompt)}
+---
+
+# LoRA for {base}, trained with {method}
+
+| | |
+|---|---|
+| base model | `{base}` |
+| method | `{method}` (reflora-diffusion) |
+| rank | {rank}{rank_note} |
+| alpha | {alpha:g} (scale alpha / rank = {alpha / rank:g}) |
+| steps | {info.get("steps", "?")} |
+| adapted | {parts} |
+| prompt | `{prompt}` |
+
+## diffusers
+
+```python
+from diffusers import {pipeline}
+{load}
+pipe = {pipeline}.from_pretrained({base_arg})
+pipe.load_lora_weights("<this folder>")   # reads {WEIGHT_NAME}, rank and alpha included
+image = pipe("{prompt}").images[0]
+```
+
+## AUTOMATIC1111 / ComfyUI (kohya format)
+
+{f"`{kohya}` in this folder is the kohya-format file." if kohya else
+ "Convert first: `python -m reflora_diffusion.export <this folder> --format kohya --output <folder>`."}
+Copy it into `models/Lora/`, then use `<lora:{lora_name}:1>` in an A1111 prompt, or a
+"Load LoRA" node in ComfyUI.
+"""
+    return write_text(card, run_dir / "README.md")
