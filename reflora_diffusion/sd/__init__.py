@@ -1,1 +1,10 @@
-"""Stable Diffusion side: presets, data, models, training loop, sampling."""
+"""Stable Diffusion / SDXL LoRA training with any reflora_diffusion.core method.
+
+    from reflora_diffusion.sd.config import parse_args
+    from reflora_diffusion.sd.train import train
+    train(parse_args(["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", "photos",
+                      "--instance_prompt", "a photo of sks dog", "--output_dir", "runs/dog"]))
+
+Modules: presets (offline tiny models), config, data, models (loading + LoRA), train (the loop),
+sample (pipelines for validation and class images), runlog (status.json / events.jsonl).
+"""

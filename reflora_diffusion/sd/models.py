@@ -1,0 +1,164 @@
+"""Base model components (SD 1.x/2.x or SDXL), frozen, with peft LoRA adapters added.
+
+Everything loads through `from_pretrained`, so a hub id, a local diffusers folder and the offline presets
+("tiny", "tiny-sdxl", built by `presets.resolve_pretrained`) take the same path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+from .presets import is_sdxl, resolve_pretrained
+
+
+@dataclass
+class Components:
+    path: str  # local folder or hub id actually loaded
+    sdxl: bool
+    tokenizers: list
+    text_encoders: list[nn.Module]
+    vae: nn.Module
+    unet: nn.Module
+    noise_scheduler: object
+
+    @property
+    def models(self) -> dict[str, nn.Module]:
+        """Trainable-capable models by their pipeline name (unet, text_encoder, text_encoder_2)."""
+        names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
+        return {"unet": self.unet, **dict(zip(names, self.text_encoders))}
+
+
+def _text_encoder_class(path: str, subfolder: str, revision):
+    # SD 1.x/2.x use CLIPTextModel, SDXL's second encoder CLIPTextModelWithProjection: read it from the config.
+    import transformers
+
+    config = transformers.PretrainedConfig.from_pretrained(path, subfolder=subfolder, revision=revision)
+    return getattr(transformers, config.architectures[0])
+
+
+def load_components(cfg) -> Components:
+    """Tokenizers, text encoders, VAE, UNet and the DDPM training scheduler; all frozen."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer
+
+    path = resolve_pretrained(cfg.pretrained_model_name_or_path)
+    sdxl = is_sdxl(path)
+    kw = {"revision": cfg.revision}
+    try:
+        n_text = 2 if sdxl else 1
+        subs = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")][:n_text]
+        tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=t, **kw) for t, _ in subs]
+        text_encoders = [_text_encoder_class(path, e, cfg.revision).from_pretrained(
+            path, subfolder=e, variant=cfg.variant, **kw) for _, e in subs]
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=cfg.variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=cfg.variant, **kw)
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load base model {cfg.pretrained_model_name_or_path!r}: "
+                          f"{str(e).strip().splitlines()[0]} (use a local diffusers folder, a hub id "
+                          "reachable online, or 'tiny')") from None
+    if cfg.prediction_type:
+        noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    for m in (vae, unet, *text_encoders):
+        m.requires_grad_(False)
+    return Components(path, sdxl, tokenizers, text_encoders, vae, unet, noise_scheduler)
+
+
+# --- LoRA --------------------------------------------------------------------------------------------------
+def _factor_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(d_in, d_out) of a layer as LoRA factors see it, or None if peft cannot adapt it."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Conv2d):  # A: r x (C_in * k * k), B: C_out x r
+        return module.in_channels * module.kernel_size[0] * module.kernel_size[1], module.out_channels
+    return None
+
+
+def check_targets(model: nn.Module, targets: list[str], rank: int, what: str) -> None:
+    """Every target name matches a Linear/Conv2d layer (peft's suffix rule) and the rank fits each one."""
+    modules = dict(model.named_modules())
+    for target in targets:
+        hits = {n: m for n, m in modules.items() if n == target or n.endswith("." + target)}
+        if not hits:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if _factor_dims(m)})
+            raise ConfigError(f"target module {target!r} matches no layer of the {what}; layer names there "
+                              f"include {', '.join(leaves[:12])}")
+        for name, module in hits.items():
+            dims = _factor_dims(module)
+            if dims is None:
+                raise ConfigError(f"target module {target!r} matches {what} module {name!r}, a "
+                                  f"{type(module).__name__} rather than a Linear/Conv2d layer; name its layers "
+                                  "(e.g. to_q, to_k, to_v, to_out.0)")
+            if rank > min(dims):
+                raise ConfigError(f"--rank {rank} is larger than {what} layer {name!r} allows (min(d_in, d_out) = "
+                                  f"{min(dims)}); use --rank {min(dims)} or less, or leave {target!r} out")
+
+
+def add_lora(model: nn.Module, targets: list[str], cfg, what: str) -> None:
+    """Add a peft LoRA adapter ("default") to `model` in place (diffusers' add_adapter / transformers')."""
+    from peft import LoraConfig
+
+    check_targets(model, targets, cfg.rank, what)
+    model.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                                 init_lora_weights="gaussian", target_modules=targets))
+
+
+def prepare_for_training(components: Components, cfg, weight_dtype: torch.dtype, device) -> None:
+    """Add the adapters, place and cast the models, choose the attention kernel."""
+    add_lora(components.unet, cfg.unet_targets, cfg, "UNet")
+    if cfg.train_text_encoder:
+        for i, te in enumerate(components.text_encoders):
+            add_lora(te, cfg.text_encoder_target_modules, cfg, f"text encoder {i + 1}")
+    # Frozen weights in the compute dtype; LoRA parameters stay fp32 so small updates are not rounded away.
+    components.vae.to(device, dtype=torch.float32 if components.sdxl else weight_dtype)  # SDXL's VAE overflows fp16
+    for m in components.models.values():
+        m.to(device, dtype=weight_dtype)
+        for p in m.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            for te in components.text_encoders:
+                te.gradient_checkpointing_enable()
+    if cfg.enable_xformers_memory_efficient_attention:
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise ConfigError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers, "
+                              "or drop the flag (PyTorch SDPA attention is used by default)")
+        components.unet.enable_xformers_memory_efficient_attention()
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# --- conditioning ----------------------------------------------------------------------------------------
+def tokenize(tokenizers: list, prompts: list[str]) -> list[torch.Tensor]:
+    return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids for tok in tokenizers]
+
+
+def encode_prompts(text_encoders: list, sdxl: bool, input_ids: list[torch.Tensor],
+                   device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(encoder hidden states, pooled embedding or None) as the pipelines compute them."""
+    if not sdxl:
+        return text_encoders[0](input_ids[0].to(device))[0], None
+    # SDXL: penultimate hidden states of both encoders concatenated; pooled output of the second.
+    hidden, pooled = [], None
+    for te, ids in zip(text_encoders, input_ids):
+        out = te(ids.to(device), output_hidden_states=True)
+        pooled = out[0]
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_time_ids(original_sizes, crop_top_lefts, resolution: int) -> torch.Tensor:
+    """SDXL micro-conditioning per sample: original (h, w), crop top-left (y, x), target (h, w)."""
+    return torch.tensor([[*o, *c, resolution, resolution] for o, c in zip(original_sizes, crop_top_lefts)],
+                        dtype=torch.float32)

@@ -1,0 +1,84 @@
+"""Sampling with the models being trained: validation images and DreamBooth class images.
+
+The pipeline is built from the base folder with the live (LoRA-carrying) UNet and text encoders passed in,
+so it samples exactly the weights the loop trains, without copying or merging them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from .data import IMAGE_EXTENSIONS
+
+
+def build_pipeline(path: str, sdxl: bool, models: dict | None = None, dtype=torch.float32, revision=None):
+    """The base pipeline with any of unet / text_encoder / text_encoder_2 / vae replaced by `models`."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls.from_pretrained(path, revision=revision, torch_dtype=dtype, **(models or {}), **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], images_per_prompt: int, seed: int, resolution: int, steps: int,
+             device) -> list:
+    """PIL images, prompt-major; image i of each prompt uses seed + i, so every call is comparable."""
+    out = []
+    for prompt in prompts:
+        for i in range(images_per_prompt):
+            g = torch.Generator(device="cpu").manual_seed(seed + i)
+            out += pipe(prompt, num_inference_steps=steps, generator=g, height=resolution,
+                        width=resolution).images
+    return out
+
+
+def save_validation_samples(pipe, cfg, step: int, run_dir: Path, device) -> list[str]:
+    """samples/step_<N>/<i>.png for the validation prompts; returns paths relative to the run folder."""
+    folder = Path(run_dir) / "samples" / f"step_{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    images = generate(pipe, cfg.validation_prompt, cfg.num_validation_images, cfg.seed, cfg.resolution,
+                      cfg.validation_inference_steps, device)
+    rel = []
+    for i, im in enumerate(images):
+        tmp = folder / f".{i}.png.tmp"
+        im.save(tmp, format="PNG")
+        tmp.replace(folder / f"{i}.png")
+        rel.append(f"samples/step_{step}/{i}.png")
+    return rel
+
+
+def ensure_class_images(cfg, accelerator) -> None:
+    """DreamBooth prior preservation: generate the missing class images with the base pipeline."""
+    folder = Path(cfg.class_data_dir)
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        have = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+        missing = cfg.num_class_images - len(have)
+        if missing > 0:
+            from tqdm.auto import tqdm
+
+            from .presets import is_sdxl, resolve_pretrained
+
+            path = resolve_pretrained(cfg.pretrained_model_name_or_path)
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+            if accelerator.device.type == "cpu":
+                dtype = torch.float32
+            pipe = build_pipeline(path, is_sdxl(path), dtype=dtype, revision=cfg.revision).to(accelerator.device)
+            for start in tqdm(range(0, missing, cfg.sample_batch_size), desc="class images"):
+                n = min(cfg.sample_batch_size, missing - start)
+                g = torch.Generator("cpu").manual_seed(cfg.seed + len(have) + start)
+                images = pipe([cfg.class_prompt] * n, generator=g, height=cfg.resolution, width=cfg.resolution,
+                              num_inference_steps=cfg.validation_inference_steps).images
+                for im in images:
+                    name = hashlib.sha1(im.tobytes()).hexdigest()[:16]
+                    tmp = folder / f".{name}.png.tmp"
+                    im.save(tmp, format="PNG")
+                    tmp.replace(folder / f"{len(have) + start}-{name}.png")
+            del pipe
+    accelerator.wait_for_everyone()

@@ -1,0 +1,522 @@
+"""The Stable Diffusion / SDXL LoRA training loop, top to bottom.
+
+config -> data -> models (+ LoRA) -> optimizer + core method -> accelerate -> loop -> events, samples,
+checkpoints -> export. `train(cfg)` is what `train/sd.py` calls.
+
+Reproducibility is by construction, so that a resumed run and a 2-process run repeat a 1-process run:
+- the data order and every crop/flip depend only on (seed, epoch, index) (see data.py);
+- diffusion noise, timesteps and VAE samples come from one generator seeded identically on every
+  process; each step draws them for the whole global batch and a process takes its own rows;
+- a checkpoint holds that generator, accelerate's state (optimizer, scheduler, RNGs, scaler), the LoRA
+  weights and the core's state (its step count, so the RefLoRA warm-up is never restarted).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError, SDTrainConfig
+from .data import build_dataloader, build_dataset
+from .models import (Components, encode_prompts, load_components, prepare_for_training, sdxl_time_ids, tokenize,
+                     trainable_parameters)
+from .runlog import RunLog
+
+LORA_STATE = "{}_lora.safetensors"  # per trained model, inside a checkpoint
+TRAINER_STATE = "trainer_state.safetensors"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. repeated NaN losses); the message says what to change."""
+
+
+# --- building blocks --------------------------------------------------------------------------------------
+def make_optimizer(cfg: SDTrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW by default, bitsandbytes' 8-bit AdamW, or any torch.optim class by (case-insensitive) name."""
+    import inspect
+
+    name = cfg.optimizer.lower()
+    adam = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon, "weight_decay": cfg.adam_weight_decay}
+    if name in ("adamw8bit", "adamw_8bit"):
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes, or use adamw") from None
+        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, **adam)
+    classes = {n.lower(): c for n, c in vars(torch.optim).items()
+               if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
+    if name not in classes:
+        raise ConfigError(f"--optimizer {cfg.optimizer!r} is unknown; use adamw, adamw8bit or a torch.optim class "
+                          f"({', '.join(sorted(classes))})")
+    cls = classes[name]
+    accepted = inspect.signature(cls).parameters
+    return cls(groups, lr=cfg.learning_rate, **{k: v for k, v in adam.items() if k in accepted})
+
+
+def shared_randn(gen: torch.Generator, n: int, shape, accelerator, dtype=torch.float32) -> torch.Tensor:
+    """Normal noise for this process's n samples, drawn as rows of the whole global batch."""
+    full = torch.randn((n * accelerator.num_processes, *shape), generator=gen, device=gen.device, dtype=dtype)
+    i = accelerator.process_index
+    return full[i * n:(i + 1) * n].to(accelerator.device)
+
+
+def shared_randint(gen: torch.Generator, high: int, n: int, accelerator) -> torch.Tensor:
+    full = torch.randint(0, high, (n * accelerator.num_processes,), generator=gen, device=gen.device)
+    i = accelerator.process_index
+    return full[i * n:(i + 1) * n].to(accelerator.device)
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), as in diffusers' training scripts."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return weights / (snr + 1)
+    return weights / snr
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Exactly the trained (LoRA) parameters, under their own names."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """checkpoints/checkpoint-<N> folders, oldest first."""
+    root = run_dir / "checkpoints"
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def find_resume_checkpoint(cfg: SDTrainConfig) -> Path | None:
+    if not cfg.resume_from_checkpoint:
+        return None
+    if cfg.resume_from_checkpoint == "latest":
+        found = checkpoint_dirs(Path(cfg.output_dir))
+        return found[-1] if found else None
+    path = Path(cfg.resume_from_checkpoint)
+    if not path.is_dir() and (Path(cfg.output_dir) / "checkpoints" / path).is_dir():
+        path = Path(cfg.output_dir) / "checkpoints" / path  # "checkpoint-200" relative to the run
+    if not path.is_dir():
+        raise ConfigError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint!r} does not exist; give a "
+                          "checkpoints/checkpoint-<N> folder or 'latest'")
+    if not (path / TRAINER_STATE).is_file():
+        raise ConfigError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint of this trainer "
+                          f"(no {TRAINER_STATE})")
+    return path
+
+
+# --- the trainer ----------------------------------------------------------------------------------------
+class SDTrainer:
+    def __init__(self, cfg: SDTrainConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            mixed_precision=cfg.mixed_precision,
+            log_with=None if cfg.report_to == "none" else cfg.report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+        )
+        self.is_main = self.accelerator.is_main_process
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log = RunLog(self.run_dir, cfg.max_train_steps, enabled=self.is_main)
+        self.log.set_status(state="running")
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision,
+                                                                             torch.float32)
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        from accelerate.utils import set_seed
+        from diffusers.optimization import get_scheduler
+
+        from reflora_diffusion.core import Refactorer
+
+        cfg, acc = self.cfg, self.accelerator
+        resume_dir = find_resume_checkpoint(cfg)  # fail early on a bad path
+        if cfg.with_prior_preservation:
+            from .sample import ensure_class_images
+
+            ensure_class_images(cfg, acc)
+        set_seed(cfg.seed)  # same on every process: identical LoRA init everywhere
+        self.dataset = build_dataset(cfg)
+        self.c: Components = load_components(cfg)
+        prepare_for_training(self.c, cfg, self.weight_dtype, acc.device)
+
+        # Trained models: the UNet, and the text encoders with --train_text_encoder.
+        self.trained = {"unet": self.c.unet}
+        if cfg.train_text_encoder:
+            self.trained.update({k: v for k, v in self.c.models.items() if k != "unet"})
+        te_lr = cfg.text_encoder_lr or cfg.learning_rate
+        groups = [{"params": trainable_parameters(m), "lr": cfg.learning_rate if k == "unet" else te_lr}
+                  for k, m in self.trained.items()]
+        if cfg.scale_lr:
+            factor = cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
+            for g in groups:
+                g["lr"] *= factor
+        optimizer = make_optimizer(cfg, groups)
+        # One Refactorer over all trained models: pair names are "unet.<module>", "text_encoder.<module>".
+        try:
+            self.ref = Refactorer(nn.ModuleDict(self.trained), method=cfg.method, **cfg.method_options())
+        except TypeError as e:  # an option the method does not take
+            raise ConfigError(f"--method {cfg.method}: {e}") from None
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.ref.attach(optimizer)  # before the scheduler: lora+ adds a parameter group
+
+        dataloader = build_dataloader(self.dataset, cfg)
+        steps_per_epoch = math.ceil(math.ceil(len(dataloader) / acc.num_processes) / cfg.gradient_accumulation_steps)
+        self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+        # accelerate steps a prepared scheduler once per process per optimizer step
+        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
+                                     num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
+                                     num_training_steps=self.max_steps * acc.num_processes,
+                                     num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+        names = list(self.trained)
+        prepared = acc.prepare(*self.trained.values(), optimizer, dataloader, lr_scheduler)
+        self.models = dict(zip(names, prepared[:len(names)]))
+        self.optimizer, self.dataloader, self.lr_scheduler = prepared[len(names):]
+        self.steps_per_epoch = math.ceil(len(self.dataloader) / cfg.gradient_accumulation_steps)
+        self.epochs = math.ceil(self.max_steps / self.steps_per_epoch)
+        acc.register_save_state_pre_hook(self._save_lora_hook)
+        acc.register_load_state_pre_hook(self._load_lora_hook)
+
+        self.noise_gen = torch.Generator(device=acc.device).manual_seed(cfg.seed)
+        self.global_step, self.skipped_steps = 0, 0
+        self.text_cache: dict[str, tuple] = {}
+        self.latent_cache = self._cache_latents() if cfg.cache_latents else None
+        if resume_dir is not None:
+            self._load_checkpoint(resume_dir)
+        else:
+            if cfg.resume_from_checkpoint == "latest":
+                acc.print(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting a new run")
+            self.log.truncate_after(0)  # a fresh run in a reused folder starts a fresh event log
+        if self.is_main:
+            cfg.save(self.run_dir / "config.json")
+        if cfg.report_to != "none":
+            acc.init_trackers("reflora-sd", config={k: str(v) if isinstance(v, list) else v
+                                                   for k, v in cfg.to_dict().items() if v is not None})
+
+    # ------------------------------------------------------------------ conditioning
+    def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompt embeddings; cached per prompt when the text encoders are frozen and --cache_latents is on."""
+        encoders = [self.models.get(k, m) for k, m in self.c.models.items() if k != "unet"]
+        if self.cfg.train_text_encoder:
+            return encode_prompts(encoders, self.c.sdxl, tokenize(self.c.tokenizers, prompts), self.accelerator.device)
+        if not self.cfg.cache_latents:
+            with torch.no_grad():
+                return encode_prompts(encoders, self.c.sdxl, tokenize(self.c.tokenizers, prompts), self.accelerator.device)
+        new = sorted(set(prompts) - set(self.text_cache))
+        if new:
+            with torch.no_grad():
+                hidden, pooled = encode_prompts(encoders, self.c.sdxl, tokenize(self.c.tokenizers, new),
+                                                self.accelerator.device)
+            for i, p in enumerate(new):
+                self.text_cache[p] = (hidden[i], None if pooled is None else pooled[i])
+        hidden = torch.stack([self.text_cache[p][0] for p in prompts])
+        pooled = None if not self.c.sdxl else torch.stack([self.text_cache[p][1] for p in prompts])
+        return hidden, pooled
+
+    @torch.no_grad()
+    def _latent_dist(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.c.vae
+        dist = vae.encode(pixel_values.to(self.accelerator.device, vae.dtype)).latent_dist
+        return dist.mean, dist.std
+
+    def _cache_latents(self) -> dict[int, tuple]:
+        """VAE posterior (mean, std) per dataset index, at epoch 0's crop/flip; samples are still drawn per step."""
+        from tqdm.auto import tqdm
+
+        from .data import collate
+
+        cache = {}
+        for i in tqdm(range(len(self.dataset)), desc="caching latents", disable=not self.is_main):
+            cache[i] = self._latent_dist(collate([self.dataset[(0, i)]])["pixel_values"])
+        return cache
+
+    def _latents(self, batch: dict) -> torch.Tensor:
+        """Scaled VAE latents of the batch; the posterior sample uses the shared generator (see module doc)."""
+        if self.latent_cache is not None:
+            idx = batch["index"].tolist()
+            halves = len(batch["prompts"]) // len(idx)  # 2 with prior preservation (instance half, class half)
+            mean = torch.cat([self.latent_cache[i][0][h:h + 1] for h in range(halves) for i in idx])
+            std = torch.cat([self.latent_cache[i][1][h:h + 1] for h in range(halves) for i in idx])
+        else:
+            mean, std = self._latent_dist(batch["pixel_values"])
+        eps = self._per_sample(lambda n: shared_randn(self.noise_gen, n, mean.shape[1:], self.accelerator),
+                               len(batch["index"]), mean.shape[0])
+        latents = (mean + std * eps.to(mean.dtype)).float()
+        latents = latents * self.c.vae.config.scaling_factor
+        return latents.to(self.weight_dtype)
+
+    def _per_sample(self, draw, n_instances: int, n_total: int) -> torch.Tensor:
+        # Instance and class halves draw separately, so row k of the global batch is the same sample
+        # whatever the process count.
+        parts = [draw(n_instances) for _ in range(n_total // n_instances)]
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ one micro-batch
+    def loss(self, batch: dict) -> torch.Tensor:
+        cfg, acc, sched = self.cfg, self.accelerator, self.c.noise_scheduler
+        n_inst = len(batch["index"])
+        latents = self._latents(batch)
+        n = latents.shape[0]
+        noise = self._per_sample(lambda k: shared_randn(self.noise_gen, k, latents.shape[1:], acc), n_inst, n)
+        if cfg.noise_offset:
+            offset = self._per_sample(lambda k: shared_randn(self.noise_gen, k, (latents.shape[1], 1, 1), acc), n_inst, n)
+            noise = noise + cfg.noise_offset * offset
+        noise = noise.to(latents.dtype)
+        timesteps = self._per_sample(lambda k: shared_randint(self.noise_gen, sched.config.num_train_timesteps, k, acc),
+                                     n_inst, n)
+        noisy = sched.add_noise(latents, noise, timesteps)
+        hidden, pooled = self._encode_text(batch["prompts"])
+        added = None
+        if self.c.sdxl:
+            time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], cfg.resolution)
+            added = {"text_embeds": pooled.to(self.weight_dtype), "time_ids": time_ids.to(acc.device, self.weight_dtype)}
+        pred = self.models["unet"](noisy, timesteps, hidden.to(self.weight_dtype), added_cond_kwargs=added,
+                                   return_dict=False)[0].float()
+        target = (noise if sched.config.prediction_type == "epsilon"
+                  else sched.get_velocity(latents, noise, timesteps)).float()
+
+        prior_loss = 0.0
+        if cfg.with_prior_preservation:  # instance half first, class half second (data.collate)
+            pred, pred_prior = pred.chunk(2)
+            target, target_prior = target.chunk(2)
+            timesteps = timesteps[:n_inst]
+            prior_loss = cfg.prior_loss_weight * F.mse_loss(pred_prior, target_prior)
+        if cfg.snr_gamma is None:
+            loss = F.mse_loss(pred, target)
+        else:
+            per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+            loss = (per_sample * min_snr_weights(sched, timesteps, cfg.snr_gamma)).mean()
+        return loss + prior_loss
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> Path:
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        params = [p for m in self.trained.values() for p in trainable_parameters(m)]
+        self.log.set_status(state="running", step=self.global_step, max_steps=self.max_steps)
+        bar = tqdm(total=self.max_steps, initial=self.global_step, desc=f"{cfg.method} r={cfg.rank}",
+                   disable=not self.is_main)
+        first_epoch = self.global_step // self.steps_per_epoch
+        skip_batches = (self.global_step % self.steps_per_epoch) * cfg.gradient_accumulation_steps
+        window_loss, window_n, bad_streak = torch.zeros((), device=acc.device), 0, 0
+        t_log, steps_since_log = time.perf_counter(), 0
+        for m in self.models.values():
+            m.train()
+
+        for epoch in range(first_epoch, self.epochs):
+            self.dataloader.set_epoch(epoch)
+            loader = self.dataloader
+            if epoch == first_epoch and skip_batches:
+                loader = acc.skip_first_batches(self.dataloader, skip_batches)
+                loader.set_epoch(epoch)
+            for batch in loader:
+                with acc.accumulate(*self.models.values()):
+                    loss = self.loss(batch)
+                    acc.backward(loss)  # also when NaN: every process runs the same collective ops
+                    window_loss += loss.detach()
+                    window_n += 1
+                    if not acc.sync_gradients:
+                        continue
+                    # One collective per optimizer step: every process's mean loss of this window.
+                    losses = acc.gather(window_loss.reshape(1) / window_n)
+                    ok = bool(torch.isfinite(losses).all())
+                    if ok and cfg.max_grad_norm > 0:
+                        ok = bool(torch.isfinite(acc.clip_grad_norm_(params, cfg.max_grad_norm)))
+                    if ok:
+                        self.optimizer.step()  # the core's method runs inside (step hooks)
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                window_loss.zero_()
+                window_n = 0
+                self.global_step += 1
+                steps_since_log += 1
+                bar.update(1)
+                if ok:
+                    bad_streak = 0
+                else:
+                    self.skipped_steps += 1
+                    bad_streak += 1
+                    if bad_streak >= cfg.max_bad_steps:
+                        raise TrainingError(
+                            f"loss or gradients were NaN/inf for {bad_streak} steps in a row (up to step "
+                            f"{self.global_step}); lower --learning_rate, use bf16 instead of fp16, or check the data")
+                if self.global_step % cfg.logging_steps == 0 or self.global_step == self.max_steps:
+                    now = time.perf_counter()
+                    self._log_step(float(losses.mean()), (now - t_log) / steps_since_log, epoch, ok)
+                    bar.set_postfix(loss=f"{float(losses.mean()):.4f}")
+                    t_log, steps_since_log = now, 0
+                if self.global_step % cfg.checkpointing_steps == 0 and self.global_step < self.max_steps:
+                    self.save_checkpoint()
+                if cfg.validation_prompt and self.global_step % cfg.validation_steps == 0 \
+                        and self.global_step < self.max_steps:
+                    self.validate()
+                if self.global_step >= self.max_steps:
+                    break
+            if self.global_step >= self.max_steps:
+                break
+        bar.close()
+        self.finish()
+        return self.run_dir
+
+    def _log_step(self, loss: float, sec_per_step: float, epoch: int, ok: bool) -> None:
+        stats = self.ref.stats()
+        lr = self.lr_scheduler.get_last_lr()[0]
+        event = {"step": self.global_step, "loss": loss, "lr": lr, "sec_per_step": sec_per_step,
+                 "time": time.time(), "epoch": epoch, "refactor": stats}
+        if not ok or self.skipped_steps:
+            event.update(skipped=not ok, skipped_steps=self.skipped_steps)
+        self.log.event(**event)
+        self.log.set_status(step=self.global_step)
+        if self.cfg.report_to != "none":
+            self.accelerator.log({"loss": loss, "lr": lr, "balance_mean": stats["balance_mean"]}, step=self.global_step)
+
+    # ------------------------------------------------------------------ sampling
+    def validate(self) -> None:
+        """Validation images with fixed seeds; the training RNG streams are left untouched."""
+        if not self.is_main:
+            return
+        from .sample import build_pipeline, save_validation_samples
+
+        acc = self.accelerator
+        models = {k: acc.unwrap_model(m) for k, m in self.c.models.items()}
+        for m in models.values():
+            m.eval()
+        with torch.random.fork_rng(devices=[] if acc.device.type == "cpu" else [acc.device]):
+            pipe = build_pipeline(self.c.path, self.c.sdxl, {**models, "vae": self.c.vae}, dtype=self.weight_dtype,
+                                  revision=self.cfg.revision)
+            with acc.autocast():
+                paths = save_validation_samples(pipe, self.cfg, self.global_step, self.run_dir, acc.device)
+        del pipe
+        for k in self.trained:
+            models[k].train()
+        self.log.event(step=self.global_step, samples=paths)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_lora_hook(self, models, weights, output_dir) -> None:
+        # Save only the LoRA parameters (not the frozen base model) and stop accelerate saving full weights.
+        from safetensors.torch import save_file
+
+        names = {id(m): k for k, m in self.trained.items()}
+        for model in models:
+            key = names[id(self.accelerator.unwrap_model(model))]
+            if self.is_main:
+                save_file(lora_state(self.accelerator.unwrap_model(model)), str(Path(output_dir) / LORA_STATE.format(key)))
+        weights.clear()
+
+    def _load_lora_hook(self, models, input_dir) -> None:
+        from safetensors.torch import load_file
+
+        names = {id(m): k for k, m in self.trained.items()}
+        while models:
+            model = self.accelerator.unwrap_model(models.pop())
+            key = names[id(model)]
+            path = Path(input_dir) / LORA_STATE.format(key)
+            if not path.is_file():
+                raise ConfigError(f"checkpoint {str(input_dir)!r} has no {path.name}; it was made with a different "
+                                  "--train_text_encoder setting")
+            state = load_file(str(path), device=str(self.accelerator.device))
+            expected = set(lora_state(model))
+            if set(state) != expected:
+                raise ConfigError(f"checkpoint {str(input_dir)!r} holds LoRA weights of another shape or target set "
+                                  "than this config; resume with the same --rank / --target_modules")
+            model.load_state_dict(state, strict=False)
+
+    def save_checkpoint(self) -> Path:
+        from safetensors.torch import save_file
+
+        acc = self.accelerator
+        root = self.run_dir / "checkpoints"
+        final = root / f"checkpoint-{self.global_step}"
+        tmp = root / f".checkpoint-{self.global_step}.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if self.is_main:
+            self.ref.save(tmp)
+            meta = {"global_step": self.global_step, "skipped_steps": self.skipped_steps}
+            save_file({"noise_rng": self.noise_gen.get_state().cpu()}, str(tmp / TRAINER_STATE),
+                      metadata={k: str(v) for k, v in meta.items()})
+            self.export(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            if self.cfg.checkpoints_total_limit:
+                for old in checkpoint_dirs(self.run_dir)[:-self.cfg.checkpoints_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        acc = self.accelerator
+        acc.print(f"resuming from {path}")
+        acc.load_state(str(path))
+        self.ref.load(path)
+        with safe_open(str(path / TRAINER_STATE), framework="pt") as f:
+            meta = f.metadata()
+            self.noise_gen.set_state(f.get_tensor("noise_rng"))
+        self.global_step = int(meta["global_step"])
+        self.skipped_steps = int(meta["skipped_steps"])
+        self.log.truncate_after(self.global_step)  # drop what the interrupted run logged after this point
+
+    # ------------------------------------------------------------------ the end
+    def export(self, folder: Path) -> Path:
+        """pytorch_lora_weights.safetensors (diffusers format) of the current weights into `folder`."""
+        from reflora_diffusion.export import export_diffusers
+
+        unwrap = self.accelerator.unwrap_model
+        encoders = {k: unwrap(m) for k, m in self.models.items() if k != "unet"}
+        info = {"method": self.cfg.method, "base_model": self.cfg.pretrained_model_name_or_path,
+                "steps": self.global_step, "rank": self.cfg.rank, "alpha": self.cfg.alpha}
+        # overwrite: the run folder and its checkpoints are this trainer's own output
+        return export_diffusers(folder, unwrap(self.models["unet"]), encoders.get("text_encoder"),
+                                encoders.get("text_encoder_2"), refactorer=self.ref, sdxl=self.c.sdxl, info=info,
+                                overwrite=True)
+
+    def finish(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if self.cfg.validation_prompt:
+            self.validate()
+        if self.is_main:
+            self.export(self.run_dir)
+            from reflora_diffusion.export import write_model_card
+
+            write_model_card(self.run_dir)
+        self.log.set_status(state="done", step=self.global_step)
+        acc.end_training()
+
+
+def train(cfg: SDTrainConfig) -> Path:
+    """Run a training job to completion; status.json says running/done/failed/cancelled throughout."""
+    trainer = SDTrainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.train()
+    except KeyboardInterrupt:
+        trainer.log.set_status(state="cancelled", error="interrupted")
+        raise
+    except BaseException as e:
+        trainer.log.set_status(state="failed", error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        raise
