@@ -20,7 +20,9 @@ def build_pipeline(path: str, sdxl: bool, models: dict | None = None, dtype=torc
 
     cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = cls.from_pretrained(path, revision=revision, torch_dtype=dtype, **(models or {}), **extra)
+    pipe = cls.from_pretrained(path, revision=revision, **(models or {}), **extra)
+    if not models:  # given models keep their own dtypes (LoRA weights stay fp32)
+        pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

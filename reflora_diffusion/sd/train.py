@@ -117,6 +117,15 @@ def find_resume_checkpoint(cfg: SDTrainConfig) -> Path | None:
     return path
 
 
+def _distributed_cpu_run() -> bool:
+    """True for a multi-process launch (torchrun, `accelerate launch --num_processes N`) on a machine with
+    no GPU: accelerate then needs cpu=True to set up gloo DDP instead of silently running N copies."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    xpu = getattr(torch, "xpu", None)
+    return not torch.cuda.is_available() and not (xpu is not None and xpu.is_available())
+
+
 # --- the trainer ----------------------------------------------------------------------------------------
 class SDTrainer:
     def __init__(self, cfg: SDTrainConfig):
@@ -126,6 +135,7 @@ class SDTrainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.accelerator = Accelerator(
+            cpu=_distributed_cpu_run(),
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             mixed_precision=cfg.mixed_precision,
             log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -401,8 +411,7 @@ class SDTrainer:
         for m in models.values():
             m.eval()
         with torch.random.fork_rng(devices=[] if acc.device.type == "cpu" else [acc.device]):
-            pipe = build_pipeline(self.c.path, self.c.sdxl, {**models, "vae": self.c.vae}, dtype=self.weight_dtype,
-                                  revision=self.cfg.revision)
+            pipe = build_pipeline(self.c.path, self.c.sdxl, {**models, "vae": self.c.vae}, revision=self.cfg.revision)
             with acc.autocast():
                 paths = save_validation_samples(pipe, self.cfg, self.global_step, self.run_dir, acc.device)
         del pipe
