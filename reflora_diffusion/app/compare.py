@@ -129,7 +129,7 @@ def load_pipeline(base: str):
 
     cuda = torch.cuda.is_available()
     pipe = DiffusionPipeline.from_pretrained(resolve_pretrained(base),
-                                             torch_dtype=torch.float16 if cuda else torch.float32)
+                                             dtype=torch.float16 if cuda else torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cuda" if cuda else "cpu")
 

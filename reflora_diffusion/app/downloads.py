@@ -51,15 +51,15 @@ def export_for_download(runs_dir, name: str, source: str = FINAL, format: str = 
     if source not in export_sources(runs_dir, name):
         raise ExportError(f"run {name!r} has no {source} to export yet; wait for the run or pick a checkpoint")
     out = safe_path(runs_dir, name, "exports", f"{format}-{source}")
-    export_run(str(src), format=format, output=str(out), overwrite=True)  # our own derived folder
-    files = sorted(out.glob("*.safetensors"))
-    if not files:
-        raise ExportError(f"the export of {name}/{source} wrote no .safetensors file; see the log")
+    try:  # overwrite: this is the app's own derived folder, re-exported on every request
+        file = Path(export_run(str(src), format=format, output=str(out), overwrite=True, name=run_dir.name))
+    except ValueError as e:  # the exporter's ExportError: one line naming the problem
+        raise ExportError(str(e)) from None
     card = next((p for p in (out / "README.md", run_dir / "README.md") if p.is_file()), None)
-    info = adapter_info(files[0])
-    if info["method"] is None:  # older files without the method in their metadata
+    info = adapter_info(file)
+    if info["method"] is None:  # a file without the method in its metadata
         info["method"] = (read_json(run_dir / "config.json", {}) or {}).get("method")
-    return {"file": files[0], "card": card, "info": info}
+    return {"file": file, "card": card, "info": info}
 
 
 def adapter_info(path) -> dict:
@@ -86,7 +86,12 @@ def adapter_info(path) -> dict:
             pass
     if not alphas and metadata.get("ss_network_alpha"):
         alphas.add(float(metadata["ss_network_alpha"]))
-    method = next((v for k, v in metadata.items() if "method" in k.lower() and v), None)
+    method = metadata.get("reflora_method")
+    if not method and metadata.get("reflora_info"):  # diffusers files: the trainer's facts as JSON
+        try:
+            method = json.loads(metadata["reflora_info"]).get("method")
+        except ValueError:
+            pass
     fmt = "kohya" if any(k.startswith(("lora_unet_", "lora_te")) for k in keys) else "diffusers"
     return {"file": Path(path).name, "format": fmt, "keys": len(keys), "rank": _one(ranks),
             "alpha": _one(alphas), "method": method, "metadata": metadata}

@@ -1,0 +1,126 @@
+"""Comparisons: smoothing and steps-to-loss against the math, samples at equal steps, and a real
+generated grid (tiny pipeline, adapters loaded with load_lora_weights)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reflora_diffusion.app import compare
+from test_app_runs import make_run
+
+
+def test_smooth_is_debiased_ema():
+    assert compare.smooth([2.0, 2.0, 2.0], beta=0.9) == pytest.approx([2.0, 2.0, 2.0])
+    # beta 0.5: avg1 = 0.5, /0.5 = 1; avg2 = 0.25, /0.75 = 1/3
+    assert compare.smooth([1.0, 0.0], beta=0.5) == pytest.approx([1.0, 1 / 3])
+    assert compare.smooth([3.0, 1.0], beta=0.0) == [3.0, 1.0]
+
+
+def test_steps_to_loss():
+    assert compare.steps_to_loss([10, 20, 30], [0.5, 0.3, 0.1], 0.3) == 20
+    assert compare.steps_to_loss([10, 20, 30], [0.5, 0.3, 0.1], 0.05) is None
+
+
+def linear_events(slope, steps=100):
+    return [{"step": s, "loss": 1.0 - slope * s} for s in range(1, steps + 1)]
+
+
+def test_loss_table_measures_against_lora(tmp_path):
+    # LoRA reaches 0.0 at step 100; a method twice as fast reaches it at step 50: 50 % of LoRA's steps
+    make_run(tmp_path, "fast", state="done", method="reflora", events=linear_events(0.02))
+    make_run(tmp_path, "base", state="done", method="lora", events=linear_events(0.01))
+    make_run(tmp_path, "slow", state="done", method="reflora-s", events=linear_events(0.005))
+    headers, rows = compare.loss_table(tmp_path, ["fast", "base", "slow"], beta=0.0)
+    assert headers[4] == "steps to reference loss"
+    by_name = {r[0]: r for r in rows}
+    assert by_name["base"][2:] == [100, pytest.approx(0.0), 100, "100%"]
+    assert by_name["fast"][4:] == [50, "50%"]
+    assert by_name["slow"][4:] == ["not reached", ""]
+    fig = compare.loss_figure(tmp_path, ["fast", "base", "slow"])
+    assert [line.get_label() for line in fig.axes[0].lines if not line.get_label().startswith("_")] == \
+        ["reflora: fast", "lora: base", "reflora-s: slow"]
+
+
+def test_samples_at_equal_steps(tmp_path):
+    for name, steps in (("a", (5, 10, 15)), ("b", (10, 15, 20))):
+        d = make_run(tmp_path, name, state="done", events=[{"step": s, "samples": [f"samples/step_{s}/0.png"]}
+                                                           for s in steps])
+        for s in steps:
+            (d / f"samples/step_{s}").mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(d / f"samples/step_{s}/0.png")
+    assert compare.common_sample_steps(tmp_path, ["a", "b"]) == [10, 15]
+    step, items = compare.samples_at_step(tmp_path, ["a", "b"])
+    assert step == 15 and [p for p, _ in items] == [tmp_path / "a/samples/step_15/0.png",
+                                                    tmp_path / "b/samples/step_15/0.png"]
+    step, items = compare.samples_at_step(tmp_path, ["a", "b"], 10)
+    assert step == 10 and "step 10" in items[0][1]
+
+
+def lora_run(runs_dir, name, method, random_b: bool):
+    """A run folder holding a real diffusers-format adapter for the tiny preset."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from reflora_diffusion.sd.presets import resolve_pretrained
+
+    d = make_run(runs_dir, name, state="done", method=method)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "resolution": 64}))
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_pretrained("tiny"))
+    torch.manual_seed(len(name))
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=not random_b))
+    if random_b:  # a visibly trained adapter
+        for n, p in pipe.unet.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.5)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionPipeline.save_lora_weights(d, unet_lora_layers=layers)
+    return d
+
+
+@pytest.fixture(scope="module")
+def adapter_runs(tmp_path_factory):
+    # one thread: on a shared 2-core machine torch's thread pool is many times slower for tiny layers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("runs")
+    lora_run(root, "trained", "reflora", random_b=True)
+    lora_run(root, "zero", "lora", random_b=False)
+    yield root
+    torch.set_num_threads(threads)
+
+
+def test_generate_grid_loads_each_adapter_into_one_pipeline(adapter_runs):
+    kw = dict(prompts=["a photo of sks dog", "", "a dog"], seeds=[0, 1], num_inference_steps=3)
+    grid, items = compare.generate_grid(adapter_runs, ["trained", "zero"], **kw)
+    assert grid.is_file() and grid.parent.parent == adapter_runs / "_compare"
+    pixels = {cap: np.asarray(Image.open(p)) for p, cap in items}
+    rows = {}
+    for cap, arr in pixels.items():
+        rows.setdefault(cap.split(" · ")[0], []).append(arr)
+    assert list(rows) == ["base model", "reflora (trained)", "lora (zero)"] and all(len(v) == 4 for v in rows.values())
+    # a zero adapter (B = 0) changes nothing: the pipeline was clean after the trained adapter's unload
+    assert all(np.array_equal(a, b) for a, b in zip(rows["base model"], rows["lora (zero)"]))
+    assert not any(np.array_equal(a, b) for a, b in zip(rows["base model"], rows["reflora (trained)"]))
+    assert not np.array_equal(rows["base model"][0], rows["base model"][1])  # seeds differ
+    assert Image.open(grid).size == (200 + 4 * 196, 40 + 3 * 196)
+    # same prompts and seeds again: the same images
+    _, again = compare.generate_grid(adapter_runs, ["trained"], include_base=False, **kw)
+    assert all(np.array_equal(np.asarray(Image.open(p)), b) for (p, _), b in zip(again, rows["reflora (trained)"]))
+
+
+def test_generate_grid_errors(adapter_runs, tmp_path):
+    with pytest.raises(compare.CompareError, match="no prompt given"):
+        compare.generate_grid(adapter_runs, ["trained"], ["  "], [0])
+    make_run(adapter_runs, "unfinished", state="running")
+    with pytest.raises(compare.CompareError, match="'unfinished' has no pytorch_lora_weights.safetensors yet"):
+        compare.generate_grid(adapter_runs, ["trained", "unfinished"], ["x"], [0])
+    other = make_run(adapter_runs, "other-base", state="done")
+    (other / "config.json").write_text(json.dumps({"method": "lora", "pretrained_model_name_or_path": "tiny-sdxl"}))
+    with pytest.raises(compare.CompareError, match="different base models"):
+        compare.base_model(adapter_runs, ["trained", "other-base"])
