@@ -13,7 +13,7 @@ Reproducibility is by construction, so that a resumed run and a 2-process run re
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import re
@@ -130,7 +130,7 @@ def _distributed_cpu_run() -> bool:
 class SDTrainer:
     def __init__(self, cfg: SDTrainConfig):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
@@ -139,6 +139,8 @@ class SDTrainer:
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             mixed_precision=cfg.mixed_precision,
             log_with=None if cfg.report_to == "none" else cfg.report_to,
+            # SDXL conditions on text encoder 1's penultimate layer: its last layer's LoRA gets no gradient
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train_text_encoder)],
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
         )
         self.is_main = self.accelerator.is_main_process
@@ -149,8 +151,25 @@ class SDTrainer:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision,
                                                                              torch.float32)
 
+    @contextlib.contextmanager
+    def _reporting_failure(self):
+        """status.json: "cancelled" on Ctrl-C / SIGINT, "failed" with the one-line error otherwise."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.log.set_status(state="cancelled", error="interrupted")
+            raise
+        except BaseException as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.log.set_status(state="failed", error=f"{type(e).__name__}: {msg}")
+            raise
+
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
+        with self._reporting_failure():
+            self._setup()
+
+    def _setup(self) -> None:
         from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
 
@@ -318,6 +337,10 @@ class SDTrainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Path:
+        with self._reporting_failure():
+            return self._loop()
+
+    def _loop(self) -> Path:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
@@ -520,12 +543,5 @@ class SDTrainer:
 def train(cfg: SDTrainConfig) -> Path:
     """Run a training job to completion; status.json says running/done/failed/cancelled throughout."""
     trainer = SDTrainer(cfg)
-    try:
-        trainer.setup()
-        return trainer.train()
-    except KeyboardInterrupt:
-        trainer.log.set_status(state="cancelled", error="interrupted")
-        raise
-    except BaseException as e:
-        trainer.log.set_status(state="failed", error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
-        raise
+    trainer.setup()
+    return trainer.train()
