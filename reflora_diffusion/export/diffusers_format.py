@@ -20,6 +20,9 @@ from .files import save_safetensors
 
 def lora_config(layers: dict[str, Factor]) -> dict:
     """LoraConfig kwargs reproducing every layer's rank and alpha (the most common ones + patterns)."""
+    # Without a leading "text_model." the names suffix-match the layers in both the flattened
+    # (transformers 5) and the nested CLIPTextModel; diffusers strips the prefix from the tensor keys.
+    layers = {n.removeprefix("text_model."): f for n, f in layers.items()}
     r = Counter(f.rank for f in layers.values()).most_common(1)[0][0]
     alpha = Counter(f.alpha for f in layers.values()).most_common(1)[0][0]
     return {

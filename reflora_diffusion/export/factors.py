@@ -70,15 +70,28 @@ def _refactored(refactorer) -> dict[int, tuple[torch.Tensor, torch.Tensor, float
     return out
 
 
-def _lora_layers(model: nn.Module, adapter: str | None):
+def _bare(model: nn.Module) -> nn.Module:
     from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
 
     from reflora_diffusion.core import unwrap_model
 
     model = unwrap_model(model)
     if isinstance(model, PeftModel):  # names as in the bare model, as diffusers expects
         model = model.base_model.model
+    return model
+
+
+def _canonical_prefix(component: str, model: nn.Module) -> str:
+    """"text_model." for a CLIP text encoder without that level: transformers 5 flattened CLIPTextModel,
+    but kohya/A1111/ComfyUI files and older transformers name its layers text_model.encoder.layers.N..."""
+    if component != "unet" and not hasattr(model, "text_model") and hasattr(model, "encoder"):
+        return "text_model."
+    return ""
+
+
+def _lora_layers(model: nn.Module, adapter: str | None):
+    from peft.tuners.lora import LoraLayer
+
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             active = module.active_adapters
@@ -93,12 +106,17 @@ def _lora_layers(model: nn.Module, adapter: str | None):
 def collect_factors(unet: nn.Module | None = None, text_encoder: nn.Module | None = None,
                     text_encoder_2: nn.Module | None = None, refactorer=None,
                     adapter: str | None = None) -> dict[str, dict[str, Factor]]:
-    """Factors of every LoRA layer of the given models; a Refactorer (or a list) supplies chain factors."""
+    """Factors of every LoRA layer of the given models; a Refactorer (or a list) supplies chain factors.
+
+    Text-encoder layers get their portable names (text_model.encoder.layers.N...) whatever the installed
+    transformers calls them."""
     refactored = _refactored(refactorer)
     layers: dict[str, dict[str, Factor]] = {}
     for component, model in zip(COMPONENTS, (unet, text_encoder, text_encoder_2)):
         if model is None:
             continue
+        model = _bare(model)
+        prefix = _canonical_prefix(component, model)
         found = {}
         for name, module, ad in _lora_layers(model, adapter):
             if module.use_dora.get(ad, False) or getattr(module, "lora_bias", {}).get(ad, False):
@@ -109,7 +127,7 @@ def collect_factors(unet: nn.Module | None = None, text_encoder: nn.Module | Non
             else:
                 A, B, scaling = module.lora_A[ad].weight, module.lora_B[ad].weight, module.scaling[ad]
             A = A.detach().float().cpu().contiguous()
-            found[name] = Factor(A, B.detach().float().cpu().contiguous(), float(scaling) * A.shape[0])
+            found[prefix + name] = Factor(A, B.detach().float().cpu().contiguous(), float(scaling) * A.shape[0])
         if found:
             layers[component] = found
     if not layers:
