@@ -376,10 +376,13 @@ def run(glue_args: GlueArguments, train_args) -> dict:
         train_out = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
         train_seconds = time.time() - started
         trainer.save_model(out)    # peft adapter (safetensors) + the trained head
-        done = results.evals and results.evals[-1]["step"] == trainer.state.global_step
-        final = results.evals[-1] if done else trainer.evaluate()  # no second pass over the same weights
+        # No second pass over the same weights when the last step was just evaluated (log_history is the
+        # same on every process, so all ranks take the same branch).
+        step = trainer.state.global_step
+        last = [h for h in trainer.state.log_history if h.get("step") == step and any(k.startswith("eval_") for k in h)]
+        final = {k: v for h in last for k, v in h.items()} if last else trainer.evaluate()
         if is_main:
-            results.write(final=results.evals[-1], train_loss=train_out.training_loss, train_seconds=train_seconds,
+            results.write(final=results.evals[-1] if results.evals else final, train_loss=train_out.training_loss, train_seconds=train_seconds,
                           train_steps=trainer.state.global_step, refactor=trainer.refactorer.stats())
             write_status(out, "done", trainer.state.global_step, trainer.state.max_steps)
         return final

