@@ -75,6 +75,11 @@ def load_run(source: str | Path) -> tuple[LoraFactors, Path, Path | None]:
     for key, value in _run_info(weights, run_dir).items():
         if key == "steps" or key not in factors.info:  # the checkpoint's own step count wins
             factors.info[key] = value
+    base = factors.info.get("base_model")
+    if "sdxl" not in factors.info and "text_encoder_2" not in factors.layers and base:
+        from reflora_diffusion.sd.presets import is_sdxl
+
+        factors.sdxl = is_sdxl(base)  # a UNet-only file from elsewhere: the base model tells
     if factors.sdxl and "unet_blocks" not in factors.info:
         blocks = _unet_blocks(factors.info.get("base_model"))
         if blocks:
