@@ -32,7 +32,7 @@ def _locate(source: Path) -> tuple[Path, Path | None]:
 
 
 def _run_info(weights: Path, run_dir: Path | None) -> dict:
-    """method, base_model, steps, rank, alpha, prompt: from the run's config/status, the checkpoint name."""
+    """method, base_model, steps, prompt: from the run's config/status and the checkpoint's name."""
     info = {}
     if run_dir is not None:
         config = json.loads((run_dir / "config.json").read_text())
@@ -73,8 +73,7 @@ def load_run(source: str | Path) -> tuple[LoraFactors, Path, Path | None]:
     weights, run_dir = _locate(Path(source))
     factors = read_diffusers(weights)
     for key, value in _run_info(weights, run_dir).items():
-        if key == "steps" or key not in factors.info:  # the checkpoint's own step count wins
-            factors.info[key] = value
+        factors.info.setdefault(key, value)  # what the trainer wrote into the file is exact; fill gaps only
     base = factors.info.get("base_model")
     if "sdxl" not in factors.info and "text_encoder_2" not in factors.layers and base:
         from reflora_diffusion.sd.presets import is_sdxl
