@@ -40,7 +40,7 @@ def build_demo(runs_dir: str) -> gr.Blocks:
                                             "stabilityai/stable-diffusion-xl-base-1.0"], value="tiny",
                                            allow_custom_value=True, label="Base model (hub id, local folder, or tiny)")
                         images = gr.File(file_count="multiple", file_types=["image"], label="Training images")
-                        data_dir = gr.Textbox(label="…or a folder of images on this machine")
+                        data_dir = gr.Textbox("", label="…or a folder of images on this machine")
                         instance_prompt = gr.Textbox("a photo of sks dog", label="Instance prompt")
                         validation_prompt = gr.Textbox("a photo of sks dog", lines=2,
                                                        label="Sample prompts (one per line)")
@@ -64,7 +64,7 @@ def build_demo(runs_dir: str) -> gr.Blocks:
                                 warmup = gr.Number(20, precision=0, label="RefLoRA warm-up steps")
                                 val_steps = gr.Number(25, precision=0, label="Sample every N steps")
                                 ckpt_steps = gr.Number(50, precision=0, label="Checkpoint every N steps")
-                            run_name = gr.Textbox(label="Run name (optional)")
+                            run_name = gr.Textbox("", label="Run name (optional)")
                             side_by_side = gr.Checkbox(False, label="A/B side by side (default: one after the other)")
                 with gr.Row():
                     start_btn = gr.Button("Start", variant="primary")
@@ -76,19 +76,21 @@ def build_demo(runs_dir: str) -> gr.Blocks:
                 runs_table = gr.Dataframe(headers=RUN_COLUMNS, value=views.table(), interactive=False,
                                           label="Runs (refreshed live)")
                 with gr.Row():
-                    run_pick = gr.Dropdown(views.run_names(), label="Run", scale=3)
+                    run_pick = gr.Dropdown(views.run_names(), label="Run", scale=3, allow_custom_value=True)
                     cancel_btn = gr.Button("Cancel run", variant="stop", scale=1)
                 cancel_msg = gr.Markdown()
                 progress = gr.HTML()
                 with gr.Row():
                     loss_plot = gr.Plot(label="Loss")
                     stats = gr.JSON(label="RefLoRA balance statistics (latest step)")
-                samples = gr.Gallery(label="Latest validation samples", columns=4, height=220)
+                samples = gr.Gallery(label="Latest validation samples", columns=6, height=220, fit_columns=False,
+                                     object_fit="contain")
                 log = gr.Textbox(label="train.log (tail)", lines=12, max_lines=12, autoscroll=True)
 
             # ---------------------------------------------------------------- Compare
             with gr.Tab("Compare", id="compare"):
-                cmp_runs = gr.Dropdown(views.run_names(), multiselect=True, label="Runs to compare")
+                cmp_runs = gr.Dropdown(views.run_names(), multiselect=True, label="Runs to compare",
+                                       allow_custom_value=True)
                 with gr.Row():
                     cmp_prompts = gr.Textbox("a photo of sks dog\na sks dog on the beach", lines=2,
                                              label="Prompts (one per line)")
@@ -103,14 +105,15 @@ def build_demo(runs_dir: str) -> gr.Blocks:
                     cmp_table = gr.Dataframe(label="Steps to reach the reference (LoRA) final loss",
                                              interactive=False)
                 with gr.Row():
-                    sample_step = gr.Dropdown([], label="Saved samples at step")
-                saved = gr.Gallery(label="Saved validation samples at equal steps", columns=4, height=240)
+                    sample_step = gr.Dropdown([], label="Saved samples at step", allow_custom_value=True)
+                saved = gr.Gallery(label="Saved validation samples at equal steps", columns=6, height=240,
+                                   fit_columns=False, object_fit="contain")
 
             # ---------------------------------------------------------------- Export
             with gr.Tab("Export", id="export"):
                 with gr.Row():
-                    exp_run = gr.Dropdown(views.run_names(), label="Run")
-                    exp_source = gr.Dropdown([], label="Final adapter or checkpoint")
+                    exp_run = gr.Dropdown(views.run_names(), label="Run", allow_custom_value=True)
+                    exp_source = gr.Dropdown([], label="Final adapter or checkpoint", allow_custom_value=True)
                     exp_format = gr.Radio(["diffusers", "kohya"], value="diffusers",
                                           label="Format (kohya = A1111 / ComfyUI)")
                 exp_btn = gr.Button("Export", variant="primary")
@@ -119,6 +122,7 @@ def build_demo(runs_dir: str) -> gr.Blocks:
                     exp_file = gr.File(label="Adapter (.safetensors)")
                     exp_card = gr.File(label="Model card (README.md)")
 
+        # run dropdowns allow any value: their choices change as runs appear; names are checked in the package
         # ---------------------------------------------------------------- wiring
         form_inputs = [images, run_name, base, data_dir, instance_prompt, validation_prompt, method, rank, alpha,
                        steps, lr, resolution, seed, precision, train_te, warmup, val_steps, ckpt_steps]

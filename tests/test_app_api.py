@@ -1,0 +1,128 @@
+"""The launched app (`python app.py`, with a login) driven through gradio_client like a script would:
+upload images, start a tiny job, poll to completion, export, and load the downloaded files."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DOG = Path("/work/shared/data/dreambooth/dog")
+AUTH = ("tester", "s3cret-pass")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_app(runs_dir: Path, *args: str):
+    """`python app.py ...` in a subprocess; returns (process, url) once it answers."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(runs_dir.parent / f"app-{port}.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--runs_dir", str(runs_dir), "--port", str(port), *args],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert proc.poll() is None, Path(log.name).read_text()[-3000:]
+        try:
+            if requests.get(url, timeout=2).status_code < 500:
+                return proc, url
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("the app did not answer within 120 s:\n" + Path(log.name).read_text()[-3000:])
+
+
+def stop(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    runs_dir = tmp_path_factory.mktemp("api") / "runs"
+    proc, url = launch_app(runs_dir, "--auth", ":".join(AUTH))
+    yield url, runs_dir
+    stop(proc)
+
+
+@pytest.mark.skipif(not DOG.is_dir(), reason="needs ../shared/data/dreambooth/dog")
+def test_api_train_poll_export_load(app, tmp_path):
+    url, runs_dir = app
+    # the login protects the API and the files
+    assert requests.get(url + "config", timeout=10).status_code == 401
+    client = Client(url, auth=AUTH, verbose=False, download_files=str(tmp_path / "downloads"))
+
+    # bad uploads are refused with a message, and leave no run behind
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    msg = client.predict(images=[handle_file(str(notes))], instance_prompt="a photo of sks dog", api_name="/start")
+    assert "Not started" in msg and "notes.png" in msg and "not a readable image" in msg
+    assert client.predict(api_name="/runs") == []
+
+    msg = client.predict(images=[handle_file(str(p)) for p in sorted(DOG.glob("*.jpg"))[:3]],
+                         run_name="api dog", method="reflora", rank=4, alpha=8, steps=6, lr=1e-3, resolution=64,
+                         seed=1, warmup_steps=2, validation_steps=3, checkpointing_steps=3, api_name="/start")
+    assert msg.startswith("Started api-dog"), msg
+    seen = set()
+    deadline = time.time() + 300
+    while True:
+        status = client.predict(name="api-dog", api_name="/status")
+        seen.add(status["state"])
+        if status["state"] not in ("queued", "running"):
+            break
+        assert time.time() < deadline, (runs_dir / "api-dog" / "train.log").read_text()[-3000:]
+        time.sleep(1)
+    assert status["state"] == "done", (runs_dir / "api-dog" / "train.log").read_text()[-3000:]
+    assert (status["step"], status["max_steps"], status["progress"], status["method"]) == (6, 6, 1.0, "reflora")
+    assert "running" in seen
+    assert len(list((runs_dir / "api-dog" / "data").glob("*.jpg"))) == 3  # the uploads, copied into the run
+    assert [r["name"] for r in client.predict(api_name="/runs")] == ["api-dog"]
+
+    file, card, info = client.predict(name="api-dog", source="final", fmt="diffusers", api_name="/export")
+    assert "rank 4" in info and "alpha 8.0" in info and "reflora" in info
+    assert Path(card).read_text().startswith("---") and Path(file).name == "pytorch_lora_weights.safetensors"
+    kfile, _, kinfo = client.predict(name="api-dog", source="checkpoint-3", fmt="kohya", api_name="/export")
+    assert Path(kfile).name == "api-dog.safetensors" and "kohya format" in kinfo
+
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        keys = list(f.keys())
+        assert json.loads(f.metadata()["reflora_info"])["method"] == "reflora"
+    assert len(keys) == 64 and all(".lora_A." in k or ".lora_B." in k for k in keys)
+
+    from diffusers import StableDiffusionPipeline
+
+    from reflora_diffusion.sd.presets import resolve_pretrained
+
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_pretrained("tiny"))
+    pipe.load_lora_weights(str(Path(file).parent), weight_name=Path(file).name, adapter_name="final")
+    pipe.load_lora_weights(kfile, adapter_name="kohya")
+    assert set(pipe.get_list_adapters()["unet"]) == {"final", "kohya"}
+
+    # only files inside the runs dir are served, and run names cannot climb out of it
+    s = requests.Session()
+    assert s.post(url + "login", data={"username": AUTH[0], "password": AUTH[1]}, timeout=10).status_code == 200
+    assert s.get(url + "gradio_api/file=/etc/passwd", timeout=10).status_code == 403
+    assert s.get(url + f"gradio_api/file={REPO / 'app.py'}", timeout=10).status_code == 403
+    assert s.get(url + f"gradio_api/file={runs_dir / 'api-dog' / 'config.json'}", timeout=10).status_code == 200
+    file, card, info = client.predict(name="../api-dog", source="final", fmt="diffusers", api_name="/export")
+    assert file is None and "outside the runs directory" in info
+    with pytest.raises(Exception):
+        client.predict(name="../../etc", api_name="/status")
+    assert "outside the runs directory" in client.predict(name="../x", api_name="/cancel")
