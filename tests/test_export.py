@@ -202,7 +202,8 @@ def test_chain_exports_as_one_lora(tmp_path, method):
 
     folder, unet, _ = adapted_models("tiny", unet_lora=(2, 3.0), te_lora=None,
                                      targets=["to_q", "to_k", "to_v", "to_out.0", "conv1"])
-    ref = Refactorer(unet, method=method, chain_every=2)
+    # rac-lora with p=0.5: some links train A against a random frozen B, others B against a random A
+    ref = Refactorer(unet, method=method, chain_every=2, **({"p": 0.5} if method == "rac-lora" else {}))
     opt = ref.attach(torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-2))
     x, t, enc, _, _ = inputs(False)
     for _ in range(5):  # links merged after steps 2 and 4: K = 3 links

@@ -57,8 +57,8 @@ def unet_blocks(config) -> dict:
     return {"layers_per_block": config.layers_per_block, "up_block_types": list(config.up_block_types)}
 
 
-def _refactored(refactorer) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{id(peft layer): (A, B, scaling)} from Refactorer.effective_factors() (chains: concatenated links)."""
+def _refactored(refactorer) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]:
+    """{(id(peft layer), adapter): (A, B, scaling)} from Refactorer.effective_factors() (chains: all links)."""
     if refactorer is None:
         return {}
     out = {}
@@ -66,7 +66,7 @@ def _refactored(refactorer) -> dict[int, tuple[torch.Tensor, torch.Tensor, float
         # effective_factors() is built in ref.pairs order; match by layer object, not name, so it works
         # whichever model (UNet, text encoder, a container of both) the Refactorer was made on.
         for pair, factors in zip(ref.pairs, ref.effective_factors().values()):
-            out[id(pair.module)] = factors
+            out[id(pair.module), pair.adapter] = factors
     return out
 
 
@@ -122,8 +122,8 @@ def collect_factors(unet: nn.Module | None = None, text_encoder: nn.Module | Non
             if module.use_dora.get(ad, False) or getattr(module, "lora_bias", {}).get(ad, False):
                 raise ExportError(f"layer {name!r} uses DoRA or a LoRA bias, which kohya/A1111 files cannot "
                                   "hold; export works for plain LoRA layers.")
-            if id(module) in refactored:
-                A, B, scaling = refactored[id(module)]
+            if (id(module), ad) in refactored:
+                A, B, scaling = refactored[id(module), ad]
             else:
                 A, B, scaling = module.lora_A[ad].weight, module.lora_B[ad].weight, module.scaling[ad]
             A = A.detach().float().cpu().contiguous()
