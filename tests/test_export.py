@@ -195,9 +195,12 @@ def test_sgm_names_match_sdxl_layout():
         sgm_unet_name("conv_norm_out", blocks)
 
 
-@pytest.mark.parametrize("method", ["cola", "rac-lora"])
-def test_chain_exports_as_one_lora(tmp_path, method):
-    """A chain's merged links + current link export as one LoRA of rank K*r applied to the original base."""
+@pytest.mark.parametrize("method, steps, rank", [("cola", 4, 4), ("rac-lora", 5, 6)])
+def test_chain_exports_as_one_lora(tmp_path, method, steps, rank):
+    """A chain's merged links + current link export as one LoRA of rank K*r applied to the original base.
+
+    Links merge after steps 2 and 4: after 5 steps three links (rank 6); after 4 the live link is fresh
+    (B = 0) and adds nothing, so it is left out (rank 4)."""
     from reflora_diffusion.core import Refactorer
 
     folder, unet, _ = adapted_models("tiny", unet_lora=(2, 3.0), te_lora=None,
@@ -206,7 +209,7 @@ def test_chain_exports_as_one_lora(tmp_path, method):
     ref = Refactorer(unet, method=method, chain_every=2, **({"p": 0.5} if method == "rac-lora" else {}))
     opt = ref.attach(torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-2))
     x, t, enc, _, _ = inputs(False)
-    for _ in range(5):  # links merged after steps 2 and 4: K = 3 links
+    for _ in range(steps):
         loss = (unet(x, t, enc).sample - x).pow(2).mean()
         loss.backward()
         opt.step()
@@ -215,7 +218,7 @@ def test_chain_exports_as_one_lora(tmp_path, method):
     export_diffusers(tmp_path, unet, refactorer=ref, info={"method": method, "base_model": "tiny", "steps": 5})
     export_kohya(tmp_path, unet, refactorer=ref, name="chain")
     tensors = load_file(str(tmp_path / WEIGHT_NAME))
-    assert {v.shape[0] for k, v in tensors.items() if "lora_A" in k} == {6}
+    assert {v.shape[0] for k, v in tensors.items() if "lora_A" in k} == {rank}
     for weight_name in (WEIGHT_NAME, "chain.safetensors"):
         pipe = load_into_pipeline(folder, tmp_path, weight_name, False, with_text_encoder=False)
         got = outputs(pipe.unet, [], False)

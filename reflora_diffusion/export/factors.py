@@ -65,9 +65,17 @@ def _refactored(refactorer) -> dict[tuple[int, str], tuple[torch.Tensor, torch.T
     for ref in refactorer if isinstance(refactorer, (list, tuple)) else [refactorer]:
         # effective_factors() is built in ref.pairs order; match by layer object, not name, so it works
         # whichever model (UNet, text encoder, a container of both) the Refactorer was made on.
-        for pair, factors in zip(ref.pairs, ref.effective_factors().values()):
-            out[id(pair.module), pair.adapter] = factors
+        for pair, (A, B, scaling) in zip(ref.pairs, ref.effective_factors().values()):
+            out[id(pair.module), pair.adapter] = (*_drop_zero_links(A, B, pair.rank), scaling)
     return out
+
+
+def _drop_zero_links(A: torch.Tensor, B: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leave out chain links that add exactly nothing (e.g. the fresh link, B = 0, right after a merge)."""
+    keep = [k for k in range(0, A.shape[0], r) if A[k:k + r].any() and B[:, k:k + r].any()]
+    if len(keep) in (0, A.shape[0] // r):
+        return A, B
+    return torch.cat([A[k:k + r] for k in keep]), torch.cat([B[:, k:k + r] for k in keep], dim=1)
 
 
 def _bare(model: nn.Module) -> nn.Module:
