@@ -179,7 +179,8 @@ def test_prior_preservation_generates_missing_class_images(tmp_path):
     classes = tmp_path / "class"
     run = tmp_path / "pp"
     train(run, with_prior_preservation=True, class_data_dir=str(classes), class_prompt="a photo of dog",
-          num_class_images=2, max_train_steps=2, validation_prompt=[], checkpointing_steps=10)
+          num_class_images=2, max_train_steps=2, validation_prompt=[], checkpointing_steps=10, seed=None)
+    assert isinstance(json.loads((run / "config.json").read_text())["seed"], int)  # the drawn seed is recorded
     made = sorted(classes.glob("*.png"))
     assert len(made) == 2 and all(Image.open(p).size == (64, 64) for p in made)
     assert len(losses(run)) == 2

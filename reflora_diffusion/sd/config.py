@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import types
 import typing
 from dataclasses import dataclass, field
@@ -106,7 +105,7 @@ class SDTrainConfig:
     noise_offset: float = _opt(0.0, "noise offset (0.1 is common)")
     prediction_type: str | None = _opt(None, "epsilon or v_prediction (default: the scheduler's)")
     max_bad_steps: int = _opt(10, "stop after this many consecutive steps with a NaN/inf loss")
-    seed: int | None = _opt(None, "random seed (a fixed one is chosen and recorded when not given)")
+    seed: int | None = _opt(None, "random seed (when not given one is drawn and recorded in config.json)")
     # validation
     validation_prompt: list[str] = _opt([], "prompt(s) sampled during training (fixed seeds)")
     num_validation_images: int = _opt(2, "images per validation prompt")
@@ -252,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="JSON or YAML file with the same option names; flags override it")
     for name, f in FIELDS.items():
         typ, is_list = _base_type(name)
-        help = f"{f.metadata['help']} (default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()})"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help = f"{f.metadata['help']} (default: {default})"
         if typ is bool:
             parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help)
         elif is_list:
@@ -287,10 +287,7 @@ def make_config(values: dict) -> SDTrainConfig:
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}; see `python train/sd.py --help`")
-    cfg = SDTrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
-    if cfg.seed is None:  # record a concrete seed so the run folder's config.json reproduces the run
-        cfg.seed = random.randint(0, 2**31 - 1)
-    return cfg.validate()
+    return SDTrainConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
 
 
 def parse_args(argv: list[str] | None = None) -> SDTrainConfig:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,6 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # Files that sit beside images by design: not worth a warning.

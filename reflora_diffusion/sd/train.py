@@ -16,10 +16,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import re
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -51,7 +51,8 @@ def make_optimizer(cfg: SDTrainConfig, groups: list[dict]) -> torch.optim.Optimi
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ConfigError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes, or use adamw") from None
+            raise ConfigError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes, "
+                              "or use adamw") from None
         return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, **adam)
     classes = {n.lower(): c for n, c in vars(torch.optim).items()
                if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
@@ -61,19 +62,6 @@ def make_optimizer(cfg: SDTrainConfig, groups: list[dict]) -> torch.optim.Optimi
     cls = classes[name]
     accepted = inspect.signature(cls).parameters
     return cls(groups, lr=cfg.learning_rate, **{k: v for k, v in adam.items() if k in accepted})
-
-
-def shared_randn(gen: torch.Generator, n: int, shape, accelerator, dtype=torch.float32) -> torch.Tensor:
-    """Normal noise for this process's n samples, drawn as rows of the whole global batch."""
-    full = torch.randn((n * accelerator.num_processes, *shape), generator=gen, device=gen.device, dtype=dtype)
-    i = accelerator.process_index
-    return full[i * n:(i + 1) * n].to(accelerator.device)
-
-
-def shared_randint(gen: torch.Generator, high: int, n: int, accelerator) -> torch.Tensor:
-    full = torch.randint(0, high, (n * accelerator.num_processes,), generator=gen, device=gen.device)
-    i = accelerator.process_index
-    return full[i * n:(i + 1) * n].to(accelerator.device)
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -141,11 +129,17 @@ class SDTrainer:
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             # SDXL conditions on text encoder 1's penultimate layer: its last layer's LoRA gets no gradient
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train_text_encoder)],
-            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir),
+                                                logging_dir=str(self.run_dir / "logs")),
         )
         self.is_main = self.accelerator.is_main_process
+        if cfg.seed is None:  # drawn once and shared, so all processes agree; recorded in config.json
+            from accelerate.utils import broadcast_object_list
+
+            cfg.seed = broadcast_object_list([random.randint(0, 2**31 - 1)])[0]
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.json")
         self.log = RunLog(self.run_dir, cfg.max_train_steps, enabled=self.is_main)
         self.log.set_status(state="running")
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision,
@@ -234,8 +228,6 @@ class SDTrainer:
             if cfg.resume_from_checkpoint == "latest":
                 acc.print(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting a new run")
             self.log.truncate_after(0)  # a fresh run in a reused folder starts a fresh event log
-        if self.is_main:
-            cfg.save(self.run_dir / "config.json")
         if cfg.report_to != "none":
             acc.init_trackers("reflora-sd", config={k: str(v) if isinstance(v, list) else v
                                                    for k, v in cfg.to_dict().items() if v is not None})
@@ -244,16 +236,19 @@ class SDTrainer:
     def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompt embeddings; cached per prompt when the text encoders are frozen and --cache_latents is on."""
         encoders = [self.models.get(k, m) for k, m in self.c.models.items() if k != "unet"]
+
+        def encode(texts):
+            return encode_prompts(encoders, self.c.sdxl, tokenize(self.c.tokenizers, texts), self.accelerator.device)
+
         if self.cfg.train_text_encoder:
-            return encode_prompts(encoders, self.c.sdxl, tokenize(self.c.tokenizers, prompts), self.accelerator.device)
+            return encode(prompts)
         if not self.cfg.cache_latents:
             with torch.no_grad():
-                return encode_prompts(encoders, self.c.sdxl, tokenize(self.c.tokenizers, prompts), self.accelerator.device)
+                return encode(prompts)
         new = sorted(set(prompts) - set(self.text_cache))
         if new:
             with torch.no_grad():
-                hidden, pooled = encode_prompts(encoders, self.c.sdxl, tokenize(self.c.tokenizers, new),
-                                                self.accelerator.device)
+                hidden, pooled = encode(new)
             for i, p in enumerate(new):
                 self.text_cache[p] = (hidden[i], None if pooled is None else pooled[i])
         hidden = torch.stack([self.text_cache[p][0] for p in prompts])
@@ -277,46 +272,52 @@ class SDTrainer:
             cache[i] = self._latent_dist(collate([self.dataset[(0, i)]])["pixel_values"])
         return cache
 
+    def _shared(self, n_inst: int, n_rows: int, make) -> torch.Tensor:
+        """Random rows for this process's samples, cut from draws for the whole global batch.
+
+        `make(m)` draws m rows from the shared generator. Instance and class halves draw separately, so
+        row k of the global batch is the same sample whatever the number of processes.
+        """
+        p, i = self.accelerator.num_processes, self.accelerator.process_index
+        parts = [make(n_inst * p)[i * n_inst:(i + 1) * n_inst] for _ in range(n_rows // n_inst)]
+        return torch.cat(parts).to(self.accelerator.device)
+
+    def _randn(self, n_inst: int, n_rows: int, *shape) -> torch.Tensor:
+        g = self.noise_gen
+        return self._shared(n_inst, n_rows, lambda m: torch.randn((m, *shape), generator=g, device=g.device))
+
     def _latents(self, batch: dict) -> torch.Tensor:
         """Scaled VAE latents of the batch; the posterior sample uses the shared generator (see module doc)."""
+        n_inst = len(batch["index"])
         if self.latent_cache is not None:
             idx = batch["index"].tolist()
-            halves = len(batch["prompts"]) // len(idx)  # 2 with prior preservation (instance half, class half)
+            halves = len(batch["prompts"]) // n_inst  # 2 with prior preservation (instance half, class half)
             mean = torch.cat([self.latent_cache[i][0][h:h + 1] for h in range(halves) for i in idx])
             std = torch.cat([self.latent_cache[i][1][h:h + 1] for h in range(halves) for i in idx])
         else:
             mean, std = self._latent_dist(batch["pixel_values"])
-        eps = self._per_sample(lambda n: shared_randn(self.noise_gen, n, mean.shape[1:], self.accelerator),
-                               len(batch["index"]), mean.shape[0])
-        latents = (mean + std * eps.to(mean.dtype)).float()
-        latents = latents * self.c.vae.config.scaling_factor
+        eps = self._randn(n_inst, mean.shape[0], *mean.shape[1:])
+        latents = (mean + std * eps.to(mean.dtype)).float() * self.c.vae.config.scaling_factor
         return latents.to(self.weight_dtype)
-
-    def _per_sample(self, draw, n_instances: int, n_total: int) -> torch.Tensor:
-        # Instance and class halves draw separately, so row k of the global batch is the same sample
-        # whatever the process count.
-        parts = [draw(n_instances) for _ in range(n_total // n_instances)]
-        return torch.cat(parts)
 
     # ------------------------------------------------------------------ one micro-batch
     def loss(self, batch: dict) -> torch.Tensor:
         cfg, acc, sched = self.cfg, self.accelerator, self.c.noise_scheduler
-        n_inst = len(batch["index"])
         latents = self._latents(batch)
-        n = latents.shape[0]
-        noise = self._per_sample(lambda k: shared_randn(self.noise_gen, k, latents.shape[1:], acc), n_inst, n)
+        n_inst, n = len(batch["index"]), latents.shape[0]
+        noise = self._randn(n_inst, n, *latents.shape[1:])
         if cfg.noise_offset:
-            offset = self._per_sample(lambda k: shared_randn(self.noise_gen, k, (latents.shape[1], 1, 1), acc), n_inst, n)
-            noise = noise + cfg.noise_offset * offset
+            noise = noise + cfg.noise_offset * self._randn(n_inst, n, latents.shape[1], 1, 1)
         noise = noise.to(latents.dtype)
-        timesteps = self._per_sample(lambda k: shared_randint(self.noise_gen, sched.config.num_train_timesteps, k, acc),
-                                     n_inst, n)
+        g, steps = self.noise_gen, sched.config.num_train_timesteps
+        timesteps = self._shared(n_inst, n, lambda m: torch.randint(0, steps, (m,), generator=g, device=g.device))
         noisy = sched.add_noise(latents, noise, timesteps)
         hidden, pooled = self._encode_text(batch["prompts"])
         added = None
         if self.c.sdxl:
             time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], cfg.resolution)
-            added = {"text_embeds": pooled.to(self.weight_dtype), "time_ids": time_ids.to(acc.device, self.weight_dtype)}
+            added = {"text_embeds": pooled.to(self.weight_dtype),
+                     "time_ids": time_ids.to(acc.device, self.weight_dtype)}
         pred = self.models["unet"](noisy, timesteps, hidden.to(self.weight_dtype), added_cond_kwargs=added,
                                    return_dict=False)[0].float()
         target = (noise if sched.config.prediction_type == "epsilon"
@@ -451,7 +452,8 @@ class SDTrainer:
         for model in models:
             key = names[id(self.accelerator.unwrap_model(model))]
             if self.is_main:
-                save_file(lora_state(self.accelerator.unwrap_model(model)), str(Path(output_dir) / LORA_STATE.format(key)))
+                path = Path(output_dir) / LORA_STATE.format(key)
+                save_file(lora_state(self.accelerator.unwrap_model(model)), str(path))
         weights.clear()
 
     def _load_lora_hook(self, models, input_dir) -> None:
@@ -504,7 +506,10 @@ class SDTrainer:
         acc = self.accelerator
         acc.print(f"resuming from {path}")
         acc.load_state(str(path))
-        self.ref.load(path)
+        try:
+            self.ref.load(path)
+        except (ValueError, FileNotFoundError) as e:  # e.g. a checkpoint of another --method
+            raise ConfigError(f"cannot resume from {str(path)!r}: {e}") from None
         with safe_open(str(path / TRAINER_STATE), framework="pt") as f:
             meta = f.metadata()
             self.noise_gen.set_state(f.get_tensor("noise_rng"))
