@@ -81,3 +81,21 @@ def test_tokenizer_handles_any_text():
 def test_non_preset_names_pass_through(tmp_path):
     assert resolve_pretrained("stabilityai/stable-diffusion-xl-base-1.0") == "stabilityai/stable-diffusion-xl-base-1.0"
     assert resolve_pretrained(str(tmp_path)) == str(tmp_path)
+
+
+def test_two_processes_build_once(tmp_path):
+    """Two trainers starting at once on a fresh cache: one builds, the other waits and reuses it."""
+    import subprocess
+    import sys
+
+    code = "from reflora_diffusion.sd.presets import resolve_pretrained; print(resolve_pretrained('tiny'))"
+    env = {**os.environ, "REFLORA_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in results]
+    folders = {out.strip().splitlines()[-1] for out, _ in results}
+    assert len(folders) == 1
+    # only the finished preset and its lock file: no half-built temporary folders
+    assert sorted(os.listdir(tmp_path / "presets")) == ["tiny-v1", "tiny-v1.lock"]
