@@ -88,13 +88,14 @@ def main(argv=None):
         for method in METHODS:
             losses = run(method, lr, Y, args.rank, args.iters, args.seed, args.init_std)
             hit = first_below(losses)
-            results["runs"][f"{method}@{lr}"] = {"method": method, "lr": lr, "losses": losses,
-                                                 "final_loss": losses[-1], "iters_to_threshold": hit}
+            finite = [v if math.isfinite(v) else None for v in losses]  # None = diverged (strict JSON)
+            results["runs"][f"{method}@{lr}"] = {"method": method, "lr": lr, "losses": finite,
+                                                 "final_loss": finite[-1], "iters_to_threshold": hit}
             print(f"lr={lr:<5} {method:<10} final loss {losses[-1]:<12.4g} iterations to < {THRESHOLD:g}: {hit}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "matrix_factorization.json").write_text(json.dumps(results, indent=1))
+    (out / "matrix_factorization.json").write_text(json.dumps(results, indent=1, allow_nan=False))
     plot(results, args.lrs, out / "matrix_factorization.png")
     print(f"wrote {out / 'matrix_factorization.json'} and .png")
     return results
@@ -109,7 +110,7 @@ def plot(results: dict, lrs: list[float], path: Path) -> None:
     for ax, lr in zip(axes[0], lrs):
         for run_ in results["runs"].values():
             if run_["lr"] == lr:
-                ys = [min(v, 1e6) for v in run_["losses"]]
+                ys = [1e6 if v is None else min(v, 1e6) for v in run_["losses"]]
                 ax.semilogy(ys, label=run_["method"], lw=2.5 if run_["method"].startswith("reflora") else 1.2)
         ax.axhline(THRESHOLD, color="grey", ls=":", lw=1)
         ax.set(title=f"matrix factorization, GD lr={lr}", xlabel="iteration", ylabel="loss", ylim=(1e-8, 1e6))
