@@ -412,3 +412,24 @@ def test_every_method_runs_and_lowers_the_loss():
         _, _, losses = train(lora_model(seed=14, warm=False), name, steps=8, warmup_steps=2, **opts) \
             if name not in ("lora", "lora+", "rac-lora", "cola") else train(lora_model(seed=14, warm=False), name, steps=8, **opts)
         assert losses[-1] < losses[0], name
+
+
+def test_grad_scaler_hook_sees_unscaled_gradients_and_skipped_steps_do_not_count():
+    m_plain, m_amp = lora_model(seed=15), lora_model(seed=15)
+    train(m_plain, "reflora", steps=2)
+    ref = Refactorer(m_amp, method="reflora")
+    opt = torch.optim.AdamW([p for p in m_amp.parameters() if p.requires_grad], lr=1e-2)
+    ref.attach(opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    x, y = data()
+    for _ in range(2):
+        scaler.scale(((m_amp(x) - y) ** 2).mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    for (n, a), b in zip(lora_params(m_plain).items(), lora_params(m_amp).values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+    # an overflowing step is skipped by the scaler: the core neither runs nor counts it
+    scaler.scale(((m_amp(x) - y) ** 2).mean() * float("inf")).backward()
+    scaler.step(opt)
+    assert ref.step_count == 2
