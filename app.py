@@ -98,11 +98,13 @@ def build_demo(runs_dir: str) -> gr.Blocks:
                     cmp_steps = gr.Slider(1, 100, value=20, step=1, label="Denoising steps")
                 gen_btn = gr.Button("Generate comparison grid", variant="primary")
                 cmp_msg = gr.Markdown()
-                grid = gr.Image(label="Comparison grid (same prompts and seeds, one base pipeline)", type="filepath",
-                                elem_id="comparison-grid")
+                gr.Markdown("**Comparison grid**: the same prompts and seeds, each adapter loaded into one base "
+                            "pipeline (`load_lora_weights`).")
+                grid = gr.Image(show_label=False, type="filepath", elem_id="comparison-grid")
                 with gr.Row():
                     cmp_plot = gr.Plot(label="Loss, overlaid")
-                    cmp_table = gr.Dataframe(label="Steps to reach the reference (LoRA) final loss",
+                    cmp_table = gr.Dataframe(label="Steps to loss: the first step at which each run's smoothed loss "
+                                                   "reaches the reference's (the LoRA run's) final smoothed loss",
                                              interactive=False)
                 with gr.Row():
                     sample_step = gr.Dropdown([], label="Saved samples at step", allow_custom_value=True)
@@ -164,17 +166,19 @@ def build_demo(runs_dir: str) -> gr.Blocks:
 
         live = [runs_table, run_pick, cmp_runs, exp_run, progress, loss_plot, stats, samples, log]
 
-        def refresh(selected, cmp_selected, exp_selected):
+        def refresh(selected):
+            # only the choices change: a value sent back here could undo a selection made meanwhile
             names = views.run_names()
-            selected = selected if selected in names else None
+            pick = gr.update(choices=names)
+            if selected not in names:  # nothing (valid) selected: show the newest run
+                selected = names[0] if names else None
+                pick = gr.update(choices=names, value=selected)
             d = views.run_details(selected)
-            return (views.table(), gr.Dropdown(choices=names, value=selected),
-                    gr.Dropdown(choices=names, value=[n for n in cmp_selected or [] if n in names]),
-                    gr.Dropdown(choices=names, value=exp_selected if exp_selected in names else None),
+            return (views.table(), pick, gr.update(choices=names), gr.update(choices=names),
                     d["progress"], d["figure"], d["stats"], d["samples"], d["log"])
 
-        timer.tick(refresh, [run_pick, cmp_runs, exp_run], live, show_progress="hidden", **private)
-        run_pick.input(refresh, [run_pick, cmp_runs, exp_run], live, show_progress="hidden", **private)
+        timer.tick(refresh, run_pick, live, show_progress="hidden", **private)
+        run_pick.input(refresh, run_pick, live, show_progress="hidden", **private)
         cancel_btn.click(views.cancel, run_pick, cancel_msg, api_name="cancel")
 
         def compare_curves(names):
@@ -182,12 +186,13 @@ def build_demo(runs_dir: str) -> gr.Blocks:
             table = {"headers": headers, "data": rows} if headers else None
             return fig, table, gr.Dropdown(choices=steps, value=steps[-1] if steps else None)
 
-        def ab_tick(pending, prompts, seeds, steps, cmp_selected):
+        def ab_tick(pending, prompts, seeds, steps):
+            names = list(pending or [])
             pending, grid_path, msg = views.ab_poll(pending, prompts, seeds, steps)
-            curves = compare_curves(cmp_selected) if grid_path else (gr.update(),) * 3
+            curves = compare_curves(names) if grid_path else (gr.update(),) * 3
             return (pending, grid_path or gr.update(), msg or gr.update(), *curves)
 
-        timer.tick(ab_tick, [ab_pending, cmp_prompts, cmp_seeds, cmp_steps, cmp_runs],
+        timer.tick(ab_tick, [ab_pending, cmp_prompts, cmp_seeds, cmp_steps],
                    [ab_pending, grid, cmp_msg, cmp_plot, cmp_table, sample_step], show_progress="hidden", **private)
         cmp_runs.input(compare_curves, cmp_runs, [cmp_plot, cmp_table, sample_step], **private)
         sample_step.change(views.saved_samples, [cmp_runs, sample_step], saved, **private)

@@ -34,7 +34,7 @@ def test_loss_table_measures_against_lora(tmp_path):
     make_run(tmp_path, "base", state="done", method="lora", events=linear_events(0.01))
     make_run(tmp_path, "slow", state="done", method="reflora-s", events=linear_events(0.005))
     headers, rows = compare.loss_table(tmp_path, ["fast", "base", "slow"], beta=0.0)
-    assert headers[4] == "steps to reference loss"
+    assert headers[3:5] == ["final loss", "steps to ref. loss"]
     by_name = {r[0]: r for r in rows}
     assert by_name["base"][2:] == [100, pytest.approx(0.0), 100, "100%"]
     assert by_name["fast"][4:] == [50, "50%"]
@@ -102,16 +102,17 @@ def test_generate_grid_loads_each_adapter_into_one_pipeline(adapter_runs):
     pixels = {cap: np.asarray(Image.open(p)) for p, cap in items}
     rows = {}
     for cap, arr in pixels.items():
-        rows.setdefault(cap.split(" · ")[0], []).append(arr)
-    assert list(rows) == ["base model", "reflora (trained)", "lora (zero)"] and all(len(v) == 4 for v in rows.values())
+        rows.setdefault(" · ".join(cap.split(" · ")[:2]), []).append(arr)
+    assert list(rows) == ["base model · base", "reflora · trained", "lora · zero"]
+    assert all(len(v) == 4 for v in rows.values())
     # a zero adapter (B = 0) changes nothing: the pipeline was clean after the trained adapter's unload
-    assert all(np.array_equal(a, b) for a, b in zip(rows["base model"], rows["lora (zero)"]))
-    assert not any(np.array_equal(a, b) for a, b in zip(rows["base model"], rows["reflora (trained)"]))
-    assert not np.array_equal(rows["base model"][0], rows["base model"][1])  # seeds differ
-    assert Image.open(grid).size == (200 + 4 * 196, 40 + 3 * 196)
+    assert all(np.array_equal(a, b) for a, b in zip(rows["base model · base"], rows["lora · zero"]))
+    assert not any(np.array_equal(a, b) for a, b in zip(rows["base model · base"], rows["reflora · trained"]))
+    assert not np.array_equal(rows["base model · base"][0], rows["base model · base"][1])  # seeds differ
+    assert Image.open(grid).size == (200 + 4 * 196, 64 + 3 * 196)
     # same prompts and seeds again: the same images
     _, again = compare.generate_grid(adapter_runs, ["trained"], include_base=False, **kw)
-    assert all(np.array_equal(np.asarray(Image.open(p)), b) for (p, _), b in zip(again, rows["reflora (trained)"]))
+    assert all(np.array_equal(np.asarray(Image.open(p)), b) for (p, _), b in zip(again, rows["reflora · trained"]))
 
 
 def test_generate_grid_errors(adapter_runs, tmp_path):

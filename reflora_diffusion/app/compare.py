@@ -4,6 +4,7 @@ grid (same prompts and seeds, each run's adapter loaded into one base pipeline w
 
 from __future__ import annotations
 
+import textwrap
 import time
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def loss_table(runs_dir, names: list[str], beta: float = 0.9) -> tuple[list[str]
     runs = {name: read_run(runs_dir, name) for name in names}
     with_data = [n for n in names if curves[n][0]]
     ref = next((n for n in with_data if runs[n].method == REFERENCE_METHOD), with_data[0] if with_data else None)
-    headers = ["run", "method", "steps", "final loss (smoothed)", "steps to reference loss", "% of reference steps"]
+    headers = ["run", "method", "steps", "final loss", "steps to ref. loss", "% of ref. steps"]
     rows = []
     target = curves[ref][1][-1] if ref else None
     ref_steps = steps_to_loss(*curves[ref], target) if ref else None
@@ -157,9 +158,9 @@ def generate_grid(runs_dir, names: list[str], prompts: list[str], seeds: list[in
     out_dir = out_dir or safe_path(runs_dir, "_compare", f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    rows: list[tuple[str, list]] = []
+    rows: list[tuple[str, str, list]] = []  # (method, run name, images)
 
-    def render(tag: str):
+    def render():
         images = []
         for prompt in prompts:
             for seed in seeds:
@@ -169,47 +170,43 @@ def generate_grid(runs_dir, names: list[str], prompts: list[str], seeds: list[in
 
     with torch.inference_mode():
         if include_base:
-            rows.append(("base model", render("base")))
+            rows.append(("base model", "base", render()))
         for r in runs:
             pipe.load_lora_weights(str(r.path), weight_name="pytorch_lora_weights.safetensors")
             try:
-                rows.append((f"{r.method} ({r.name})", render(r.name)))
+                rows.append((r.method, r.name, render()))
             finally:
                 pipe.unload_lora_weights()  # the next run starts from the same clean base
 
-    captions = [f"{p[:40]} · seed {s}" for p in prompts for s in seeds]
+    captions = [f"{p[:60]} · seed {s}" for p in prompts for s in seeds]
     items = []
-    for label, images in rows:
-        slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in label)[:60]
+    for i, (method, name, images) in enumerate(rows):
         for j, (img, cap) in enumerate(zip(images, captions)):
-            path = out_dir / f"{slug}-{j}.png"
+            path = out_dir / f"{i}-{name}-{j}.png"
             img.save(path)
-            items.append((path, f"{label} · {cap}"))
+            items.append((path, f"{method} · {name} · {cap}"))
     grid = make_grid(rows, captions)
     grid.save(out_dir / ".grid.png.tmp", format="PNG")
     (out_dir / ".grid.png.tmp").replace(out_dir / "grid.png")
     return out_dir / "grid.png", items
 
 
-def make_grid(rows: list[tuple[str, list]], captions: list[str], cell: int = 192):
-    """One labelled image: a row per model (label on the left), a column per (prompt, seed)."""
+def make_grid(rows: list[tuple[str, str, list]], captions: list[str], cell: int = 192):
+    """One labelled image: a row per model (method and run name on the left), a column per (prompt, seed)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    font = ImageFont.load_default(size=14)
-    label_w, head_h, pad = 200, 40, 4
-    ncols = max(len(images) for _, images in rows)
+    font = ImageFont.load_default(size=15)
+    label_w, head_h, pad = 200, 64, 4
+    ncols = max(len(images) for *_, images in rows)
     grid = Image.new("RGB", (label_w + ncols * (cell + pad), head_h + len(rows) * (cell + pad)), "white")
     draw = ImageDraw.Draw(grid)
     for j, cap in enumerate(captions):
-        draw.text((label_w + j * (cell + pad) + 4, 4), _wrap(cap, 24), fill="black", font=font)
-    for i, (label, images) in enumerate(rows):
+        draw.multiline_text((label_w + j * (cell + pad) + 4, 6), textwrap.fill(cap, 22), fill="black", font=font)
+    for i, (method, name, images) in enumerate(rows):
         y = head_h + i * (cell + pad)
-        draw.text((6, y + cell // 2 - 16), _wrap(label, 24), fill="black", font=font)
+        label = method if method == name or name == "base" else f"{method}\n" + textwrap.fill(name, 22)
+        draw.multiline_text((8, y + cell // 2 - 20), label, fill="black", font=font)
         for j, img in enumerate(images):
             # nearest-neighbour: small sample images stay sharp instead of blurred
             grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + j * (cell + pad), y))
     return grid
-
-
-def _wrap(text: str, width: int) -> str:
-    return "\n".join(text[i:i + width] for i in range(0, len(text), width))

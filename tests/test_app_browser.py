@@ -1,0 +1,86 @@
+"""The page in real headless Chromium (Debian's `chromium`, driven by Playwright): upload photos, start a
+tiny A/B run (LoRA vs RefLoRA), wait for the comparison grid, save docs/app.png for the README.
+
+Needs: apt-get install -y chromium (skipped, with the reason, where no browser is installed)."""
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from test_app_api import DOG, REPO, launch_app, stop
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+pytestmark = [pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                 reason="no chromium browser: apt-get update && apt-get install -y chromium"),
+              pytest.mark.skipif(not DOG.is_dir(), reason="needs ../shared/data/dreambooth/dog")]
+
+
+def fill(page, label: str, value) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Tab")  # gradio commits a field's value on blur
+
+
+def upload(page, files, tries: int = 3) -> None:
+    """Choose files in the 'Training images' box; retried because the first try can land before the
+    page's scripts are wired up (then the browser drops it)."""
+    for _ in range(tries):
+        page.locator("input[type=file]").first.set_input_files([str(f) for f in files])
+        try:
+            page.get_by_text(files[0].name).first.wait_for(timeout=15_000)
+            return
+        except sync_api.TimeoutError:
+            continue
+    raise AssertionError(f"the upload of {files[0].name} never showed on the page")
+
+
+def test_browser_ab_run_to_comparison_grid(tmp_path):
+    runs_dir = tmp_path / "runs"
+    proc, url = launch_app(runs_dir)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            page.get_by_role("button", name="Start", exact=True).wait_for()
+
+            upload(page, sorted(DOG.glob("*.jpg"))[:3])
+            for label, value in (("Steps", 8), ("Rank", 4), ("Learning rate", 0.001)):
+                fill(page, label, value)
+            page.get_by_text("More options").click()
+            fill(page, "RefLoRA warm-up steps", 2)
+            fill(page, "Sample every N steps", 4)
+            fill(page, "Checkpoint every N steps", 4)
+            fill(page, "Run name (optional)", "browser")
+            page.get_by_label("A/B side by side (default: one after the other)").check()  # quicker on 2 cores
+
+            page.get_by_role("button", name="Start A/B (both methods, same data and seed)").click()
+            page.get_by_text("Started A/B (side by side): browser-lora, browser-reflora").wait_for(timeout=60_000)
+
+            page.get_by_role("tab", name="Compare").click()
+            fill(page, "Seeds", "0, 1")
+            fill(page, "number input for Denoising steps", 8)
+            grid = page.locator("#comparison-grid img")
+            grid.wait_for(state="visible", timeout=420_000)
+            assert "Generated" in page.locator("body").inner_text()
+            page.get_by_text("steps to reference loss").first.wait_for(timeout=30_000)
+            time.sleep(2)  # let the plots finish drawing
+            shot = tmp_path / "app.png"
+            page.screenshot(path=str(shot), full_page=True)
+            text = page.locator("body").inner_text()
+            browser.close()
+    finally:
+        stop(proc)
+
+    for name in ("browser-lora", "browser-reflora"):
+        status = (runs_dir / name / "status.json").read_text()
+        assert '"state": "done"' in status, (runs_dir / name / "train.log").read_text()[-3000:]
+    grids = list((runs_dir / "_compare").glob("*/grid.png"))
+    assert len(grids) == 1 and "browser-reflora" in text and "browser-lora" in text
+    (REPO / "docs").mkdir(exist_ok=True)
+    shutil.copyfile(shot, REPO / "docs" / "app.png")
