@@ -13,5 +13,5 @@ from .kohya import export_kohya, kohya_name, sgm_unet_name, write_kohya
 from .run import export_run, load_run, write_model_card
 
 __all__ = ["WEIGHT_NAME", "ExportError", "Factor", "LoraFactors", "collect_factors", "export_diffusers",
-           "export_kohya", "export_run", "kohya_name", "load_run", "lora_config", "read_diffusers", "sgm_unet_name", "write_diffusers",
-           "write_kohya", "write_model_card"]
+           "export_kohya", "export_run", "kohya_name", "load_run", "lora_config", "read_diffusers", "sgm_unet_name",
+           "write_diffusers", "write_kohya", "write_model_card"]

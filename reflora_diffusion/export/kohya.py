@@ -89,8 +89,8 @@ def kohya_metadata(factors: LoraFactors, name: str) -> dict[str, str]:
         "ss_sd_model_name": str(info.get("base_model", "")),
         "ss_steps": str(info.get("steps", "")),
         "ss_output_name": name,
-        "ss_network_args": json.dumps({"conv_dim": str(conv[0].rank), "conv_alpha": str(conv[0].alpha)} if conv else {}),
-        "ss_text_encoder_lr": "", "ss_unet_lr": "",
+        "ss_network_args": json.dumps({"conv_dim": str(conv[0].rank), "conv_alpha": str(conv[0].alpha)}
+                                      if conv else {}),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": ("stable-diffusion-xl-v1-base" if factors.sdxl else "stable-diffusion-v1") + "/lora",
         "modelspec.implementation": "https://github.com/huggingface/diffusers",

@@ -130,10 +130,12 @@ def write_model_card(run_dir: str | Path, factors: LoraFactors | None = None, ko
     rank_note = (" (a chain of LoRA links exported as one LoRA of the summed rank)"
                  if method in ("rac-lora", "cola") else "")
     if base in PRESETS:  # the built-in offline presets are built locally, not on the hub
-        load, base_arg = "from reflora_diffusion.sd.presets import resolve_pretrained\n", f'resolve_pretrained("{base}")'
+        load = "from reflora_diffusion.sd.presets import resolve_pretrained\n"
+        base_arg = f'resolve_pretrained("{base}")'
     else:
         load, base_arg = "", json.dumps(base)
-    tags = ["lora", "diffusers", "reflora", "text-to-image", "stable-diffusion-xl" if factors.sdxl else "stable-diffusion"]
+    tags = ["lora", "diffusers", "reflora", "text-to-image",
+            "stable-diffusion-xl" if factors.sdxl else "stable-diffusion"]
     card = f"""---
 base_model: {base}
 library_name: diffusers
