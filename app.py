@@ -40,7 +40,10 @@ def build_demo(runs_dir: str) -> gr.Blocks:
                                             "stabilityai/stable-diffusion-xl-base-1.0"], value="tiny",
                                            allow_custom_value=True, label="Base model (hub id, local folder, or tiny)")
                         images = gr.File(file_count="multiple", file_types=["image"], label="Training images")
-                        data_dir = gr.Textbox("", label="…or a folder of images on this machine")
+                        with gr.Row():
+                            data_dir = gr.Textbox("", label="…or a folder of images on this machine", scale=3)
+                            captions = gr.Checkbox(False, label="folder has captions (metadata.jsonl or .txt)",
+                                                   scale=1)
                         instance_prompt = gr.Textbox("a photo of sks dog", label="Instance prompt")
                         validation_prompt = gr.Textbox("a photo of sks dog", lines=2,
                                                        label="Sample prompts (one per line)")
@@ -64,6 +67,9 @@ def build_demo(runs_dir: str) -> gr.Blocks:
                                 warmup = gr.Number(20, precision=0, label="RefLoRA warm-up steps")
                                 val_steps = gr.Number(25, precision=0, label="Sample every N steps")
                                 ckpt_steps = gr.Number(50, precision=0, label="Checkpoint every N steps")
+                            with gr.Row():
+                                prior = gr.Checkbox(False, label="Prior preservation (class images)")
+                                class_prompt = gr.Textbox("", label="Class prompt, e.g. 'a photo of dog'")
                             run_name = gr.Textbox("", label="Run name (optional)")
                             side_by_side = gr.Checkbox(False, label="A/B side by side (default: one after the other)")
                 with gr.Row():
@@ -126,34 +132,39 @@ def build_demo(runs_dir: str) -> gr.Blocks:
 
         # run dropdowns allow any value: their choices change as runs appear; names are checked in the package
         # ---------------------------------------------------------------- wiring
-        form_inputs = [images, run_name, base, data_dir, instance_prompt, validation_prompt, method, rank, alpha,
-                       steps, lr, resolution, seed, precision, train_te, warmup, val_steps, ckpt_steps]
+        form_inputs = [images, run_name, base, data_dir, captions, instance_prompt, class_prompt, prior,
+                       validation_prompt, method, rank, alpha, steps, lr, resolution, seed, precision, train_te, warmup,
+                       val_steps, ckpt_steps]
 
-        def form(base, data_dir, instance_prompt, validation_prompt, method, rank, alpha, steps, lr, resolution,
-                 seed, precision, train_text_encoder, warmup_steps, validation_steps, checkpointing_steps) -> dict:
+        def form(base, data_dir, captions, instance_prompt, class_prompt, with_prior_preservation,
+                 validation_prompt, method, rank, alpha, steps, lr, resolution, seed, precision, train_text_encoder,
+                 warmup_steps, validation_steps, checkpointing_steps) -> dict:
             """The form as train/sd.py options (same names as its CLI flags)."""
-            return {"pretrained_model_name_or_path": base, "instance_data_dir": data_dir,
-                    "instance_prompt": instance_prompt, "validation_prompt": validation_prompt, "method": method,
-                    "rank": rank, "lora_alpha": alpha, "max_train_steps": steps, "learning_rate": lr,
-                    "resolution": resolution, "seed": seed, "mixed_precision": precision,
+            data = ({"train_data_dir": data_dir} if captions and data_dir else
+                    {"instance_data_dir": data_dir, "instance_prompt": instance_prompt})
+            return {"pretrained_model_name_or_path": base, **data, "class_prompt": class_prompt,
+                    "with_prior_preservation": with_prior_preservation, "validation_prompt": validation_prompt,
+                    "method": method, "rank": rank, "lora_alpha": alpha, "max_train_steps": steps,
+                    "learning_rate": lr, "resolution": resolution, "seed": seed, "mixed_precision": precision,
                     "train_text_encoder": train_text_encoder, "warmup_steps": warmup_steps,
                     "validation_steps": validation_steps, "checkpointing_steps": checkpointing_steps}
 
-        def start(images, run_name, base, data_dir, instance_prompt, validation_prompt, method, rank, alpha, steps,
-                  lr, resolution, seed, precision, train_text_encoder, warmup_steps, validation_steps,
-                  checkpointing_steps):
-            msg, _ = views.start(form(base, data_dir, instance_prompt, validation_prompt, method, rank, alpha, steps,
-                                      lr, resolution, seed, precision, train_text_encoder, warmup_steps,
-                                      validation_steps, checkpointing_steps), images, run_name)
+        # explicit parameters (not *args): they are the names scripts use with gradio_client
+        def start(images, run_name, base, data_dir, captions, instance_prompt, class_prompt, with_prior_preservation,
+                  validation_prompt, method, rank, alpha, steps, lr, resolution, seed, precision, train_text_encoder,
+                  warmup_steps, validation_steps, checkpointing_steps):
+            fields = dict(locals())
+            msg, _ = views.start(form(**{k: v for k, v in fields.items() if k not in ("images", "run_name")}),
+                                 images, run_name)
             return msg
 
-        def start_ab(method_b, side_by_side, images, run_name, base, data_dir, instance_prompt, validation_prompt,
-                     method, rank, alpha, steps, lr, resolution, seed, precision, train_text_encoder, warmup_steps,
-                     validation_steps, checkpointing_steps):
-            msg, names = views.start(form(base, data_dir, instance_prompt, validation_prompt, method, rank, alpha,
-                                          steps, lr, resolution, seed, precision, train_text_encoder, warmup_steps,
-                                          validation_steps, checkpointing_steps), images, run_name, ab=True,
-                                     method_b=method_b, side_by_side=side_by_side)
+        def start_ab(method_b, side_by_side, images, run_name, base, data_dir, captions, instance_prompt,
+                     class_prompt, with_prior_preservation, validation_prompt, method, rank, alpha, steps, lr,
+                     resolution, seed, precision, train_text_encoder, warmup_steps, validation_steps,
+                     checkpointing_steps):
+            fields = {k: v for k, v in locals().items() if k not in ("method_b", "side_by_side", "images", "run_name")}
+            msg, names = views.start(form(**fields), images, run_name, ab=True, method_b=method_b,
+                                     side_by_side=side_by_side)
             if not names:
                 return msg, [], gr.update()
             return msg, names, gr.Dropdown(choices=views.run_names(), value=names)
@@ -223,7 +234,7 @@ def parse_auth(value: str | None):
     return (user, password)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default=os.environ.get("REFLORA_APP_HOST", "127.0.0.1"),
                         help="interface to bind (default 127.0.0.1: this machine only; 0.0.0.0 for the network)")
@@ -233,12 +244,20 @@ def main(argv=None) -> None:
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     parser.add_argument("--auth", default=os.environ.get("REFLORA_APP_AUTH"),
                         help="user:password for a login page (or env REFLORA_APP_AUTH)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    auth = parse_auth(args.auth)
+    if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and not auth:
+        print("warning: the app is reachable from other machines without a login; anyone who can open it can "
+              "start jobs on this machine. Add --auth user:password.")
     runs_dir = os.path.abspath(args.runs_dir)
     os.makedirs(runs_dir, exist_ok=True)
     demo = build_demo(runs_dir)
     demo.queue(default_concurrency_limit=2).launch(
-        server_name=args.host, server_port=args.port, share=args.share, auth=parse_auth(args.auth),
+        server_name=args.host, server_port=args.port, share=args.share, auth=auth,
         allowed_paths=[runs_dir],  # the only folder whose files can be served
         max_file_size=MAX_UPLOAD_BYTES, footer_links=["api"])
 

@@ -34,7 +34,8 @@ def dead_pid():
 
 
 @pytest.mark.parametrize("raw,clean", [("my run", "my-run"), ("../../etc/passwd", "etc-passwd"),
-                                       ("a/b\\c", "a-b-c"), (".hidden", "hidden"), ("ok_name-1.2", "ok_name-1.2")])
+                                       ("a/b\\c", "a-b-c"), (".hidden", "hidden"), ("_compare", "compare"),
+                                       ("ok_name-1.2", "ok_name-1.2")])
 def test_sanitize_run_name(raw, clean):
     assert sanitize_run_name(raw) == clean
 

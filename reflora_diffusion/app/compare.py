@@ -122,6 +122,18 @@ def base_model(runs_dir, names: list[str]) -> str:
     return bases.pop()
 
 
+def ready_runs(runs_dir, names: list[str]):
+    """The runs, if each has its final adapter; CompareError naming the first that has not."""
+    if not names:
+        raise CompareError("pick at least one run to compare")
+    runs = [read_run(runs_dir, n) for n in names]
+    for r in runs:
+        if not (r.path / "pytorch_lora_weights.safetensors").is_file():
+            raise CompareError(f"run {r.name!r} has no pytorch_lora_weights.safetensors yet ({r.state}); "
+                               "wait until it is done or pick another run")
+    return runs
+
+
 def load_pipeline(base: str):
     import torch
     from diffusers import DiffusionPipeline
@@ -141,18 +153,11 @@ def generate_grid(runs_dir, names: list[str], prompts: list[str], seeds: list[in
     one pipeline; saved under <runs_dir>/_compare/<time>/ with a labelled grid.png."""
     import torch
 
-    if not names:
-        raise CompareError("pick at least one run to compare")
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
         raise CompareError("no prompt given; enter one prompt per line")
-    runs = [read_run(runs_dir, n) for n in names]
-    for r in runs:
-        if not (r.path / "pytorch_lora_weights.safetensors").is_file():
-            raise CompareError(f"run {r.name!r} has no pytorch_lora_weights.safetensors yet ({r.state}); "
-                               "wait until it is done or pick another run")
-    base = base_model(runs_dir, names)
-    pipe = pipe or load_pipeline(base)
+    runs = ready_runs(runs_dir, names)
+    pipe = pipe or load_pipeline(base_model(runs_dir, names))
     size = runs[0].config.get("resolution")
     size_kw = {"height": int(size), "width": int(size)} if size else {}
     out_dir = out_dir or safe_path(runs_dir, "_compare", f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}")

@@ -40,6 +40,7 @@ TRAIN_SCRIPT = "train/sd.py"
 IMAGE_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp"}
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_FILES = 500
+MAX_UPLOAD_TOTAL_BYTES = 1024 * 1024 * 1024
 CANCEL_GRACE_SECONDS = 10.0
 
 
@@ -62,7 +63,7 @@ def check_image(path: str | os.PathLike, max_bytes: int = MAX_UPLOAD_BYTES) -> s
             im.verify()  # reads the whole file: catches truncated/corrupt data, not only the header
         with Image.open(path) as im:
             im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise JobError(f"upload {name!r} is not a readable image ({e}); use JPEG, PNG, WEBP or BMP files") from None
     if fmt not in IMAGE_FORMATS:
         raise JobError(f"upload {name!r} is a {fmt} image; use JPEG, PNG, WEBP or BMP files")
@@ -74,6 +75,10 @@ def save_uploads(files, dest: Path, max_bytes: int = MAX_UPLOAD_BYTES, max_files
     files = [os.fspath(f) if isinstance(f, (str, os.PathLike)) else f.name for f in files or []]  # paths or tempfiles
     if len(files) > max_files:
         raise JobError(f"{len(files)} images uploaded; the limit is {max_files}")
+    total = sum(os.path.getsize(f) for f in files)
+    if total > MAX_UPLOAD_TOTAL_BYTES:
+        raise JobError(f"the uploads add up to {total / 2**20:.0f} MB; the limit is "
+                       f"{MAX_UPLOAD_TOTAL_BYTES / 2**20:.0f} MB: give a folder on this machine instead")
     formats = [check_image(f, max_bytes) for f in files]
     dest.mkdir(parents=True, exist_ok=True)
     for i, (f, fmt) in enumerate(zip(files, formats)):
@@ -93,17 +98,19 @@ def build_config(form: dict, run_dir: Path, data_dir: Path | None = None) -> dic
     values = {k: v for k, v in form.items() if v is not None and v != "" and v != []}
     if isinstance(values.get("validation_prompt"), str):  # one prompt per line in the form
         values["validation_prompt"] = [p.strip() for p in values["validation_prompt"].splitlines() if p.strip()]
-    if data_dir is not None:
+    if data_dir is not None:  # uploads win over a folder: DreamBooth images with the instance prompt
+        values.pop("train_data_dir", None)
         values["instance_data_dir"] = str(data_dir)
-    else:
-        for key in ("instance_data_dir", "train_data_dir", "class_data_dir"):
-            if values.get(key):
-                folder = Path(values[key]).expanduser().resolve()
-                if not folder.is_dir() and key != "class_data_dir":  # class images may be generated
-                    raise JobError(f"data folder {values[key]!r} does not exist; upload images or give a folder")
-                values[key] = str(folder)
-        if not values.get("instance_data_dir") and not values.get("train_data_dir"):
-            raise JobError("no training images: upload some images or give a data folder")
+    for key in ("instance_data_dir", "train_data_dir", "class_data_dir"):
+        if values.get(key):
+            folder = Path(values[key]).expanduser().resolve()
+            if not folder.is_dir() and key != "class_data_dir":  # class images may still be generated
+                raise JobError(f"data folder {values[key]!r} does not exist; upload images or give a folder")
+            values[key] = str(folder)
+    if not values.get("instance_data_dir") and not values.get("train_data_dir"):
+        raise JobError("no training images: upload some images or give a data folder")
+    if values.get("with_prior_preservation") and not values.get("class_data_dir"):
+        values["class_data_dir"] = str(run_dir / "class_images")  # the trainer generates missing class images
     values["output_dir"] = str(run_dir)
     try:
         return make_config(values).to_dict()

@@ -28,7 +28,8 @@ class RunPathError(ValueError):
 
 def sanitize_run_name(name: str) -> str:
     """A run name that is a single safe folder name: letters, digits, '.', '_', '-'."""
-    cleaned = _NAME_OK.sub("-", (name or "").strip()).strip("-.")[:MAX_NAME_LEN].strip("-.")
+    # no leading '.' or '_': those folders are hidden from the run list (the app's own _compare lives there)
+    cleaned = _NAME_OK.sub("-", (name or "").strip()).strip("-._")[:MAX_NAME_LEN].strip("-._")
     if not cleaned:
         raise ValueError(f"run name {name!r} has no usable characters; use letters, digits, '-', '_' or '.'")
     return cleaned

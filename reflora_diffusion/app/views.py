@@ -7,6 +7,7 @@ testable without a browser. Errors a user can cause come back as messages, never
 from __future__ import annotations
 
 import html
+import threading
 from pathlib import Path
 
 from . import compare, downloads, runs
@@ -51,6 +52,8 @@ class AppViews:
     def __init__(self, runs_dir, runner: JobRunner | None = None):
         self.runs_dir = Path(runs_dir).resolve()
         self.runner = runner or JobRunner(self.runs_dir)
+        self._pipes: dict[str, object] = {}
+        self._generate_lock = threading.Lock()
 
     # ---- Train
 
@@ -133,10 +136,19 @@ class AppViews:
         return [(str(p), cap) for p, cap in items]
 
     def generate(self, names: list[str], prompts: str, seeds: str, steps: int) -> tuple[str | None, str]:
-        """(grid image path, message)."""
+        """(grid image path, message). The base pipeline stays loaded between requests; one generation at a
+        time, since adapters are loaded into it in turn."""
+        names = [n for n in names or [] if n]
         try:
-            grid, _ = compare.generate_grid(self.runs_dir, [n for n in names or [] if n],
-                                            (prompts or "").splitlines(), parse_seeds(seeds), int(steps))
+            compare.ready_runs(self.runs_dir, names)  # fail fast, before loading a pipeline
+            seed_list = parse_seeds(seeds)
+            with self._generate_lock:
+                base = compare.base_model(self.runs_dir, names)
+                if base not in self._pipes:
+                    self._pipes.clear()  # keep one base model in memory
+                    self._pipes[base] = compare.load_pipeline(base)
+                grid, _ = compare.generate_grid(self.runs_dir, names, (prompts or "").splitlines(), seed_list,
+                                                int(steps), pipe=self._pipes[base])
             return str(grid), f"Generated {grid.parent.name}: same prompts and seeds, one base pipeline."
         except USER_ERRORS as e:
             return None, f"**No grid:** {e}"

@@ -1,0 +1,91 @@
+"""What the page shows, without a browser: messages for bad input, progress, A/B grid hand-off, CLI flags."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app.py lives at the repo root
+
+import app  # noqa: E402
+from reflora_diffusion.app import runs, views  # noqa: E402
+from reflora_diffusion.app.jobs import JobRunner  # noqa: E402
+from test_app_compare import adapter_runs, lora_run  # noqa: E402,F401  (module fixture: real tiny adapters)
+from test_app_jobs import FORM, fake, images  # noqa: E402,F401
+from test_app_runs import make_run  # noqa: E402
+
+
+@pytest.fixture
+def v(tmp_path, fake):  # noqa: F811
+    return views.AppViews(tmp_path / "runs", JobRunner(tmp_path / "runs", command=fake()))
+
+
+def test_start_reports_user_errors_as_messages(v, images):  # noqa: F811
+    msg, names = v.start({**FORM, "rank": -1}, images)
+    assert msg == "**Not started:** --rank must be >= 1 (got -1)" and names == []
+    msg, names = v.start(FORM, None)
+    assert "no training images" in msg and names == []
+    msg, names = v.start(FORM, images, name="../../x", ab=True, method_b="reflora")
+    assert "two or more different methods" in msg  # FORM's method is reflora too
+    msg, names = v.start(FORM, images, name="pair", ab=True, method_b="lora")
+    assert names == ["pair-lora", "pair-reflora"] and "one after the other" in msg
+    v.runner.wait(v.runs_dir / "pair-reflora", timeout=60)
+    assert [s["state"] for s in v.runs_status()] == ["done", "done"]
+
+
+def test_progress_and_details(v, tmp_path):
+    events = [{"step": s, "loss": 1.0, "sec_per_step": 1.0, "refactor": {"balance_mean": 2.0}} for s in (1, 2)]
+    make_run(v.runs_dir, "r", step=2, max_steps=8, events=events)
+    html = views.progress_html(runs.read_run(v.runs_dir, "r"))
+    assert "step 2/8" in html and "width:25.0%" in html and "ETA 6s" in html
+    d = v.run_details("r")
+    assert d["stats"] == {"balance_mean": 2.0} and d["figure"].axes[0].lines
+    assert v.status("r") == {"name": "r", "method": "reflora", "state": "running", "step": 2, "max_steps": 8,
+                             "progress": 0.25, "eta_seconds": 6.0, "error": None}
+    assert "outside the runs directory" in v.run_details("../r")["progress"]
+    assert v.cancel(None) == "Pick a run to cancel." and "Not cancelled" in v.cancel("missing")
+    assert "<script>" not in views.progress_html(runs.Run("<script>", Path("."), "failed", 0, 0, "x", {}, {},
+                                                          error="<b>"))
+
+
+def test_ab_poll_makes_the_grid_when_both_are_done(adapter_runs):  # noqa: F811
+    v = views.AppViews(adapter_runs, JobRunner(adapter_runs, command=None, adopt=False))
+    make_run(adapter_runs, "still-running", state="running")
+    assert v.ab_poll(["trained", "still-running"], "x", "0", 2) == (["trained", "still-running"], None, None)
+    make_run(adapter_runs, "crashed", state="failed")
+    assert v.ab_poll(["trained", "crashed"], "x", "0", 2) == ([], None, "A/B did not finish: crashed failed")
+    pending, grid, msg = v.ab_poll(["trained", "zero"], "a photo of sks dog", "0, 1", 2)
+    assert pending == [] and Path(grid).name == "grid.png" and msg.startswith("Generated")
+    assert v.generate(["trained"], "x", "zero", 2) == (None, "**No grid:** seeds 'zero' must be whole numbers "
+                                                             "separated by commas, e.g. '0, 1'")
+    assert "has no pytorch_lora_weights.safetensors yet" in v.generate(["still-running"], "x", "0", 2)[1]
+    assert v.generate([], "x", "0", 2)[1] == "**No grid:** pick at least one run to compare"
+
+
+def test_export_messages(v):
+    make_run(v.runs_dir, "r", state="running")
+    assert v.export(None, None, "diffusers") == (None, None, "Pick a run to export.")
+    assert "has no final to export yet" in v.export("r", "final", "diffusers")[2]
+    assert "unknown export format 'zip'" in v.export("r", "final", "zip")[2]
+    assert "unknown export source" in v.export("r", "../../etc", "kohya")[2]
+    assert v.export_sources("r") == [] and v.export_sources("../x") == []
+
+
+def test_cli_defaults_are_private(monkeypatch):
+    for var in ("REFLORA_APP_HOST", "REFLORA_APP_AUTH", "REFLORA_APP_PORT", "REFLORA_RUNS_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    args = app.parse_args([])
+    assert (args.host, args.port, args.share, args.auth, args.runs_dir) == ("127.0.0.1", 7860, False, None, "runs")
+    monkeypatch.setenv("REFLORA_APP_AUTH", "me:pw")
+    assert app.parse_auth(app.parse_args([]).auth) == ("me", "pw")
+    with pytest.raises(SystemExit, match="--auth must look like user:password"):
+        app.parse_auth("nocolon")
+    assert views.default_resolution("tiny") == 64 and views.default_resolution("stabilityai/sdxl-base") == 1024
+
+
+def test_build_demo_endpoints(tmp_path):
+    demo = app.build_demo(str(tmp_path / "runs"))
+    endpoints = demo.get_api_info()["named_endpoints"]
+    assert set(endpoints) == {"/start", "/start_ab", "/cancel", "/generate", "/export", "/runs", "/status"}
+    assert [p["parameter_name"] for p in endpoints["/export"]["parameters"]] == ["name", "source", "fmt"]
