@@ -43,6 +43,9 @@ class TrainArguments:
     lora_alpha: float = 64
     lora_dropout: float = 0.05
     target_modules: str = field(default=PAPER_TARGETS, metadata={"help": "comma-separated module names"})
+    lora_top_layers: int | None = field(default=None, metadata={"help": "LoRA on the last N decoder layers only "
+                                                                        "(backward stops below them: for CPU "
+                                                                        "budgets); default: all layers"})
     refactor_warmup_steps: int = field(default=200, metadata={"help": "plain LoRA steps before refactoring "
                                                                        "(the authors' commonsense script: 200)"})
     refactor_interval: int = field(default=1, metadata={"help": "refactor every N optimizer steps"})
@@ -204,8 +207,13 @@ def run_train(args: TrainArguments, train_args) -> dict:
         features, truncated = tokenize_records(tokenizer, records, args.cutoff_len, args.train_on_inputs)
         if truncated:
             print(f"{truncated} of {len(features)} prompts were cut to fit --cutoff_len {args.cutoff_len}")
+        layers = {}
+        if args.lora_top_layers:
+            n = model.config.num_hidden_layers
+            layers = {"layers_to_transform": list(range(max(n - args.lora_top_layers, 0), n))}
         model = add_lora(model, [t.strip() for t in args.target_modules.split(",")], r=args.lora_r,
-                         alpha=args.lora_alpha, dropout=args.lora_dropout, method=args.method, task_type="CAUSAL_LM")
+                         alpha=args.lora_alpha, dropout=args.lora_dropout, method=args.method, task_type="CAUSAL_LM",
+                         **layers)
         model.config.use_cache = False
         tokenizer.padding_side = "right"  # training: right padding keeps the positions of real tokens at 0..n-1
         trainer = RefactorTrainer(
@@ -228,6 +236,7 @@ def run_train(args: TrainArguments, train_args) -> dict:
             write_json_atomic(results_path, results)
             if test_files:
                 write_status(out, "running", steps, trainer.state.max_steps)
+                model = model.merge_and_unload()  # the adapter is saved; merged, generation runs at base speed
                 model.config.use_cache = True
                 evaluate_datasets(model, tokenizer, test_files, out, results,
                                   lambda r: write_json_atomic(results_path, r), args.eval_max_samples,

