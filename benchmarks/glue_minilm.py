@@ -50,7 +50,7 @@ def parse():
     p.add_argument("--alpha", type=float, default=8)
     p.add_argument("--refactor_warmup", type=int, default=10,
                    help="plain LoRA steps before refactoring (the paper: 100 of several thousand)")
-    p.add_argument("--eval_samples", type=int, default=250)
+    p.add_argument("--eval_samples", type=int, default=200)
     p.add_argument("--logging_steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "glue_minilm"))
@@ -88,25 +88,35 @@ def summarize(runs, args):
         return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
 
     table = {}
-    for m in args.methods:
+    for m in [m for m in args.methods if any(r["method"] == m for r in runs)]:
         row = {}
         for t in args.tasks:
             rs = [r for r in runs if r["method"] == m and r["task"] == t]
+            if not rs:
+                continue
             row[t] = {"metric": stats([100 * r["metric"] for r in rs]),
                       "train_loss": stats([r["train_loss"] for r in rs]),
                       "it_per_s": stats([1 / r["sec_per_step"] for r in rs])}
-        row["average"] = statistics.mean(row[t]["metric"]["mean"] for t in args.tasks)
-        row["it_per_s"] = statistics.mean(row[t]["it_per_s"]["mean"] for t in args.tasks)
+        done = [t for t in args.tasks if t in row]
+        row["average"] = statistics.mean(row[t]["metric"]["mean"] for t in done) if len(done) == len(args.tasks) else None
+        row["it_per_s"] = statistics.mean(row[t]["it_per_s"]["mean"] for t in done)
+        row["tasks_done"] = done
         table[m] = row
     base = table.get("lora")
     for m, row in table.items():
         if base:
-            row["it_per_s_ratio_to_lora"] = row["it_per_s"] / base["it_per_s"]
+            # it/s ratio over the tasks both have run (tasks differ a lot in sequence length)
+            common = [t for t in row["tasks_done"] if t in base]
+            row["it_per_s_ratio_to_lora"] = statistics.mean(row[t]["it_per_s"]["mean"] / base[t]["it_per_s"]["mean"]
+                                                            for t in common)
             # loss below LoRA at equal steps: per (task, seed), compare the curves after the refactoring warm-up
             wins = total = 0
             diffs = []
             for r in (r for r in runs if r["method"] == m):
-                ref = next(b for b in runs if b["method"] == "lora" and b["task"] == r["task"] and b["seed"] == r["seed"])
+                ref = next((b for b in runs if b["method"] == "lora" and b["task"] == r["task"]
+                            and b["seed"] == r["seed"]), None)
+                if ref is None:
+                    continue
                 for s, l, lb in zip(r["loss_steps"], r["loss"], ref["loss"]):
                     if s > args.refactor_warmup:
                         total += 1
@@ -151,8 +161,9 @@ def plot(table, curve, args, path):
     cols = [*args.tasks, "average", "it/s", "it/s vs LoRA", "loss < LoRA"]
     cells = []
     for m, row in table.items():
-        cells.append([*(f"{row[t]['metric']['mean']:.1f} ± {row[t]['metric']['std']:.1f}" for t in args.tasks),
-                      f"{row['average']:.2f}", f"{row['it_per_s']:.2f}",
+        cells.append([*(f"{row[t]['metric']['mean']:.1f} ± {row[t]['metric']['std']:.1f}" if t in row else "-"
+                        for t in args.tasks),
+                      "-" if row["average"] is None else f"{row['average']:.2f}", f"{row['it_per_s']:.2f}",
                       f"{100 * row.get('it_per_s_ratio_to_lora', 1):.1f} %",
                       "" if row.get("loss_below_lora_fraction") is None else f"{100 * row['loss_below_lora_fraction']:.0f} % of steps"])
     tab = ax.table(cellText=cells, rowLabels=list(table), colLabels=cols, loc="center")
@@ -161,6 +172,7 @@ def plot(table, curve, args, path):
                  "metric x100 (acc. RTE/MRPC, Pearson STS-B, MCC CoLA), mean ± std over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main():
@@ -176,27 +188,41 @@ def main():
     import datasets
     datasets.disable_progress_bars()
 
+    # The three RefLoRA-vs-LoRA methods first, the extra baselines after; results are saved after every run,
+    # so an interrupted benchmark still leaves a table of what has finished.
+    first = [m for m in args.methods if m in ("lora", "reflora", "reflora-s")]
+    phases = [first, [m for m in args.methods if m not in first]]
+    jobs = [(t, s, m) for group in phases for t in args.tasks for s in args.seeds for m in group]
     runs, started = [], time.time()
-    jobs = [(t, s, m) for t in args.tasks for s in args.seeds for m in args.methods]
     with tempfile.TemporaryDirectory() as workdir:
         for t, s, m in tqdm(jobs, desc="glue_minilm runs"):
             runs.append(one_run(args, t, m, s, workdir))
+            table = save(runs, args, started, torch.__version__)
+    report(table, args, started)
+
+
+def save(runs, args, started, torch_version):
     table = summarize(runs, args)
     curve = curves(runs, args)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    result = {"config": {k: v for k, v in vars(args).items()}, "wall_seconds": time.time() - started,
-              "torch": torch.__version__, "table": table, "curves": curve, "runs": runs}
+    result = {"config": vars(args), "wall_seconds": time.time() - started, "torch": torch_version,
+              "complete": len(runs) == len(args.tasks) * len(args.seeds) * len(args.methods),
+              "table": table, "curves": curve, "runs": runs}
     tmp = args.out + ".json.tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
     os.replace(tmp, args.out + ".json")
     plot(table, curve, args, args.out + ".png")
+    return table
 
+
+def report(table, args, started):
     print(f"\n{'method':10s} " + " ".join(f"{t:>13s}" for t in args.tasks) + "   average   it/s  vs LoRA  loss<LoRA")
     for m, row in table.items():
         frac = row.get("loss_below_lora_fraction")
-        print(f"{m:10s} " + " ".join(f"{row[t]['metric']['mean']:6.1f} ± {row[t]['metric']['std']:4.1f}" for t in args.tasks)
-              + f"   {row['average']:7.2f}  {row['it_per_s']:5.2f}  {100 * row.get('it_per_s_ratio_to_lora', 1):5.1f} %"
+        print(f"{m:10s} " + " ".join(f"{row[t]['metric']['mean']:6.1f} ± {row[t]['metric']['std']:4.1f}" if t in row
+                                      else f"{'-':>13s}" for t in args.tasks)
+              + f"   {row['average'] or float('nan'):7.2f}  {row['it_per_s']:5.2f}  {100 * row.get('it_per_s_ratio_to_lora', 1):5.1f} %"
               + ("" if frac is None else f"  {100 * frac:5.0f} %"))
     print(f"wrote {args.out}.json and .png in {time.time() - started:.0f} s")
 

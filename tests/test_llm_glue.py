@@ -209,3 +209,20 @@ def test_cli_errors_are_one_line(tmp_path):
                              capture_output=True, text=True, env=env)
     assert bad_dir.returncode != 0 and "Traceback" not in bad_dir.stderr
     assert bad_dir.stderr.strip().splitlines()[-1].startswith(f"error: GLUE data folder {tmp_path / 'none'}")
+
+
+def test_hub_columns_map_to_the_same_schema(monkeypatch):
+    # No network here: stand in for load_dataset("nyu-mll/glue", "mnli") with the hub's real column layout.
+    import datasets
+
+    def fake_load_dataset(path, name):
+        assert (path, name) == ("nyu-mll/glue", "mnli")
+        split = lambda n: datasets.Dataset.from_dict({"premise": ["p"] * n, "hypothesis": ["h"] * n,  # noqa: E731
+                                                      "label": [2] * n, "idx": list(range(n))})
+        return datasets.DatasetDict({"train": split(3), "validation_matched": split(2),
+                                     "validation_mismatched": split(1)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = load_glue("mnli", None)
+    assert {k: len(v) for k, v in data.items()} == {"train": 3, "validation_matched": 2, "validation_mismatched": 1}
+    assert data["train"][0] == {"text_a": "p", "text_b": "h", "label": 2}
