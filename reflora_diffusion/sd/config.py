@@ -179,6 +179,13 @@ class SDTrainConfig:
             raise ConfigError("--warmup_steps and --lr_warmup_steps must be >= 0")
         if not self.target_modules:
             raise ConfigError("--target_modules is empty; the default is to_q to_k to_v to_out.0")
+        if self.report_to not in ("none", "all"):
+            import importlib.util
+
+            modules = {"tensorboard": ("tensorboard", "tensorboardX")}.get(self.report_to, (self.report_to,))
+            if not any(importlib.util.find_spec(m) for m in modules):
+                raise ConfigError(f"--report_to {self.report_to} needs the {modules[0]} package: pip install "
+                                  f"{modules[0]}, or use --report_to none (events.jsonl is always written)")
         from diffusers.optimization import SchedulerType
 
         names = [s.value for s in SchedulerType]

@@ -36,7 +36,7 @@ def _text_encoder_class(path: str, subfolder: str, revision):
     # SD 1.x/2.x use CLIPTextModel, SDXL's second encoder CLIPTextModelWithProjection: read it from the config.
     import transformers
 
-    config = transformers.PretrainedConfig.from_pretrained(path, subfolder=subfolder, revision=revision)
+    config = transformers.AutoConfig.from_pretrained(path, subfolder=subfolder, revision=revision)
     return getattr(transformers, config.architectures[0])
 
 
@@ -114,9 +114,13 @@ def prepare_for_training(components: Components, cfg, weight_dtype: torch.dtype,
         for i, te in enumerate(components.text_encoders):
             add_lora(te, cfg.text_encoder_target_modules, cfg, f"text encoder {i + 1}")
     # Frozen weights in the compute dtype; LoRA parameters stay fp32 so small updates are not rounded away.
-    components.vae.to(device, dtype=torch.float32 if components.sdxl else weight_dtype)  # SDXL's VAE overflows fp16
+    vae_dtype = torch.float32 if components.sdxl else weight_dtype  # SDXL's VAE overflows in fp16
+    for m in (components.vae, *components.models.values()):
+        m.to(device)
+        dtype = vae_dtype if m is components.vae else weight_dtype
+        if dtype != torch.float32:  # (diffusers warns on a no-op dtype cast)
+            m.to(dtype=dtype)
     for m in components.models.values():
-        m.to(device, dtype=weight_dtype)
         for p in m.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
