@@ -11,6 +11,7 @@ survive an app restart and runs started from a terminal show up here too.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 
 import gradio as gr
@@ -149,20 +150,21 @@ def build_demo(runs_dir: str) -> gr.Blocks:
                     "train_text_encoder": train_text_encoder, "warmup_steps": warmup_steps,
                     "validation_steps": validation_steps, "checkpointing_steps": checkpointing_steps}
 
+        form_fields = set(inspect.signature(form).parameters)
+
         # explicit parameters (not *args): they are the names scripts use with gradio_client
         def start(images, run_name, base, data_dir, captions, instance_prompt, class_prompt, with_prior_preservation,
                   validation_prompt, method, rank, alpha, steps, lr, resolution, seed, precision, train_text_encoder,
                   warmup_steps, validation_steps, checkpointing_steps):
-            fields = dict(locals())
-            msg, _ = views.start(form(**{k: v for k, v in fields.items() if k not in ("images", "run_name")}),
-                                 images, run_name)
+            fields = {k: v for k, v in locals().items() if k in form_fields}
+            msg, _ = views.start(form(**fields), images, run_name)
             return msg
 
         def start_ab(method_b, side_by_side, images, run_name, base, data_dir, captions, instance_prompt,
                      class_prompt, with_prior_preservation, validation_prompt, method, rank, alpha, steps, lr,
                      resolution, seed, precision, train_text_encoder, warmup_steps, validation_steps,
                      checkpointing_steps):
-            fields = {k: v for k, v in locals().items() if k not in ("method_b", "side_by_side", "images", "run_name")}
+            fields = {k: v for k, v in locals().items() if k in form_fields}
             msg, names = views.start(form(**fields), images, run_name, ab=True, method_b=method_b,
                                      side_by_side=side_by_side)
             if not names:
