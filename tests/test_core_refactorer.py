@@ -433,3 +433,34 @@ def test_grad_scaler_hook_sees_unscaled_gradients_and_skipped_steps_do_not_count
     scaler.scale(((m_amp(x) - y) ** 2).mean() * float("inf")).backward()
     scaler.step(opt)
     assert ref.step_count == 2
+
+
+def test_reinit_keeps_the_output_refactors_from_step_0_and_exports_exactly(tmp_path):
+    model = lora_model(seed=16, warm=False)
+    x, y = data()
+    before = model(x).detach()
+    ref = Refactorer(model, method="reflora", reinit=True)
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)  # base - s B0 A0 + s B0 A0
+    assert all((p.B != 0).any() for p in ref.pairs)
+    opt = ref.attach(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2))
+    ((model(x) - y) ** 2).mean().backward()
+    opt.step()
+    assert ref.stats()["refactored"] == 2  # no warm-up needed
+    # the exported LoRA (rank 2r) on the original base weights reproduces the trained model
+    torch.manual_seed(16)
+    base = Net()
+    for name, (A, B, s) in ref.effective_factors().items():
+        with torch.no_grad():
+            getattr(base, name.split(".")[-1]).weight += s * B @ A
+    torch.testing.assert_close(base(x), model(x), atol=1e-5, rtol=1e-5)
+    # resuming on a pristine base with reinit=True again does not subtract twice
+    ref.save(tmp_path)
+    lora_state = lora_params(model)
+    fresh = lora_model(seed=16, warm=False)
+    ref2 = Refactorer(fresh, method="reflora", reinit=True)
+    with torch.no_grad():
+        for n, p in fresh.named_parameters():
+            if n in lora_state:
+                p.copy_(lora_state[n])
+    ref2.load(tmp_path)
+    torch.testing.assert_close(fresh(x), model(x), atol=1e-5, rtol=1e-5)

@@ -33,10 +33,15 @@ class Refactorer:
     on every ``interval``-th step. Because the work happens in optimizer step hooks it runs once per
     real optimizer step: after gradient accumulation, DDP all-reduce and the GradScaler's unscale, and
     not at all on a step the GradScaler skips.
+
+    ``reinit=True`` replaces peft's init (B = 0, where refactoring is undefined) by random full-rank
+    factors (A0, B0) and subtracts s * B0 @ A0 from the base weight, so the model output is unchanged and
+    refactoring can start at step 0 (METHODS.md, Assumption 1). The subtraction is kept like a chain link:
+    ``effective_factors()`` then exports [A0; A], [-B0, B] (rank 2r), exact on the original base model.
     """
 
     def __init__(self, model: nn.Module, method: str = "reflora", warmup_steps: int = 0, interval: int = 1,
-                 adapter: str | None = None, **method_options):
+                 adapter: str | None = None, reinit: bool = False, reinit_seed: int = 0, **method_options):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of: {_method_names()}.")
         if int(warmup_steps) < 0 or int(interval) < 1:
@@ -62,8 +67,23 @@ class Refactorer:
         self._handles = []
         self._warned_state: set[str] = set()
         self._reset_counters()
+        if reinit:
+            self._reinit(reinit_seed)
 
     # ------------------------------------------------------------------ set-up
+    @torch.no_grad()
+    def _reinit(self, seed: int) -> None:
+        if any(getattr(p.module, "use_dora", {}).get(p.adapter, False) for p in self.pairs):
+            raise ValueError("reinit=True changes the base weights, which DoRA's magnitude depends on; "
+                             "use warmup_steps instead.")
+        g = torch.Generator().manual_seed(int(seed))
+        for pair in self.pairs:
+            for factor, fan_in in ((pair.A, pair.d_in), (pair.B, pair.rank)):
+                # peft's kaiming_uniform(a=sqrt(5)) bound, drawn on the CPU so every process draws the same
+                u = torch.rand(factor.shape, generator=g) * 2 - 1
+                factor.copy_((u / fan_in ** 0.5).to(factor))
+        # base <- base - s * B0 @ A0, remembered as the link (A0, -B0) so export and resume stay exact
+        self._merge([(p.A.detach().clone(), -p.B.detach().clone()) for p in self.pairs])
     def _check_ranks(self) -> None:
         for p in self.pairs:
             if p.rank > min(p.d_in, p.d_out):
@@ -199,15 +219,18 @@ class Refactorer:
             mat = mat.T
         return mat.reshape(base.shape).to(base.dtype)
 
-    @torch.no_grad()
     def merge_into_base(self) -> None:
         """Merge each pair's current s * B @ A into its base weight and remember it as a chain link."""
+        self._merge([(p.A.detach().clone(), p.B.detach().clone()) for p in self.pairs])
+
+    @torch.no_grad()
+    def _merge(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         links = getattr(self, "_links", None)
         if links is None:
             links = self._links = [[] for _ in self.pairs]
-        for pair, pair_links in zip(self.pairs, links):
-            pair.module.get_base_layer().weight.add_(self._delta(pair, pair.A, pair.B))
-            pair_links.append((pair.A.detach().clone(), pair.B.detach().clone()))
+        for pair, pair_links, (A, B) in zip(self.pairs, links, factors):
+            pair.module.get_base_layer().weight.add_(self._delta(pair, A, B))
+            pair_links.append((A, B))
 
     def effective_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """{pair name: (A, B, scaling)} of the LoRA to export.
