@@ -221,7 +221,7 @@ def test_checkpoints_total_limit(tmp_path):
 
 
 # --- NaN handling ----------------------------------------------------------------------------------------
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")  # the skipped step is the 1st
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")  # the skipped step is the 1st
 def test_nan_loss_steps_are_skipped_then_training_stops(tmp_path, monkeypatch):
     from reflora_diffusion.sd.train import TrainingError
 
@@ -302,6 +302,16 @@ def test_other_torch_optimizer_and_method_options(tmp_path):
     assert isinstance(trainer.optimizer.optimizer, torch.optim.SGD)
     lrs = sorted({g["lr"] for g in trainer.optimizer.param_groups})
     assert lrs == pytest.approx([1e-2, 4e-2])  # LoRA+: B learns ratio times faster
+
+
+def test_bf16_keeps_lora_weights_in_fp32(tmp_path):
+    trainer = train(tmp_path / "bf16", mixed_precision="bf16", gradient_checkpointing=True, method="reflora",
+                    max_train_steps=3, warmup_steps=1, validation_prompt=[], checkpointing_steps=10)
+    dtypes = {p.dtype for p in trainer.c.unet.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in trainer.c.unet.parameters() if not p.requires_grad}
+    assert dtypes == {torch.float32} and frozen == {torch.bfloat16}
+    assert all(math.isfinite(v) for v in losses(tmp_path / "bf16").values())
+    assert trainer.ref.stats()["refactored"] == 32  # the core's r x r algebra runs on the fp32 factors
 
 
 # --- distributed -----------------------------------------------------------------------------------------
