@@ -288,6 +288,31 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     assert status["state"] == "failed" and status["error"]
 
 
+def test_sigterm_ends_the_run_as_cancelled(tmp_path):
+    """What the app's cancel button does: SIGTERM to the trainer process."""
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "term"
+    cmd = [sys.executable, str(REPO / "train" / "sd.py"), "--pretrained_model_name_or_path", "tiny",
+           "--instance_data_dir", str(DOG), "--instance_prompt", PROMPT, "--resolution", "64",
+           "--max_train_steps", "1000", "--output_dir", str(run)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "events.jsonl").is_file():
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "cancelled" and 1 <= status["step"] < 1000 and status["pid"] == proc.pid
+
+
 class _nothing:
     def __enter__(self):
         return self

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (the app's cancel, a scheduler) ends like Ctrl-C: status "cancelled"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -10,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .train import TrainingError, train
 
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         cfg = parse_args(argv)
         run_dir = train(cfg)
@@ -19,5 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"done: {run_dir}")
     return 0
