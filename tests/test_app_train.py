@@ -45,7 +45,9 @@ def test_real_tiny_job_runs_exports_and_cancels(tmp_path):
     assert r.cancel("long").startswith("cancelled long")
     assert not runs.pid_alive(trainer_pid)
     long = runs.read_run(r.runs_dir, "long")
-    assert long.state == "cancelled" and 2 <= long.step < 10_000
+    assert long.state == "cancelled" and long.error == "cancelled by the user" and 2 <= long.step < 10_000
+    events = runs.event_log(long_dir)  # the folder stays readable: whole lines only, steps up to the cancel
+    assert events.offset == (long_dir / "events.jsonl").stat().st_size and events.steps[-1] >= 2
     assert not (long_dir / "pytorch_lora_weights.safetensors").exists()
 
     assert r.wait(done_dir, timeout=300) == "done", (done_dir / "train.log").read_text()[-3000:]

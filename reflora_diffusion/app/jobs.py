@@ -239,6 +239,8 @@ class JobRunner:
 
     def _watch(self, run_dir: Path, proc: subprocess.Popen) -> None:
         returncode = proc.wait()
+        # the launcher is gone; its trainer child may still be writing its last status (e.g. after SIGTERM)
+        _wait_dead(_trainer_pid(run_dir), timeout=CANCEL_GRACE_SECONDS)
         self._finalize(run_dir, returncode)
         with self._lock:
             self._procs.pop(run_dir, None)
@@ -319,17 +321,14 @@ class JobRunner:
             self._mark(run_dir, "cancelled", "cancelled by the user before it started")
             return f"cancelled {run_dir.name} (it had not started)"
         job = read_json(run_dir / "job.json", {}) or {}
-        pid = proc.pid if proc else status.get("pid")
+        pid = _trainer_pid(run_dir) or (proc.pid if proc else None)
         pgid = proc.pid if proc else job.get("pgid")
-        # the app's own jobs: the whole process group; a run started in a terminal: only its trainer pid
+        # the app's own jobs: the whole process group (launcher + trainer); a run started in a terminal:
+        # only its trainer. SIGTERM first: the trainer then ends like Ctrl-C and writes its own status.
         _signal(pgid, pid, signal.SIGTERM)
-        deadline = time.time() + grace
-        while time.time() < deadline and (_alive(proc, pid)):
-            time.sleep(0.1)
-        if _alive(proc, pid):
+        if not _wait_dead(pid, grace, proc):
             _signal(pgid, pid, signal.SIGKILL)
-            if proc:
-                proc.wait(timeout=5)
+            _wait_dead(pid, 5.0, proc)
         if proc is not None:  # the watcher thread writes the final status; wait for it
             while self.is_running(run_dir):
                 time.sleep(0.05)
@@ -373,10 +372,18 @@ class JobRunner:
             time.sleep(0.2)
 
 
-def _alive(proc: subprocess.Popen | None, pid) -> bool:
-    if proc is not None:
-        return proc.poll() is None
-    return pid_alive(pid)
+def _trainer_pid(run_dir: Path):
+    return (read_json(Path(run_dir) / "status.json", {}) or {}).get("pid")
+
+
+def _wait_dead(pid, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    """Wait until the trainer pid (and the launcher process, if given) have exited; False on timeout."""
+    deadline = time.time() + timeout
+    while (pid_alive(pid) if pid else False) or (proc is not None and proc.poll() is None):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _signal(pgid, pid, sig) -> None:
