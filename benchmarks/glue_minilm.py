@@ -53,6 +53,10 @@ def parse():
     p.add_argument("--eval_samples", type=int, default=200)
     p.add_argument("--logging_steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
+    p.add_argument("--throughput_steps", type=int, default=20,
+                   help="timed steps per method in the interleaved throughput measurement")
+    p.add_argument("--part", choices=["all", "glue", "throughput"], default="all",
+                   help="throughput alone updates the throughput section of an existing result file")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "glue_minilm"))
     return p.parse_args()
 
@@ -80,6 +84,54 @@ def one_run(args, task, method, seed, workdir):
             "final": results["final"], "loss_steps": [e["step"] for e in train], "loss": [e["loss"] for e in train],
             "train_loss": results["train_loss"], "sec_per_step": statistics.median(sec),
             "refactor": results["refactor"]}
+
+
+def throughput(args) -> dict:
+    """Seconds per optimizer step (forward, backward, step) per method, measured round-robin on one batch.
+
+    The GLUE runs' it/s are noisy when other jobs share the CPU; here every method takes one step in turn, so a
+    change in load hits all of them alike, and the median over many steps is compared.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from reflora_diffusion.core import Refactorer
+    from reflora_diffusion.llm.glue import TARGETS
+    from reflora_diffusion.llm.trainer import add_lora
+
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(1000, 20000, (args.batch_size, args.max_length)),
+             "labels": torch.randint(0, 2, (args.batch_size,))}
+    setups = {}
+    for m in args.methods:
+        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+        model = add_lora(model, TARGETS["bert"], r=args.rank, alpha=args.alpha, task_type="SEQ_CLS")
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        ref = Refactorer(model, m, warmup_steps=2)  # two plain steps make B != 0, then the method acts
+        ref.attach(opt)
+        setups[m] = (model, opt, ref)
+
+    def step(model, opt):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = {m: [] for m in args.methods}
+    for i in range(args.throughput_steps + 3):
+        for m, (model, opt, _) in setups.items():
+            t = time.perf_counter()
+            step(model, opt)
+            if i >= 3:  # after the warm-up: the method's own work is in the timed steps
+                times[m].append(time.perf_counter() - t)
+    out = {}
+    for m, ts in times.items():
+        med = statistics.median(ts)
+        out[m] = {"sec_per_step_median": med, "it_per_s": 1 / med, "steps": len(ts),
+                  "refactored_layers": setups[m][2].stats()["refactored"]}
+    for m in out:
+        out[m]["ratio_to_lora"] = out["lora"]["sec_per_step_median"] / out[m]["sec_per_step_median"] \
+            if "lora" in out else None
+    return out
 
 
 def summarize(runs, args):
@@ -188,6 +240,13 @@ def main():
     import datasets
     datasets.disable_progress_bars()
 
+    if args.part == "throughput":
+        with open(args.out + ".json") as f:
+            result = json.load(f)
+        result["throughput"] = throughput(args)
+        _write_json(result, args.out + ".json")
+        print(json.dumps(result["throughput"], indent=1))
+        return
     # The three RefLoRA-vs-LoRA methods first, the extra baselines after; results are saved after every run,
     # so an interrupted benchmark still leaves a table of what has finished.
     first = [m for m in args.methods if m in ("lora", "reflora", "reflora-s")]
@@ -198,6 +257,11 @@ def main():
         for t, s, m in tqdm(jobs, desc="glue_minilm runs"):
             runs.append(one_run(args, t, m, s, workdir))
             table = save(runs, args, started, torch.__version__)
+    if args.part == "all":
+        result = json.load(open(args.out + ".json"))
+        result["throughput"] = throughput(args)
+        _write_json(result, args.out + ".json")
+        print(json.dumps(result["throughput"], indent=1))
     report(table, args, started)
 
 
@@ -208,15 +272,19 @@ def save(runs, args, started, torch_version):
     result = {"config": vars(args), "wall_seconds": time.time() - started, "torch": torch_version,
               "complete": len(runs) == len(args.tasks) * len(args.seeds) * len(args.methods),
               "table": table, "curves": curve, "runs": runs}
-    tmp = args.out + ".json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out + ".json")
+    _write_json(result, args.out + ".json")
     plot(table, curve, args, args.out + ".png")
     return table
 
 
-def report(table, args, started):
+def _write_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def report(table, args, started):  # noqa: D103
     print(f"\n{'method':10s} " + " ".join(f"{t:>13s}" for t in args.tasks) + "   average   it/s  vs LoRA  loss<LoRA")
     for m, row in table.items():
         frac = row.get("loss_below_lora_fraction")
@@ -224,7 +292,23 @@ def report(table, args, started):
                                       else f"{'-':>13s}" for t in args.tasks)
               + f"   {row['average'] or float('nan'):7.2f}  {row['it_per_s']:5.2f}  {100 * row.get('it_per_s_ratio_to_lora', 1):5.1f} %"
               + ("" if frac is None else f"  {100 * frac:5.0f} %"))
+    print("\n" + markdown(table, args))
     print(f"wrote {args.out}.json and .png in {time.time() - started:.0f} s")
+
+
+def markdown(table, args) -> str:
+    """The result table as Markdown (for docs/llm.md)."""
+    head = ["method", *args.tasks, "average", "it/s", "it/s vs LoRA", "train loss - LoRA's", "loss < LoRA's"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, row in table.items():
+        d, frac = row.get("loss_minus_lora_mean"), row.get("loss_below_lora_fraction")
+        lines.append("| " + " | ".join([
+            m, *(f"{row[t]['metric']['mean']:.1f} ± {row[t]['metric']['std']:.1f}" if t in row else "-"
+                 for t in args.tasks),
+            "-" if row["average"] is None else f"{row['average']:.2f}", f"{row['it_per_s']:.2f}",
+            f"{100 * row.get('it_per_s_ratio_to_lora', 1):.1f} %", "" if d is None else f"{d:+.4f}",
+            "" if frac is None else f"{100 * frac:.0f} % of logged steps"]) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
