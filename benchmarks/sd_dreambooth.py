@@ -144,7 +144,8 @@ def main(argv=None) -> dict:
         "lora_final_loss_smoothed": lora_final, "lora_steps_to_own_final": lora_steps,
         "targets": {
             "reflora_steps_ratio_le_0.70": _check(results.get("reflora", {}).get("steps_ratio_vs_lora"), 0.70, "le"),
-            "reflora_it_per_s_ratio_ge_0.98": _check(results.get("reflora", {}).get("it_per_s_ratio_vs_lora"), 0.98, "ge"),
+            "reflora_it_per_s_ratio_ge_0.98": _check(results.get("reflora", {}).get("it_per_s_ratio_vs_lora"),
+                                                     0.98, "ge"),
         },
         "methods": results, "loss_curves": curves,
     }
