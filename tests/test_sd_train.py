@@ -76,14 +76,14 @@ def unet_out(unet, sdxl: bool) -> torch.Tensor:
     return unet(latents, t, hidden, added_cond_kwargs=added).sample
 
 
-def load_pipeline_with_lora(run: Path, sdxl: bool):
+def load_pipeline_with_lora(run: Path, sdxl: bool, weight_name: str | None = None):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from reflora_diffusion.sd.presets import resolve_pretrained
 
     cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     pipe = cls.from_pretrained(resolve_pretrained("tiny-sdxl" if sdxl else "tiny"))
-    pipe.load_lora_weights(str(run))
+    pipe.load_lora_weights(str(run), weight_name=weight_name)
     return pipe
 
 
@@ -132,6 +132,14 @@ def test_run_folder_is_complete(tmp_path, method):
     # those) and reproduces the trained UNet.
     pipe = load_pipeline_with_lora(run, sdxl=False)
     torch.testing.assert_close(unet_out(pipe.unet, False), unet_out(trainer.c.unet, False), rtol=1e-5, atol=1e-5)
+
+    if method == "reflora":  # the on-demand kohya export of the same run goes through diffusers' kohya loader
+        from reflora_diffusion.export.run import export_run
+
+        kohya = export_run(run, format="kohya", output=tmp_path / "kohya")
+        assert "lora_unet_" in next(iter(load_file(str(kohya))))
+        pipe = load_pipeline_with_lora(kohya.parent, sdxl=False, weight_name=kohya.name)
+        torch.testing.assert_close(unet_out(pipe.unet, False), unet_out(trainer.c.unet, False), rtol=1e-5, atol=1e-5)
 
 
 def test_sdxl_with_both_text_encoders(tmp_path):
