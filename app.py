@@ -109,10 +109,10 @@ def build_demo(runs_dir: str) -> gr.Blocks:
                             "pipeline (`load_lora_weights`).")
                 grid = gr.Image(show_label=False, type="filepath", elem_id="comparison-grid")
                 with gr.Row():
-                    cmp_plot = gr.Plot(label="Loss, overlaid")
+                    cmp_plot = gr.Plot(label="Loss, overlaid", scale=2)
                     cmp_table = gr.Dataframe(label="Steps to loss: the first step at which each run's smoothed loss "
                                                    "reaches the reference's (the LoRA run's) final smoothed loss",
-                                             interactive=False)
+                                             interactive=False, scale=3)
                 with gr.Row():
                     sample_step = gr.Dropdown([], label="Saved samples at step", allow_custom_value=True)
                 saved = gr.Gallery(label="Saved validation samples at equal steps", columns=6, height=240,
@@ -121,7 +121,7 @@ def build_demo(runs_dir: str) -> gr.Blocks:
             # ---------------------------------------------------------------- Export
             with gr.Tab("Export", id="export"):
                 with gr.Row():
-                    exp_run = gr.Dropdown(views.run_names(), label="Run", allow_custom_value=True)
+                    exp_run = gr.Dropdown(views.run_names(), label="Run to export", allow_custom_value=True)
                     exp_source = gr.Dropdown([], label="Final adapter or checkpoint", allow_custom_value=True)
                     exp_format = gr.Radio(["diffusers", "kohya"], value="diffusers",
                                           label="Format (kohya = A1111 / ComfyUI)")
@@ -216,7 +216,7 @@ def build_demo(runs_dir: str) -> gr.Blocks:
             choices = views.export_sources(name)
             return gr.Dropdown(choices=choices, value=choices[0] if choices else None)
 
-        exp_run.change(sources, exp_run, exp_source, **private)
+        exp_run.input(sources, exp_run, exp_source, **private)
         exp_btn.click(views.export, [exp_run, exp_source, exp_format], [exp_file, exp_card, exp_info],
                       api_name="export")
 

@@ -73,6 +73,21 @@ def test_browser_ab_run_to_comparison_grid(tmp_path):
             shot = tmp_path / "app.png"
             page.screenshot(path=str(shot), full_page=True)
             text = page.locator("body").inner_text()
+
+            # export the RefLoRA run for A1111/ComfyUI: picking the run fills in its sources
+            page.get_by_role("tab", name="Export").click()
+            page.get_by_label("Run to export", exact=True).click()
+            page.get_by_role("option", name="browser-reflora").click()
+            source = page.get_by_label("Final adapter or checkpoint", exact=True)
+            deadline = time.time() + 30
+            while source.input_value() != "final" and time.time() < deadline:
+                time.sleep(0.2)
+            assert source.input_value() == "final"
+            page.get_by_role("radio", name="kohya").check()
+            page.get_by_role("button", name="Export", exact=True).click()
+            info = page.get_by_text("browser-reflora.safetensors (kohya format)")
+            info.wait_for(timeout=60_000)
+            assert "rank 4" in page.locator("body").inner_text()
             browser.close()
     finally:
         stop(proc)
