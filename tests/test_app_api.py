@@ -15,8 +15,9 @@ import requests
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
+from test_app_train import DOG  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-DOG = Path("/work/shared/data/dreambooth/dog")
 AUTH = ("tester", "s3cret-pass")
 
 

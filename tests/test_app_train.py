@@ -12,9 +12,7 @@ import torch
 from reflora_diffusion.app import downloads, runs
 from reflora_diffusion.app.jobs import JobRunner
 
-DOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth" / "dog"
-if not DOG.is_dir():
-    DOG = Path("/work/shared/data/dreambooth/dog")
+DOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth" / "dog"  # ../shared/data
 
 TINY_FORM = {"pretrained_model_name_or_path": "tiny", "instance_data_dir": str(DOG),
              "instance_prompt": "a photo of sks dog", "method": "reflora", "rank": 4, "lora_alpha": 8,
