@@ -108,6 +108,9 @@ def test_lora_plus_group_is_attached_before_the_scheduler(tmp_path):
     optimizer = trainer.create_optimizer()
     assert trainer.refactorer.optimizer is optimizer  # hooks on the optimizer Trainer created
     assert trainer.create_optimizer() is optimizer    # a second call does not attach twice
+    trainer.optimizer = trainer.accelerator.prepare(optimizer)  # as after a first train(): wrapped
+    trainer.create_optimizer()
+    assert len(optimizer.param_groups) == 3          # decay, no-decay, and one B group (not split again)
     scheduler = trainer.create_scheduler(num_training_steps=10)
     lrs = sorted({g["lr"] for g in optimizer.param_groups})
     assert lrs == [pytest.approx(1e-3), pytest.approx(4e-3)]

@@ -151,7 +151,6 @@ class RefactorTrainer(Trainer):
         self.method_options = dict(method_options or {})
         # The core walks module names: give it the unwrapped model (no DDP/compile wrapper).
         self.refactorer = Refactorer(self.accelerator.unwrap_model(self.model), method=method, **self.method_options)
-        self._attached_to = None
         if events_path is not None:
             self.add_callback(EventsCallback(events_path, self.refactorer))
 
@@ -159,9 +158,11 @@ class RefactorTrainer(Trainer):
         optimizer = super().create_optimizer(model)
         # Trainer calls this before create_scheduler, so param groups the core adds (lora+) get scheduled.
         # A second train() call hands back the same optimizer: attach once.
-        if optimizer is not None and optimizer is not self._attached_to:
-            optimizer = self.refactorer.attach(optimizer) or optimizer
-            self.optimizer = self._attached_to = optimizer
+        inner = optimizer
+        while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+            inner = inner.optimizer  # accelerate's AcceleratedOptimizer (after a first train()) holds the real one
+        if inner is not None and inner is not self.refactorer.optimizer:
+            self.refactorer.attach(inner)
         return optimizer
 
     def _save_checkpoint(self, model, trial):
