@@ -223,9 +223,11 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, monkeypatch):
     assert full.ref.stats()["refactored"] == 32
 
 
-def test_checkpoints_total_limit(tmp_path):
-    train(tmp_path / "lim", max_train_steps=5, checkpointing_steps=1, checkpoints_total_limit=2, validation_prompt=[])
+def test_checkpoints_total_limit_and_logging_interval(tmp_path):
+    train(tmp_path / "lim", max_train_steps=5, checkpointing_steps=1, checkpoints_total_limit=2, validation_prompt=[],
+          logging_steps=2)
     assert sorted(p.name for p in (tmp_path / "lim" / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-4"]
+    assert list(losses(tmp_path / "lim")) == [2, 4, 5]  # every 2nd step, and the last one
 
 
 # --- NaN handling ----------------------------------------------------------------------------------------

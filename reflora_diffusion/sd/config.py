@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         if typ is bool:
             parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help)
         elif is_list:
-            parser.add_argument(f"--{name}", nargs="+", help=help)
+            aliases = ["--validation_prompts"] if name == "validation_prompt" else []
+            parser.add_argument(f"--{name}", *aliases, dest=name, nargs="+", help=help)
         else:
             parser.add_argument(f"--{name}", type=str, help=help)  # coerced below, with our own error text
     return parser
@@ -291,6 +292,9 @@ def load_config_file(path: str | os.PathLike) -> dict:
 
 def make_config(values: dict) -> SDTrainConfig:
     """Config from a dict of option names (file, app form, ...); unknown names are an error."""
+    values = dict(values)
+    if "validation_prompts" in values:  # plural spelling accepted too
+        values["validation_prompt"] = values.pop("validation_prompts")
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}; see `python train/sd.py --help`")

@@ -352,7 +352,7 @@ class SDTrainer:
         first_epoch = self.global_step // self.steps_per_epoch
         skip_batches = (self.global_step % self.steps_per_epoch) * cfg.gradient_accumulation_steps
         window_loss, window_n, bad_streak = torch.zeros((), device=acc.device), 0, 0
-        t_log, steps_since_log = time.perf_counter(), 0
+        t_log, since_log = time.perf_counter(), []  # step losses since the last events.jsonl line
         for m in self.models.values():
             m.train()
 
@@ -382,7 +382,7 @@ class SDTrainer:
                 window_loss.zero_()
                 window_n = 0
                 self.global_step += 1
-                steps_since_log += 1
+                since_log.append(float(losses.mean()) if ok else float("nan"))
                 bar.update(1)
                 if ok:
                     bad_streak = 0
@@ -395,9 +395,11 @@ class SDTrainer:
                             f"{self.global_step}); lower --learning_rate, use bf16 instead of fp16, or check the data")
                 if self.global_step % cfg.logging_steps == 0 or self.global_step == self.max_steps:
                     now = time.perf_counter()
-                    self._log_step(float(losses.mean()), (now - t_log) / steps_since_log, epoch, ok)
-                    bar.set_postfix(loss=f"{float(losses.mean()):.4f}")
-                    t_log, steps_since_log = now, 0
+                    finite = [x for x in since_log if math.isfinite(x)]
+                    loss_avg = sum(finite) / len(finite) if finite else float("nan")  # mean since last line
+                    self._log_step(loss_avg, (now - t_log) / len(since_log), epoch, ok)
+                    bar.set_postfix(loss=f"{loss_avg:.4f}")
+                    t_log, since_log = now, []
                 if self.global_step % cfg.checkpointing_steps == 0 and self.global_step < self.max_steps:
                     self.save_checkpoint()
                 if cfg.validation_prompt and self.global_step % cfg.validation_steps == 0 \
@@ -421,7 +423,8 @@ class SDTrainer:
         self.log.event(**event)
         self.log.set_status(step=self.global_step)
         if self.cfg.report_to != "none":
-            self.accelerator.log({"loss": loss, "lr": lr, "balance_mean": stats["balance_mean"]}, step=self.global_step)
+            self.accelerator.log({"loss": loss, "lr": lr, "balance_mean": stats["balance_mean"]},
+                                 step=self.global_step)
 
     # ------------------------------------------------------------------ sampling
     def validate(self) -> None:
