@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # Files that sit beside images by design: not worth a warning.
 _SIDECARS = {".txt", ".jsonl", ".json", ".csv", ".md"}
