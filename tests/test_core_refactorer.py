@@ -464,3 +464,15 @@ def test_reinit_keeps_the_output_refactors_from_step_0_and_exports_exactly(tmp_p
                 p.copy_(lora_state[n])
     ref2.load(tmp_path)
     torch.testing.assert_close(fresh(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_attach_twice_to_the_same_optimizer_is_a_no_op():
+    from accelerate import Accelerator
+    model = lora_model()
+    ref = Refactorer(model, method="lora+", ratio=4.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ref.attach(opt)
+    _, wrapped = Accelerator(cpu=True).prepare(model, opt)
+    ref.attach(wrapped)
+    assert sorted(g["lr"] for g in opt.param_groups) == [1e-3, 4e-3]
+    assert len(opt._optimizer_step_pre_hooks) == 1

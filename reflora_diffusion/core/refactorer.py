@@ -111,6 +111,8 @@ class Refactorer:
         if not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(f"attach() needs a torch.optim.Optimizer (or a wrapper with .optimizer), "
                             f"got {type(optimizer).__name__}.")
+        if inner is self.optimizer:
+            return optimizer  # already attached (e.g. once bare, once through accelerate's wrapper)
         held = {id(p) for g in inner.param_groups for p in g["params"]}
         missing = [p.name for p in self.pairs if id(p.A) not in held or id(p.B) not in held]
         if missing:
