@@ -54,7 +54,7 @@ def test_browser_ab_run_to_comparison_grid(tmp_path):
                 fill(page, label, value)
             page.get_by_text("More options").click()
             fill(page, "RefLoRA warm-up steps", 2)
-            fill(page, "Sample every N steps", 4)
+            fill(page, "Sample every N steps", 8)
             fill(page, "Checkpoint every N steps", 4)
             fill(page, "Run name (optional)", "browser")
             page.get_by_label("A/B side by side (default: one after the other)").check()  # quicker on 2 cores
@@ -64,7 +64,7 @@ def test_browser_ab_run_to_comparison_grid(tmp_path):
 
             page.get_by_role("tab", name="Compare").click()
             fill(page, "Seeds", "0, 1")
-            fill(page, "number input for Denoising steps", 8)
+            fill(page, "number input for Denoising steps", 6)
             grid = page.locator("#comparison-grid img")
             grid.wait_for(state="visible", timeout=420_000)
             assert "Generated" in page.locator("body").inner_text()
