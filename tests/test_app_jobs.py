@@ -264,3 +264,11 @@ def test_adopted_job_can_be_cancelled_after_restart(tmp_path, fake, images):
     pid = json.loads((run_dir / "status.json").read_text())["pid"]
     r2.cancel("long", grace=5)
     assert not runs.pid_alive(pid) and runs.read_run(r2.runs_dir, "long").state == "cancelled"
+
+
+def test_trainer_that_cannot_start_is_marked_failed(tmp_path, images):
+    r = runner(tmp_path, lambda cfg: [str(tmp_path / "no-such-launcher"), "--config", str(cfg)])
+    with pytest.raises(JobError, match="could not start the trainer"):
+        r.start(FORM, name="nolauncher", images=images)
+    run = runs.read_run(r.runs_dir, "nolauncher")
+    assert run.state == "failed" and "no-such-launcher" in run.error

@@ -224,8 +224,12 @@ class JobRunner:
             log.write(f"$ {shlex.join(cmd)}\n".encode())
             log.flush()
             # own session: a cancel kills the whole group (accelerate + trainer); an app restart doesn't
-            proc = subprocess.Popen(cmd, cwd=self.repo_root, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            try:
+                proc = subprocess.Popen(cmd, cwd=self.repo_root, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            except OSError as e:
+                self._mark(run_dir, "failed", f"could not start {cmd[0]}: {e}")
+                raise JobError(f"could not start the trainer ({cmd[0]}): {e}") from None
         write_json_atomic(run_dir / "job.json", {"command": cmd, "cwd": str(self.repo_root), "pgid": proc.pid,
                                                  "launched_at": time.time()})
         status = read_json(run_dir / "status.json", {}) or {}
@@ -290,8 +294,7 @@ class JobRunner:
                 continue  # cancelled while waiting
             try:
                 proc = self.launch(run_dir)
-            except OSError as e:
-                self._mark(run_dir, "failed", f"could not start the trainer: {e}")
+            except JobError:  # marked failed by launch
                 continue
             proc.wait()
             while self.is_running(run_dir):  # let the watcher write the final status first
