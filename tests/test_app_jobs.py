@@ -6,7 +6,7 @@ samples) makes these fast; test_app_train.py runs the real trainer through the s
 
 import json
 import os
-import signal
+import subprocess
 import sys
 import threading
 import time
@@ -242,7 +242,7 @@ def test_restart_requeues_waiting_and_marks_dead_jobs(tmp_path, fake, images):
     queued = r1.create_run(FORM, name="waiting", images=images)  # queued, app stopped before launching it
     dead = r1.create_run(FORM, name="dead", images=images)
     status = json.loads((dead / "status.json").read_text())
-    proc = __import__("subprocess").Popen([sys.executable, "-c", "pass"])
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     (dead / "status.json").write_text(json.dumps({**status, "state": "running", "pid": proc.pid}))
     (dead / "job.json").write_text(json.dumps({"pgid": proc.pid}))

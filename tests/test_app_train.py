@@ -2,12 +2,10 @@
 tiny preset with real DreamBooth photos; one run to the end (then exported and loaded), one cancelled."""
 
 import json
-import os
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from reflora_diffusion.app import downloads, runs
 from reflora_diffusion.app.jobs import JobRunner

@@ -1,6 +1,5 @@
 """What the page shows, without a browser: messages for bad input, progress, A/B grid hand-off, CLI flags."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -11,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app.py lives at 
 import app  # noqa: E402
 from reflora_diffusion.app import runs, views  # noqa: E402
 from reflora_diffusion.app.jobs import JobRunner  # noqa: E402
-from test_app_compare import adapter_runs, lora_run  # noqa: E402,F401  (module fixture: real tiny adapters)
+from test_app_compare import adapter_runs  # noqa: E402,F401  (module fixture: real tiny adapters)
 from test_app_jobs import FORM, fake, images  # noqa: E402,F401
 from test_app_runs import make_run  # noqa: E402
 
