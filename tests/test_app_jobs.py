@@ -228,13 +228,19 @@ def test_ab_side_by_side(tmp_path, fake, images):
     assert [runs.read_run(r.runs_dir, d.name).state for d in dirs] == ["cancelled"] * 3
 
 
-def test_cancel_queued_job_never_starts(tmp_path, fake, images):
+@pytest.mark.parametrize("attempt", range(3))  # cancelling while the queue launches it is a race: try it
+def test_cancel_queued_jobs_never_start_or_leak(tmp_path, fake, images, attempt):
     r = runner(tmp_path, fake("hang"))
     first, second = r.start_ab(FORM, name="q", images=images)
     assert r.cancel(second.name).endswith("(it had not started)")
-    r.cancel(first.name, grace=5)
-    time.sleep(1.5)  # the queue worker would have launched the second one by now
+    r.cancel(first.name, grace=5)  # right away: the queue may be launching it at this very moment
+    time.sleep(1.5)  # the queue worker would have launched something by now
     assert not (second / "job.json").exists() and runs.read_run(r.runs_dir, second.name).state == "cancelled"
+    assert runs.read_run(r.runs_dir, first.name).state == "cancelled"
+    job = runs.read_json(first / "job.json")
+    if job is not None:  # it had been launched: nothing of it may be left running
+        assert not runs.pid_alive(job["pgid"])
+        assert not runs.pid_alive(json.loads((first / "status.json").read_text())["pid"])
 
 
 def test_restart_requeues_waiting_and_marks_dead_jobs(tmp_path, fake, images):

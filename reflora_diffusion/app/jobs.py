@@ -146,7 +146,7 @@ class JobRunner:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.repo_root = Path(repo_root)
         self.command = command
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # held across "still queued? then launch" so a cancel cannot slip in
         self._procs: dict[Path, subprocess.Popen] = {}
         self._cancelled: set[Path] = set()
         self._queue: queue.Queue[Path] = queue.Queue()
@@ -290,12 +290,13 @@ class JobRunner:
                         self._worker = None
                         return
                 continue
-            if (read_json(run_dir / "status.json", {}) or {}).get("state") != "queued":
-                continue  # cancelled while waiting
-            try:
-                proc = self.launch(run_dir)
-            except JobError:  # marked failed by launch
-                continue
+            with self._lock:
+                if run_dir in self._cancelled or (read_json(run_dir / "status.json", {}) or {}).get("state") != "queued":
+                    continue  # cancelled while waiting
+                try:
+                    proc = self.launch(run_dir)
+                except JobError:  # marked failed by launch
+                    continue
             proc.wait()
             while self.is_running(run_dir):  # let the watcher write the final status first
                 time.sleep(0.05)
@@ -317,12 +318,13 @@ class JobRunner:
         status = effective_status(read_json(run_dir / "status.json"))
         if status.get("state") not in ("queued", "running"):
             return f"{run_dir.name} is already {status.get('state')}"
-        with self._lock:
+        with self._lock:  # the queue worker checks _cancelled under this lock before launching
             self._cancelled.add(run_dir)
             proc = self._procs.get(run_dir)
-        if status.get("state") == "queued" and proc is None:
-            self._mark(run_dir, "cancelled", "cancelled by the user before it started")
-            return f"cancelled {run_dir.name} (it had not started)"
+            status = effective_status(read_json(run_dir / "status.json"))
+            if status.get("state") == "queued" and proc is None:
+                self._mark(run_dir, "cancelled", "cancelled by the user before it started")
+                return f"cancelled {run_dir.name} (it had not started)"
         job = read_json(run_dir / "job.json", {}) or {}
         pid = _trainer_pid(run_dir) or (proc.pid if proc else None)
         pgid = proc.pid if proc else job.get("pgid")
