@@ -14,7 +14,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
 from transformers import TrainingArguments
 
 from .answers import DATASETS
