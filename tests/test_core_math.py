@@ -98,3 +98,15 @@ def test_nora_plus_is_scale_invariant():
     P1 = linalg.normalized_scaled_gd(*_grams(A, B))
     P2 = linalg.normalized_scaled_gd(*_grams(7 * A, 0.1 * B))
     assert torch.allclose(P1[0], P2[0]) and torch.allclose(P1[1], P2[1])
+
+
+def test_normalized_geometric_mean_has_unit_determinant_and_the_same_shape():
+    A, B = _factors(3, 5, 30, 18, seed=7)
+    AAt, BtB = _grams(A, B)
+    S_inv, S, _ = linalg.geometric_mean(AAt, BtB)
+    S_inv_n, S_n, ok = linalg.geometric_mean(AAt, BtB, normalize=True)
+    assert ok.all()
+    assert torch.allclose(torch.linalg.det(S_n), torch.ones(3, dtype=torch.float64), rtol=1e-8)
+    c = S[:, 0, 0] / S_n[:, 0, 0]
+    assert torch.allclose(S, S_n * c[:, None, None], rtol=1e-8)
+    assert torch.allclose(S_n @ S_inv_n, torch.eye(5, dtype=torch.float64).expand(3, 5, 5), atol=1e-8)

@@ -32,7 +32,8 @@ def _identity_where(mask: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
     return torch.where(mask[:, None, None], mats, eye)
 
 
-def geometric_mean(AAt: torch.Tensor, BtB: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def geometric_mean(AAt: torch.Tensor, BtB: torch.Tensor, normalize: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RefLoRA's optimal metric (Theorem 3): S* = (A A^T)^{-1} # (B^T B), and S*^{-1}.
 
     S* is the unique SPD solution of S (A A^T) S = B^T B. With A A^T = V_A diag(a^2) V_A^T and
@@ -40,6 +41,10 @@ def geometric_mean(AAt: torch.Tensor, BtB: torch.Tensor) -> tuple[torch.Tensor, 
         S*    = V_A diag(1/a) V_M diag(m)   V_M^T diag(1/a) V_A^T
         S*^-1 = V_A diag(a)   V_M diag(1/m) V_M^T diag(a)   V_A^T
     Returns (S*^-1, S*, ok): the preconditioners for G_A and G_B.
+
+    ``normalize`` divides S* by its geometric-mean eigenvalue (det S = 1). Adam cancels a per-layer scalar
+    in steady state, so this keeps RefLoRA's shape of the update but not the large jumps in gradient
+    scale S* makes while B grows from zero (which Adam's second-moment average follows only slowly).
     """
     wa, va, ok_a = _eigh(AAt)
     a = wa.sqrt()
@@ -50,6 +55,9 @@ def geometric_mean(AAt: torch.Tensor, BtB: torch.Tensor) -> tuple[torch.Tensor, 
     S = (left * m[:, None, :]) @ left.transpose(-1, -2)
     right = va * a[:, None, :] @ vm  # V_A diag(a) V_M
     S_inv = (right / m[:, None, :]) @ right.transpose(-1, -2)
+    if normalize:  # det S* = prod(m) / prod(a)^2
+        c = torch.exp((m.log().sum(-1) - 2 * a.log().sum(-1)) / m.shape[-1])[:, None, None]
+        S, S_inv = S / c, S_inv * c
     ok = ok_a & ok_m & torch.isfinite(S).all(dim=(-2, -1)) & torch.isfinite(S_inv).all(dim=(-2, -1))
     return _identity_where(ok, S_inv), _identity_where(ok, S), ok
 

@@ -72,9 +72,10 @@ class RefLoRA(Preconditioned):
     """Full RefLoRA as a gradient preconditioner: G_A <- S*^-1 G_A, G_B <- G_B S* (METHODS.md 2)."""
 
     name = "reflora"
+    options = {"normalize": False}
 
     def preconditioner(self):
-        return linalg.geometric_mean
+        return lambda AAt, BtB: linalg.geometric_mean(AAt, BtB, normalize=self.normalize)
 
 
 class ScaledGD(Preconditioned):
