@@ -378,3 +378,13 @@ def test_two_processes_match_one_process(tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-6)
     assert single.ref.stats()["refactored"] == 32
+
+
+def test_reinit_refactors_from_the_first_step_and_exports_exactly(tmp_path):
+    run = tmp_path / "reinit"
+    trainer = train(run, method="reflora", warmup_steps=0, reinit=True, normalize=True)
+    steps = [e for e in read_events(run) if "loss" in e]
+    assert steps[0]["refactor"]["refactored"] == steps[0]["refactor"]["layers"]  # no warm-up needed
+    # the export (rank 2r: the compensated init A0, -B0 plus the trained pair) reproduces the trained UNet
+    pipe = load_pipeline_with_lora(run, sdxl=False)
+    torch.testing.assert_close(unet_out(pipe.unet, False), unet_out(trainer.c.unet, False), rtol=1e-5, atol=1e-5)

@@ -92,6 +92,9 @@ class SDTrainConfig:
     delta: float | None = _opt(None, "preclora / nora+: damping")
     chain_every: int | None = _opt(None, "rac-lora / cola: steps per chain link")
     p: float | None = _opt(None, "rac-lora: probability of freezing A in a link")
+    normalize: bool = _opt(False, "reflora: unit-determinant S* (steadier with Adam right after the warm-up)")
+    reinit: bool = _opt(False, "random full-rank A, B with the base weight compensated: refactor from step 0 "
+                               "(the export then has rank 2r)")
     # speed and memory
     mixed_precision: str | None = _opt(None, "no, fp16 or bf16 (default: accelerate's config)")
     gradient_checkpointing: bool = _opt(False, "trade compute for memory in the UNet/text encoder")
@@ -135,6 +138,10 @@ class SDTrainConfig:
         for name in ("ratio", "delta", "chain_every", "p"):
             if getattr(self, name) is not None:
                 opts[name] = getattr(self, name)
+        if self.normalize:
+            opts["normalize"] = True
+        if self.reinit:
+            opts["reinit"] = True
         return opts
 
     # --- checks --------------------------------------------------------------------------------------
