@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from reflora_diffusion.llm.glue import load_model, parse_args, run  # noqa: E402
-from reflora_diffusion.llm.trainer import RefactorTrainer, add_lora  # noqa: E402
+from reflora_diffusion.llm.trainer import RefactorTrainer, add_lora, save_adapter  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLUE = os.path.join(os.path.dirname(ROOT), "shared", "data", "glue")
@@ -128,3 +128,29 @@ def test_model_without_target_modules(tmp_path):
 def test_unknown_method(tmp_path):
     with pytest.raises(ValueError, match="unknown method 'refloraa'; choose one of"):
         add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["0"], method="refloraa")
+
+
+def test_chain_run_saves_an_adapter_that_reproduces_the_trained_model(tmp_path, monkeypatch):
+    """cola merges links into the base weights: the saved adapter (rank K*r + head) must carry them."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    import reflora_diffusion.llm.glue as glue
+    trained = {}
+
+    def keep_model(model, refactorer, out):
+        trained["model"] = model
+        return save_adapter(model, refactorer, out)
+
+    monkeypatch.setattr(glue, "save_adapter", keep_model)
+    glue_run(tmp_path, "--method", "cola", "--chain_every", "2", "--max_steps", "5")
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    ranks = {v.shape[0] for k, v in weights.items() if k.endswith("lora_A.weight")}
+    assert ranks == {3 * 8}  # two merged links + the current one, r = 8
+    assert any("classifier" in k for k in weights)
+    base = AutoModelForSequenceClassification.from_pretrained(MINILM, num_labels=2)
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    ids = torch.randint(1000, 5000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = trained["model"].eval()(input_ids=ids).logits
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)

@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 from .answers import DATASETS
 from .commonsense import evaluate_datasets, load_records, resolve_datasets, tokenize_records
 from .models import load_causal_lm
-from .trainer import RefactorTrainer, add_lora, write_json_atomic, write_status
+from .trainer import RefactorTrainer, add_lora, save_adapter, write_json_atomic, write_status
 
 __all__ = ["TrainArguments", "CommonsenseTrainingArguments", "EvalArguments", "parse_train_args",
            "parse_eval_args", "run_train", "run_eval", "save_adapter"]
@@ -133,37 +133,6 @@ def parse_train_args(argv=None):
 
 def parse_eval_args(argv=None) -> EvalArguments:
     return _parse((EvalArguments,), argv)[0]
-
-
-def save_adapter(model, refactorer, output_dir: str) -> None:
-    """peft's save_pretrained (adapter_model.safetensors + adapter_config.json).
-
-    Chain methods (rac-lora, cola) have merged earlier links into the in-memory base weights; the adapter
-    then holds the concatenated rank-K*r factors from `effective_factors()`, which on the original base
-    model reproduce base + all links (a rank-r save would drop the merged links).
-    """
-    factors = refactorer.effective_factors()
-    chained = any(A.shape[0] != p.A.shape[0] for p, (A, _, _) in zip(refactorer.pairs, factors.values()))
-    if not chained:
-        model.save_pretrained(output_dir)
-        return
-    import copy
-
-    from safetensors.torch import save_file
-
-    config = copy.deepcopy(model.peft_config["default"])
-    rank = next(iter(factors.values()))[0].shape[0]
-    scaling = next(iter(factors.values()))[2]
-    config.r = rank
-    config.lora_alpha = scaling * (rank ** 0.5 if config.use_rslora else rank)  # same s = alpha / r
-    config.rank_pattern, config.alpha_pattern = {}, {}
-    state = {}
-    for name, (A, B, _) in factors.items():
-        state[f"{name}.lora_A.weight"] = A.detach().contiguous().cpu()
-        state[f"{name}.lora_B.weight"] = B.detach().contiguous().cpu()
-    os.makedirs(output_dir, exist_ok=True)
-    config.save_pretrained(output_dir)
-    save_file(state, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def _model_card(args: TrainArguments, train_args, stats: dict) -> str:

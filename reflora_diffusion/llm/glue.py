@@ -19,7 +19,8 @@ import numpy as np
 from transformers import TrainerCallback, TrainingArguments
 
 from reflora_diffusion.llm.metrics import MAIN_METRIC, glue_metrics, main_value
-from reflora_diffusion.llm.trainer import RefactorTrainer, add_lora, write_json_atomic, write_status
+from reflora_diffusion.core.methods import Chain
+from reflora_diffusion.llm.trainer import RefactorTrainer, add_lora, save_adapter, write_json_atomic, write_status
 
 csv.field_size_limit(sys.maxsize)  # MNLI parse-tree columns are long
 
@@ -376,6 +377,8 @@ def run(glue_args: GlueArguments, train_args) -> dict:
         train_out = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
         train_seconds = time.time() - started
         trainer.save_model(out)    # peft adapter (safetensors) + the trained head
+        if is_main and isinstance(trainer.refactorer.method, Chain):  # + the links merged into the base
+            save_adapter(trainer.model, trainer.refactorer, out)
         # No second pass over the same weights when the last step was just evaluated (log_history is the
         # same on every process, so all ranks take the same branch).
         step = trainer.state.global_step

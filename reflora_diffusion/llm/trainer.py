@@ -24,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from reflora_diffusion.core import METHODS, Refactorer
 from reflora_diffusion.core.refactorer import STATE_FILE
 
-__all__ = ["RefactorTrainer", "EventsCallback", "add_lora", "write_status", "write_json_atomic"]
+__all__ = ["RefactorTrainer", "EventsCallback", "add_lora", "save_adapter", "write_status", "write_json_atomic"]
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -179,3 +179,38 @@ class RefactorTrainer(Trainer):
             raise FileNotFoundError(f"checkpoint {checkpoint} has no {STATE_FILE} (the core's state); resume from "
                                     "a checkpoint written by RefactorTrainer, or train without --resume_from_checkpoint")
         self.refactorer.load(checkpoint)
+
+
+def save_adapter(model, refactorer: Refactorer, output_dir: str) -> None:
+    """peft's save_pretrained (adapter_model.safetensors + adapter_config.json), chains included.
+
+    Chain methods (rac-lora, cola) have merged earlier links into the in-memory base weights; the adapter
+    then holds the concatenated rank-K*r factors from `effective_factors()`, which on the original base
+    model reproduce base + all links (a rank-r save would drop the merged links). Everything else peft
+    saves (modules_to_save such as a classifier head) is kept.
+    """
+    factors = refactorer.effective_factors()
+    chained = any(A.shape[0] != p.A.shape[0] for p, (A, _, _) in zip(refactorer.pairs, factors.values()))
+    if not chained:
+        model.save_pretrained(output_dir)
+        return
+    import copy
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(model.peft_config["default"])
+    rank = next(iter(factors.values()))[0].shape[0]
+    scaling = next(iter(factors.values()))[2]
+    config.r = rank
+    config.lora_alpha = scaling * (rank ** 0.5 if config.use_rslora else rank)  # same s = alpha / r
+    config.rank_pattern, config.alpha_pattern = {}, {}
+    state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    for name, (A, B, _) in factors.items():
+        state[f"{name}.lora_A.weight"] = A.detach().contiguous().cpu()
+        state[f"{name}.lora_B.weight"] = B.detach().contiguous().cpu()
+    os.makedirs(output_dir, exist_ok=True)
+    config.save_pretrained(output_dir)
+    tmp = os.path.join(output_dir, "adapter_model.safetensors.tmp")
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(output_dir, "adapter_model.safetensors"))
