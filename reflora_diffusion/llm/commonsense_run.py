@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 from .answers import DATASETS
 from .commonsense import evaluate_datasets, load_records, resolve_datasets, tokenize_records
 from .models import load_causal_lm
-from .trainer import RefactorTrainer, add_lora, save_adapter, write_json_atomic, write_status
+from .trainer import MethodArguments, RefactorTrainer, add_lora, save_adapter, write_json_atomic, write_status
 
 __all__ = ["TrainArguments", "CommonsenseTrainingArguments", "EvalArguments", "parse_train_args",
            "parse_eval_args", "run_train", "run_eval", "save_adapter"]
@@ -28,12 +28,11 @@ PAPER_TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
 
 
 @dataclass
-class TrainArguments:
+class TrainArguments(MethodArguments):
     model_name_or_path: str = field(metadata={"help": "causal LM hub id or local folder (or folder of --gguf_file)"})
     train_file: str = field(metadata={"help": "LLM-Adapters JSON: commonsense_170k.json or a <task>/train.json; "
                                               "several files comma-separated"})
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file name in the folder, or a path"})
-    method: str = field(default="reflora", metadata={"help": "core method: lora, reflora, reflora-s, lora+, ..."})
     cutoff_len: int = field(default=256, metadata={"help": "max tokens per example (prompt is cut first)"})
     train_on_inputs: bool = field(default=False, metadata={"help": "also train on prompt tokens (LLM-Adapters' "
                                                                     "default); default: loss on the response only"})
@@ -45,13 +44,9 @@ class TrainArguments:
     lora_top_layers: int | None = field(default=None, metadata={"help": "LoRA on the last N decoder layers only "
                                                                         "(backward stops below them: for CPU "
                                                                         "budgets); default: all layers"})
-    refactor_warmup_steps: int = field(default=200, metadata={"help": "plain LoRA steps before refactoring "
-                                                                       "(the authors' commonsense script: 200)"})
-    refactor_interval: int = field(default=1, metadata={"help": "refactor every N optimizer steps"})
-    ratio: float | None = field(default=None, metadata={"help": "lora+: lr(B) / lr(A)"})
-    delta: float | None = field(default=None, metadata={"help": "preclora / nora+: damping"})
-    chain_every: int | None = field(default=None, metadata={"help": "rac-lora / cola: steps per chain link"})
-    p: float | None = field(default=None, metadata={"help": "rac-lora / cola: probability of freezing A"})
+    refactor_warmup_steps: int = field(default=200, kw_only=True,
+                                       metadata={"help": "plain LoRA steps before refactoring "
+                                                         "(the authors' commonsense script: 200)"})
     dtype: str | None = field(default=None, metadata={"help": "load the base model in this dtype "
                                                                "(bfloat16, float16); default: the checkpoint's"})
     eval_datasets: str | None = field(default=None, metadata={"help": "after training, evaluate on these test sets "
@@ -69,11 +64,6 @@ class TrainArguments:
             raise ValueError(f"unknown --method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if self.cutoff_len < 16:
             raise ValueError(f"--cutoff_len {self.cutoff_len} is too short for a prompt and an answer; use >= 16")
-
-    def method_options(self) -> dict:
-        opts = {"warmup_steps": self.refactor_warmup_steps, "interval": self.refactor_interval,
-                "ratio": self.ratio, "delta": self.delta, "chain_every": self.chain_every, "p": self.p}
-        return {k: v for k, v in opts.items() if v is not None}
 
 
 @dataclass

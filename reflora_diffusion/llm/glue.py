@@ -20,7 +20,8 @@ from transformers import TrainerCallback, TrainingArguments
 
 from reflora_diffusion.llm.metrics import MAIN_METRIC, glue_metrics, main_value
 from reflora_diffusion.core.methods import Chain
-from reflora_diffusion.llm.trainer import RefactorTrainer, add_lora, save_adapter, write_json_atomic, write_status
+from reflora_diffusion.llm.trainer import (MethodArguments, RefactorTrainer, add_lora, save_adapter, write_json_atomic,
+                                           write_status)
 
 csv.field_size_limit(sys.maxsize)  # MNLI parse-tree columns are long
 
@@ -193,12 +194,11 @@ def tokenize_glue(datasets, tokenizer, max_length: int):
 # ---- arguments ---------------------------------------------------------------------------------------------
 
 @dataclass
-class GlueArguments:
+class GlueArguments(MethodArguments):
     task_name: str = field(metadata={"help": f"GLUE task: {', '.join(TASKS)}"})
     model_name_or_path: str = field(metadata={"help": "AutoModelForSequenceClassification hub id or local folder"})
     data_dir: str | None = field(default=None, metadata={"help": "GLUE TSV folder (e.g. ../shared/data/glue); "
                                                                   "omit to load the hub's glue dataset"})
-    method: str = field(default="reflora", metadata={"help": "core method: lora, reflora, reflora-s, lora+, ..."})
     preset: str | None = field(default=None, metadata={"help": "'paper': the per-task DeBERTaV3 hyperparameters "
                                                                 "(flags given explicitly still win)"})
     max_length: int = field(default=128, metadata={"help": "max tokens per example (pair)"})
@@ -208,12 +208,6 @@ class GlueArguments:
     target_modules: str | None = field(default=None, metadata={"help": "comma-separated module names; default: "
                                                                         "q/k/v, attention output, intermediate"})
     cls_dropout: float | None = field(default=None, metadata={"help": "classifier-head dropout"})
-    refactor_warmup_steps: int = field(default=100, metadata={"help": "plain LoRA steps before refactoring starts"})
-    refactor_interval: int = field(default=1, metadata={"help": "refactor every N optimizer steps"})
-    ratio: float | None = field(default=None, metadata={"help": "lora+: lr(B) / lr(A)"})
-    delta: float | None = field(default=None, metadata={"help": "preclora / nora+: damping"})
-    chain_every: int | None = field(default=None, metadata={"help": "rac-lora / cola: steps per chain link"})
-    p: float | None = field(default=None, metadata={"help": "rac-lora / cola: probability of freezing A"})
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
 
@@ -221,11 +215,6 @@ class GlueArguments:
         self.task_name = get_task(self.task_name).name
         if self.preset not in (None, "paper"):
             raise ValueError(f"unknown --preset {self.preset!r}; the only preset is 'paper'")
-
-    def method_options(self) -> dict:
-        opts = {"warmup_steps": self.refactor_warmup_steps, "interval": self.refactor_interval,
-                "ratio": self.ratio, "delta": self.delta, "chain_every": self.chain_every, "p": self.p}
-        return {k: v for k, v in opts.items() if v is not None}
 
 
 @dataclass

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -24,7 +25,31 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from reflora_diffusion.core import METHODS, Refactorer
 from reflora_diffusion.core.refactorer import STATE_FILE
 
-__all__ = ["RefactorTrainer", "EventsCallback", "add_lora", "save_adapter", "write_status", "write_json_atomic"]
+__all__ = ["MethodArguments", "RefactorTrainer", "EventsCallback", "add_lora", "save_adapter", "write_status",
+           "write_json_atomic"]
+
+
+@dataclass(kw_only=True)
+class MethodArguments:
+    """The core's method and its options: the flags both LLM entry points share (HfArgumentParser fields)."""
+
+    method: str = field(default="reflora", metadata={"help": "core method: lora, reflora, reflora-s, lora+, ..."})
+    refactor_warmup_steps: int = field(default=100, metadata={"help": "plain LoRA steps before refactoring starts"})
+    refactor_interval: int = field(default=1, metadata={"help": "refactor every N optimizer steps"})
+    ratio: float | None = field(default=None, metadata={"help": "lora+: lr(B) / lr(A)"})
+    delta: float | None = field(default=None, metadata={"help": "preclora / nora+: damping"})
+    chain_every: int | None = field(default=None, metadata={"help": "rac-lora / cola: steps per chain link"})
+    p: float | None = field(default=None, metadata={"help": "rac-lora: probability of freezing A in a link"})
+    normalize: bool = field(default=False, metadata={"help": "reflora: unit-determinant S* (steadier with Adam)"})
+    reinit: bool = field(default=False, metadata={"help": "random full-rank A, B with the base compensated: "
+                                                          "refactor from step 0"})
+
+    def method_options(self) -> dict:
+        """Keyword options for reflora_diffusion.core.Refactorer (only the ones set)."""
+        opts = {"warmup_steps": self.refactor_warmup_steps, "interval": self.refactor_interval,
+                "ratio": self.ratio, "delta": self.delta, "chain_every": self.chain_every, "p": self.p,
+                "normalize": self.normalize or None, "reinit": self.reinit or None}
+        return {k: v for k, v in opts.items() if v is not None}
 
 
 def write_json_atomic(path: str, obj) -> None:
