@@ -2,7 +2,6 @@
 
 import copy
 import functools
-import warnings
 
 import pytest
 import torch

@@ -9,7 +9,6 @@ A method sees the Refactorer (pairs, step count, optimizer) and may
 from __future__ import annotations
 
 import math
-import warnings
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -18,7 +17,6 @@ from . import linalg
 
 if TYPE_CHECKING:
     from .refactorer import Refactorer
-    from .pairs import LoraPair
 
 
 class Method:
@@ -186,7 +184,6 @@ class Chain(Method):
 
     name = "cola"
     options = {"chain_every": 100, "seed": 0}
-    needs_full_rank = False
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -203,9 +200,6 @@ class Chain(Method):
         self.trains_b = self.draw_trained(len(ref.pairs))
         if any(not t for t in self.trains_b):
             self._reinit(ref)  # a link that trains A must start with A = 0 and B random
-
-    def pre_step(self, ref: Refactorer) -> None:
-        pass
 
     def post_step(self, ref: Refactorer) -> None:
         if ref.step_count % self.chain_every != 0:  # step_count already counts this step

@@ -45,10 +45,6 @@ class LoraPair:
         """View a tensor shaped like B as d_out x r (conv B is C_out x r x 1 x 1)."""
         return t.reshape(t.shape[0], -1)
 
-    def delta_weight(self) -> torch.Tensor:
-        """scaling * B @ A in the base layer's weight layout (peft's own get_delta_weight)."""
-        return self.module.get_delta_weight(self.adapter)
-
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip DDP / FSDP / torch.compile wrappers so module names match the bare model."""
