@@ -9,6 +9,7 @@ generator), equal steps. Two phases:
 
     python benchmarks/sd_dreambooth.py                 # ~10 min on 2 shared CPU cores
     python benchmarks/sd_dreambooth.py --steps 100 --methods lora reflora reflora-s
+    python benchmarks/sd_dreambooth.py --methods lora reflora reflora:normalize reflora:reinit   # core options
 
 Writes benchmarks/results/sd_dreambooth.json and .png. Targets (issue 3): RefLoRA reaches LoRA's final loss
 in <= 70 % of LoRA's steps; RefLoRA's it/s >= 98 % of LoRA's.
@@ -44,7 +45,9 @@ def make_trainer(out: Path, method: str, args) -> SDTrainer:
 
     AcceleratorState._reset_state(reset_partial_state=True)  # one process runs many trainers
     GradientState._reset_state()
+    method, *flags = method.split(":")  # variants such as "reflora:normalize" or "reflora:reinit"
     options = {"chain_every": args.steps // 4} if method in ("rac-lora", "cola") else {}
+    options.update({flag: True for flag in flags})
     cfg = make_config(dict(
         pretrained_model_name_or_path="tiny", instance_data_dir=str((DATA / args.subject).resolve()),
         instance_prompt=f"a photo of sks {args.subject}", resolution=64, rank=args.rank, lora_alpha=args.rank,
