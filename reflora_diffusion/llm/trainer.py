@@ -182,12 +182,8 @@ class RefactorTrainer(Trainer):
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         # Trainer calls this before create_scheduler, so param groups the core adds (lora+) get scheduled.
-        # A second train() call hands back the same optimizer: attach once.
-        inner = optimizer
-        while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
-            inner = inner.optimizer  # accelerate's AcceleratedOptimizer (after a first train()) holds the real one
-        if inner is not None and inner is not self.refactorer.optimizer:
-            self.refactorer.attach(inner)
+        # A second train() hands back the same optimizer (wrapped by accelerate): attach() is then a no-op.
+        self.refactorer.attach(optimizer)
         return optimizer
 
     def _save_checkpoint(self, model, trial):
