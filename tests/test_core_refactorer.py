@@ -475,3 +475,43 @@ def test_attach_twice_to_the_same_optimizer_is_a_no_op():
     ref.attach(wrapped)
     assert sorted(g["lr"] for g in opt.param_groups) == [1e-3, 4e-3]
     assert len(opt._optimizer_step_pre_hooks) == 1
+
+
+@pytest.mark.parametrize("method", ["reflora", "scaledgd", "preclora", "nora+"])
+def test_nonfinite_gradient_passes_through_untouched_and_spares_its_batch(method):
+    """One NaN in one layer's gradient: that layer keeps exactly its gradients (no NaN column from the
+    matmul), is counted as skipped_nonfinite, and the other layers of the same batched group are
+    preconditioned exactly as without it."""
+
+    def equal_layers():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+        model = get_peft_model(net, LoraConfig(r=3, lora_alpha=3, target_modules=["0", "2", "4"]))
+        with torch.no_grad():
+            for p in find_lora_pairs(model):
+                p.B.normal_(0, 0.3)
+        return model
+
+    results = []
+    for poison in (False, True):
+        model = equal_layers()
+        pairs = find_lora_pairs(model)
+        assert len({(p.rank, p.d_in, p.d_out) for p in pairs}) == 1  # one bucket
+        ref = Refactorer(model, method=method)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        ref.attach(opt)
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
+        (model(x) ** 2).mean().backward()
+        if poison:
+            pairs[1].A.grad[1, 2] = float("nan")
+        before = [(p.A.grad.clone(), p.B.grad.clone()) for p in pairs]
+        ref._pre_hook(opt, (), {})
+        results.append(([(p.A.grad.clone(), p.B.grad.clone()) for p in pairs], before, ref.stats()))
+    (clean, _, _), (poisoned, before, st) = results
+    assert st["skipped_nonfinite"] == 1 and st["refactored"] == 2
+    ga, gb = poisoned[1]
+    assert torch.allclose(ga, before[1][0], equal_nan=True) and torch.equal(gb, before[1][1])
+    assert int(torch.isnan(ga).sum()) == 1
+    for i in (0, 2):
+        assert torch.equal(poisoned[i][0], clean[i][0]) and torch.equal(poisoned[i][1], clean[i][1])
+        assert not torch.equal(poisoned[i][0], before[i][0])  # really preconditioned

@@ -18,6 +18,11 @@ from .pairs import LoraPair, find_lora_pairs, unwrap_model
 STATE_FILE = "refactorer.safetensors"
 
 
+def _all_finite(stack: torch.Tensor) -> torch.Tensor:
+    """Per-matrix finiteness of a (n, rows, cols) stack."""
+    return torch.isfinite(stack).all(dim=(-2, -1))
+
+
 def _method_names() -> str:
     return ", ".join(sorted(METHODS))
 
@@ -170,7 +175,9 @@ class Refactorer:
         """G_A <- P_A G_A, G_B <- G_B P_B with (P_A, P_B, ok) = preconditioner(A A^T, B^T B), batched.
 
         Gram matrices come from one batched matmul per bucket of equal shapes; the r x r algebra runs in
-        float64 with one batched call per (rank, device), whatever the parameter dtype.
+        float64 with one batched call per (rank, device), whatever the parameter dtype. A layer whose factors
+        or gradients are not finite keeps exactly the gradients it had (a matmul would smear one NaN over a
+        whole column) and is counted in ``skipped_nonfinite``; the other layers of its batch are unaffected.
         """
         by_rank: dict[tuple, list] = defaultdict(list)
         for (r, *_rest), pairs in self._buckets.items():
@@ -180,23 +187,27 @@ class Refactorer:
             cdt = torch.float64 if pairs[0].A.dtype == torch.float64 else torch.float32
             A = torch.stack([p.a_matrix(p.A.detach()) for p in pairs]).to(cdt)
             B = torch.stack([p.b_matrix(p.B.detach()) for p in pairs]).to(cdt)
+            GA = torch.stack([p.a_matrix(p.A.grad) for p in pairs]).to(cdt)
+            GB = torch.stack([p.b_matrix(p.B.grad) for p in pairs]).to(cdt)
+            finite = _all_finite(A) & _all_finite(B) & _all_finite(GA) & _all_finite(GB)
             AAt = A @ A.transpose(-1, -2)
             BtB = B.transpose(-1, -2) @ B
-            by_rank[(r, A.device)].append((pairs, AAt, BtB, cdt))
+            by_rank[(r, A.device)].append((pairs, AAt, BtB, GA, GB, finite))
         for items in by_rank.values():
             AAt = torch.cat([it[1] for it in items]).double()
             BtB = torch.cat([it[2] for it in items]).double()
+            finite = torch.cat([it[5] for it in items]) & _all_finite(AAt) & _all_finite(BtB)
             P_A, P_B, ok = preconditioner(AAt, BtB)
-            finite = torch.isfinite(AAt).all(dim=(-2, -1)) & torch.isfinite(BtB).all(dim=(-2, -1))
+            ok = ok & finite
             self.count(ok, finite)
             start = 0
-            for pairs, _, _, cdt in items:
+            for pairs, _, _, GA, GB, _ in items:
                 n = len(pairs)
-                pa, pb = P_A[start:start + n].to(cdt), P_B[start:start + n].to(cdt)
+                pa, pb = P_A[start:start + n].to(GA.dtype), P_B[start:start + n].to(GA.dtype)
+                keep = ~ok[start:start + n, None, None]
                 start += n
-                GA = torch.stack([p.a_matrix(p.A.grad) for p in pairs]).to(cdt)
-                GB = torch.stack([p.b_matrix(p.B.grad) for p in pairs]).to(cdt)
-                new_a, new_b = (pa @ GA).unbind(), (GB @ pb).unbind()
+                new_a = torch.where(keep, GA, pa @ GA).unbind()
+                new_b = torch.where(keep, GB, GB @ pb).unbind()
                 torch._foreach_copy_([p.A.grad for p in pairs], [g.view_as(p.A) for g, p in zip(new_a, pairs)])
                 torch._foreach_copy_([p.B.grad for p in pairs], [g.view_as(p.B) for g, p in zip(new_b, pairs)])
 
