@@ -132,6 +132,16 @@ class Refactorer:
         self.method.setup(self)
         return optimizer
 
+    def check_schedule(self, total_steps: int) -> str | None:
+        """Warn (one line, returned too) when the warm-up covers the whole run, which is then plain LoRA."""
+        if not self.method.uses_warmup or self.warmup_steps < int(total_steps):
+            return None
+        msg = (f"method {self.method_name!r} starts after {self.warmup_steps} warm-up steps but the run has only "
+               f"{int(total_steps)} optimizer steps, so it trains as plain LoRA; lower the warm-up "
+               f"(e.g. to {max(0, int(total_steps) // 10)}) or train longer")
+        warnings.warn(msg, stacklevel=2)
+        return msg
+
     def detach(self) -> None:
         for h in self._handles:
             h.remove()

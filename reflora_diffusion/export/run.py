@@ -101,21 +101,35 @@ def export_run(source: str | Path, format: str = "diffusers", output: str | Path
     if output.suffix == ".safetensors":
         raise ExportError(f"--output {output} should be a folder, not a file name; use --name for the file name.")
     name = name or (run_dir or weights.parent).resolve().name
+    _refuse_foreign_card(output, overwrite)  # before anything is written
     if format == "diffusers":
         path = write_diffusers(factors, output, overwrite=overwrite)
     else:
         path = write_kohya(factors, output / f"{name}.safetensors", overwrite=overwrite)
-    write_model_card(output, factors=factors, kohya_file=path if format == "kohya" else None)
+    write_model_card(output, factors=factors, kohya_file=path if format == "kohya" else None, overwrite=overwrite)
     return path
 
 
+CARD_MARK = "(reflora-diffusion) |"  # a line of every model card this exporter writes
+
+
+def _refuse_foreign_card(folder: Path, overwrite: bool) -> None:
+    existing = folder / "README.md"
+    if not overwrite and existing.is_file() and CARD_MARK not in existing.read_text(errors="replace"):
+        raise ExportError(f"{existing} exists and is not a model card written by this exporter; pass --overwrite "
+                          "to replace it, or choose another --output folder")
+
+
 def write_model_card(run_dir: str | Path, factors: LoraFactors | None = None, kohya_file: str | Path | None = None,
-                     info: dict | None = None) -> Path:
+                     info: dict | None = None, overwrite: bool = False) -> Path:
     """Write run_dir/README.md: base model, method, rank, alpha, steps, how to load (diffusers, A1111, ComfyUI).
 
     factors default to the folder's own diffusers file with its run info; info overrides single fields.
+    A README.md this exporter did not write (e.g. a project's own, with --output .) is never replaced
+    unless overwrite.
     """
     run_dir = Path(run_dir)
+    _refuse_foreign_card(run_dir, overwrite)
     if factors is None:
         factors = load_run(run_dir)[0]
     info = {**factors.info, **(info or {})}

@@ -186,6 +186,10 @@ class RefactorTrainer(Trainer):
         self.refactorer.attach(optimizer)
         return optimizer
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        self.refactorer.check_schedule(num_training_steps)
+        return super().create_scheduler(num_training_steps, optimizer)
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:

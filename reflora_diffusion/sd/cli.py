@@ -1,31 +1,25 @@
-"""Command line of the SD trainer: flags / config file -> train(); user errors as one line, exit code 2."""
+"""Command line of the SD trainer: flags / config file -> train(); user errors as one line, exit code 2;
+Ctrl-C / SIGTERM exit 130 with the run marked cancelled."""
 
 from __future__ import annotations
 
-import signal
 import sys
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (the app's cancel, a scheduler) ends like Ctrl-C: status "cancelled"
 
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError, parse_args
     from .data import DataError
+    from .runlog import RunDirError
     from .train import TrainingError, train
 
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         cfg = parse_args(argv)
         run_dir = train(cfg)
-    except (ConfigError, DataError, TrainingError) as e:
+    except (ConfigError, DataError, TrainingError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see train.StopRequest): status "cancelled"
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(f"done: {run_dir}")
     return 0

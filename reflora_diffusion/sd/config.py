@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -53,7 +54,8 @@ class SDTrainConfig:
     image_column: str = _opt("file_name", "metadata column holding the image file name")
     caption_column: str = _opt("text", "metadata column holding the caption")
     # image processing
-    resolution: int = _opt(512, "training resolution (square)")
+    resolution: int | None = _opt(None, "training resolution (square; default: the base model's native size, "
+                                        "UNet sample_size x VAE scale factor: tiny 64, SD 1.5 512, SDXL 1024)")
     center_crop: bool = _opt(False, "center crop instead of random crop")
     random_flip: bool = _opt(False, "random horizontal flip")
     # schedule
@@ -121,6 +123,10 @@ class SDTrainConfig:
     logging_steps: int = _opt(1, "write an events.jsonl line every N steps")
     report_to: str = _opt("none", "none, tensorboard, wandb, ... (accelerate trackers)")
     output_dir: str | None = _opt(None, "run folder")
+    overwrite_output_dir: bool = _opt(False, "replace the run already in --output_dir (its adapter, events, "
+                                             "samples and checkpoints); without it such a folder is refused")
+    base_model_folder: str | None = _opt(None, "written by the trainer: the local folder the base model was "
+                                               "loaded from (presets, local folders); informative only")
 
     # --- derived views -------------------------------------------------------------------------------
     @property
@@ -165,14 +171,20 @@ class SDTrainConfig:
                                   "images are generated there)")
             if not (self.class_prompt or "").strip():
                 raise ConfigError("--with_prior_preservation needs --class_prompt, e.g. 'a photo of dog'")
-        for name in ("resolution", "train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs",
+        for f in dataclasses.fields(self):  # nan passes every `<` / `>` check: refuse it (and inf) by name
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name} must be a finite number (got {value})")
+        if self.resolution is not None and self.resolution < 1:
+            raise ConfigError(f"--resolution must be >= 1 (got {self.resolution})")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs",
                      "checkpointing_steps", "logging_steps", "validation_steps", "interval", "max_bad_steps",
                      "num_validation_images", "validation_inference_steps", "sample_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1 (got {getattr(self, name)})")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ConfigError(f"--max_train_steps must be >= 1 (got {self.max_train_steps})")
-        if self.resolution % 8:
+        if self.resolution is not None and self.resolution % 8:
             raise ConfigError(f"--resolution must be a multiple of 8 (got {self.resolution})")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be > 0 (got {self.learning_rate})")

@@ -64,21 +64,37 @@ def load_resized(path: Path, resolution: int) -> tuple[Image.Image, tuple[int, i
         return None
 
 
+# Below this shorter side an image holds nothing to learn from (a 1x1 "photo" trains silently otherwise).
+MIN_IMAGE_SIDE = 16
+
+
 def load_images(paths: list[Path], resolution: int, what: str):
-    """(paths, images, original sizes) of the decodable files; corrupt ones are named in a warning."""
-    good, images, sizes, bad = [], [], [], []
+    """(paths, images, original sizes) of the usable files; corrupt and tiny ones are named in a warning,
+    and images upscaled more than 2x to the training resolution get a warning too."""
+    good, images, sizes, bad, tiny, small = [], [], [], [], [], []
     for p in paths:
         loaded = load_resized(p, resolution)
         if loaded is None:
             bad.append(p.name)
+        elif min(loaded[1]) < MIN_IMAGE_SIDE:
+            tiny.append(f"{p.name} ({loaded[1][1]}x{loaded[1][0]})")
         else:
+            if min(loaded[1]) * 2 < resolution:
+                small.append(f"{p.name} ({loaded[1][1]}x{loaded[1][0]})")
             good.append(p)
             images.append(loaded[0])
             sizes.append(loaded[1])
     if bad:
         warnings.warn(f"{what}: skipping {len(bad)} unreadable image(s): {', '.join(bad)}", stacklevel=2)
+    if tiny:
+        warnings.warn(f"{what}: skipping {len(tiny)} image(s) smaller than {MIN_IMAGE_SIDE} px: {', '.join(tiny)}",
+                      stacklevel=2)
+    if small:
+        warnings.warn(f"{what}: {len(small)} image(s) are upscaled more than 2x to --resolution {resolution} and "
+                      f"will look blurry: {', '.join(small[:5])}{' ...' if len(small) > 5 else ''}", stacklevel=2)
     if not images:
-        raise DataError(f"{what}: no usable image left (unreadable: {', '.join(bad)}); replace the files")
+        reasons = [f"unreadable: {', '.join(bad)}"] * bool(bad) + [f"smaller than {MIN_IMAGE_SIDE} px: {', '.join(tiny)}"] * bool(tiny)
+        raise DataError(f"{what}: no usable image left ({'; '.join(reasons)}); replace the files")
     return good, images, sizes
 
 
@@ -230,6 +246,14 @@ class EpochSampler(torch.utils.data.Sampler):
         order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
                  if self.shuffle else torch.arange(self.n))
         return iter([(self.epoch, int(i)) for i in order])
+
+
+def check_data_dirs(cfg) -> None:
+    """Fail before anything is written if a data folder is missing or holds no images."""
+    if cfg.instance_data_dir:
+        list_images(cfg.instance_data_dir, "--instance_data_dir")
+    if cfg.train_data_dir:
+        list_images(cfg.train_data_dir, "--train_data_dir")
 
 
 def build_dataset(cfg) -> TrainDataset:

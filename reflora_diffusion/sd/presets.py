@@ -86,6 +86,27 @@ def is_sdxl(folder_or_id: str) -> bool:
     return "XL" in info.get("_class_name", "") or "text_encoder_2" in info
 
 
+def _read_config(folder_or_id: str, subfolder: str, revision=None) -> dict:
+    """A component's config.json from a local pipeline folder or (online) a hub repository."""
+    local = Path(folder_or_id) / subfolder / "config.json"
+    if not local.is_file():
+        from huggingface_hub import hf_hub_download
+
+        local = Path(hf_hub_download(folder_or_id, "config.json", subfolder=subfolder, revision=revision))
+    return json.loads(local.read_text())
+
+
+def native_resolution(folder_or_id: str, revision=None) -> int:
+    """The image size a pipeline was made for: UNet sample_size x VAE scale factor (tiny 64, SD 1.5 512,
+    SDXL 1024). Reads two small config files, so a trainer can size its data before loading any weights."""
+    path = resolve_pretrained(folder_or_id)
+    unet = _read_config(path, "unet", revision)
+    vae = _read_config(path, "vae", revision)
+    sample = unet["sample_size"]
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return int(sample) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def build_preset(name: str, folder: str | os.PathLike) -> None:
     """Make the preset's components from config (seeded) and save the full pipeline into `folder`."""
     import torch

@@ -1,4 +1,5 @@
-"""status.json and events.jsonl of a run folder (the format the app reads; see DESIGN.md).
+"""The run folder: status.json and events.jsonl (the format the app reads; see DESIGN.md), and the checks
+that keep a new run from destroying or mixing with the run already in a folder.
 
 Only the main process writes. status.json is replaced atomically; events.jsonl is appended line by line
 and flushed, so a reader never sees a half-written object.
@@ -9,8 +10,25 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
+import threading
 import time
 from pathlib import Path
+
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+# What a run writes (besides samples/ and checkpoints/); --overwrite_output_dir removes exactly these.
+RUN_FILES = ("config.json", "status.json", "events.jsonl", ADAPTER_FILE, "README.md", "pytorch_lora_weights_kohya.safetensors")
+# Options that steer how a run is carried out, not what it learns: a rerun may change them.
+RUN_CONTROL_KEYS = {"resume_from_checkpoint", "overwrite_output_dir", "base_model_folder", "report_to",
+                    "logging_steps", "dataloader_num_workers", "max_train_steps", "num_train_epochs",
+                    "checkpointing_steps", "checkpoints_total_limit", "validation_steps"}
+# Temporary names of interrupted atomic writes: ".status.json.<pid>.tmp", ".checkpoint-200.tmp", ...
+_TEMP = re.compile(r"^(\..+\.tmp|tmp\w+\.tmp|.+\.json\.tmp)$")
+
+
+class RunDirError(ValueError):
+    """The output folder cannot take this run; the message is one line naming the folder and the fix."""
 
 
 def _clean(obj):
@@ -35,7 +53,7 @@ class RunLog:
         if not self.enabled:
             return
         self.status.update(fields, updated_at=time.time())
-        tmp = self.dir / f".status.json.{os.getpid()}.tmp"
+        tmp = self.dir / f".status.json.{os.getpid()}.{threading.get_ident()}.tmp"
         tmp.write_text(json.dumps(_clean(self.status)))
         os.replace(tmp, self.dir / "status.json")
 
@@ -65,3 +83,108 @@ class RunLog:
 def read_events(run_dir: str | os.PathLike) -> list[dict]:
     path = Path(run_dir) / "events.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# --- guarding a folder that already holds a run -----------------------------------------------------------
+def read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _ancestors() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().parents()} | {os.getpid()}
+
+
+def _alive(pid) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, TypeError, ValueError):
+        return False
+
+
+def holds_run(run_dir: Path) -> bool:
+    """A trainer (or the app, for a queued job) has written its config or status here."""
+    return (run_dir / "config.json").is_file() or (run_dir / "status.json").is_file()
+
+
+def check_output_dir(run_dir: str | os.PathLike, config: dict, *, resume_found: bool) -> str:
+    """Decide what a new trainer may do with `run_dir`; returns "new", "restart", "resume" or "overwrite".
+
+    A folder holding a run with trained steps is never silently reused: it is resumed (a checkpoint exists
+    and --resume_from_checkpoint asks for it) or replaced (--overwrite_output_dir). A run that never
+    trained a step (the app's queued run, a set-up error) is simply started again; so is the same
+    unfinished job with nothing to resume (a crash before the first checkpoint).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return "new"
+    if not run_dir.is_dir():
+        raise RunDirError(f"--output_dir {str(run_dir)!r} is a file; give a folder")
+    status = read_json(run_dir / "status.json") or {}
+    pid = status.get("pid")
+    if status.get("state") == "running" and _alive(pid) and int(pid) not in _ancestors():
+        raise RunDirError(f"--output_dir {str(run_dir)!r} is in use by a running trainer (pid {pid}); wait for it, "
+                          "cancel it, or choose another --output_dir")
+    if config.get("overwrite_output_dir"):
+        return "overwrite"
+    if resume_found:
+        return "resume"
+    entries = [p for p in run_dir.iterdir() if not _TEMP.match(p.name)]
+    if not entries:
+        return "new"
+    if not holds_run(run_dir):
+        raise RunDirError(f"--output_dir {str(run_dir)!r} is not empty and holds no run of this trainer; choose a new "
+                          "folder, or pass --overwrite_output_dir to write the run into it anyway")
+    old = read_json(run_dir / "config.json") or {}
+    what = (f"a {old.get('method', '?')} run (rank {old.get('rank', '?')}, {status.get('state', 'unknown')} at "
+            f"step {status.get('step', '?')})")
+    finished = status.get("state") == "done" or (run_dir / ADAPTER_FILE).is_file()
+    has_checkpoints = any((run_dir / "checkpoints").glob("checkpoint-*"))
+    trained = finished or has_checkpoints or (status.get("step") or 0) > 0
+    if trained and config.get("resume_from_checkpoint"):
+        raise RunDirError(f"--resume_from_checkpoint: {str(run_dir)!r} holds {what} but no checkpoint to resume "
+                          "(its files are kept); pass --overwrite_output_dir to train it again from step 0")
+    if finished or has_checkpoints or (trained and _differs(old, config)):
+        raise RunDirError(f"--output_dir {str(run_dir)!r} already holds {what}; resume it with "
+                          "--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose "
+                          "another --output_dir")
+    return "restart"
+
+
+# Options the trainer fills in when left unset (a drawn seed, the model's native resolution): unset on
+# either side is no difference.
+_FILLED_IN = {"seed", "resolution"}
+
+
+def _differs(old: dict, new: dict) -> bool:
+    keys = (set(old) | set(new)) - RUN_CONTROL_KEYS
+    return any(old.get(k) != new.get(k) for k in keys
+               if not (k in _FILLED_IN and (old.get(k) is None or new.get(k) is None)))
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove what a run wrote (--overwrite_output_dir); anything else in the folder stays."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for sub in ("checkpoints", "samples", "logs"):
+        shutil.rmtree(run_dir / sub, ignore_errors=True)
+
+
+def clean_stale_temps(run_dir: Path) -> list[str]:
+    """Delete temporary files and folders left by writes that were killed midway; returns their names."""
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if _TEMP.match(entry.name):
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                removed.append(entry.name)
+    return removed

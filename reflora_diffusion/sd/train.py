@@ -19,6 +19,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -27,13 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, SDTrainConfig
-from .data import build_dataloader, build_dataset
+from .data import build_dataloader, build_dataset, check_data_dirs
 from .models import (Components, encode_prompts, load_components, prepare_for_training, sdxl_time_ids, tokenize,
                      trainable_parameters)
-from .runlog import RunLog
+from .runlog import RunLog, check_output_dir, clean_stale_temps, clear_run
 
 LORA_STATE = "{}_lora.safetensors"  # per trained model, inside a checkpoint
 TRAINER_STATE = "trainer_state.safetensors"
+STOP_GRACE_S = 60.0  # after a SIGTERM, how long the current step may take before the trainer ends anyway
 
 
 class TrainingError(RuntimeError):
@@ -133,25 +136,57 @@ class SDTrainer:
                                                 logging_dir=str(self.run_dir / "logs")),
         )
         self.is_main = self.accelerator.is_main_process
+        if self.accelerator.device.type == "cpu":
+            from reflora_diffusion.cpu import configure_cpu_threads
+
+            configure_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        requested = {**cfg.to_dict()}  # as given, before the seed is drawn (for comparing with the folder's run)
         if cfg.seed is None:  # drawn once and shared, so all processes agree; recorded in config.json
             from accelerate.utils import broadcast_object_list
 
             cfg.seed = broadcast_object_list([random.randint(0, 2**31 - 1)])[0]
+        # Everything a user can get wrong is checked before the run folder is touched.
+        check_data_dirs(cfg)
+        self._resolve_base(cfg)
+        self.resume_dir = find_resume_checkpoint(cfg)
+        action = check_output_dir(self.run_dir, requested, resume_found=self.resume_dir is not None)
         if self.is_main:
+            if action in ("overwrite", "restart"):
+                clear_run(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(self.run_dir)
             cfg.save(self.run_dir / "config.json")
+        self.accelerator.wait_for_everyone()
         self.log = RunLog(self.run_dir, cfg.max_train_steps, enabled=self.is_main)
         self.log.set_status(state="running")
+        self.stop = StopRequest()
+        self.global_step = 0
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision,
                                                                              torch.float32)
+
+    @staticmethod
+    def _resolve_base(cfg: SDTrainConfig) -> None:
+        """Build a preset if needed, record its local folder, and default the resolution to the model's own."""
+        from .presets import native_resolution, resolve_pretrained
+
+        try:
+            path = resolve_pretrained(cfg.pretrained_model_name_or_path)
+            if cfg.resolution is None:
+                cfg.resolution = native_resolution(path, cfg.revision)
+        except Exception as e:  # noqa: BLE001 - missing folder, offline hub, bad id: all the user's to fix
+            raise ConfigError(f"cannot load base model {cfg.pretrained_model_name_or_path!r}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} (use a "
+                              "local diffusers folder, a hub id reachable online, or 'tiny')") from None
+        if Path(path).is_dir():
+            cfg.base_model_folder = str(Path(path).resolve())
 
     @contextlib.contextmanager
     def _reporting_failure(self):
         """status.json: "cancelled" on Ctrl-C / SIGINT, "failed" with the one-line error otherwise."""
         try:
             yield
-        except KeyboardInterrupt:
-            self.log.set_status(state="cancelled", error="interrupted")
+        except KeyboardInterrupt as e:
+            self.log.set_status(state="cancelled", error=str(e) or "interrupted")
             raise
         except BaseException as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -170,7 +205,7 @@ class SDTrainer:
         from reflora_diffusion.core import Refactorer
 
         cfg, acc = self.cfg, self.accelerator
-        resume_dir = find_resume_checkpoint(cfg)  # fail early on a bad path
+        resume_dir = self.resume_dir
         if cfg.with_prior_preservation:
             from .sample import ensure_class_images
 
@@ -204,6 +239,7 @@ class SDTrainer:
         dataloader = build_dataloader(self.dataset, cfg)
         steps_per_epoch = math.ceil(math.ceil(len(dataloader) / acc.num_processes) / cfg.gradient_accumulation_steps)
         self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+        self.ref.check_schedule(self.max_steps)
         # accelerate steps a prepared scheduler once per process per optimizer step
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                                      num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
@@ -370,8 +406,11 @@ class SDTrainer:
                     window_n += 1
                     if not acc.sync_gradients:
                         continue
-                    # One collective per optimizer step: every process's mean loss of this window.
-                    losses = acc.gather(window_loss.reshape(1) / window_n)
+                    # One collective per optimizer step: every process's mean loss of this window and
+                    # whether it was asked to stop (so all processes stop after the same step).
+                    flag = torch.ones((), device=acc.device) if self.stop.is_set() else torch.zeros((), device=acc.device)
+                    gathered = acc.gather(torch.stack([window_loss / window_n, flag]).float())
+                    losses, stop_now = gathered[0::2], bool(gathered[1::2].any())
                     ok = bool(torch.isfinite(losses).all())
                     if ok and cfg.max_grad_norm > 0:
                         ok = bool(torch.isfinite(acc.clip_grad_norm_(params, cfg.max_grad_norm)))
@@ -405,6 +444,8 @@ class SDTrainer:
                 if cfg.validation_prompt and self.global_step % cfg.validation_steps == 0 \
                         and self.global_step < self.max_steps:
                     self.validate()
+                if stop_now and self.global_step < self.max_steps:
+                    self._stop_at_step_boundary()
                 if self.global_step >= self.max_steps:
                     break
             if self.global_step >= self.max_steps:
@@ -412,6 +453,15 @@ class SDTrainer:
         bar.close()
         self.finish()
         return self.run_dir
+
+    def _stop_at_step_boundary(self) -> None:
+        """A requested stop (SIGTERM): keep the work done so far as a checkpoint, then end as cancelled."""
+        if self.stop.watchdog is not None:
+            self.stop.watchdog.cancel()
+        if not (self.run_dir / "checkpoints" / f"checkpoint-{self.global_step}").is_dir():
+            self.save_checkpoint()
+        raise KeyboardInterrupt(f"stopped at step {self.global_step} by SIGTERM; continue with "
+                                "--resume_from_checkpoint latest")
 
     def _log_step(self, loss: float, sec_per_step: float, epoch: int, ok: bool) -> None:
         stats = self.ref.stats()
@@ -471,10 +521,13 @@ class SDTrainer:
                 raise ConfigError(f"checkpoint {str(input_dir)!r} has no {path.name}; it was made with a different "
                                   "--train_text_encoder setting")
             state = load_file(str(path), device=str(self.accelerator.device))
-            expected = set(lora_state(model))
-            if set(state) != expected:
-                raise ConfigError(f"checkpoint {str(input_dir)!r} holds LoRA weights of another shape or target set "
-                                  "than this config; resume with the same --rank / --target_modules")
+            expected = lora_state(model)
+            wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+            if set(state) != set(expected) or wrong:
+                shapes = (f" ({wrong[0]}: {tuple(state[wrong[0]].shape)} there, {tuple(expected[wrong[0]].shape)} "
+                          "here)" if wrong else "")
+                raise ConfigError(f"checkpoint {str(input_dir)!r} holds LoRA weights of another rank or target set "
+                                  f"than this config{shapes}; resume with the same --rank / --target_modules")
             model.load_state_dict(state, strict=False)
 
     def save_checkpoint(self) -> Path:
@@ -543,13 +596,72 @@ class SDTrainer:
             self.export(self.run_dir)
             from reflora_diffusion.export import write_model_card
 
-            write_model_card(self.run_dir)
+            write_model_card(self.run_dir, overwrite=True)  # the run folder is ours (checked at start)
         self.log.set_status(state="done", step=self.global_step)
         acc.end_training()
+
+
+class StopRequest(threading.Event):
+    """Set by the first SIGTERM: the loop stops after the current step, with a checkpoint. A second SIGTERM
+    interrupts at once; a step that does not end within `grace` seconds is ended by the watchdog."""
+
+    def __init__(self):
+        super().__init__()
+        self.watchdog: threading.Timer | None = None
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(trainer: "SDTrainer"):
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread (e.g. a test calling train())
+        return
+    grace = float(os.environ.get("REFLORA_STOP_GRACE_S", STOP_GRACE_S))
+
+    def hard_stop():
+        trainer.log.set_status(state="cancelled", error=f"stopped by SIGTERM: step {trainer.global_step + 1} did "
+                                                        f"not end within {grace:g} s")
+        os._exit(130)
+
+    def on_sigterm(signum, frame):
+        if trainer.stop.is_set():
+            raise KeyboardInterrupt("stopped by a second SIGTERM")
+        trainer.stop.set()
+        trainer.stop.watchdog = threading.Timer(grace, hard_stop)
+        trainer.stop.watchdog.daemon = True
+        trainer.stop.watchdog.start()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    _die_with_launcher()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if trainer.stop.watchdog is not None:
+            trainer.stop.watchdog.cancel()
+
+
+def _die_with_launcher() -> None:
+    """`accelerate launch` (one process) runs the trainer as a child and does not pass SIGTERM on: ask the
+    kernel for a SIGTERM when that launcher dies, so stopping the launcher stops the trainer (Linux)."""
+    try:
+        import ctypes
+
+        import psutil
+
+        parent = psutil.Process().parent()
+        if parent is None or not any("accelerate" in part for part in parent.cmdline()[:3]):
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent.pid:  # the launcher died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    except Exception:  # noqa: BLE001 - not Linux, no psutil: the launcher's SIGTERM stays the only path
+        pass
 
 
 def train(cfg: SDTrainConfig) -> Path:
     """Run a training job to completion; status.json says running/done/failed/cancelled throughout."""
     trainer = SDTrainer(cfg)
-    trainer.setup()
-    return trainer.train()
+    with _stop_on_sigterm(trainer):
+        trainer.setup()
+        return trainer.train()
