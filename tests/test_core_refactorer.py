@@ -145,9 +145,10 @@ def test_reflora_s_balances_factors_and_carries_adam_state():
     assert ref.stats()["balance_max"] == pytest.approx(1.0, rel=1e-5)
 
     # one step from identical states: RefLoRA-S = an AdamW step, then the rescaling of factors and moments
+    # (warm-up 1: step 0 is plain, and the rescaling for step 1 runs right after it)
     m_lora, m_s = lora_model(seed=3), lora_model(seed=3)
     _, opt_lora, _ = train(m_lora, "lora", steps=1)
-    _, opt_s, _ = train(m_s, "reflora-s", steps=1)
+    _, opt_s, _ = train(m_s, "reflora-s", steps=1, warmup_steps=1)
     for pl, ps in zip(find_lora_pairs(m_lora), find_lora_pairs(m_s)):
         s = pl.B.norm() / pl.A.norm()
         p = s.sqrt()
@@ -168,6 +169,99 @@ def test_gradient_accumulation_preconditions_once_per_step(method):
     assert r1.step_count == r4.step_count == 3
     for (n, a), b in zip(lora_params(m1).items(), lora_params(m4).values()):
         assert torch.allclose(a, b, atol=1e-5), n
+
+
+def _authors_loop(model, method, warmup, interval, steps, lr=1e-2):
+    """The published algorithm, written out by hand as the authors' code schedules it: a countdown set to the
+    warm-up when attached, one count consumed per call; RefLoRA preconditions in a step pre-hook, RefLoRA-S
+    rescales in a post-hook and is called once at attach. Returns, per step, whether ||A|| = ||B|| held in
+    every layer when the step's update was made."""
+    pairs = [(m.lora_A["default"].weight, m.lora_B["default"].weight)
+             for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    countdown = warmup
+
+    def due():
+        nonlocal countdown
+        if countdown > 0:
+            countdown -= 1
+            return False
+        countdown = interval - 1
+        return True
+
+    @torch.no_grad()
+    def rescale():  # RefLoRA-S: A <- pA, B <- B/p, p^2 = ||B|| / ||A||, Adam's moments along
+        for A, B in pairs:
+            s = B.norm() / A.norm()
+            A.mul_(s.sqrt())
+            B.div_(s.sqrt())
+            if opt.state:
+                opt.state[A]["exp_avg"] /= s.sqrt()
+                opt.state[A]["exp_avg_sq"] /= s
+                opt.state[B]["exp_avg"] *= s.sqrt()
+                opt.state[B]["exp_avg_sq"] *= s
+
+    @torch.no_grad()
+    def precondition():  # RefLoRA: G_A <- S*^-1 G_A, G_B <- G_B S*, S* = (A A^T)^-1 # (B^T B)
+        for A, B in pairs:
+            wa, va = torch.linalg.eigh(A @ A.T)
+            a = wa.sqrt()
+            wm, vm = torch.linalg.eigh((B @ va * a).T @ (B @ va * a))
+            m = wm.sqrt()
+            left, right = (va / a) @ vm, (va * a) @ vm
+            A.grad.copy_((right / m) @ right.T @ A.grad)
+            B.grad.copy_(B.grad @ ((left * m) @ left.T))
+
+    if method == "reflora-s" and due():
+        rescale()
+    x, y = data(dtype=torch.float64)
+    balanced = []
+    for _ in range(steps):
+        ((model(x) - y) ** 2).mean().backward()
+        if method == "reflora" and due():
+            precondition()
+        balanced.append(_balanced(pairs))
+        opt.step()
+        opt.zero_grad()
+        if method == "reflora-s" and due():
+            rescale()
+    return balanced
+
+
+def _balanced(pairs) -> bool:
+    return all(abs(A.norm() - B.norm()) <= 1e-6 * B.norm() for A, B in pairs)  # the core computes p in float32
+
+
+@pytest.mark.parametrize("method,warmup,interval,warm", [
+    ("reflora-s", 100, 1, False),  # the paper's GLUE warm-up, from peft's B = 0
+    ("reflora-s", 3, 2, False),
+    ("reflora-s", 0, 2, True),     # no warm-up: the authors rescale once at attach, before the first step
+    ("reflora", 3, 2, False),
+])
+def test_schedule_matches_the_authors_algorithm(method, warmup, interval, warm):
+    """RefLoRA-S first balances the factors for step W (0-based), the step RefLoRA first preconditions."""
+    steps = warmup + 2 * interval + 1
+    reference = lora_model(seed=11, warm=warm, dtype=torch.float64)
+    ours = copy.deepcopy(reference)
+    expected = _authors_loop(reference, method, warmup, interval, steps)
+
+    ref = Refactorer(ours, method=method, warmup_steps=warmup, interval=interval)
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    ref.attach(opt)
+    balanced = []  # observed after the core's own pre-hook, as the update is made
+    opt.register_step_pre_hook(lambda *_: balanced.append(_balanced([(p.A, p.B) for p in ref.pairs])))
+    x, y = data(dtype=torch.float64)
+    for _ in range(steps):
+        ((ours(x) - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    assert balanced == expected
+    assert ref.stats()["refactored"] == len(ref.pairs)  # the figures of the method's last action
+    if method == "reflora-s":
+        assert expected.index(True) == warmup and expected[warmup::interval] == [True] * 3
+    for (n, a), b in zip(lora_params(reference).items(), lora_params(ours).values()):
+        assert (b - a).norm() <= 1e-6 * a.norm(), n  # the same trajectory (the core's p is float32)
 
 
 def test_warmup_runs_plain_lora_then_refactors():

@@ -159,13 +159,17 @@ def test_main_value_picks_headline_metric():
 # ---- presets and arguments ----------------------------------------------------------------------------------
 
 def test_presets_cover_all_tasks_and_explicit_flags_win():
-    assert set(PRESETS) == set(TASKS)
+    assert set(PRESETS) == {"paper", "adalora"}
+    assert all(set(rows) == set(TASKS) for rows in PRESETS.values())
     glue_args, train_args = parse_args(["--task_name", "rte", "--model_name_or_path", "m", "--output_dir", "o",
-                                        "--preset", "paper", "--num_train_epochs", "2"])
+                                        "--preset", "adalora", "--num_train_epochs", "2"])
     assert train_args.num_train_epochs == 2                               # explicit flag kept
     assert train_args.warmup_steps == 200 and glue_args.max_length == 320  # AdaLoRA's RTE row
     assert glue_args.cls_dropout == 0.2 and train_args.learning_rate == 1e-3
     assert glue_args.refactor_warmup_steps == 100 and glue_args.lora_r == 8
+    assert glue_args.target_modules is None                               # the default targets
+    with pytest.raises(ValueError, match="unknown --preset 'adaloraa'; choose one of: paper, adalora"):
+        parse_args(["--task_name", "rte", "--model_name_or_path", "m", "--output_dir", "o", "--preset", "adaloraa"])
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------

@@ -111,16 +111,25 @@ _QUADRATIC_STATE = ("exp_avg_sq", "max_exp_avg_sq")
 
 
 class RefLoRAS(Method):
-    """RefLoRA-S (Theorem 5): after each step rescale A <- pA, B <- B/p with p^2 = ||B||_F / ||A||_F.
+    """RefLoRA-S (Theorem 5): rescale A <- pA, B <- B/p with p^2 = ||B||_F / ||A||_F so that ||A|| = ||B||.
 
-    The optimizer state is carried along so that the next step is the one the rescaled pair would take:
-    G_A scales by 1/p and G_B by p, so exp_avg(A) /= p, exp_avg_sq(A) /= p^2 and the reverse for B.
+    The rescaling for step k happens after step k - 1 (as in the authors' code), and for k = 0 before the
+    step, together with the gradients. The optimizer state is carried along so that the next step is the one
+    the rescaled pair would take: G_A scales by 1/p and G_B by p, so exp_avg(A) /= p, exp_avg_sq(A) /= p^2
+    and the reverse for B.
     """
 
     name = "reflora-s"
     uses_warmup = True
 
+    def pre_step(self, ref: Refactorer) -> None:
+        if ref.step_count == 0:  # no previous step to rescale after: rescale now, the gradients along
+            self._balance(ref, with_grads=True)
+
     def post_step(self, ref: Refactorer) -> None:
+        self._balance(ref)
+
+    def _balance(self, ref: Refactorer, with_grads: bool = False) -> None:
         pairs = ref.pairs
         As = [p.A.detach() for p in pairs]
         Bs = [p.B.detach() for p in pairs]
@@ -136,19 +145,22 @@ class RefLoRAS(Method):
         inv_s = list((1.0 / s).unbind())
         torch._foreach_mul_(As, p_list)
         torch._foreach_mul_(Bs, inv_p)
+        # What scales like the gradient (by 1/p for A, p for B) and like its square (1/p^2, p^2).
         state = ref.optimizer.state
-        for key in _LINEAR_STATE + _QUADRATIC_STATE:
-            a_factor = inv_p if key in _LINEAR_STATE else inv_s
-            b_factor = p_list if key in _LINEAR_STATE else s_list
-            tensors, factors = [], []
-            for i, pair in enumerate(pairs):
-                for param, f in ((pair.A, a_factor[i]), (pair.B, b_factor[i])):
-                    t = state.get(param, {}).get(key)
+        tensors, factors = [], []
+        for i, pair in enumerate(pairs):
+            for param, linear, quadratic in ((pair.A, inv_p[i], inv_s[i]), (pair.B, p_list[i], s_list[i])):
+                st = state.get(param, {})
+                scaled = [(st.get(k), linear) for k in _LINEAR_STATE]
+                scaled += [(st.get(k), quadratic) for k in _QUADRATIC_STATE]
+                if with_grads:
+                    scaled.append((param.grad, linear))
+                for t, f in scaled:
                     if t is not None:
                         tensors.append(t)
                         factors.append(f)
-            if tensors:
-                torch._foreach_mul_(tensors, factors)
+        if tensors:
+            torch._foreach_mul_(tensors, factors)
         ref.warn_unknown_state(_LINEAR_STATE + _QUADRATIC_STATE + ("step",))
 
 

@@ -35,7 +35,12 @@ class Refactorer:
 
     Refactoring methods (reflora, reflora-s, scaledgd, preclora, nora+) run plain LoRA steps for the
     first ``warmup_steps`` optimizer steps (peft starts with B = 0, where S* is undefined) and then act
-    on every ``interval``-th step. Because the work happens in optimizer step hooks it runs once per
+    for every ``interval``-th step: for the optimizer steps k = W, W + I, W + 2I, ... (k counts from 0,
+    W = ``warmup_steps``, I = ``interval``). The preconditioners transform step k's gradient; RefLoRA-S
+    balances the factors (and the optimizer state) for step k, i.e. right after step k - 1 (for k = 0,
+    before step 0: factors and gradients together). So both start changing the update at the same
+    step, as in the authors' code, where RefLoRA-S first rescales after W completed steps (its attach
+    consumes one warm-up count). Because the work happens in optimizer step hooks it runs once per
     real optimizer step: after gradient accumulation, DDP all-reduce and the GradScaler's unscale, and
     not at all on a step the GradScaler skips.
 
@@ -149,6 +154,7 @@ class Refactorer:
 
     # ------------------------------------------------------------------ the hooks
     def _active(self) -> bool:
+        """Whether the method acts for optimizer step ``step_count`` (the next one; steps count from 0)."""
         if not self.method.uses_warmup:
             return True  # lora, lora+, chains act on every step
         k = self.step_count - self.warmup_steps
@@ -156,15 +162,15 @@ class Refactorer:
 
     @torch.no_grad()
     def _pre_hook(self, optimizer, args, kwargs):
-        if self._active():
-            self._last = {k: torch.zeros((), dtype=torch.long) for k in self._last}
+        if self._active():  # before this step
+            self._new_action = True
             self.method.pre_step(self)
 
     @torch.no_grad()
     def _post_hook(self, optimizer, args, kwargs):
-        active = self._active()
         self.step_count += 1
-        if active:
+        if self._active():  # after the previous step, for the next one
+            self._new_action = True
             self.method.post_step(self)
 
     # ------------------------------------------------------------------ shared machinery for methods
@@ -172,9 +178,13 @@ class Refactorer:
         zero = lambda: torch.zeros((), dtype=torch.long)  # noqa: E731
         self._last = {"refactored": zero(), "skipped_rank_deficient": zero(), "skipped_nonfinite": zero()}
         self._total = {k: zero() for k in self._last}
+        self._new_action = False
 
     def count(self, ok: torch.Tensor, finite: torch.Tensor) -> None:
-        """Record one step's per-layer outcome (device tensors; no host synchronisation)."""
+        """Record the per-layer outcome of a method's action (device tensors; no host synchronisation)."""
+        if self._new_action:  # the first count of a hook call replaces the last action's figures
+            self._last = {k: torch.zeros((), dtype=torch.long) for k in self._last}
+            self._new_action = False
         counts = {"refactored": ok.sum(), "skipped_rank_deficient": (~ok & finite).sum(),
                   "skipped_nonfinite": (~finite).sum()}
         for k, v in counts.items():  # a 0-dim CPU tensor adds to a device tensor without a sync
@@ -273,7 +283,7 @@ class Refactorer:
     # ------------------------------------------------------------------ figures for a UI
     @torch.no_grad()
     def stats(self) -> dict:
-        """Per-step figures: layers refactored / skipped at the last active step, balance ||B||/||A||.
+        """Per-step figures: layers refactored / skipped at the method's last action, balance ||B||/||A||.
 
         Synchronises the device (it reads numbers): call it at logging steps only.
         """

@@ -61,12 +61,27 @@ TASKS = {
 SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv",
                "validation_matched": "dev_matched.tsv", "validation_mismatched": "dev_mismatched.tsv"}
 
-# Per-task presets for DeBERTaV3-base, applied with --preset paper. lr 1e-3, batch 32, r=8, alpha=8 and the
-# RefLoRA warm-up of 100 steps are the RefLoRA paper's shared setting (arXiv 2505.18877, Sec. 5.1; authors'
-# NLU/debertaV3-base.sh, which also gives the CoLA row). The other rows' epochs, lr warm-up steps (a float < 1
-# is a ratio), max length, classifier dropout and weight decay are AdaLoRA's DeBERTaV3-base GLUE scripts
-# (QingruZhang/AdaLoRA NLU/scripts/run_debertav3_<task>.sh), the setup the LoRA baselines in those tables follow.
-PRESETS = {
+# Per-task presets for DeBERTaV3-base (--preset paper / adalora; flags given explicitly still win).
+# Shared by both: the RefLoRA paper's setting (arXiv 2505.18877, Sec. 5.1 and Appendix D; the authors'
+# NLU/debertaV3-base.sh): lr 1e-3, batch 32, AdamW with a linear schedule, r = 8, alpha = 8, RefLoRA warm-up
+# 100 steps.
+SHARED = dict(learning_rate=1e-3, per_device_train_batch_size=32, lr_scheduler_type="linear", lora_r=8, lora_alpha=8,
+              refactor_warmup_steps=100)
+# "paper": the RefLoRA paper's per-task rows (Appendix D, Table 6), LoRA on all linear modules of the encoder.
+PAPER = {
+    "mnli": dict(num_train_epochs=5, warmup_steps=1000, max_length=256, cls_dropout=0.15, weight_decay=0.0),
+    "sst2": dict(num_train_epochs=2, warmup_steps=500, max_length=128, cls_dropout=0.0, weight_decay=0.01),
+    "mrpc": dict(num_train_epochs=10, warmup_steps=50, max_length=128, cls_dropout=0.0, weight_decay=0.01),
+    "cola": dict(num_train_epochs=5, warmup_steps=100, max_length=64, cls_dropout=0.15, weight_decay=0.0),
+    "qnli": dict(num_train_epochs=5, warmup_steps=500, max_length=512, cls_dropout=0.1, weight_decay=0.01),
+    "qqp": dict(num_train_epochs=5, warmup_steps=1000, max_length=320, cls_dropout=0.2, weight_decay=0.01),
+    "rte": dict(num_train_epochs=10, warmup_steps=50, max_length=320, cls_dropout=0.2, weight_decay=0.01),
+    "stsb": dict(num_train_epochs=10, warmup_steps=100, max_length=128, cls_dropout=0.1, weight_decay=0.1),
+}
+# "adalora": AdaLoRA's DeBERTaV3-base GLUE scripts (QingruZhang/AdaLoRA NLU/scripts/run_debertav3_<task>.sh):
+# more epochs; lr warm-up steps (a float < 1 is a ratio), max length, classifier dropout and weight decay.
+# Targets stay the default set.
+ADALORA = {
     "cola": dict(num_train_epochs=5, warmup_steps=100, max_length=64, cls_dropout=0.15, weight_decay=0.0),
     "sst2": dict(num_train_epochs=24, warmup_steps=1000, max_length=128, cls_dropout=0.0, weight_decay=0.01),
     "mrpc": dict(num_train_epochs=30, warmup_steps=0.1, max_length=320, cls_dropout=0.0, weight_decay=0.01),
@@ -76,14 +91,20 @@ PRESETS = {
     "qnli": dict(num_train_epochs=5, warmup_steps=500, max_length=512, cls_dropout=0.1, weight_decay=0.01),
     "rte": dict(num_train_epochs=50, warmup_steps=200, max_length=320, cls_dropout=0.2, weight_decay=0.01),
 }
-PAPER_SHARED = dict(learning_rate=1e-3, per_device_train_batch_size=32, lora_r=8, lora_alpha=8, refactor_warmup_steps=100)
+PRESETS = {
+    "paper": {task: {**SHARED, "target_modules": "paper", **row} for task, row in PAPER.items()},
+    "adalora": {task: {**SHARED, **row} for task, row in ADALORA.items()},
+}
 
-# LoRA targets: query/key/value projections, attention output dense and intermediate dense (the paper's set).
-# (The authors' script passes "output.dense", which in peft's suffix matching also hits the FFN output.)
+# LoRA targets per model family (peft matches a name against a module's full name or a dotted suffix of it).
+# The default set: query/key/value projections, attention output dense and FFN intermediate dense.
+# --target_modules paper: all linear modules of the encoder, as in the paper, i.e. also the FFN output dense
+# (<layer>.output.dense). The authors pass "output.dense", which matches both attention.output.dense and it.
 TARGETS = {
     "deberta": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense"],
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense"],
 }
+FFN_OUTPUT = "output.dense"
 
 
 def get_task(name: str) -> GlueTask:
@@ -199,22 +220,25 @@ class GlueArguments(MethodArguments):
     model_name_or_path: str = field(metadata={"help": "AutoModelForSequenceClassification hub id or local folder"})
     data_dir: str | None = field(default=None, metadata={"help": "GLUE TSV folder (e.g. ../shared/data/glue); "
                                                                   "omit to load the hub's glue dataset"})
-    preset: str | None = field(default=None, metadata={"help": "'paper': the per-task DeBERTaV3 hyperparameters "
-                                                                "(flags given explicitly still win)"})
+    preset: str | None = field(default=None, metadata={"help": "per-task DeBERTaV3 hyperparameters: 'paper' (RefLoRA "
+                                                                "paper, Table 6) or 'adalora' (AdaLoRA's scripts); "
+                                                                "flags given explicitly still win"})
     max_length: int = field(default=128, metadata={"help": "max tokens per example (pair)"})
     lora_r: int = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0
-    target_modules: str | None = field(default=None, metadata={"help": "comma-separated module names; default: "
-                                                                        "q/k/v, attention output, intermediate"})
+    target_modules: str | None = field(default=None, metadata={"help": "comma-separated module names, or 'paper' "
+                                                                        "(all linear modules of the encoder); "
+                                                                        "default: q/k/v, attention output, "
+                                                                        "intermediate"})
     cls_dropout: float | None = field(default=None, metadata={"help": "classifier-head dropout"})
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
 
     def __post_init__(self):
         self.task_name = get_task(self.task_name).name
-        if self.preset not in (None, "paper"):
-            raise ValueError(f"unknown --preset {self.preset!r}; the only preset is 'paper'")
+        if self.preset not in (None, *PRESETS):
+            raise ValueError(f"unknown --preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
 
 
 @dataclass
@@ -243,29 +267,32 @@ def parse_args(argv=None):
     else:
         glue_args, train_args = parser.parse_args_into_dataclasses(args=argv)
         given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-    if glue_args.preset == "paper":
+    if glue_args.preset is not None:
         apply_preset(glue_args, train_args, given)
     return glue_args, train_args
 
 
 def apply_preset(glue_args, train_args, given: set) -> None:
-    """Fill in the paper's per-task hyperparameters, except where a flag was given explicitly."""
-    values = {**PAPER_SHARED, **PRESETS[glue_args.task_name]}
-    for key, value in values.items():
+    """Fill in the preset's per-task hyperparameters, except where a flag was given explicitly."""
+    from transformers import SchedulerType
+
+    for key, value in PRESETS[glue_args.preset][glue_args.task_name].items():
         if key in given:
             continue
-        target = train_args if hasattr(train_args, key) and key != "max_length" else glue_args
+        if key == "lr_scheduler_type":
+            value = SchedulerType(value)  # as TrainingArguments stores it after parsing
+        target = glue_args if hasattr(glue_args, key) else train_args
         setattr(target, key, value)
 
 
 # ---- model -------------------------------------------------------------------------------------------------
 
-def default_targets(model) -> list[str]:
+def default_targets(model, paper: bool = False) -> list[str]:
+    """The model family's target names; ``paper=True`` adds the FFN output dense (all linear modules)."""
     names = [n for n, _ in model.named_modules()]
-    for targets in TARGETS.values():
-        if any(n.endswith("." + targets[0]) for n in names):
-            return targets
-    return TARGETS["bert"]  # add_lora reports what the model has instead
+    family = next((t for t in TARGETS.values() if any(n.endswith("." + t[0]) for n in names)),
+                  TARGETS["bert"])  # add_lora reports what the model has instead
+    return family + [FFN_OUTPUT] if paper else family
 
 
 def load_model(args: GlueArguments):
@@ -285,7 +312,10 @@ def load_model(args: GlueArguments):
         config.classifier_dropout = args.cls_dropout   # BERT / RoBERTa's head
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, config=config)
-    targets = args.target_modules.split(",") if args.target_modules else default_targets(model)
+    if args.target_modules in (None, "paper"):
+        targets = default_targets(model, paper=args.target_modules == "paper")
+    else:
+        targets = args.target_modules.split(",")
     # TaskType.SEQ_CLS makes peft train the new head ("classifier" / "score") in full: modules_to_save.
     model = add_lora(model, [t.strip() for t in targets], r=args.lora_r, alpha=args.lora_alpha,
                      dropout=args.lora_dropout, method=args.method, task_type=TaskType.SEQ_CLS)
