@@ -19,6 +19,9 @@ USAGE = "usage: python llm/commonsense.py {train,eval} [flags]   (--help after t
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip() + "\n\n" + USAGE)
+        return
     if not argv or argv[0] not in ("train", "eval"):
         sys.exit(USAGE)
     from reflora_diffusion.llm.commonsense_run import parse_eval_args, parse_train_args, run_eval, run_train

@@ -609,3 +609,11 @@ def test_nonfinite_gradient_passes_through_untouched_and_spares_its_batch(method
     for i in (0, 2):
         assert torch.equal(poisoned[i][0], clean[i][0]) and torch.equal(poisoned[i][1], clean[i][1])
         assert not torch.equal(poisoned[i][0], before[i][0])  # really preconditioned
+
+
+def test_warmup_covering_the_whole_run_is_warned_in_one_line():
+    ref = Refactorer(lora_model(), method="reflora", warmup_steps=100)
+    with pytest.warns(UserWarning, match=r"only 100 optimizer steps, so it trains as plain LoRA"):
+        assert ref.check_schedule(100)
+    assert ref.check_schedule(101) is None
+    assert Refactorer(lora_model(), method="lora+", warmup_steps=100).check_schedule(10) is None  # no warm-up there

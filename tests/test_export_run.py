@@ -151,3 +151,20 @@ def test_model_card_for_a_chain(tmp_path):
     card = write_model_card(run).read_text()
     assert "`cola`" in card and "chain of LoRA links" in card and "| alpha | 3 (scale alpha / rank = 1.5)" in card
     assert 'resolve_pretrained("tiny")' in card and "python -m reflora_diffusion.export" in card
+
+
+def test_cli_never_replaces_a_readme_it_did_not_write(tmp_path, capsys):
+    run = make_run(tmp_path, lora_unet())
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("# my project\n")
+    assert main([str(run), "--format", "kohya", "--output", str(project)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "README.md exists and is not a model card written by this exporter" in err and "\n" not in err
+    assert (project / "README.md").read_text() == "# my project\n"
+    assert sorted(os.listdir(project)) == ["README.md"]  # refused before anything was written
+    # its own card is updated freely; a foreign one only with --overwrite
+    assert main([str(run), "--format", "kohya", "--output", str(tmp_path / "out")]) == 0
+    assert main([str(run), "--format", "diffusers", "--output", str(tmp_path / "out")]) == 0
+    assert main([str(run), "--format", "kohya", "--output", str(project), "--overwrite"]) == 0
+    assert "(reflora-diffusion)" in (project / "README.md").read_text()

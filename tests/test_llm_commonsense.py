@@ -3,6 +3,8 @@ partial results and resume. Uses the real SmolLM2 tokenizer and real test files;
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -253,3 +255,10 @@ def test_partial_results_survive_a_crash_and_resume(tokenizer, tmp_path, monkeyp
     assert metrics["correct"] == sum(r["pred"] == r["answer"] for r in rows)
     assert metrics["unparsed"] == sum(r["pred"] == "" for r in rows)
     assert all(r["pred"] == extract_answer("winogrande", r["output_pred"]) for r in rows)
+
+
+def test_cli_help_exits_0_and_lists_the_subcommands():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "llm", "commonsense.py"), "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage: python llm/commonsense.py {train,eval}" in result.stdout and "results.json" in result.stdout

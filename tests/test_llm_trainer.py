@@ -154,3 +154,9 @@ def test_chain_run_saves_an_adapter_that_reproduces_the_trained_model(tmp_path, 
     with torch.no_grad():
         expected = trained["model"].eval()(input_ids=ids).logits
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_refactor_warmup_covering_the_run_is_warned(tmp_path):
+    with pytest.warns(UserWarning, match="trains as plain LoRA"):
+        glue_run(tmp_path, "--method", "reflora", "--max_steps", "2", "--refactor_warmup_steps", "100",
+                 "--eval_strategy", "no")
