@@ -1,15 +1,21 @@
 """CPU threads: one rule for every trainer and the app.
 
-On a CPU, OpenMP threads of processes that share the cores fight each other: with one other busy
-process on a 2-core machine, a tiny 64 px step took 6.7 s with default threads and 0.39 s with
-OMP_NUM_THREADS=1 (17x). So a process gets its share of the cores: an explicit OMP_NUM_THREADS is always
-honoured; otherwise a trainer takes cores // (processes on this machine), and the app gives each job
-cores // (jobs it runs at once).
+On a CPU, OpenMP threads of processes that share the cores fight each other: OpenMP workers spin while
+they wait, so with one other busy process on a 2-core machine a tiny 64 px step took 2.5 s with default
+threads, 0.12 s with OMP_NUM_THREADS=1 and 0.14 s with OMP_WAIT_POLICY=PASSIVE (benchmarks/cpu_threads.py).
+So the entry points ask OpenMP to sleep instead of spin (unless the user set a policy), an explicit
+OMP_NUM_THREADS is always honoured, otherwise a trainer takes cores // (its processes on this machine),
+and the app gives each job cores // (jobs it runs at once).
 """
 
 from __future__ import annotations
 
 import os
+
+
+def prefer_passive_waiting() -> None:
+    """OMP_WAIT_POLICY=PASSIVE unless set: must run before torch is imported (OpenMP reads it on load)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def usable_cores() -> int:

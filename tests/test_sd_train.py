@@ -120,6 +120,8 @@ def test_run_folder_is_complete(tmp_path, method):
     for e in samples:
         for rel in e["samples"]:
             assert Image.open(run / rel).size == (64, 64)
+        grid = Image.open(run / "samples" / f"grid_step_{e['step']}.png")  # 1 prompt x 1 image here
+        assert grid.size == (64, 64) and grid.tobytes() == Image.open(run / e["samples"][0]).convert("RGB").tobytes()
 
     ckpt = run / "checkpoints" / "checkpoint-2"
     for name in ("pytorch_lora_weights.safetensors", "refactorer.safetensors", "unet_lora.safetensors",

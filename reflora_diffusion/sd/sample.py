@@ -41,7 +41,8 @@ def generate(pipe, prompts: list[str], images_per_prompt: int, seed: int, resolu
 
 
 def save_validation_samples(pipe, cfg, step: int, run_dir: Path, device) -> list[str]:
-    """samples/step_<N>/<i>.png for the validation prompts; returns paths relative to the run folder."""
+    """samples/step_<N>/<i>.png for the validation prompts and samples/grid_step_<N>.png with all of them;
+    returns the paths of the single images relative to the run folder."""
     folder = Path(run_dir) / "samples" / f"step_{step}"
     folder.mkdir(parents=True, exist_ok=True)
     images = generate(pipe, cfg.validation_prompt, cfg.num_validation_images, cfg.seed, cfg.resolution,
@@ -52,6 +53,13 @@ def save_validation_samples(pipe, cfg, step: int, run_dir: Path, device) -> list
         im.save(tmp, format="PNG")
         tmp.replace(folder / f"{i}.png")
         rel.append(f"samples/step_{step}/{i}.png")
+    # one picture per validation: a row per prompt, a column per seed
+    from diffusers.utils import make_image_grid
+
+    grid = make_image_grid(images, rows=len(cfg.validation_prompt), cols=cfg.num_validation_images)
+    tmp = folder.parent / f".grid_step_{step}.png.tmp"
+    grid.save(tmp, format="PNG")
+    tmp.replace(folder.parent / f"grid_step_{step}.png")
     return rel
 
 
