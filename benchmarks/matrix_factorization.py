@@ -5,8 +5,12 @@ by full-batch gradient descent, through the real core (Refactorer attached to to
 every method at learning rates 0.01 and 0.03.
 
     python benchmarks/matrix_factorization.py [--iters 100] [--out benchmarks/results]
+    python benchmarks/matrix_factorization.py --grid [--seeds 5] [--iters 300]
 
-Writes matrix_factorization.json (loss curves, iterations to loss < 1e-3) and .png.
+Writes matrix_factorization.json (loss curves, iterations to loss < 1e-3) and .png. `--grid` runs the
+study around Figure 2 (issue 9): GD and Adam, several learning rates, ranks and condition numbers of the
+target, each a mean over seeds (target and init drawn per seed), for lora / reflora / reflora-s / scaledgd,
+and writes matrix_factorization_grid.json and .png.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ def target(d: int, rank: int, seed: int, sigma_min: float = 8.0, sigma_max: floa
     return U @ torch.diag(sigma) @ V.T
 
 
-def run(method: str, lr: float, Y: torch.Tensor, rank: int, iters: int, seed: int, init_std: float = 1.0) -> list[float]:
+def run(method: str, lr: float, Y: torch.Tensor, rank: int, iters: int, seed: int, init_std: float = 1.0,
+        optimizer: str = "gd") -> list[float]:
     d = Y.shape[0]
     torch.manual_seed(seed)
     layer = nn.Linear(d, d, bias=False, dtype=torch.float64)
@@ -48,7 +53,8 @@ def run(method: str, lr: float, Y: torch.Tensor, rank: int, iters: int, seed: in
     with torch.no_grad():  # the usual matrix-factorization init: Gaussian A, zero B (LoRA's B = 0)
         pair.A.normal_(0.0, init_std)
     ref = Refactorer(model, method=method, **METHODS[method])
-    opt = ref.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = ref.attach(torch.optim.SGD(params, lr=lr) if optimizer == "gd" else torch.optim.Adam(params, lr=lr))
     eye = torch.eye(d, dtype=torch.float64)
     losses = []
     for _ in range(iters):
@@ -69,8 +75,80 @@ def first_below(losses: list[float], threshold: float = THRESHOLD) -> int | None
     return next((i for i, v in enumerate(losses) if v < threshold), None)
 
 
+GRID = {"optimizers": {"gd": [0.003, 0.01, 0.03, 0.1], "adam": [0.001, 0.003, 0.01, 0.03, 0.1]},
+        "ranks": [2, 4, 8], "kappas": [1.5, 10.0, 100.0], "methods": ["lora", "reflora", "reflora-s", "scaledgd"]}
+
+
+def grid(seeds: int, iters: int, d: int, out: Path) -> dict:
+    """Every (optimizer, lr, rank, condition number, method) over `seeds` seeds; sigma_max = 10."""
+    cells = {}
+    for opt_name, lrs in GRID["optimizers"].items():
+        for rank in GRID["ranks"]:
+            for kappa in GRID["kappas"]:
+                for lr in lrs:
+                    curves = {m: [] for m in GRID["methods"]}
+                    for seed in range(seeds):
+                        Y = target(d, rank, seed, 10.0 / kappa, 10.0)
+                        for method in GRID["methods"]:
+                            curves[method].append(run(method, lr, Y, rank, iters, seed, optimizer=opt_name))
+                    for method, cs in curves.items():
+                        finals = [c[-1] for c in cs]
+                        hits = [first_below(c) for c in cs]
+                        log_curves = torch.tensor([[math.log10(max(min(v, 1e12), 1e-16)) for v in c] for c in cs])
+                        cells[f"{opt_name}|lr{lr:g}|r{rank}|k{kappa:g}|{method}"] = {
+                            "optimizer": opt_name, "lr": lr, "rank": rank, "kappa": kappa, "method": method,
+                            "diverged": sum(not math.isfinite(v) or v > 1e6 for v in finals),
+                            "median_iters_to_threshold": _median([h for h in hits if h is not None]),
+                            "reached_threshold": sum(h is not None for h in hits),
+                            "mean_log10_final": float(log_curves[:, -1].mean()),
+                            "mean_log10_curve": [round(float(v), 3) for v in log_curves.mean(0)[::max(1, iters // 60)]],
+                        }
+                    row = {m: cells[f"{opt_name}|lr{lr:g}|r{rank}|k{kappa:g}|{m}"] for m in GRID["methods"]}
+                    print(f"{opt_name:4s} lr={lr:<6g} r={rank} kappa={kappa:<5g} " + "  ".join(
+                        f"{m}: {c['mean_log10_final']:6.2f} ({c['reached_threshold']}/{seeds})" for m, c in row.items()),
+                        flush=True)
+    results = {"setup": {"d": d, "iters": iters, "seeds": seeds, "threshold": THRESHOLD, "sigma_max": 10.0,
+                         "init": "A ~ N(0, 1), B = 0", **GRID}, "cells": cells}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "matrix_factorization_grid.json").write_text(json.dumps(results, indent=1, allow_nan=False))
+    plot_grid(results, out / "matrix_factorization_grid.png")
+    return results
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return None if not xs else xs[len(xs) // 2]
+
+
+def plot_grid(results: dict, path: Path) -> None:
+    """Final mean log10 loss vs lr, one panel per (optimizer, condition number), rank 4."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    opts, kappas = list(GRID["optimizers"]), GRID["kappas"]
+    fig, axes = plt.subplots(len(opts), len(kappas), figsize=(4.5 * len(kappas), 3.6 * len(opts)), squeeze=False)
+    for i, o in enumerate(opts):
+        for j, k in enumerate(kappas):
+            ax = axes[i][j]
+            for m in GRID["methods"]:
+                cs = [c for c in results["cells"].values() if c["optimizer"] == o and c["kappa"] == k
+                      and c["rank"] == 4 and c["method"] == m]
+                cs.sort(key=lambda c: c["lr"])
+                ax.plot([c["lr"] for c in cs], [min(c["mean_log10_final"], 6) for c in cs], "o-", label=m,
+                        lw=2.5 if m.startswith("reflora") else 1.2)
+            ax.set(xscale="log", title=f"{o}, rank 4, condition number {k:g}", xlabel="lr",
+                   ylabel=f"mean log10 loss after {results['setup']['iters']} it")
+            ax.axhline(math.log10(THRESHOLD), color="grey", ls=":", lw=1)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", action="store_true", help="the full study (see the module doc)")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds per grid cell")
     ap.add_argument("--d", type=int, default=100)
     ap.add_argument("--init_std", type=float, default=1.0, help="std of the Gaussian init of A")
     ap.add_argument("--rank", type=int, default=4)
@@ -81,6 +159,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
+    if args.grid:
+        return grid(args.seeds, args.iters, args.d, Path(args.out))
 
     Y = target(args.d, args.rank, args.seed, *args.sigma)
     results = {"setup": vars(args) | {"threshold": THRESHOLD}, "runs": {}}

@@ -47,11 +47,11 @@ def make_trainer(out: Path, method: str, args) -> SDTrainer:
     GradientState._reset_state()
     method, *flags = method.split(":")  # variants such as "reflora:normalize" or "reflora:reinit"
     options = {"chain_every": args.steps // 4} if method in ("rac-lora", "cola") else {}
-    options.update({flag: True for flag in flags})
+    options.update({{"normalize": "reflora_normalize"}.get(flag, flag): True for flag in flags})
     cfg = make_config(dict(
         pretrained_model_name_or_path="tiny", instance_data_dir=str((DATA / args.subject).resolve()),
         instance_prompt=f"a photo of sks {args.subject}", resolution=64, rank=args.rank, lora_alpha=args.rank,
-        learning_rate=args.lr, method=method, warmup_steps=args.warmup, max_train_steps=args.steps,
+        learning_rate=args.lr, method=method, refactor_warmup_steps=args.warmup, max_train_steps=args.steps,
         train_batch_size=args.batch_size, cache_latents=True, random_flip=True, seed=args.seed,
         checkpointing_steps=10**9, output_dir=str(out), **options))
     trainer = SDTrainer(cfg)

@@ -14,7 +14,7 @@ DOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth" / "
 
 TINY_FORM = {"pretrained_model_name_or_path": "tiny", "instance_data_dir": str(DOG),
              "instance_prompt": "a photo of sks dog", "method": "reflora", "rank": 4, "lora_alpha": 8,
-             "max_train_steps": 8, "resolution": 64, "seed": 0, "warmup_steps": 2, "learning_rate": 1e-3,
+             "max_train_steps": 8, "resolution": 64, "seed": 0, "refactor_warmup_steps": 2, "learning_rate": 1e-3,
              "validation_prompt": "a photo of sks dog", "validation_steps": 4, "num_validation_images": 1,
              "validation_inference_steps": 3, "checkpointing_steps": 4}
 

@@ -192,7 +192,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
         (["train", "--model_name_or_path", "x", "--train_file", str(tmp_path / "t.json"),
           "--output_dir", str(tmp_path / "o")], "t.json not found"),
         (["train", "--model_name_or_path", "x", "--train_file", "t.json", "--method", "relora",
-          "--output_dir", str(tmp_path / "o")], "unknown --method 'relora'"),
+          "--output_dir", str(tmp_path / "o")], "--method 'relora' is unknown"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exc:

@@ -102,7 +102,7 @@ def test_resume_from_checkpoint_without_core_state(tmp_path):
 
 def test_lora_plus_group_is_attached_before_the_scheduler(tmp_path):
     glue_args, train_args = parse_args(["--model_name_or_path", MINILM, "--output_dir", str(tmp_path), *TINY,
-                                        "--method", "lora+", "--ratio", "4", "--max_steps", "1"])
+                                        "--method", "lora+", "--loraplus_lr_ratio", "4", "--max_steps", "1"])
     tokenizer, model = load_model(glue_args)
     trainer = RefactorTrainer(model=model, args=train_args, method="lora+", method_options={"ratio": 4.0})
     optimizer = trainer.create_optimizer()
@@ -126,8 +126,8 @@ def test_model_without_target_modules(tmp_path):
 
 
 def test_unknown_method(tmp_path):
-    with pytest.raises(ValueError, match="unknown method 'refloraa'; choose one of"):
-        add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["0"], method="refloraa")
+    with pytest.raises(ValueError, match="--method 'refloraa' is unknown; use one of lora, reflora"):
+        parse_args(["--model_name_or_path", MINILM, "--output_dir", str(tmp_path), *TINY, "--method", "refloraa"])
 
 
 def test_chain_run_saves_an_adapter_that_reproduces_the_trained_model(tmp_path, monkeypatch):

@@ -63,7 +63,7 @@ def test_config_errors_are_one_line_and_name_the_option(tmp_path):
 
 def test_method_options_and_conv_targets():
     cfg = make_config({"pretrained_model_name_or_path": "tiny", "output_dir": "o", "train_data_dir": "d",
-                       "method": "lora+", "ratio": 16, "lora_conv": True, "lora_alpha": 8, "rank": 4})
+                       "method": "lora+", "loraplus_lr_ratio": 16, "lora_conv": True, "lora_alpha": 8, "rank": 4})
     assert cfg.method_options() == {"warmup_steps": 100, "interval": 1, "ratio": 16.0}
     assert cfg.unet_targets == ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut"]
     assert cfg.alpha == 8.0

@@ -54,7 +54,7 @@ def test_nan_learning_rate_and_warmup_covering_the_run(tmp_path, capsys):
     assert code == 2 and err == "error: --learning_rate must be a finite number (got nan)"
     assert not (tmp_path / "out").exists()
     with pytest.warns(UserWarning, match="trains as plain LoRA"):
-        code, err = run_cli(common + ["--method", "reflora", "--warmup_steps", "100"], capsys)
+        code, err = run_cli(common + ["--method", "reflora", "--refactor_warmup_steps", "100"], capsys)
     assert code == 0, err
 
 

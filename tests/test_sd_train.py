@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOG = (REPO / ".." / "shared" / "data" / "dreambooth" / "dog").resolve()
 PROMPT = "a photo of sks dog"
 BASE = dict(pretrained_model_name_or_path="tiny", instance_data_dir=str(DOG), instance_prompt=PROMPT,
-            resolution=64, rank=4, seed=0, max_train_steps=4, warmup_steps=2, checkpointing_steps=2,
+            resolution=64, rank=4, seed=0, max_train_steps=4, refactor_warmup_steps=2, checkpointing_steps=2,
             validation_prompt=[PROMPT], validation_steps=2, num_validation_images=1, validation_inference_steps=2)
 
 
@@ -287,7 +287,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
         (dog + ["--target_modules", "to_q", "attn_foo"], "target module 'attn_foo' matches no layer of the UNet"),
         (dog + ["--target_modules", "attn1"], "rather than a Linear/Conv2d layer"),
         (dog + ["--resume_from_checkpoint", str(tmp_path / "missing")], "--resume_from_checkpoint .* does not exist"),
-        (dog + ["--method", "reflora", "--ratio", "4"], "--method reflora: .*unknown option"),
+        (dog + ["--method", "reflora", "--loraplus_lr_ratio", "4"], "--method reflora: unknown option --loraplus_lr_ratio \\(an option of lora\+\)"),
         (dog + ["--optimizer", "adamq"], "--optimizer 'adamq' is unknown"),
     ]
     for args, expected in cases:
@@ -334,7 +334,7 @@ class _nothing:
 
 
 def test_other_torch_optimizer_and_method_options(tmp_path):
-    trainer = train(tmp_path / "sgd", method="lora+", ratio=4, optimizer="SGD", learning_rate=1e-2,
+    trainer = train(tmp_path / "sgd", method="lora+", loraplus_lr_ratio=4, optimizer="SGD", learning_rate=1e-2,
                     max_train_steps=2, validation_prompt=[], checkpointing_steps=10)
     assert isinstance(trainer.optimizer.optimizer, torch.optim.SGD)
     lrs = sorted({g["lr"] for g in trainer.optimizer.param_groups})
@@ -343,7 +343,7 @@ def test_other_torch_optimizer_and_method_options(tmp_path):
 
 def test_bf16_keeps_lora_weights_in_fp32(tmp_path):
     trainer = train(tmp_path / "bf16", mixed_precision="bf16", gradient_checkpointing=True, method="reflora",
-                    max_train_steps=3, warmup_steps=1, validation_prompt=[], checkpointing_steps=10)
+                    max_train_steps=3, refactor_warmup_steps=1, validation_prompt=[], checkpointing_steps=10)
     dtypes = {p.dtype for p in trainer.c.unet.parameters() if p.requires_grad}
     frozen = {p.dtype for p in trainer.c.unet.parameters() if not p.requires_grad}
     assert dtypes == {torch.float32} and frozen == {torch.bfloat16}
@@ -384,7 +384,7 @@ def test_two_processes_match_one_process(tmp_path):
 
 def test_reinit_refactors_from_the_first_step_and_exports_exactly(tmp_path):
     run = tmp_path / "reinit"
-    trainer = train(run, method="reflora", warmup_steps=0, reinit=True, normalize=True)
+    trainer = train(run, method="reflora", refactor_warmup_steps=0, reinit=True, reflora_normalize=True)
     steps = [e for e in read_events(run) if "loss" in e]
     assert steps[0]["refactor"]["refactored"] == steps[0]["refactor"]["layers"]  # no warm-up needed
     # the export (rank 2r: the compensated init A0, -B0 plus the trained pair) reproduces the trained UNet

@@ -7,7 +7,8 @@ Imports torch and peft only.
 
 from .linalg import geometric_mean
 from .methods import METHODS, Method
+from .options import MethodOptions
 from .pairs import LoraPair, find_lora_pairs, unwrap_model
 from .refactorer import Refactorer
 
-__all__ = ["METHODS", "Method", "LoraPair", "Refactorer", "find_lora_pairs", "geometric_mean", "unwrap_model"]
+__all__ = ["METHODS", "Method", "MethodOptions", "LoraPair", "Refactorer", "find_lora_pairs", "geometric_mean", "unwrap_model"]

@@ -23,6 +23,7 @@ class Method:
     name = "lora"
     needs_full_rank = False  # the r x r algebra assumes A and B of full rank r
     uses_warmup = False  # plain LoRA steps for the first warmup_steps (refactoring needs B != 0)
+    merges_links = False  # merges links into the base weight (chains): the export then concatenates them
     options: dict = {}  # option name -> default
 
     def __init__(self, **options):
@@ -195,6 +196,7 @@ class Chain(Method):
     link (A random, B zero) and reset the optimizer state of the factors."""
 
     name = "cola"
+    merges_links = True
     options = {"chain_every": 100, "seed": 0}
 
     def __init__(self, **options):

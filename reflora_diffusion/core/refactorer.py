@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .methods import METHODS, Chain, Method
+from .methods import METHODS, Method
 from .pairs import LoraPair, find_lora_pairs, unwrap_model
 
 STATE_FILE = "refactorer.safetensors"
@@ -50,6 +50,8 @@ class Refactorer:
     ``effective_factors()`` then exports [A0; A], [-B0, B] (rank 2r), exact on the original base model.
     """
 
+    STATE_FILE = STATE_FILE  # what save() writes into a checkpoint folder
+
     def __init__(self, model: nn.Module, method: str = "reflora", warmup_steps: int = 0, interval: int = 1,
                  adapter: str | None = None, reinit: bool = False, reinit_seed: int = 0, **method_options):
         if method not in METHODS:
@@ -67,7 +69,7 @@ class Refactorer:
         self.warmup_steps, self.interval = int(warmup_steps), int(interval)
         if self.method.needs_full_rank:
             self._check_ranks()
-        if isinstance(self.method, Chain) and any(getattr(p.module, "use_dora", {}).get(p.adapter, False)
+        if self.method.merges_links and any(getattr(p.module, "use_dora", {}).get(p.adapter, False)
                                                   for p in self.pairs):
             raise ValueError(f"method {method!r} merges links into the base weight, which DoRA does not allow; "
                              "train DoRA with a non-chain method.")

@@ -19,7 +19,8 @@ from transformers import TrainingArguments
 from .answers import DATASETS
 from .commonsense import evaluate_datasets, load_records, resolve_datasets, tokenize_records
 from .models import load_causal_lm
-from .trainer import MethodArguments, RefactorTrainer, add_lora, save_adapter, write_json_atomic, write_status
+from .trainer import (MethodArguments, RefactorTrainer, add_lora, parse_hf_args, save_adapter, write_json_atomic,
+                      write_status)
 
 __all__ = ["TrainArguments", "CommonsenseTrainingArguments", "EvalArguments", "parse_train_args",
            "parse_eval_args", "run_train", "run_eval", "save_adapter"]
@@ -58,10 +59,7 @@ class TrainArguments(MethodArguments):
     num_beams: int = field(default=1, metadata={"help": "1 = greedy (LLM-Adapters' scripts use 4)"})
 
     def __post_init__(self):
-        from reflora_diffusion.core import METHODS
-
-        if self.method not in METHODS:
-            raise ValueError(f"unknown --method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        super().__post_init__()
         if self.cutoff_len < 16:
             raise ValueError(f"--cutoff_len {self.cutoff_len} is too short for a prompt and an answer; use >= 16")
 
@@ -105,15 +103,7 @@ class EvalArguments:
 
 
 def _parse(dataclass_types, argv):
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(dataclass_types)
-    argv = list(sys.argv[2:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_hf_args(dataclass_types, list(sys.argv[2:] if argv is None else argv))[0]
 
 
 def parse_train_args(argv=None):
@@ -170,7 +160,7 @@ def run_train(args: TrainArguments, train_args) -> dict:
             n = model.config.num_hidden_layers
             layers = {"layers_to_transform": list(range(max(n - args.lora_top_layers, 0), n))}
         model = add_lora(model, [t.strip() for t in args.target_modules.split(",")], r=args.lora_r,
-                         alpha=args.lora_alpha, dropout=args.lora_dropout, method=args.method, task_type="CAUSAL_LM",
+                         alpha=args.lora_alpha, dropout=args.lora_dropout, task_type="CAUSAL_LM",
                          **layers)
         model.config.use_cache = False
         tokenizer.padding_side = "right"  # training: right padding keeps the positions of real tokens at 0..n-1

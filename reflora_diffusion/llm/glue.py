@@ -19,9 +19,8 @@ import numpy as np
 from transformers import TrainerCallback, TrainingArguments
 
 from reflora_diffusion.llm.metrics import MAIN_METRIC, glue_metrics, main_value
-from reflora_diffusion.core.methods import Chain
-from reflora_diffusion.llm.trainer import (MethodArguments, RefactorTrainer, add_lora, save_adapter, write_json_atomic,
-                                           write_status)
+from reflora_diffusion.llm.trainer import (MethodArguments, RefactorTrainer, add_lora, parse_hf_args, save_adapter,
+                                           write_json_atomic, write_status)
 
 csv.field_size_limit(sys.maxsize)  # MNLI parse-tree columns are long
 
@@ -236,6 +235,7 @@ class GlueArguments(MethodArguments):
     max_eval_samples: int | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         self.task_name = get_task(self.task_name).name
         if self.preset not in (None, *PRESETS):
             raise ValueError(f"unknown --preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
@@ -253,20 +253,8 @@ class GlueTrainingArguments(TrainingArguments):
 
 def parse_args(argv=None):
     """(GlueArguments, TrainingArguments) from CLI flags, or from a single .json/.yaml file."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser((GlueArguments, GlueTrainingArguments))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        glue_args, train_args = parser.parse_json_file(argv[0])
-        given = set(json.load(open(argv[0])))
-    elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        import yaml
-        glue_args, train_args = parser.parse_yaml_file(argv[0])
-        given = set(yaml.safe_load(open(argv[0])))
-    else:
-        glue_args, train_args = parser.parse_args_into_dataclasses(args=argv)
-        given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    (glue_args, train_args), given = parse_hf_args((GlueArguments, GlueTrainingArguments),
+                                                   list(sys.argv[1:] if argv is None else argv))
     if glue_args.preset is not None:
         apply_preset(glue_args, train_args, given)
     return glue_args, train_args
@@ -318,7 +306,7 @@ def load_model(args: GlueArguments):
         targets = args.target_modules.split(",")
     # TaskType.SEQ_CLS makes peft train the new head ("classifier" / "score") in full: modules_to_save.
     model = add_lora(model, [t.strip() for t in targets], r=args.lora_r, alpha=args.lora_alpha,
-                     dropout=args.lora_dropout, method=args.method, task_type=TaskType.SEQ_CLS)
+                     dropout=args.lora_dropout, task_type=TaskType.SEQ_CLS)
     return tokenizer, model
 
 
@@ -396,7 +384,7 @@ def run(glue_args: GlueArguments, train_args) -> dict:
         train_out = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
         train_seconds = time.time() - started
         trainer.save_model(out)    # peft adapter (safetensors) + the trained head
-        if is_main and isinstance(trainer.refactorer.method, Chain):  # + the links merged into the base
+        if is_main and trainer.refactorer.method.merges_links:  # + the links merged into the base
             save_adapter(trainer.model, trainer.refactorer, out)
         # No second pass over the same weights when the last step was just evaluated (log_history is the
         # same on every process, so all ranks take the same branch).

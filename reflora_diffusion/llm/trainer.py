@@ -22,34 +22,36 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from reflora_diffusion.core import METHODS, Refactorer
-from reflora_diffusion.core.refactorer import STATE_FILE
+from reflora_diffusion.core import Refactorer
+from reflora_diffusion.core.options import MethodOptions, rename_deprecated, rename_deprecated_keys
 
-__all__ = ["MethodArguments", "RefactorTrainer", "EventsCallback", "add_lora", "save_adapter", "write_status",
+__all__ = ["MethodArguments", "parse_hf_args", "RefactorTrainer", "EventsCallback", "add_lora", "save_adapter", "write_status",
            "write_json_atomic"]
 
 
-@dataclass(kw_only=True)
-class MethodArguments:
-    """The core's method and its options: the flags both LLM entry points share (HfArgumentParser fields)."""
+# The method flags both LLM entry points share: declared once in the core (one name per knob, one check).
+MethodArguments = MethodOptions
 
-    method: str = field(default="reflora", metadata={"help": "core method: lora, reflora, reflora-s, lora+, ..."})
-    refactor_warmup_steps: int = field(default=100, metadata={"help": "plain LoRA steps before refactoring starts"})
-    refactor_interval: int = field(default=1, metadata={"help": "refactor every N optimizer steps"})
-    ratio: float | None = field(default=None, metadata={"help": "lora+: lr(B) / lr(A)"})
-    delta: float | None = field(default=None, metadata={"help": "preclora / nora+: damping"})
-    chain_every: int | None = field(default=None, metadata={"help": "rac-lora / cola: steps per chain link"})
-    p: float | None = field(default=None, metadata={"help": "rac-lora: probability of freezing A in a link"})
-    normalize: bool = field(default=False, metadata={"help": "reflora: unit-determinant S* (steadier with Adam)"})
-    reinit: bool = field(default=False, metadata={"help": "random full-rank A, B with the base compensated: "
-                                                          "refactor from step 0"})
 
-    def method_options(self) -> dict:
-        """Keyword options for reflora_diffusion.core.Refactorer (only the ones set)."""
-        opts = {"warmup_steps": self.refactor_warmup_steps, "interval": self.refactor_interval,
-                "ratio": self.ratio, "delta": self.delta, "chain_every": self.chain_every, "p": self.p,
-                "normalize": self.normalize or None, "reinit": self.reinit or None}
-        return {k: v for k, v in opts.items() if v is not None}
+def parse_hf_args(dataclass_types, argv: list[str]) -> tuple[tuple, set[str]]:
+    """(dataclasses, names given explicitly) from flags or a single .json/.yaml file, with HfArgumentParser.
+
+    Old method-flag names (--ratio, --delta, --p, --normalize) are accepted with a deprecation line."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        with open(argv[0]) as f:
+            if argv[0].endswith(".json"):
+                values = json.load(f)
+            else:
+                import yaml
+
+                values = yaml.safe_load(f) or {}
+        values = rename_deprecated_keys(values)
+        return parser.parse_dict(values), set(values)
+    argv = rename_deprecated(argv)
+    return parser.parse_args_into_dataclasses(args=argv), {a[2:].split("=")[0] for a in argv if a.startswith("--")}
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -88,15 +90,13 @@ def _target_matches(module_name: str, targets) -> bool:
 
 
 def add_lora(model, target_modules, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-             modules_to_save=None, method: str = "lora", task_type=None, **lora_kwargs):
-    """Wrap `model` with a peft LoRA adapter; `method` is only validated here (the core applies it).
+             modules_to_save=None, task_type=None, **lora_kwargs):
+    """Wrap `model` with a peft LoRA adapter (the core's method is applied later, by RefactorTrainer).
 
-    Raises one-line ValueErrors for an unknown method or a model without any of the target modules.
+    Raises a one-line ValueError for a model without any of the target modules.
     """
     from peft import LoraConfig, get_peft_model
 
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     if isinstance(target_modules, str) and "," in target_modules:
         target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
     names = [n for n, _ in model.named_modules()]
@@ -170,8 +170,6 @@ class RefactorTrainer(Trainer):
     def __init__(self, *args, method: str = "reflora", method_options: dict | None = None,
                  events_path: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
         self.method = method
         self.method_options = dict(method_options or {})
         # The core walks module names: give it the unwrapped model (no DDP/compile wrapper).
@@ -200,8 +198,8 @@ class RefactorTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        if not os.path.isfile(os.path.join(checkpoint, STATE_FILE)):
-            raise FileNotFoundError(f"checkpoint {checkpoint} has no {STATE_FILE} (the core's state); resume from "
+        if not os.path.isfile(os.path.join(checkpoint, Refactorer.STATE_FILE)):
+            raise FileNotFoundError(f"checkpoint {checkpoint} has no {Refactorer.STATE_FILE} (the core's state); resume from "
                                     "a checkpoint written by RefactorTrainer, or train without --resume_from_checkpoint")
         self.refactorer.load(checkpoint)
 

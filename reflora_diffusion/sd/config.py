@@ -13,10 +13,14 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from reflora_diffusion.core import METHODS
+from reflora_diffusion.core.options import DEPRECATED, MethodOptions, rename_deprecated, rename_deprecated_keys
 
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CONV_TARGETS = ["conv1", "conv2", "conv_shortcut"]  # resnet convs of the UNet (kohya's "conv" LoRA / LoCon)
@@ -34,7 +38,10 @@ def _opt(default, help: str, **kw):
 
 
 @dataclass
-class SDTrainConfig:
+class SDTrainConfig(MethodOptions):
+    """Every option; the core's method options (method, refactor_warmup_steps, ...) come from MethodOptions."""
+
+    method: str = _opt("lora", f"core method: {', '.join(METHODS)}")
     # model
     pretrained_model_name_or_path: str | None = _opt(
         None, "hub id, local diffusers folder, or the offline presets 'tiny' / 'tiny-sdxl'")
@@ -86,17 +93,6 @@ class SDTrainConfig:
     lora_conv: bool = _opt(False, "also adapt the UNet resnet convolutions (conv1, conv2, conv_shortcut)")
     train_text_encoder: bool = _opt(False, "add LoRA to the text encoder(s) too")
     text_encoder_target_modules: list[str] = _opt(DEFAULT_TEXT_TARGETS, "text-encoder layers to adapt")
-    # method (reflora_diffusion.core)
-    method: str = _opt("lora", "any name in reflora_diffusion.core.METHODS")
-    warmup_steps: int = _opt(100, "plain-LoRA steps before refactoring starts (RefLoRA warm-up)")
-    interval: int = _opt(1, "refactor every N optimizer steps")
-    ratio: float | None = _opt(None, "lora+: lr(B) / lr(A)")
-    delta: float | None = _opt(None, "preclora / nora+: damping")
-    chain_every: int | None = _opt(None, "rac-lora / cola: steps per chain link")
-    p: float | None = _opt(None, "rac-lora: probability of freezing A in a link")
-    normalize: bool = _opt(False, "reflora: unit-determinant S* (steadier with Adam right after the warm-up)")
-    reinit: bool = _opt(False, "random full-rank A, B with the base weight compensated: refactor from step 0 "
-                               "(the export then has rank 2r)")
     # speed and memory
     mixed_precision: str | None = _opt(None, "no, fp16 or bf16 (default: accelerate's config)")
     gradient_checkpointing: bool = _opt(False, "trade compute for memory in the UNet/text encoder")
@@ -138,17 +134,8 @@ class SDTrainConfig:
     def alpha(self) -> float:
         return float(self.rank if self.lora_alpha is None else self.lora_alpha)
 
-    def method_options(self) -> dict:
-        """Keyword options for reflora_diffusion.core.Refactorer (only the ones set)."""
-        opts = {"warmup_steps": self.warmup_steps, "interval": self.interval}
-        for name in ("ratio", "delta", "chain_every", "p"):
-            if getattr(self, name) is not None:
-                opts[name] = getattr(self, name)
-        if self.normalize:
-            opts["normalize"] = True
-        if self.reinit:
-            opts["reinit"] = True
-        return opts
+    def __post_init__(self):
+        pass  # checked by validate(), which reports ConfigError
 
     # --- checks --------------------------------------------------------------------------------------
     def validate(self) -> "SDTrainConfig":
@@ -178,7 +165,7 @@ class SDTrainConfig:
         if self.resolution is not None and self.resolution < 1:
             raise ConfigError(f"--resolution must be >= 1 (got {self.resolution})")
         for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs",
-                     "checkpointing_steps", "logging_steps", "validation_steps", "interval", "max_bad_steps",
+                     "checkpointing_steps", "logging_steps", "validation_steps", "max_bad_steps",
                      "num_validation_images", "validation_inference_steps", "sample_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1 (got {getattr(self, name)})")
@@ -194,8 +181,8 @@ class SDTrainConfig:
             raise ConfigError(f"--mixed_precision must be no, fp16 or bf16 (got {self.mixed_precision!r})")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise ConfigError(f"--prediction_type must be epsilon or v_prediction (got {self.prediction_type!r})")
-        if self.warmup_steps < 0 or self.lr_warmup_steps < 0:
-            raise ConfigError("--warmup_steps and --lr_warmup_steps must be >= 0")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError("--lr_warmup_steps must be >= 0")
         if not self.target_modules:
             raise ConfigError("--target_modules is empty; the default is to_q to_k to_v to_out.0")
         if self.report_to not in ("none", "all"):
@@ -210,10 +197,10 @@ class SDTrainConfig:
         names = [s.value for s in SchedulerType]
         if self.lr_scheduler not in names:
             raise ConfigError(f"--lr_scheduler {self.lr_scheduler!r} is unknown; use one of {', '.join(names)}")
-        from reflora_diffusion.core import METHODS
-
-        if self.method not in METHODS:
-            raise ConfigError(f"--method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
+        try:
+            self.check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return self
 
     # --- I/O -----------------------------------------------------------------------------------------
@@ -309,9 +296,13 @@ def load_config_file(path: str | os.PathLike) -> dict:
     return data
 
 
+# Old names of the SD trainer's method flags (before the core declared them once), accepted with a warning.
+RENAMED = {**DEPRECATED, "warmup_steps": "refactor_warmup_steps", "interval": "refactor_interval"}
+
+
 def make_config(values: dict) -> SDTrainConfig:
     """Config from a dict of option names (file, app form, ...); unknown names are an error."""
-    values = dict(values)
+    values = rename_deprecated_keys(values, RENAMED)
     if "validation_prompts" in values:  # plural spelling accepted too
         values["validation_prompt"] = values.pop("validation_prompts")
     unknown = sorted(set(values) - set(FIELDS))
@@ -322,6 +313,7 @@ def make_config(values: dict) -> SDTrainConfig:
 
 def parse_args(argv: list[str] | None = None) -> SDTrainConfig:
     """CLI flags (+ optional --config file) -> validated config."""
+    argv = rename_deprecated(list(sys.argv[1:] if argv is None else argv), RENAMED)
     cli = vars(build_parser().parse_args(argv))
     values = load_config_file(cli.pop("config")) if "config" in cli else {}
     values.update(cli)
