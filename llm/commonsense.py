@@ -29,6 +29,9 @@ def main(argv=None):
     if not argv or argv[0] not in ("train", "eval"):
         sys.exit(USAGE)
     from reflora_diffusion.llm.commonsense_run import parse_eval_args, parse_train_args, run_eval, run_train
+    from reflora_diffusion.logs import show_info
+
+    show_info()
 
     command, rest = argv[0], argv[1:]
     try:

@@ -19,6 +19,9 @@ from reflora_diffusion.llm.glue import parse_args, run  # noqa: E402
 
 
 def main(argv=None):
+    from reflora_diffusion.logs import show_info
+
+    show_info()
     try:
         glue_args, train_args = parse_args(argv)
     except (ValueError, FileNotFoundError) as e:

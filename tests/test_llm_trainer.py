@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from reflora_diffusion.llm.glue import load_model, parse_args, run  # noqa: E402
-from reflora_diffusion.llm.trainer import RefactorTrainer, add_lora, save_adapter  # noqa: E402
+from reflora_diffusion.llm.trainer import RefactorTrainer, save_adapter  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLUE = os.path.join(os.path.dirname(ROOT), "shared", "data", "glue")

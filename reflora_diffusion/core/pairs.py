@@ -64,12 +64,13 @@ def _active_adapters(module: nn.Module, adapter: str | None) -> list[str]:
     return [active] if isinstance(active, str) else list(active)
 
 
-def find_lora_pairs(model: nn.Module, adapter: str | None = None) -> list[LoraPair]:
+def find_lora_pairs(model: nn.Module, adapter: str | None = None, trainable_only: bool = True) -> list[LoraPair]:
     """Return the (A, B) pairs of every active peft LoRA layer of ``model``.
 
     Works on a ``PeftModel``, a ``LoraModel`` and a plain model given adapters with
     ``add_adapter`` (diffusers' UNet and text encoders). Pairs whose factors are both frozen are
-    left out. Grouped convolutions are skipped with a warning (their LoRA is not one matrix product).
+    left out unless ``trainable_only=False`` (export). Grouped convolutions are skipped with a warning
+    (their LoRA is not one matrix product).
     """
     from peft.tuners.lora import LoraLayer
 
@@ -100,7 +101,7 @@ def find_lora_pairs(model: nn.Module, adapter: str | None = None) -> list[LoraPa
                 A, B = module.lora_embedding_A[ad], module.lora_embedding_B[ad]
             else:
                 continue
-            if not (A.requires_grad or B.requires_grad):
+            if trainable_only and not (A.requires_grad or B.requires_grad):
                 continue
             pairs.append(LoraPair(name=name, A=A, B=B, scaling=float(module.scaling[ad]), kind=kind,
                                   module=module, adapter=ad))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .factors import WEIGHT_NAME, Factor, LoraFactors, collect_factors, read_metadata, unet_blocks
+from .factors import WEIGHT_NAME, Factor, LoraFactors, factors_from_models, read_metadata
 from .files import save_safetensors
 
 
@@ -78,19 +78,7 @@ def export_diffusers(output_dir: str | Path, unet: nn.Module | None = None, text
     rac-lora/cola chain becomes one ordinary LoRA of rank K*r. info: method, base_model, steps (free-form,
     stored in the file's metadata and used by the kohya converter and the model card).
     """
-    factors = _factors(unet, text_encoder, text_encoder_2, refactorer, adapter, sdxl, info)
+    factors = factors_from_models(unet, text_encoder, text_encoder_2, refactorer, adapter, sdxl, info)
     return write_diffusers(factors, output_dir, overwrite=overwrite)
 
 
-def _factors(unet, text_encoder, text_encoder_2, refactorer, adapter, sdxl, info) -> LoraFactors:
-    from reflora_diffusion.core import unwrap_model
-
-    unet = unwrap_model(unet) if unet is not None else None
-    layers = collect_factors(unet, text_encoder, text_encoder_2, refactorer, adapter)
-    info = dict(info or {})
-    if sdxl is None:
-        sdxl = text_encoder_2 is not None or (
-            unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time")
-    if unet is not None:
-        info.setdefault("unet_blocks", unet_blocks(unet.config))
-    return LoraFactors(layers, bool(sdxl), info)

@@ -97,18 +97,18 @@ def _canonical_prefix(component: str, model: nn.Module) -> str:
     return ""
 
 
-def _lora_layers(model: nn.Module, adapter: str | None):
-    from peft.tuners.lora import LoraLayer
+def _lora_pairs(model: nn.Module, adapter: str | None):
+    """The core's pairs of every LoRA layer (frozen ones too), one adapter per layer (the first active one)."""
+    from reflora_diffusion.core import find_lora_pairs
 
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            active = module.active_adapters
-            ad = adapter or (active[0] if active else None)
-            if ad in module.lora_A:
-                yield name, module, ad
-            elif ad in getattr(module, "lora_embedding_A", {}):
-                raise ExportError(f"layer {name!r} has an embedding LoRA, which diffusers/kohya SD files "
-                                  "cannot hold; leave embeddings out of target_modules.")
+    seen = set()
+    for pair in find_lora_pairs(model, adapter, trainable_only=False):
+        if pair.kind == "embedding":
+            raise ExportError(f"layer {pair.name!r} has an embedding LoRA, which diffusers/kohya SD files "
+                              "cannot hold; leave embeddings out of target_modules.")
+        if pair.name not in seen:
+            seen.add(pair.name)
+            yield pair
 
 
 def collect_factors(unet: nn.Module | None = None, text_encoder: nn.Module | None = None,
@@ -126,22 +126,36 @@ def collect_factors(unet: nn.Module | None = None, text_encoder: nn.Module | Non
         model = _bare(model)
         prefix = _canonical_prefix(component, model)
         found = {}
-        for name, module, ad in _lora_layers(model, adapter):
+        for pair in _lora_pairs(model, adapter):
+            module, ad = pair.module, pair.adapter
             if module.use_dora.get(ad, False) or getattr(module, "lora_bias", {}).get(ad, False):
-                raise ExportError(f"layer {name!r} uses DoRA or a LoRA bias, which kohya/A1111 files cannot "
+                raise ExportError(f"layer {pair.name!r} uses DoRA or a LoRA bias, which kohya/A1111 files cannot "
                                   "hold; export works for plain LoRA layers.")
-            if (id(module), ad) in refactored:
-                A, B, scaling = refactored[id(module), ad]
-            else:
-                A, B, scaling = module.lora_A[ad].weight, module.lora_B[ad].weight, module.scaling[ad]
+            A, B, scaling = refactored.get((id(module), ad), (pair.A, pair.B, pair.scaling))
             A = A.detach().float().cpu().contiguous()
-            found[prefix + name] = Factor(A, B.detach().float().cpu().contiguous(), float(scaling) * A.shape[0])
+            found[prefix + pair.name] = Factor(A, B.detach().float().cpu().contiguous(), float(scaling) * A.shape[0])
         if found:
             layers[component] = found
     if not layers:
         raise ExportError("no LoRA layers found in the given models; add adapters (unet.add_adapter(LoraConfig("
                           "...))) before exporting.")
     return layers
+
+
+def factors_from_models(unet, text_encoder, text_encoder_2, refactorer=None, adapter=None, sdxl=None,
+                        info=None) -> LoraFactors:
+    """LoraFactors of trained models, with the UNet layout facts kohya's names need; SDXL detected if not given."""
+    from reflora_diffusion.core import unwrap_model
+
+    unet = unwrap_model(unet) if unet is not None else None
+    layers = collect_factors(unet, text_encoder, text_encoder_2, refactorer, adapter)
+    info = dict(info or {})
+    if sdxl is None:
+        sdxl = text_encoder_2 is not None or (
+            unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time")
+    if unet is not None:
+        info.setdefault("unet_blocks", unet_blocks(unet.config))
+    return LoraFactors(layers, bool(sdxl), info)
 
 
 # ---- reading a diffusers file back ---------------------------------------------------------------------

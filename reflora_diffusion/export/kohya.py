@@ -122,9 +122,9 @@ def export_kohya(output: str | Path, unet: nn.Module | None = None, text_encoder
                  overwrite: bool = False) -> Path:
     """Export the LoRA of a UNet and/or text encoders in kohya format as <output>/<name>.safetensors
     (or to `output` itself when it ends in .safetensors). Arguments as in export_diffusers."""
-    from .diffusers_format import _factors
+    from .factors import factors_from_models
 
-    factors = _factors(unet, text_encoder, text_encoder_2, refactorer, adapter, sdxl, info)
+    factors = factors_from_models(unet, text_encoder, text_encoder_2, refactorer, adapter, sdxl, info)
     output = Path(output)
     path = output if output.suffix == ".safetensors" else output / f"{name}.safetensors"
     return write_kohya(factors, path, overwrite=overwrite)

@@ -15,6 +15,8 @@ import os
 import torch
 from tqdm.auto import tqdm
 
+from reflora_diffusion.logs import get_logger
+
 from .answers import DATASETS, accuracy, check_dataset, extract_answer
 from .prompts import RESPONSE_MARKER, eval_prompt, tokenize_example
 
@@ -183,8 +185,8 @@ def evaluate_datasets(model, tokenizer, test_files: dict[str, str], output_dir: 
         metrics = evaluate_dataset(model, tokenizer, records, name, pred_path, batch_size, max_new_tokens,
                                    num_beams, resume=resume, on_batch=on_batch)
         on_batch(metrics)
-        print(f"{name}: accuracy {metrics['accuracy']:.4f} ({metrics['correct']}/{metrics['total']}, "
-              f"{metrics['unparsed']} without an answer)")
+        get_logger(__name__).info(f"{name}: accuracy {metrics['accuracy']:.4f} ({metrics['correct']}/"
+                                  f"{metrics['total']}, {metrics['unparsed']} without an answer)")
     return results
 
 

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 from transformers import TrainingArguments
 
+from reflora_diffusion.logs import get_logger
+
 from .answers import DATASETS
 from .commonsense import evaluate_datasets, load_records, resolve_datasets, tokenize_records
 from .models import load_causal_lm
@@ -154,7 +156,8 @@ def run_train(args: TrainArguments, train_args) -> dict:
         model, tokenizer = load_causal_lm(args.model_name_or_path, args.gguf_file, args.dtype)
         features, truncated = tokenize_records(tokenizer, records, args.cutoff_len, args.train_on_inputs)
         if truncated:
-            print(f"{truncated} of {len(features)} prompts were cut to fit --cutoff_len {args.cutoff_len}")
+            get_logger(__name__).warning(f"{truncated} of {len(features)} prompts were cut to fit --cutoff_len "
+                                         f"{args.cutoff_len}")
         layers = {}
         if args.lora_top_layers:
             n = model.config.num_hidden_layers

@@ -7,7 +7,6 @@ Data flow: GlueArguments + GlueTrainingArguments -> load_glue (TSV folder or hub
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import sys

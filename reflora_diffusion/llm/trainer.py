@@ -16,7 +16,6 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainerCallback

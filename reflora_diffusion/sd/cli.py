@@ -12,6 +12,9 @@ def main(argv: list[str] | None = None) -> int:
     from .runlog import RunDirError
     from .train import TrainingError, train
 
+    from reflora_diffusion.logs import show_info
+
+    show_info()
     try:
         cfg = parse_args(argv)
         run_dir = train(cfg)

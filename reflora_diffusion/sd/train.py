@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reflora_diffusion.logs import get_logger
+
 from .config import ConfigError, SDTrainConfig
 from .data import build_dataloader, build_dataset, check_data_dirs
 from .models import (Components, encode_prompts, load_components, prepare_for_training, sdxl_time_ids, tokenize,
@@ -262,7 +264,7 @@ class SDTrainer:
             self._load_checkpoint(resume_dir)
         else:
             if cfg.resume_from_checkpoint == "latest":
-                acc.print(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting a new run")
+                get_logger(__name__).info(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting a new run")
             self.log.truncate_after(0)  # a fresh run in a reused folder starts a fresh event log
         if cfg.report_to != "none":
             acc.init_trackers("reflora-sd", config={k: str(v) if isinstance(v, list) else v
@@ -560,7 +562,7 @@ class SDTrainer:
         from safetensors import safe_open
 
         acc = self.accelerator
-        acc.print(f"resuming from {path}")
+        get_logger(__name__).info(f"resuming from {path}")
         acc.load_state(str(path))
         try:
             self.ref.load(path)
