@@ -44,7 +44,7 @@ def test_config_errors_are_one_line_and_name_the_option(tmp_path):
         (BASE + ["--instance_data_dir", "x"], "--instance_prompt is required"),
         (BASE, "no training data"),
         (BASE + ["--train_data_dir", "x", "--rank", "0"], "--rank must be >= 1"),
-        (BASE + ["--train_data_dir", "x", "--rank", "four"], "option 'rank' expects int"),
+        (BASE + ["--train_data_dir", "x", "--rank", "four"], "argument --rank: invalid int value: 'four'"),
         (BASE + ["--train_data_dir", "x", "--method", "nope"], "--method 'nope' is unknown"),
         (BASE + ["--train_data_dir", "x", "--with_prior_preservation"], "needs DreamBooth data"),
         (BASE + ["--train_data_dir", "x", "--resolution", "60"], "multiple of 8"),

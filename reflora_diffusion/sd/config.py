@@ -8,7 +8,6 @@ errors, and `save()` writes the resolved config (seed included) to the run folde
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -108,7 +107,8 @@ class SDTrainConfig(MethodOptions):
     max_bad_steps: int = _opt(10, "stop after this many consecutive steps with a NaN/inf loss")
     seed: int | None = _opt(None, "random seed (when not given one is drawn and recorded in config.json)")
     # validation
-    validation_prompt: list[str] = _opt([], "prompt(s) sampled during training (fixed seeds)")
+    validation_prompt: list[str] = _opt([], "prompt(s) sampled during training (fixed seeds)",
+                                        aliases=["--validation_prompts"])
     num_validation_images: int = _opt(2, "images per validation prompt")
     validation_steps: int = _opt(100, "sample every N steps (and at the end)")
     validation_inference_steps: int = _opt(25, "denoising steps of validation samples")
@@ -256,23 +256,17 @@ def _coerce(name: str, value):
         raise ConfigError(f"option {name!r} expects {typ.__name__}, got {value!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="LoRA / RefLoRA training for Stable Diffusion and SDXL (reflora_diffusion.sd)",
-        argument_default=argparse.SUPPRESS,  # only flags actually given override the config file
-    )
+def build_parser():
+    """transformers' HfArgumentParser over the dataclass (the LLM entry points use it too), plus --config."""
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message):  # one line, exit code 2 from the CLI, instead of usage + SystemExit
+            raise ConfigError(f"{message}; see `python train/sd.py --help`")
+
+    parser = Parser(SDTrainConfig, description="LoRA / RefLoRA training for Stable Diffusion and SDXL "
+                                               "(reflora_diffusion.sd)")
     parser.add_argument("--config", help="JSON or YAML file with the same option names; flags override it")
-    for name, f in FIELDS.items():
-        typ, is_list = _base_type(name)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help = f"{f.metadata['help']} (default: {default})"
-        if typ is bool:
-            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help)
-        elif is_list:
-            aliases = ["--validation_prompts"] if name == "validation_prompt" else []
-            parser.add_argument(f"--{name}", *aliases, dest=name, nargs="+", help=help)
-        else:
-            parser.add_argument(f"--{name}", type=str, help=help)  # coerced below, with our own error text
     return parser
 
 
@@ -312,9 +306,17 @@ def make_config(values: dict) -> SDTrainConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> SDTrainConfig:
-    """CLI flags (+ optional --config file) -> validated config."""
+    """CLI flags (+ optional --config file, whose values the flags override) -> validated config."""
     argv = rename_deprecated(list(sys.argv[1:] if argv is None else argv), RENAMED)
-    cli = vars(build_parser().parse_args(argv))
-    values = load_config_file(cli.pop("config")) if "config" in cli else {}
-    values.update(cli)
-    return make_config(values)
+    argv = [f"--{a[5:]}=false" if a.startswith("--no-") else a for a in argv]  # --no-flag (older spelling)
+    parser = build_parser()
+    path = vars(parser.parse_known_args(argv)[0]).get("config")
+    values = rename_deprecated_keys(load_config_file(path), RENAMED) if path else {}
+    if "validation_prompts" in values:
+        values["validation_prompt"] = values.pop("validation_prompts")
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} in {path}; see `python train/sd.py --help`")
+    parser.set_defaults(**values)  # the file's values, overridden by the flags given
+    cfg = parser.parse_args_into_dataclasses(argv)[0]
+    return make_config(dataclasses.asdict(cfg))

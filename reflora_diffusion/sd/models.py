@@ -79,10 +79,14 @@ def _factor_dims(module: nn.Module) -> tuple[int, int] | None:
 
 
 def check_targets(model: nn.Module, targets: list[str], rank: int, what: str) -> None:
-    """Every target name matches a Linear/Conv2d layer (peft's suffix rule) and the rank fits each one."""
+    """Every target name matches a Linear/Conv2d layer (peft's own matching rule) and the rank fits each one."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
     modules = dict(model.named_modules())
     for target in targets:
-        hits = {n: m for n, m in modules.items() if n == target or n.endswith("." + target)}
+        one = LoraConfig(target_modules=[target])
+        hits = {n: m for n, m in modules.items() if n and check_target_module_exists(one, n)}
         if not hits:
             leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if _factor_dims(m)})
             raise ConfigError(f"target module {target!r} matches no layer of the {what}; layer names there "
@@ -120,10 +124,9 @@ def prepare_for_training(components: Components, cfg, weight_dtype: torch.dtype,
         dtype = vae_dtype if m is components.vae else weight_dtype
         if dtype != torch.float32:  # (diffusers warns on a no-op dtype cast)
             m.to(dtype=dtype)
-    for m in components.models.values():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params(list(components.models.values()), torch.float32)
     if cfg.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
