@@ -1,7 +1,7 @@
 """reflora-diffusion web app: train LoRA / RefLoRA on Stable Diffusion, watch runs live, compare, export.
 
     python app.py                      # http://127.0.0.1:7860, runs in ./runs, tiny offline model by default
-    python app.py --runs_dir /data/runs --port 8000 --auth me:secret
+    python app.py --runs_dir /data/runs --port 8000 --auth me:secret --max_concurrent_jobs 2
 
 Layout only; the logic is in reflora_diffusion.app (jobs, run folders, comparisons, exports). Runs are
 plain run folders started with `accelerate launch train/sd.py --config <run>/config.json`, so they
@@ -16,15 +16,18 @@ import os
 
 import gradio as gr
 
-from reflora_diffusion.app.jobs import MAX_UPLOAD_BYTES
+from reflora_diffusion.app.auth import login_required_middleware
+from reflora_diffusion.app.jobs import MAX_UPLOAD_BYTES, JobRunner
 from reflora_diffusion.app.views import RUN_COLUMNS, AppViews, default_resolution
 from reflora_diffusion.core import METHODS
 
 POLL_SECONDS = 2.0
 
 
-def build_demo(runs_dir: str) -> gr.Blocks:
-    views = AppViews(runs_dir)
+def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Blocks:
+    """The page. No run names are baked into it (a login page would show them): the run lists and
+    tables are filled on load, i.e. after the login, and by the timer."""
+    views = AppViews(runs_dir, JobRunner(runs_dir, max_concurrent=max_concurrent_jobs))
     methods = list(METHODS)
 
     with gr.Blocks(title="reflora-diffusion") as demo:
@@ -72,7 +75,8 @@ def build_demo(runs_dir: str) -> gr.Blocks:
                                 prior = gr.Checkbox(False, label="Prior preservation (class images)")
                                 class_prompt = gr.Textbox("", label="Class prompt, e.g. 'a photo of dog'")
                             run_name = gr.Textbox("", label="Run name (optional)")
-                            side_by_side = gr.Checkbox(False, label="A/B side by side (default: one after the other)")
+                            side_by_side = gr.Checkbox(False, label="A/B side by side (default: one after the other)",
+                                                       info="at once if the app's job limit allows")
                 with gr.Row():
                     start_btn = gr.Button("Start", variant="primary")
                     ab_btn = gr.Button("Start A/B (both methods, same data and seed)", variant="secondary")
@@ -80,10 +84,10 @@ def build_demo(runs_dir: str) -> gr.Blocks:
 
             # ---------------------------------------------------------------- Runs
             with gr.Tab("Runs", id="runs"):
-                runs_table = gr.Dataframe(headers=RUN_COLUMNS, value=views.table(), interactive=False,
+                runs_table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False,
                                           label="Runs (refreshed live)")
                 with gr.Row():
-                    run_pick = gr.Dropdown(views.run_names(), label="Run", scale=3, allow_custom_value=True)
+                    run_pick = gr.Dropdown([], label="Run", scale=3, allow_custom_value=True)
                     cancel_btn = gr.Button("Cancel run", variant="stop", scale=1)
                 cancel_msg = gr.Markdown()
                 progress = gr.HTML()
@@ -96,7 +100,7 @@ def build_demo(runs_dir: str) -> gr.Blocks:
 
             # ---------------------------------------------------------------- Compare
             with gr.Tab("Compare", id="compare"):
-                cmp_runs = gr.Dropdown(views.run_names(), multiselect=True, label="Runs to compare",
+                cmp_runs = gr.Dropdown([], multiselect=True, label="Runs to compare",
                                        allow_custom_value=True)
                 with gr.Row():
                     cmp_prompts = gr.Textbox("a photo of sks dog\na sks dog on the beach", lines=2,
@@ -121,7 +125,7 @@ def build_demo(runs_dir: str) -> gr.Blocks:
             # ---------------------------------------------------------------- Export
             with gr.Tab("Export", id="export"):
                 with gr.Row():
-                    exp_run = gr.Dropdown(views.run_names(), label="Run to export", allow_custom_value=True)
+                    exp_run = gr.Dropdown([], label="Run to export", allow_custom_value=True)
                     exp_source = gr.Dropdown([], label="Final adapter or checkpoint", allow_custom_value=True)
                     exp_format = gr.Radio(["diffusers", "kohya"], value="diffusers",
                                           label="Format (kohya = A1111 / ComfyUI)")
@@ -191,6 +195,7 @@ def build_demo(runs_dir: str) -> gr.Blocks:
                     d["progress"], d["figure"], d["stats"], d["samples"], d["log"])
 
         timer.tick(refresh, run_pick, live, show_progress="hidden", **private)
+        demo.load(refresh, run_pick, live, show_progress="hidden", **private)
         run_pick.input(refresh, run_pick, live, show_progress="hidden", **private)
         cancel_btn.click(views.cancel, run_pick, cancel_msg, api_name="cancel")
 
@@ -246,6 +251,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     parser.add_argument("--auth", default=os.environ.get("REFLORA_APP_AUTH"),
                         help="user:password for a login page (or env REFLORA_APP_AUTH)")
+    parser.add_argument("--max_concurrent_jobs", type=int, default=os.environ.get("REFLORA_MAX_CONCURRENT_JOBS"),
+                        help="training jobs running at once; the others wait in a queue (default: one per CUDA "
+                             "GPU, 1 on a CPU; or env REFLORA_MAX_CONCURRENT_JOBS)")
     return parser.parse_args(argv)
 
 
@@ -257,11 +265,14 @@ def main(argv=None) -> None:
               "start jobs on this machine. Add --auth user:password.")
     runs_dir = os.path.abspath(args.runs_dir)
     os.makedirs(runs_dir, exist_ok=True)
-    demo = build_demo(runs_dir)
+    if args.max_concurrent_jobs is not None and args.max_concurrent_jobs < 1:
+        raise SystemExit("--max_concurrent_jobs must be >= 1")
+    demo = build_demo(runs_dir, args.max_concurrent_jobs)
     demo.queue(default_concurrency_limit=2).launch(
         server_name=args.host, server_port=args.port, share=args.share, auth=auth,
         allowed_paths=[runs_dir],  # the only folder whose files can be served
-        max_file_size=MAX_UPLOAD_BYTES, footer_links=["api"])
+        max_file_size=MAX_UPLOAD_BYTES, footer_links=["api"],
+        app_kwargs={"middleware": [login_required_middleware()]} if auth else None)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def upload(page, files, tries: int = 3) -> None:
 
 def test_browser_ab_run_to_comparison_grid(tmp_path):
     runs_dir = tmp_path / "runs"
-    proc, url = launch_app(runs_dir)
+    proc, url = launch_app(runs_dir, "--max_concurrent_jobs", "2")  # the A/B pair side by side
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)

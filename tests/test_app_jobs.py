@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from reflora_diffusion import cpu
 from reflora_diffusion.app import jobs, runs
 from reflora_diffusion.app.jobs import JobError, JobRunner
 
@@ -32,7 +33,8 @@ def status(**kw):
           "error": None, "pid": os.getpid()}; st.update(kw)
     tmp = out / ".status.tmp"; tmp.write_text(json.dumps(st)); os.replace(tmp, out / "status.json")
 t0 = time.time(); status()
-print("training", cfg["method"], flush=True)
+print("training", cfg["method"], "OMP_NUM_THREADS=%s" % os.environ.get("OMP_NUM_THREADS"),
+      "CUDA_VISIBLE_DEVICES=%s" % os.environ.get("CUDA_VISIBLE_DEVICES"), flush=True)
 for step in range(1, steps + 1):
     time.sleep(0.02)
     with open(out / "events.jsonl", "a") as f:
@@ -127,8 +129,26 @@ def test_build_config_uses_trainer_names_and_checks(tmp_path, images):
         jobs.build_config({**FORM, "instance_data_dir": "/nope"}, tmp_path / "run")
     with pytest.raises(JobError, match="--method 'nope' is unknown"):
         jobs.build_config({**FORM, "method": "nope", "instance_data_dir": str(data)}, tmp_path / "run")
-    with pytest.raises(JobError, match="--rank must be >= 1"):
+    with pytest.raises(JobError, match="--rank must be in 1..256"):
         jobs.build_config({**FORM, "rank": 0, "instance_data_dir": str(data)}, tmp_path / "run")
+    edge = {"max_train_steps": 100_000, "rank": 256, "resolution": 2048, "learning_rate": 1.0,
+            "num_validation_images": 16, "num_train_epochs": 1000}  # the limits themselves are allowed
+    cfg = jobs.build_config({**FORM, **edge, "instance_data_dir": str(data)}, tmp_path / "run")
+    assert {k: cfg[k] for k in edge} == edge
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("max_train_steps", 10**9, "1..100000"), ("max_train_steps", 0, "1..100000"),
+    ("rank", 257, "1..256"), ("resolution", 4096, "64..2048, a multiple of 8"),
+    ("resolution", 100, "64..2048, a multiple of 8"), ("resolution", 32, "64..2048, a multiple of 8"),
+    ("learning_rate", float("nan"), r"\(0, 1\]"), ("learning_rate", float("inf"), r"\(0, 1\]"),
+    ("learning_rate", 0, r"\(0, 1\]"), ("learning_rate", 2.0, r"\(0, 1\]"),
+    ("num_validation_images", 17, "1..16"), ("num_train_epochs", 1001, "1..1000")])
+def test_build_config_refuses_values_outside_the_app_limits(tmp_path, field, value, allowed):
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(JobError, match=rf"^--{field} must be in {allowed} \(got {value}\)$"):
+        jobs.build_config({**FORM, field: value, "instance_data_dir": str(data)}, tmp_path / "run")
 
 
 def test_unique_run_names_under_concurrency(tmp_path, fake):
@@ -158,7 +178,8 @@ def test_train_command_is_accelerate_launch(tmp_path):
 # ---------------------------------------------------------------------------- processes
 
 
-def test_job_runs_to_done(tmp_path, fake, images):
+def test_job_runs_to_done(tmp_path, fake, images, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the app's own setting wins over the share of the cores
     r = runner(tmp_path, fake())
     run_dir = r.start(FORM, name="ok", images=images)
     assert r.wait(run_dir, timeout=60) == "done"
@@ -168,7 +189,7 @@ def test_job_runs_to_done(tmp_path, fake, images):
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["instance_data_dir"] == str(run_dir / "data") and cfg["output_dir"] == str(run_dir)
     log = (run_dir / "train.log").read_text()
-    assert log.startswith("$ ") and "fake_trainer.py --config" in log and "training reflora" in log
+    assert log.startswith("$ ") and "fake_trainer.py --config" in log and "training reflora OMP_NUM_THREADS=3" in log
     assert json.loads((run_dir / "job.json").read_text())["command"][-2] == str(run_dir / "config.json")
 
 
@@ -202,7 +223,7 @@ def test_cancel_running_job_kills_process_group(tmp_path, fake, images):
 
 
 def test_ab_runs_one_after_the_other_with_same_settings(tmp_path, fake, images):
-    r = runner(tmp_path, fake())
+    r = runner(tmp_path, fake(), max_concurrent=2)  # even where two jobs could run at once
     first, second = r.start_ab({**FORM, "seed": None}, methods=("lora", "reflora"), name="ab", images=images)
     assert [first.name, second.name] == ["ab-lora", "ab-reflora"]
     assert r.wait(second, timeout=60) == "done" and r.wait(first, timeout=1) == "done"
@@ -217,7 +238,7 @@ def test_ab_runs_one_after_the_other_with_same_settings(tmp_path, fake, images):
 
 
 def test_ab_side_by_side(tmp_path, fake, images):
-    r = runner(tmp_path, fake("hang"))
+    r = runner(tmp_path, fake("hang"), max_concurrent=3)
     dirs = r.start_ab(FORM, methods=("lora", "reflora", "reflora-s"), name="sbs", images=images, side_by_side=True)
     deadline = time.time() + 30
     while not all(runs.read_run(r.runs_dir, d.name).step >= 2 for d in dirs) and time.time() < deadline:
@@ -226,6 +247,56 @@ def test_ab_side_by_side(tmp_path, fake, images):
     for d in dirs:
         r.cancel(d.name, grace=5)
     assert [runs.read_run(r.runs_dir, d.name).state for d in dirs] == ["cancelled"] * 3
+
+
+def wait_for(condition, timeout=30):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_queue_runs_at_most_max_concurrent_jobs_with_their_share_of_threads(tmp_path, fake, images, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 8)
+    monkeypatch.setattr(jobs, "cuda_devices", lambda: 0)
+    assert runner(tmp_path, fake()).max_concurrent == 1  # the default on a CPU
+    r = runner(tmp_path, fake("hang"), max_concurrent=2)
+    a, b, c = (r.start(FORM, name=n, images=images) for n in "abc")
+    d, e = r.start_ab(FORM, methods=("lora", "reflora"), name="ab", images=images, side_by_side=True)
+    state = lambda run_dir: runs.read_run(r.runs_dir, run_dir.name).state  # noqa: E731
+    wait_for(lambda: runs.read_run(r.runs_dir, "b").step >= 2)
+    time.sleep(0.5)
+    assert [state(x) for x in (a, b, c, d, e)] == ["running", "running", "queued", "queued", "queued"]
+    assert not (c / "job.json").exists()
+    r.cancel("a", grace=5)  # a place frees up: the next in line starts, only that one
+    wait_for(lambda: runs.read_run(r.runs_dir, "c").step >= 2)
+    assert [state(x) for x in (a, b, c, d, e)] == ["cancelled", "running", "running", "queued", "queued"]
+    assert r.cancel(d.name).endswith("(it had not started)")  # it leaves the line without ever starting
+    r.cancel("b", grace=5)
+    wait_for(lambda: runs.read_run(r.runs_dir, e.name).step >= 2)  # d's turn went to e
+    assert [state(x) for x in (c, d, e)] == ["running", "cancelled", "running"] and not (d / "job.json").exists()
+    for x in (c, e):
+        r.cancel(x.name, grace=5)
+    for x in (a, b, c, e):  # each job got cores // max_concurrent threads
+        assert "OMP_NUM_THREADS=4" in (x / "train.log").read_text()
+
+
+def test_each_job_gets_the_least_busy_gpu(tmp_path, fake, images, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(jobs, "cuda_devices", lambda: 2)
+    assert runner(tmp_path, fake()).max_concurrent == 2  # the default: one job per GPU
+    r = runner(tmp_path, fake("hang"), max_concurrent=3)
+    dirs = [r.start(FORM, name=n, images=images) for n in "abc"]
+    wait_for(lambda: all(runs.read_run(r.runs_dir, d.name).step >= 2 for d in dirs))
+    assert [runs.read_json(d / "job.json")["gpu"] for d in dirs] == [0, 1, 0]
+    assert [f"CUDA_VISIBLE_DEVICES={g}" in (d / "train.log").read_text() for d, g in zip(dirs, "010")] == [True] * 3
+    r.cancel("a", grace=5)
+    d = r.start(FORM, name="d", images=images)  # one job on each GPU again: the first
+    wait_for(lambda: runs.read_run(r.runs_dir, "d").step >= 2)
+    assert runs.read_json(d / "job.json")["gpu"] == 0
+    for x in dirs[1:] + [d]:
+        r.cancel(x.name, grace=5)
 
 
 @pytest.mark.parametrize("attempt", range(3))  # cancelling while the queue launches it is a race: try it
@@ -265,16 +336,21 @@ def test_adopted_job_can_be_cancelled_after_restart(tmp_path, fake, images):
     deadline = time.time() + 30
     while runs.read_run(r1.runs_dir, "long").step < 2 and time.time() < deadline:
         time.sleep(0.05)
+    waiting = r1.create_run(FORM, name="waiting", images=images)  # queued when the app stopped
     r2 = runner(tmp_path, fake())  # the app restarted; the job kept running in its own session
     assert runs.read_run(r2.runs_dir, "long").state == "running"
+    time.sleep(0.5)
+    assert runs.read_run(r2.runs_dir, "waiting").state == "queued"  # the adopted job holds the only place
     pid = json.loads((run_dir / "status.json").read_text())["pid"]
     r2.cancel("long", grace=5)
     assert not runs.pid_alive(pid) and runs.read_run(r2.runs_dir, "long").state == "cancelled"
+    assert r2.wait(waiting, timeout=30) == "done"  # its place freed: the waiting run started
 
 
 def test_trainer_that_cannot_start_is_marked_failed(tmp_path, images):
     r = runner(tmp_path, lambda cfg: [str(tmp_path / "no-such-launcher"), "--config", str(cfg)])
-    with pytest.raises(JobError, match="could not start the trainer"):
-        r.start(FORM, name="nolauncher", images=images)
-    run = runs.read_run(r.runs_dir, "nolauncher")
-    assert run.state == "failed" and "no-such-launcher" in run.error
+    r.start(FORM, name="nolauncher", images=images)
+    r.start(FORM, name="next", images=images)  # the queue goes on after a job that could not start
+    for name in ("nolauncher", "next"):
+        run = runs.read_run(r.runs_dir, name)
+        assert run.state == "failed" and "could not start" in run.error and "no-such-launcher" in run.error

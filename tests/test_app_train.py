@@ -27,7 +27,7 @@ def offline_single_thread(monkeypatch):
 
 @pytest.mark.skipif(not DOG.is_dir(), reason="needs ../shared/data/dreambooth/dog")
 def test_real_tiny_job_runs_exports_and_cancels(tmp_path):
-    r = JobRunner(tmp_path / "runs")
+    r = JobRunner(tmp_path / "runs", max_concurrent=2)  # the long one runs while the other one does
     done_dir = r.start(TINY_FORM, name="dog reflora")
     long_dir = r.start({**TINY_FORM, "max_train_steps": 10_000, "validation_prompt": None}, name="long")
 

@@ -1,5 +1,6 @@
 """What the page shows, without a browser: messages for bad input, progress, A/B grid hand-off, CLI flags."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -17,12 +18,12 @@ from test_app_runs import make_run  # noqa: E402
 
 @pytest.fixture
 def v(tmp_path, fake):  # noqa: F811
-    return views.AppViews(tmp_path / "runs", JobRunner(tmp_path / "runs", command=fake()))
+    return views.AppViews(tmp_path / "runs", JobRunner(tmp_path / "runs", command=fake(), max_concurrent=1))
 
 
 def test_start_reports_user_errors_as_messages(v, images):  # noqa: F811
     msg, names = v.start({**FORM, "rank": -1}, images)
-    assert msg == "**Not started:** --rank must be >= 1 (got -1)" and names == []
+    assert msg == "**Not started:** --rank must be in 1..256 (got -1)" and names == []
     msg, names = v.start(FORM, None)
     assert "no training images" in msg and names == []
     msg, names = v.start(FORM, images, name="../../x", ab=True, method_b="reflora")
@@ -31,6 +32,16 @@ def test_start_reports_user_errors_as_messages(v, images):  # noqa: F811
     assert names == ["pair-lora", "pair-reflora"] and "one after the other" in msg
     v.runner.wait(v.runs_dir / "pair-reflora", timeout=60)
     assert [s["state"] for s in v.runs_status()] == ["done", "done"]
+
+
+def test_start_says_whether_the_job_started_or_waits(v, images):  # noqa: F811
+    assert v.start(FORM, images, name="first") == ("Started first. Watch it in the Runs tab.", ["first"])
+    msg, names = v.start(FORM, images, name="second")
+    assert names == ["second"] and msg.startswith("Queued second. At most 1 job run at once")
+    msg, names = v.start(FORM, images, name="sbs", ab=True, method_b="lora", side_by_side=True)
+    assert msg.startswith("Started A/B (side by side): sbs-lora, sbs-reflora. At most 1 job run at once")
+    assert v.runner.wait(v.runs_dir / "sbs-reflora", timeout=60) == "done"
+    assert {s["state"] for s in v.runs_status()} == {"done"}
 
 
 def test_progress_and_details(v, tmp_path):
@@ -72,10 +83,14 @@ def test_export_messages(v):
 
 
 def test_cli_defaults_are_private(monkeypatch):
-    for var in ("REFLORA_APP_HOST", "REFLORA_APP_AUTH", "REFLORA_APP_PORT", "REFLORA_RUNS_DIR"):
+    for var in ("REFLORA_APP_HOST", "REFLORA_APP_AUTH", "REFLORA_APP_PORT", "REFLORA_RUNS_DIR",
+                "REFLORA_MAX_CONCURRENT_JOBS"):
         monkeypatch.delenv(var, raising=False)
     args = app.parse_args([])
     assert (args.host, args.port, args.share, args.auth, args.runs_dir) == ("127.0.0.1", 7860, False, None, "runs")
+    assert args.max_concurrent_jobs is None and app.parse_args(["--max_concurrent_jobs", "2"]).max_concurrent_jobs == 2
+    monkeypatch.setenv("REFLORA_MAX_CONCURRENT_JOBS", "3")
+    assert app.parse_args([]).max_concurrent_jobs == 3
     monkeypatch.setenv("REFLORA_APP_AUTH", "me:pw")
     assert app.parse_auth(app.parse_args([]).auth) == ("me", "pw")
     with pytest.raises(SystemExit, match="--auth must look like user:password"):
@@ -84,7 +99,12 @@ def test_cli_defaults_are_private(monkeypatch):
 
 
 def test_build_demo_endpoints(tmp_path):
+    make_run(tmp_path / "runs", "zebra-run-name")
     demo = app.build_demo(str(tmp_path / "runs"))
-    endpoints = demo.get_api_info()["named_endpoints"]
+    info = demo.get_api_info()
+    endpoints = info["named_endpoints"]
     assert set(endpoints) == {"/start", "/start_ab", "/cancel", "/generate", "/export", "/runs", "/status"}
     assert [p["parameter_name"] for p in endpoints["/export"]["parameters"]] == ["name", "source", "fmt"]
+    # no run names in the page or its API description (both reach a browser before the login)
+    assert "zebra" not in json.dumps(demo.config, default=str) and "zebra" not in json.dumps(info, default=str)
+    assert any(event == "load" for dep in demo.config["dependencies"] for _, event in dep["targets"])  # filled then

@@ -10,8 +10,8 @@ status.json when the trainer could not (crash, kill, cancel).
 
 from __future__ import annotations
 
+import math
 import os
-import queue
 import random
 import re
 import shlex
@@ -21,10 +21,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ..cpu import threads_per_process
 from .runs import (
     effective_status,
     is_run_dir,
@@ -42,6 +44,15 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_FILES = 500
 MAX_UPLOAD_TOTAL_BYTES = 1024 * 1024 * 1024
 CANCEL_GRACE_SECONDS = 10.0
+# what the app accepts (the trainer accepts more from a terminal): field -> (allowed range, check)
+FORM_LIMITS = {
+    "max_train_steps": ("1..100000", lambda x: 1 <= x <= 100_000),
+    "num_train_epochs": ("1..1000", lambda x: 1 <= x <= 1000),
+    "rank": ("1..256", lambda x: 1 <= x <= 256),
+    "resolution": ("64..2048, a multiple of 8", lambda x: 64 <= x <= 2048 and x % 8 == 0),
+    "learning_rate": ("(0, 1]", lambda x: 0 < x <= 1),
+    "num_validation_images": ("1..16", lambda x: 1 <= x <= 16),
+}
 
 
 class JobError(ValueError):
@@ -90,12 +101,27 @@ def save_uploads(files, dest: Path, max_bytes: int = MAX_UPLOAD_BYTES, max_files
 # --------------------------------------------------------------------------- config
 
 
+def check_limits(values: dict) -> None:
+    """JobError naming the field and its allowed range when a form value is outside FORM_LIMITS
+    (nan and inf included); values that are not numbers are left to the trainer's config check."""
+    for key, (allowed, ok) in FORM_LIMITS.items():
+        if key not in values:
+            continue
+        try:
+            x = float(values[key])
+        except (TypeError, ValueError):
+            continue
+        if not (math.isfinite(x) and ok(x)):
+            raise JobError(f"--{key} must be in {allowed} (got {values[key]})")
+
+
 def build_config(form: dict, run_dir: Path, data_dir: Path | None = None) -> dict:
     """config.json for train/sd.py from the form (same keys as its CLI flags; empty fields left out),
     resolved and checked by the trainer's own config code, so a bad field fails here, in the form."""
     from reflora_diffusion.sd.config import ConfigError, make_config
 
     values = {k: v for k, v in form.items() if v is not None and v != "" and v != []}
+    check_limits(values)
     if isinstance(values.get("validation_prompt"), str):  # one prompt per line in the form
         values["validation_prompt"] = [p.strip() for p in values["validation_prompt"].splitlines() if p.strip()]
     if data_dir is not None:  # uploads win over a folder: DreamBooth images with the instance prompt
@@ -129,6 +155,15 @@ def train_command(config_path: Path) -> list[str]:
     return [sys.executable, TRAIN_SCRIPT, "--config", str(config_path)]
 
 
+def cuda_devices() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # no torch / broken driver: no GPU to share out
+        return 0
+
+
 def last_error(log_text: str) -> str | None:
     """The line of a log that says why a process died: the last exception or error line."""
     lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
@@ -139,18 +174,27 @@ def last_error(log_text: str) -> str | None:
 
 
 class JobRunner:
-    """Launches training processes for run folders under `runs_dir`; thread-safe, one per app."""
+    """Launches training processes for run folders under `runs_dir`; thread-safe, one per app.
 
-    def __init__(self, runs_dir, repo_root: Path = REPO_ROOT, command=train_command, adopt: bool = True):
+    Every job goes through one queue: at most `max_concurrent` run at once (default: one per CUDA GPU,
+    one on a CPU), each with OMP_NUM_THREADS = cores // max_concurrent unless the app's environment sets
+    it, and on a GPU machine with CUDA_VISIBLE_DEVICES set to the least busy GPU (unless the app's
+    environment sets that)."""
+
+    def __init__(self, runs_dir, repo_root: Path = REPO_ROOT, command=train_command, adopt: bool = True,
+                 max_concurrent: int | None = None):
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.repo_root = Path(repo_root)
         self.command = command
+        self.gpus = cuda_devices()
+        self.max_concurrent = max(1, int(max_concurrent or self.gpus or 1))
         self._lock = threading.RLock()  # held across "still queued? then launch" so a cancel cannot slip in
         self._procs: dict[Path, subprocess.Popen] = {}
+        self._active: dict[Path, int | None] = {}  # jobs counted against max_concurrent (launched or adopted) -> GPU
+        self._pending: deque[list[Path]] = deque()  # waiting chains: a chain's runs go one after the other
+        self._after: dict[Path, list[Path]] = {}  # a running job -> the rest of its chain
         self._cancelled: set[Path] = set()
-        self._queue: queue.Queue[Path] = queue.Queue()
-        self._worker: threading.Thread | None = None
         if adopt:
             self.adopt()
 
@@ -185,16 +229,16 @@ class JobRunner:
             raise
         return run_dir
 
-    def start(self, form: dict, name: str | None = None, images=(), queue_it: bool = False) -> Path:
-        """Create a run and launch it now (or after the queued jobs when queue_it)."""
+    def start(self, form: dict, name: str | None = None, images=()) -> Path:
+        """Create a run and queue it: it starts now if fewer than max_concurrent jobs are running."""
         run_dir = self.create_run(form, name, images)
-        self.enqueue(run_dir) if queue_it else self.launch(run_dir)
+        self.enqueue(run_dir)
         return run_dir
 
     def start_ab(self, form: dict, methods=("lora", "reflora"), name: str | None = None, images=(),
                  side_by_side: bool = False) -> list[Path]:
-        """Runs that differ only in `method` (same data, seed, settings), queued one after the other
-        (the default: fair timings on a CPU) or launched side by side."""
+        """Runs that differ only in `method` (same data, seed, settings), queued to run one after the other
+        (the default: fair timings) or side by side, i.e. at once as far as max_concurrent allows."""
         methods = [m for m in methods if m]
         if len(methods) < 2 or len(set(methods)) != len(methods):
             raise JobError(f"A/B needs two or more different methods, got {methods}")
@@ -209,8 +253,11 @@ class JobRunner:
             for d in run_dirs:
                 shutil.rmtree(d, ignore_errors=True)
             raise
-        for run_dir in run_dirs:
-            self.launch(run_dir) if side_by_side else self.enqueue(run_dir)
+        if side_by_side:
+            for run_dir in run_dirs:
+                self.enqueue(run_dir)
+        else:
+            self.enqueue(*run_dirs)
         return run_dirs
 
     # ---- processes
@@ -220,6 +267,13 @@ class JobRunner:
         cmd = self.command(run_dir / "config.json")
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(self.repo_root), os.environ.get("PYTHONPATH")]))}
+        env.setdefault("OMP_NUM_THREADS", str(threads_per_process(self.max_concurrent)))  # its share of the cores
+        gpu = None
+        if self.gpus and "CUDA_VISIBLE_DEVICES" not in os.environ:
+            with self._lock:
+                busy = list(self._active.values())
+                gpu = min(range(self.gpus), key=busy.count)
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         with open(run_dir / "train.log", "ab") as log:
             log.write(f"$ {shlex.join(cmd)}\n".encode())
             log.flush()
@@ -231,13 +285,14 @@ class JobRunner:
                 self._mark(run_dir, "failed", f"could not start {cmd[0]}: {e}")
                 raise JobError(f"could not start the trainer ({cmd[0]}): {e}") from None
         write_json_atomic(run_dir / "job.json", {"command": cmd, "cwd": str(self.repo_root), "pgid": proc.pid,
-                                                 "launched_at": time.time()})
+                                                 "gpu": gpu, "launched_at": time.time()})
         status = read_json(run_dir / "status.json", {}) or {}
         if status.get("state") == "queued":  # the trainer overwrites this with its own pid once it starts
             write_json_atomic(run_dir / "status.json", {**status, "state": "running", "pid": proc.pid,
                                                         "started_at": time.time(), "updated_at": time.time()})
         with self._lock:
             self._procs[run_dir] = proc
+            self._active[run_dir] = gpu
         threading.Thread(target=self._watch, args=(run_dir, proc), daemon=True).start()
         return proc
 
@@ -246,8 +301,17 @@ class JobRunner:
         # the launcher is gone; its trainer child may still be writing its last status (e.g. after SIGTERM)
         _wait_dead(_trainer_pid(run_dir), timeout=CANCEL_GRACE_SECONDS)
         self._finalize(run_dir, returncode)
+        self._ended(run_dir)
+
+    def _ended(self, run_dir: Path) -> None:
+        """A job is gone: free its place, put the rest of its chain first in line, start what fits."""
         with self._lock:
             self._procs.pop(run_dir, None)
+            self._active.pop(run_dir, None)
+            rest = self._after.pop(run_dir, None)
+            if rest:
+                self._pending.appendleft(rest)
+            self._dispatch()
 
     def _finalize(self, run_dir: Path, returncode: int | None) -> None:
         """After the process is gone: make status.json say how the run ended if the trainer didn't."""
@@ -272,34 +336,33 @@ class JobRunner:
             status["updated_at"] = time.time()
             write_json_atomic(run_dir / "status.json", status)
 
-    def enqueue(self, run_dir: Path) -> None:
-        """Run after every job queued before it (one at a time)."""
-        self._queue.put(Path(run_dir))
+    def enqueue(self, *run_dirs: Path) -> None:
+        """Queue runs to go one after the other (usually one run). Queued runs start in order as places
+        free up, at most max_concurrent at once."""
         with self._lock:
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._work, daemon=True)
-                self._worker.start()
+            self._pending.append([Path(d) for d in run_dirs])
+            self._dispatch()
 
-    def _work(self) -> None:
-        while True:
+    def _dispatch(self) -> None:
+        with self._lock:
+            while self._pending and len(self._active) < self.max_concurrent:
+                run_dir, *rest = self._pending.popleft()
+                started = self._launch_queued(run_dir)
+                if rest and started:
+                    self._after[run_dir] = rest
+                elif rest:  # cancelled or could not start: the next of its chain takes its turn
+                    self._pending.appendleft(rest)
+
+    def _launch_queued(self, run_dir: Path) -> bool:
+        """Launch a queued run unless it was cancelled while it waited; False if it did not start."""
+        with self._lock:
+            if run_dir in self._cancelled or (read_json(run_dir / "status.json", {}) or {}).get("state") != "queued":
+                return False
             try:
-                run_dir = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                with self._lock:
-                    if self._queue.empty():
-                        self._worker = None
-                        return
-                continue
-            with self._lock:
-                if run_dir in self._cancelled or (read_json(run_dir / "status.json", {}) or {}).get("state") != "queued":
-                    continue  # cancelled while waiting
-                try:
-                    proc = self.launch(run_dir)
-                except JobError:  # marked failed by launch
-                    continue
-            proc.wait()
-            while self.is_running(run_dir):  # let the watcher write the final status first
-                time.sleep(0.05)
+                self.launch(run_dir)
+            except JobError:  # marked failed by launch
+                return False
+            return True
 
     def is_running(self, run_dir: Path) -> bool:
         with self._lock:
@@ -354,6 +417,8 @@ class JobRunner:
                 queued.append((status.get("updated_at") or 0, run_dir))
             elif status.get("state") == "running" and job is not None:
                 if pid_alive(status.get("pid")):
+                    with self._lock:  # still one of this app's jobs: it keeps its place (and GPU)
+                        self._active[run_dir] = job.get("gpu")
                     threading.Thread(target=self._watch_pid, args=(run_dir, status["pid"]), daemon=True).start()
                 else:
                     self._finalize(run_dir, None)
@@ -364,6 +429,7 @@ class JobRunner:
         while pid_alive(pid):
             time.sleep(2.0)
         self._finalize(run_dir, None)
+        self._ended(run_dir)
 
     def wait(self, run_dir: Path, timeout: float | None = None) -> str:
         """Block until the run is no longer queued/running; returns its final state."""

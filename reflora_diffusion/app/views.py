@@ -65,12 +65,21 @@ class AppViews:
                 dirs = self.runner.start_ab(form, methods=(method_b, form.get("method")), name=name or None,
                                             images=images or (), side_by_side=side_by_side)
                 how = "side by side" if side_by_side else "one after the other"
-                return (f"Started A/B ({how}): {', '.join(d.name for d in dirs)}. The comparison grid appears "
-                        "in the Compare tab when both are done.", [d.name for d in dirs])
+                return (f"Started A/B ({how}): {', '.join(d.name for d in dirs)}. {self._limit_note()}The "
+                        "comparison grid appears in the Compare tab when both are done.", [d.name for d in dirs])
             run_dir = self.runner.start(form, name=name or None, images=images or ())
-            return f"Started {run_dir.name}. Watch it in the Runs tab.", [run_dir.name]
         except USER_ERRORS as e:
             return f"**Not started:** {e}", []
+        run = runs.read_run(self.runs_dir, run_dir.name)
+        if run.state == "failed":  # the trainer could not even be launched
+            return f"**Not started:** {run.error}", []
+        if run.state == "queued":
+            return f"Queued {run_dir.name}. {self._limit_note()}Watch it in the Runs tab.", [run_dir.name]
+        return f"Started {run_dir.name}. Watch it in the Runs tab.", [run_dir.name]
+
+    def _limit_note(self) -> str:
+        n = self.runner.max_concurrent
+        return f"At most {n} job{'s' if n > 1 else ''} run at once; the others wait in the queue. "
 
     # ---- Runs
 
