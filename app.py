@@ -151,7 +151,7 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                     "with_prior_preservation": with_prior_preservation, "validation_prompt": validation_prompt,
                     "method": method, "rank": rank, "lora_alpha": alpha, "max_train_steps": steps,
                     "learning_rate": lr, "resolution": resolution, "seed": seed, "mixed_precision": precision,
-                    "train_text_encoder": train_text_encoder, "warmup_steps": warmup_steps,
+                    "train_text_encoder": train_text_encoder, "refactor_warmup_steps": warmup_steps,
                     "validation_steps": validation_steps, "checkpointing_steps": checkpointing_steps}
 
         form_fields = set(inspect.signature(form).parameters)
