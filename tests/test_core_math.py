@@ -110,3 +110,57 @@ def test_normalized_geometric_mean_has_unit_determinant_and_the_same_shape():
     c = S[:, 0, 0] / S_n[:, 0, 0]
     assert torch.allclose(S, S_n * c[:, None, None], rtol=1e-8)
     assert torch.allclose(S_n @ S_inv_n, torch.eye(5, dtype=torch.float64).expand(3, 5, 5), atol=1e-8)
+
+
+# ---------------------------------------------------------------- the float32 path (Cholesky + eigh, float64 fallback)
+def _relative(a, b):
+    return (torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(b)).max().item()
+
+
+@pytest.mark.parametrize("r", [4, 16, 64])
+@pytest.mark.parametrize("cond,tol", [(1.0, 2e-5), (10.0, 2e-5), (100.0, 1e-3)])  # cond(A A^T) = cond^2
+def test_float32_geometric_mean_solves_riccati_and_matches_float64(r, cond, tol):
+    """float32 Grams (what the Refactorer passes): S (A A^T) S = B^T B and S = the float64 S* to ``tol``
+    (relative Frobenius), well-conditioned (fast path) and ill-conditioned (float64 fallback) alike."""
+    A, B = _factors(6, r, 3 * r, 2 * r, seed=r, cond=cond)
+    AAt, BtB = _grams(A, B)
+    S_inv, S, ok = linalg.geometric_mean(AAt.float(), BtB.float())
+    _, S_ref, ok_ref = linalg.geometric_mean(AAt, BtB)
+    assert S.dtype == torch.float32 and ok.all() and ok_ref.all()
+    S64 = S.double()
+    assert _relative(S64 @ AAt @ S64, BtB) < tol
+    assert _relative(S64, S_ref) < tol
+    assert _relative(S64 @ S_inv.double(), torch.eye(r, dtype=torch.float64).expand_as(S64)) < tol
+
+
+def test_float32_fast_path_takes_well_conditioned_layers_only():
+    A, B = _factors(4, 8, 32, 16, seed=8)
+    A_ill, _ = _factors(4, 8, 32, 16, seed=8, cond=100.0)  # cond(A A^T) = 1e4 >= FAST_COND
+    _, _, ok_fast, _ = linalg._geometric_mean_cholesky(*(t.float() for t in _grams(A, B)))
+    _, _, ok_ill, _ = linalg._geometric_mean_cholesky(*(t.float() for t in _grams(A_ill, B)))
+    assert ok_fast.all() and not ok_ill.any()
+    # the ill-conditioned ones still come out right (float64 fallback)
+    S_inv, S, ok = linalg.geometric_mean(*(t.float() for t in _grams(A_ill, B)))
+    assert ok.all() and _relative(S.double(), linalg.geometric_mean(*_grams(A_ill, B))[1]) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_deficient_and_nonfinite_layers_are_flagged_in_both_precisions(dtype):
+    A, B = _factors(5, 4, 16, 8, seed=4)
+    B[0] = 0
+    B[1, :, 0] = B[1, :, 1]
+    A[2, 0, 0] = float("nan")
+    A[3, 1] = A[3, 0]  # rank-deficient A
+    S_inv, S, ok = linalg.geometric_mean(*(t.to(dtype) for t in _grams(A, B)))
+    assert ok.tolist() == [False, False, False, False, True]
+    eye = torch.eye(4, dtype=dtype)
+    assert all(torch.equal(S[i], eye) and torch.equal(S_inv[i], eye) for i in range(4))
+    assert S.dtype == dtype and torch.isfinite(S).all() and torch.isfinite(S_inv).all()
+
+
+def test_float32_normalize_gives_unit_determinant():
+    A, B = _factors(3, 6, 24, 12, seed=9, cond=100.0)  # fast path and fallback layers mixed in one batch
+    A[0] = _factors(1, 6, 24, 12, seed=10)[0][0]
+    S_inv, S, ok = linalg.geometric_mean(*(t.float() for t in _grams(A, B)), normalize=True)
+    assert ok.all()
+    assert torch.allclose(torch.linalg.det(S.double()), torch.ones(3, dtype=torch.float64), rtol=1e-4)

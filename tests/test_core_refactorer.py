@@ -617,3 +617,26 @@ def test_warmup_covering_the_whole_run_is_warned_in_one_line():
         assert ref.check_schedule(100)
     assert ref.check_schedule(101) is None
     assert Refactorer(lora_model(), method="lora+", warmup_steps=100).check_schedule(10) is None  # no warm-up there
+
+
+def test_batched_and_layer_by_layer_preconditioning_agree(monkeypatch):
+    """The accelerator path (batched matmuls) and the CPU path (layer by layer) give the same gradients,
+    and both leave a layer with a non-finite gradient exactly as it was."""
+    from reflora_diffusion.core import refactorer as refactorer_module
+    out = {}
+    for batched in (False, True):
+        monkeypatch.setattr(refactorer_module, "_layer_by_layer", lambda device, b=batched: not b)
+        model = lora_model(seed=14, targets=("fc1", "fc2"))
+        ref = Refactorer(model, method="reflora")
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        ref.attach(opt)
+        x, y = data()
+        ((model(x) - y) ** 2).mean().backward()
+        ref.pairs[0].A.grad[0, 0] = float("nan")
+        before = ref.pairs[0].B.grad.clone()
+        ref._pre_hook(opt, (), {})
+        assert torch.equal(ref.pairs[0].B.grad, before)
+        assert ref.stats()["skipped_nonfinite"] == 1 and ref.stats()["refactored"] == 1
+        out[batched] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    for a, b in zip(out[False], out[True]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, equal_nan=True)

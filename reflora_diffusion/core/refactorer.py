@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .linalg import _identity_where
 from .methods import METHODS, Method
 from .pairs import LoraPair, find_lora_pairs, unwrap_model
 
@@ -21,6 +22,11 @@ STATE_FILE = "refactorer.safetensors"
 def _all_finite(stack: torch.Tensor) -> torch.Tensor:
     """Per-matrix finiteness of a (n, rows, cols) stack."""
     return torch.isfinite(stack).all(dim=(-2, -1))
+
+
+def _layer_by_layer(device: torch.device) -> bool:
+    """Large matmuls of precondition_gradients one layer at a time (CPU) or batched (accelerators)."""
+    return device.type == "cpu"
 
 
 def _method_names() -> str:
@@ -196,10 +202,13 @@ class Refactorer:
     def precondition_gradients(self, preconditioner) -> None:
         """G_A <- P_A G_A, G_B <- G_B P_B with (P_A, P_B, ok) = preconditioner(A A^T, B^T B), batched.
 
-        Gram matrices come from one batched matmul per bucket of equal shapes; the r x r algebra runs in
-        float64 with one batched call per (rank, device), whatever the parameter dtype. A layer whose factors
-        or gradients are not finite keeps exactly the gradients it had (a matmul would smear one NaN over a
-        whole column) and is counted in ``skipped_nonfinite``; the other layers of its batch are unaffected.
+        The r x r algebra gets one batched preconditioner call per (rank, device), on float32 Grams (float64
+        for float64 factors); it picks its precision (linalg's docstring). The large matmuls (Grams and the
+        gradient updates) are batched per bucket of equal shapes on an accelerator (few kernel launches) and
+        run layer by layer on a CPU, where stacking the factors and gradients would cost more memory traffic
+        than the matmuls save. A layer whose factors or gradients are not finite keeps exactly the gradients
+        it had (a matmul would smear one NaN over a whole column) and is counted in ``skipped_nonfinite``;
+        the other layers of its batch are unaffected.
         """
         by_rank: dict[tuple, list] = defaultdict(list)
         for (r, *_rest), pairs in self._buckets.items():
@@ -207,31 +216,52 @@ class Refactorer:
             if not pairs:
                 continue
             cdt = torch.float64 if pairs[0].A.dtype == torch.float64 else torch.float32
-            A = torch.stack([p.a_matrix(p.A.detach()) for p in pairs]).to(cdt)
-            B = torch.stack([p.b_matrix(p.B.detach()) for p in pairs]).to(cdt)
-            GA = torch.stack([p.a_matrix(p.A.grad) for p in pairs]).to(cdt)
-            GB = torch.stack([p.b_matrix(p.B.grad) for p in pairs]).to(cdt)
-            finite = _all_finite(A) & _all_finite(B) & _all_finite(GA) & _all_finite(GB)
-            AAt = A @ A.transpose(-1, -2)
-            BtB = B.transpose(-1, -2) @ B
-            by_rank[(r, A.device)].append((pairs, AAt, BtB, GA, GB, finite))
+            As = [p.a_matrix(p.A.detach()).to(cdt) for p in pairs]
+            Bs = [p.b_matrix(p.B.detach()).to(cdt) for p in pairs]
+            if _layer_by_layer(pairs[0].A.device):
+                AAt = torch.stack([a @ a.T for a in As])
+                BtB = torch.stack([b.T @ b for b in Bs])
+            else:
+                A, B = torch.stack(As), torch.stack(Bs)
+                AAt, BtB = A @ A.transpose(-1, -2), B.transpose(-1, -2) @ B
+            # the factors are checked through their Grams (non-finite where a factor is), the gradients through
+            # their norms (one fused pass; a norm that overflows float32 counts as non-finite too)
+            norms = torch._foreach_norm([p.A.grad for p in pairs] + [p.B.grad for p in pairs])
+            finite = torch.isfinite(torch.stack(norms).view(2, -1)).all(0)
+            by_rank[(r, AAt.device)].append((pairs, AAt, BtB, finite))
         for items in by_rank.values():
-            AAt = torch.cat([it[1] for it in items]).double()
-            BtB = torch.cat([it[2] for it in items]).double()
-            finite = torch.cat([it[5] for it in items]) & _all_finite(AAt) & _all_finite(BtB)
+            AAt = torch.cat([it[1] for it in items])
+            BtB = torch.cat([it[2] for it in items])
+            finite = torch.cat([it[3] for it in items]) & _all_finite(AAt) & _all_finite(BtB)
             P_A, P_B, ok = preconditioner(AAt, BtB)
             ok = ok & finite
             self.count(ok, finite)
             start = 0
-            for pairs, _, _, GA, GB, _ in items:
-                n = len(pairs)
-                pa, pb = P_A[start:start + n].to(GA.dtype), P_B[start:start + n].to(GA.dtype)
-                keep = ~ok[start:start + n, None, None]
-                start += n
-                new_a = torch.where(keep, GA, pa @ GA).unbind()
-                new_b = torch.where(keep, GB, GB @ pb).unbind()
-                torch._foreach_copy_([p.A.grad for p in pairs], [g.view_as(p.A) for g, p in zip(new_a, pairs)])
-                torch._foreach_copy_([p.B.grad for p in pairs], [g.view_as(p.B) for g, p in zip(new_b, pairs)])
+            for pairs, *_ in items:
+                sel = slice(start, start + len(pairs))
+                start += len(pairs)
+                self._apply(pairs, P_A[sel], P_B[sel], ok[sel], finite[sel], AAt.dtype)
+
+    @staticmethod
+    def _apply(pairs: list[LoraPair], P_A, P_B, ok, finite, cdt) -> None:
+        """G_A <- P_A G_A, G_B <- G_B P_B for the layers that are ok; the others keep their gradients."""
+        if _layer_by_layer(pairs[0].A.device):  # reading the masks on the host costs nothing there
+            for i in ok.nonzero()[:, 0].tolist():
+                p = pairs[i]
+                ga, gb = p.a_matrix(p.A.grad), p.b_matrix(p.B.grad)
+                p.A.grad.copy_((P_A[i].to(cdt) @ ga.to(cdt)).view_as(p.A.grad))  # (a reshape may be a copy)
+                p.B.grad.copy_((gb.to(cdt) @ P_B[i].to(cdt)).view_as(p.B.grad))
+            return
+        GA = torch.stack([p.a_matrix(p.A.grad) for p in pairs]).to(cdt)
+        GB = torch.stack([p.b_matrix(p.B.grad) for p in pairs]).to(cdt)
+        # identity for skipped layers: I @ G is G exactly when G is finite
+        new_a = _identity_where(ok, P_A.to(cdt)) @ GA
+        new_b = GB @ _identity_where(ok, P_B.to(cdt))
+        if not bool(finite.all()):  # a host read; the r x r algebra synchronises anyway
+            keep = ~finite[:, None, None]
+            new_a, new_b = torch.where(keep, GA, new_a), torch.where(keep, GB, new_b)
+        torch._foreach_copy_([p.A.grad for p in pairs], [g.view_as(p.A) for g, p in zip(new_a.unbind(), pairs)])
+        torch._foreach_copy_([p.B.grad for p in pairs], [g.view_as(p.B) for g, p in zip(new_b.unbind(), pairs)])
 
     def warn_unknown_state(self, known: tuple) -> None:
         """Warn once per unknown optimizer-state key that a factor rescaling cannot carry along."""
