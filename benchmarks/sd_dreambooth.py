@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from reflora_diffusion.sd.config import make_config  # noqa: E402
-from reflora_diffusion.sd.runlog import read_events  # noqa: E402
+from reflora_diffusion.rundir import read_events  # noqa: E402
 from reflora_diffusion.sd.train import SDTrainer  # noqa: E402
 
 ALL_METHODS = ["lora", "reflora", "reflora-s", "lora+", "scaledgd", "preclora", "nora+", "rac-lora", "cola"]

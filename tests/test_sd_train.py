@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from reflora_diffusion.sd.config import make_config
-from reflora_diffusion.sd.runlog import read_events
+from reflora_diffusion.rundir import read_events
 from reflora_diffusion.sd.train import SDTrainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,9 @@ import textwrap
 import time
 from pathlib import Path
 
-from .runs import event_log, read_json, read_run, safe_path, sample_steps
+from reflora_diffusion.rundir import read_json
+
+from .runs import event_log, read_run, safe_path, sample_steps
 
 REFERENCE_METHOD = "lora"  # steps-to-loss is measured against plain LoRA's final loss when it is compared
 

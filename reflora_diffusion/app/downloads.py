@@ -12,7 +12,9 @@ import json
 import re
 from pathlib import Path
 
-from .runs import is_run_dir, read_json, safe_path
+from reflora_diffusion.rundir import read_json
+
+from .runs import is_run_dir, safe_path
 
 FORMATS = ("diffusers", "kohya")
 FINAL = "final"

@@ -27,15 +27,9 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..cpu import threads_per_process
-from .runs import (
-    effective_status,
-    is_run_dir,
-    pid_alive,
-    read_json,
-    safe_path,
-    sanitize_run_name,
-    write_json_atomic,
-)
+from reflora_diffusion.rundir import pid_alive, read_json, write_json_atomic
+
+from .runs import effective_status, is_run_dir, safe_path, sanitize_run_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = "train/sd.py"

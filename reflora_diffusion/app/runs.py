@@ -14,7 +14,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
+from reflora_diffusion.rundir import pid_alive, read_json
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE_STATES = ("queued", "running")
@@ -45,31 +45,6 @@ def safe_path(runs_dir: str | os.PathLike, *parts: str | os.PathLike) -> Path:
     if target != root and root not in target.parents:
         raise RunPathError(f"{os.path.join(*map(str, parts))!r} is outside the runs directory")
     return target
-
-
-def read_json(path: Path, default=None):
-    """JSON file contents, or `default` if it is missing or half-written."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return default
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temporary name, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def pid_alive(pid) -> bool:
-    """True if a process with this pid exists and is not a zombie."""
-    try:
-        proc = psutil.Process(int(pid))
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except (psutil.Error, TypeError, ValueError):
-        return False
 
 
 # --------------------------------------------------------------------------- events

@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass, field
 from transformers import TrainingArguments
 
 from reflora_diffusion.logs import get_logger
+from reflora_diffusion.rundir import RunLog, start_fresh, write_json_atomic
 
 from .answers import DATASETS
 from .commonsense import evaluate_datasets, load_records, resolve_datasets, tokenize_records
 from .models import load_causal_lm
-from .trainer import (MethodArguments, RefactorTrainer, add_lora, parse_hf_args, save_adapter, write_json_atomic,
-                      write_status)
+from .trainer import MethodArguments, RefactorTrainer, add_lora, parse_hf_args, save_adapter
 
 __all__ = ["TrainArguments", "CommonsenseTrainingArguments", "EvalArguments", "parse_train_args",
            "parse_eval_args", "run_train", "run_eval", "save_adapter"]
@@ -127,14 +127,6 @@ def _model_card(args: TrainArguments, train_args, stats: dict) -> str:
             "Prompt: the LLM-Adapters template (`reflora_diffusion.llm.prompts.eval_prompt`).\n")
 
 
-def _fresh_run_folder(out: str, keep_events: bool) -> None:
-    os.makedirs(out, exist_ok=True)
-    names = ["status.json", "results.json"] + ([] if keep_events else ["events.jsonl"])
-    for name in names:
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-
-
 def run_train(args: TrainArguments, train_args) -> dict:
     """LoRA fine-tuning with a core method, then (optionally) evaluation; returns results.json's content."""
     from transformers import DataCollatorForSeq2Seq, set_seed
@@ -143,10 +135,11 @@ def run_train(args: TrainArguments, train_args) -> dict:
     is_main = train_args.process_index == 0
     results_path = os.path.join(out, "results.json")
     if is_main:
-        _fresh_run_folder(out, keep_events=bool(train_args.resume_from_checkpoint))
+        start_fresh(out, keep_events=bool(train_args.resume_from_checkpoint))
         write_json_atomic(os.path.join(out, "config.json"), {**asdict(args), **train_args.to_dict()})
-        write_status(out, "running", 0, train_args.max_steps)
-    try:
+    log = RunLog(out, train_args.max_steps, enabled=is_main)
+    log.set_status(state="running")
+    with log.reporting():
         # Check every input before the (slow) model load.
         files = [f.strip() for f in args.train_file.split(",") if f.strip()]
         records = [r for f in files for r in load_records(f)]
@@ -171,7 +164,7 @@ def run_train(args: TrainArguments, train_args) -> dict:
             model=model, args=train_args, train_dataset=features,
             data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, padding=True),
             method=args.method, method_options=args.method_options(),
-            events_path=os.path.join(out, "events.jsonl") if is_main else None)
+            run_log=log)
         started = time.time()
         train_out = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
         seconds = time.time() - started
@@ -186,19 +179,14 @@ def run_train(args: TrainArguments, train_args) -> dict:
                 f.write(_model_card(args, train_args, results["train"]))
             write_json_atomic(results_path, results)
             if test_files:
-                write_status(out, "running", steps, trainer.state.max_steps)
+                log.set_status(step=steps, max_steps=trainer.state.max_steps)
                 model = model.merge_and_unload()  # the adapter is saved; merged, generation runs at base speed
                 model.config.use_cache = True
                 evaluate_datasets(model, tokenizer, test_files, out, results,
                                   lambda r: write_json_atomic(results_path, r), args.eval_max_samples,
                                   args.eval_batch_size, args.max_new_tokens, args.num_beams)
-            write_status(out, "done", steps, trainer.state.max_steps)
+            log.set_status(state="done", step=steps, max_steps=trainer.state.max_steps)
         return results
-    except BaseException as e:
-        if is_main:
-            write_status(out, "cancelled" if isinstance(e, KeyboardInterrupt) else "failed",
-                         error=f"{type(e).__name__}: {e}")
-        raise
 
 
 def _eval_config(args: EvalArguments) -> dict:
@@ -227,8 +215,9 @@ def run_eval(args: EvalArguments) -> dict:
     results["config"] = config
     os.makedirs(out, exist_ok=True)
     write_json_atomic(os.path.join(out, "config.json"), asdict(args))
-    write_status(out, "running", 0, 0)
-    try:
+    log = RunLog(out, 0)
+    log.set_status(state="running")
+    with log.reporting():
         model, tokenizer = load_causal_lm(args.model_name_or_path, args.gguf_file, args.dtype)
         if args.adapter:
             from peft import PeftModel
@@ -237,9 +226,5 @@ def run_eval(args: EvalArguments) -> dict:
             model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
         evaluate_datasets(model, tokenizer, test_files, out, results, lambda r: write_json_atomic(results_path, r),
                           args.max_samples, args.batch_size, args.max_new_tokens, args.num_beams, resume=resume)
-        write_status(out, "done", 0, 0)
+        log.set_status(state="done")
         return results
-    except BaseException as e:
-        write_status(out, "cancelled" if isinstance(e, KeyboardInterrupt) else "failed",
-                     error=f"{type(e).__name__}: {e}")
-        raise

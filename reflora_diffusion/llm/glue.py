@@ -18,8 +18,8 @@ import numpy as np
 from transformers import TrainerCallback, TrainingArguments
 
 from reflora_diffusion.llm.metrics import MAIN_METRIC, glue_metrics, main_value
-from reflora_diffusion.llm.trainer import (MethodArguments, RefactorTrainer, add_lora, parse_hf_args, save_adapter,
-                                           write_json_atomic, write_status)
+from reflora_diffusion.llm.trainer import MethodArguments, RefactorTrainer, add_lora, parse_hf_args, save_adapter
+from reflora_diffusion.rundir import RunLog, start_fresh, write_json_atomic
 
 csv.field_size_limit(sys.maxsize)  # MNLI parse-tree columns are long
 
@@ -350,13 +350,11 @@ def run(glue_args: GlueArguments, train_args) -> dict:
     os.makedirs(out, exist_ok=True)
     is_main = train_args.process_index == 0
     if is_main:
-        if not train_args.resume_from_checkpoint:  # a fresh run does not append to an old run's files
-            for name in ("events.jsonl", "status.json", "results.json"):
-                if os.path.exists(os.path.join(out, name)):
-                    os.remove(os.path.join(out, name))
+        start_fresh(out, keep_events=bool(train_args.resume_from_checkpoint))
         write_json_atomic(os.path.join(out, "config.json"), {**asdict(glue_args), **train_args.to_dict()})
-        write_status(out, "running", 0, train_args.max_steps)
-    try:
+    log = RunLog(out, train_args.max_steps, enabled=is_main)
+    log.set_status(state="running")
+    with log.reporting():
         set_seed(train_args.seed)
         task = get_task(glue_args.task_name)
         raw = load_glue(task.name, glue_args.data_dir, max_train_samples=glue_args.max_train_samples,
@@ -378,7 +376,7 @@ def run(glue_args: GlueArguments, train_args) -> dict:
             data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
             compute_metrics=compute_metrics, callbacks=[results],
             method=glue_args.method, method_options=glue_args.method_options(),
-            events_path=os.path.join(out, "events.jsonl") if is_main else None)
+            run_log=log)
         started = time.time()
         train_out = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
         train_seconds = time.time() - started
@@ -393,10 +391,5 @@ def run(glue_args: GlueArguments, train_args) -> dict:
         if is_main:
             results.write(final=results.evals[-1] if results.evals else final, train_loss=train_out.training_loss, train_seconds=train_seconds,
                           train_steps=trainer.state.global_step, refactor=trainer.refactorer.stats())
-            write_status(out, "done", trainer.state.global_step, trainer.state.max_steps)
+        log.set_status(state="done", step=trainer.state.global_step, max_steps=trainer.state.max_steps)
         return final
-    except BaseException as e:
-        if is_main:
-            write_status(out, "cancelled" if isinstance(e, KeyboardInterrupt) else "failed",
-                         error=f"{type(e).__name__}: {e}")
-        raise

@@ -2,7 +2,7 @@
 
     model = add_lora(model, ["query", "key", "value"], r=8, alpha=8)
     trainer = RefactorTrainer(model=model, args=args, train_dataset=ds, method="reflora",
-                              method_options={"warmup_steps": 100}, events_path="runs/x/events.jsonl")
+                              method_options={"warmup_steps": 100}, run_log=RunLog("runs/x"))
     trainer.train()                       # or trainer.train(resume_from_checkpoint=True)
 
 Hook points (transformers 5.x `Trainer`): `create_optimizer` runs before the lr scheduler is created in every
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 
 import torch
@@ -23,9 +22,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from reflora_diffusion.core import Refactorer
 from reflora_diffusion.core.options import MethodOptions, rename_deprecated, rename_deprecated_keys
+from reflora_diffusion.rundir import RunLog
 
-__all__ = ["MethodArguments", "parse_hf_args", "RefactorTrainer", "EventsCallback", "add_lora", "save_adapter", "write_status",
-           "write_json_atomic"]
+__all__ = ["MethodArguments", "parse_hf_args", "RefactorTrainer", "EventsCallback", "add_lora", "save_adapter"]
 
 
 # The method flags both LLM entry points share: declared once in the core (one name per knob, one check).
@@ -53,41 +52,6 @@ def parse_hf_args(dataclass_types, argv: list[str]) -> tuple[tuple, set[str]]:
     return parser.parse_args_into_dataclasses(args=argv), {a[2:].split("=")[0] for a in argv if a.startswith("--")}
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to a temporary name, then rename: a reader never sees half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-def write_status(output_dir: str, state: str, step: int | None = None, max_steps: int | None = None,
-                 error: str | None = None) -> None:
-    """status.json of the run folder (DESIGN.md), the file the app polls; step/max_steps None keep the last."""
-    path = os.path.join(output_dir, "status.json")
-    old = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except (OSError, ValueError):
-            pass
-    now = time.time()
-    write_json_atomic(path, {"state": state, "step": int(step if step is not None else old.get("step", 0)),
-                             "max_steps": int(max_steps if max_steps is not None else old.get("max_steps", 0)),
-                             "started_at": old.get("started_at", now), "updated_at": now, "error": error,
-                             "pid": os.getpid()})
-
-
-def _target_matches(module_name: str, targets) -> bool:
-    # peft's rule (tuners_utils.check_target_module_exists): a str is a full regex match,
-    # a list entry matches the whole name or a dotted suffix of it.
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module_name) is not None
-    return any(module_name == t or module_name.endswith("." + t) for t in targets)
-
-
 def add_lora(model, target_modules, r: int = 8, alpha: float = 8, dropout: float = 0.0,
              modules_to_save=None, task_type=None, **lora_kwargs):
     """Wrap `model` with a peft LoRA adapter (the core's method is applied later, by RefactorTrainer).
@@ -98,8 +62,10 @@ def add_lora(model, target_modules, r: int = 8, alpha: float = 8, dropout: float
 
     if isinstance(target_modules, str) and "," in target_modules:
         target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
-    names = [n for n, _ in model.named_modules()]
-    if not any(_target_matches(n, target_modules) for n in names):
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    probe = LoraConfig(target_modules=target_modules)
+    if not any(check_target_module_exists(probe, n) for n, _ in model.named_modules() if n):
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ValueError(f"model {type(model).__name__} has none of the target modules {target_modules}; "
                          f"its linear layers are named {linear}: pass --target_modules from those names")
@@ -111,21 +77,14 @@ def add_lora(model, target_modules, r: int = 8, alpha: float = 8, dropout: float
 class EventsCallback(TrainerCallback):
     """Appends one JSON line per logging step (and per evaluation) to events.jsonl, keeps status.json fresh."""
 
-    def __init__(self, events_path: str, refactorer: Refactorer, status: bool = True):
-        self.events_path = events_path
+    def __init__(self, run_log: RunLog, refactorer: Refactorer):
+        self.log = run_log
         self.refactorer = refactorer
-        self.status = status
         self._last_step = 0
         self._last_time = time.time()
 
-    def _append(self, event: dict) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.events_path)), exist_ok=True)
-        with open(self.events_path, "a") as f:
-            f.write(json.dumps(event) + "\n")
-
-    def _status(self, state, name="running"):
-        if self.status:
-            write_status(os.path.dirname(os.path.abspath(self.events_path)), name, state.global_step, state.max_steps)
+    def _status(self, state):
+        self.log.set_status(state="running", step=state.global_step, max_steps=state.max_steps)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_step, self._last_time = state.global_step, time.time()
@@ -144,14 +103,14 @@ class EventsCallback(TrainerCallback):
             event["grad_norm"] = float(logs["grad_norm"])
         if "epoch" in logs:
             event["epoch"] = logs["epoch"]
-        self._append(event)
+        self.log.event(**event)
         self._status(state)
         self._last_step, self._last_time = state.global_step, now
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if state.is_world_process_zero and metrics:
-            self._append({"step": state.global_step, "time": time.time(),
-                          "eval": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}})
+            self.log.event(step=state.global_step, time=time.time(),
+                           eval={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         self._exclude_pause(state)
 
     def on_save(self, args, state, control, **kwargs):
@@ -167,14 +126,14 @@ class RefactorTrainer(Trainer):
     """`transformers.Trainer` whose optimizer runs a core method (METHODS.md) and whose checkpoints carry its state."""
 
     def __init__(self, *args, method: str = "reflora", method_options: dict | None = None,
-                 events_path: str | None = None, **kwargs):
+                 run_log: RunLog | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
         self.method_options = dict(method_options or {})
         # The core walks module names: give it the unwrapped model (no DDP/compile wrapper).
         self.refactorer = Refactorer(self.accelerator.unwrap_model(self.model), method=method, **self.method_options)
-        if events_path is not None:
-            self.add_callback(EventsCallback(events_path, self.refactorer))
+        if run_log is not None:
+            self.add_callback(EventsCallback(run_log, self.refactorer))
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)

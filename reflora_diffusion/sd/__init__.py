@@ -6,5 +6,5 @@
                       "--instance_prompt", "a photo of sks dog", "--output_dir", "runs/dog"]))
 
 Modules: presets (offline tiny models), config, data, models (loading + LoRA), train (the loop),
-sample (pipelines for validation and class images), runlog (status.json / events.jsonl).
+sample (pipelines for validation and class images), (the run folder itself is reflora_diffusion.rundir).
 """

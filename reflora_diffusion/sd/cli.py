@@ -9,7 +9,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError, parse_args
     from .data import DataError
-    from .runlog import RunDirError
+    from reflora_diffusion.rundir import RunDirError
     from .train import TrainingError, train
 
     from reflora_diffusion.logs import show_info

@@ -209,11 +209,9 @@ class SDTrainConfig(MethodOptions):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config atomically (the run folder's config.json)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        from reflora_diffusion.rundir import write_json_atomic
+
+        write_json_atomic(path, self.to_dict())
 
 
 # --- parsing ----------------------------------------------------------------------------------------------

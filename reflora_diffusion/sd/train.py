@@ -17,7 +17,6 @@ import contextlib
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import threading
@@ -29,12 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from reflora_diffusion.logs import get_logger
+from reflora_diffusion.rundir import RunLog, check_output_dir, checkpoint_dirs, clean_stale_temps, clear_run
 
 from .config import ConfigError, SDTrainConfig
 from .data import build_dataloader, build_dataset, check_data_dirs
 from .models import (Components, encode_prompts, load_components, prepare_for_training, sdxl_time_ids, tokenize,
                      trainable_parameters)
-from .runlog import RunLog, check_output_dir, clean_stale_temps, clear_run
 
 LORA_STATE = "{}_lora.safetensors"  # per trained model, inside a checkpoint
 TRAINER_STATE = "trainer_state.safetensors"
@@ -83,13 +82,6 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
 def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Exactly the trained (LoRA) parameters, under their own names."""
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """checkpoints/checkpoint-<N> folders, oldest first."""
-    root = run_dir / "checkpoints"
-    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def find_resume_checkpoint(cfg: SDTrainConfig) -> Path | None:
@@ -182,22 +174,9 @@ class SDTrainer:
         if Path(path).is_dir():
             cfg.base_model_folder = str(Path(path).resolve())
 
-    @contextlib.contextmanager
-    def _reporting_failure(self):
-        """status.json: "cancelled" on Ctrl-C / SIGINT, "failed" with the one-line error otherwise."""
-        try:
-            yield
-        except KeyboardInterrupt as e:
-            self.log.set_status(state="cancelled", error=str(e) or "interrupted")
-            raise
-        except BaseException as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            self.log.set_status(state="failed", error=f"{type(e).__name__}: {msg}")
-            raise
-
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        with self._reporting_failure():
+        with self.log.reporting():
             self._setup()
 
     def _setup(self) -> None:
@@ -376,7 +355,7 @@ class SDTrainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Path:
-        with self._reporting_failure():
+        with self.log.reporting():
             return self._loop()
 
     def _loop(self) -> Path:

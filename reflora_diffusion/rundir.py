@@ -1,12 +1,15 @@
-"""The run folder: status.json and events.jsonl (the format the app reads; see DESIGN.md), and the checks
-that keep a new run from destroying or mixing with the run already in a folder.
+"""The run folder, one owner for the SD trainer, the LLM trainers and the app (layout in DESIGN.md):
+config.json, status.json (as a context manager that ends a run as done / failed / cancelled), events.jsonl
+(writer and reader), checkpoint listing, stale-temporary cleanup, and the checks that keep a new run from
+destroying or mixing with the run already in a folder.
 
-Only the main process writes. status.json is replaced atomically; events.jsonl is appended line by line
+Only the main process writes. JSON files are replaced atomically; events.jsonl is appended line by line
 and flushed, so a reader never sees a half-written object.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,6 +34,23 @@ class RunDirError(ValueError):
     """The output folder cannot take this run; the message is one line naming the folder and the fix."""
 
 
+def write_json_atomic(path: str | os.PathLike, data) -> None:
+    """JSON to a temporary name, then rename: a reader never sees half a file. NaN/inf become null."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike, default=None):
+    """A JSON file's contents, or `default` if it is missing or half-written."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+
+
 def _clean(obj):
     """JSON-safe: NaN/inf become null (json.dumps would write invalid NaN tokens)."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -43,7 +63,9 @@ def _clean(obj):
 
 
 class RunLog:
-    def __init__(self, run_dir: str | os.PathLike, max_steps: int, enabled: bool = True):
+    """status.json and events.jsonl of one run; a no-op on processes other than the main one."""
+
+    def __init__(self, run_dir: str | os.PathLike, max_steps: int | None = None, enabled: bool = True):
         self.dir = Path(run_dir)
         self.enabled = enabled
         self.status = {"state": "running", "step": 0, "max_steps": max_steps, "started_at": time.time(),
@@ -53,9 +75,21 @@ class RunLog:
         if not self.enabled:
             return
         self.status.update(fields, updated_at=time.time())
-        tmp = self.dir / f".status.json.{os.getpid()}.{threading.get_ident()}.tmp"
-        tmp.write_text(json.dumps(_clean(self.status)))
-        os.replace(tmp, self.dir / "status.json")
+        write_json_atomic(self.dir / "status.json", self.status)
+
+    @contextlib.contextmanager
+    def reporting(self):
+        """status.json says how the block ended: "cancelled" on Ctrl-C / SIGTERM, "failed" with the error's
+        first line otherwise (the exception goes on)."""
+        try:
+            yield self
+        except KeyboardInterrupt as e:
+            self.set_status(state="cancelled", error=str(e) or "interrupted")
+            raise
+        except BaseException as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.set_status(state="failed", error=f"{type(e).__name__}: {msg}")
+            raise
 
     def event(self, **fields) -> None:
         if not self.enabled:
@@ -85,22 +119,22 @@ def read_events(run_dir: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """checkpoints/checkpoint-<N> folders, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
 # --- guarding a folder that already holds a run -----------------------------------------------------------
-def read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _ancestors() -> set[int]:
     import psutil
 
     return {p.pid for p in psutil.Process().parents()} | {os.getpid()}
 
 
-def _alive(pid) -> bool:
+def pid_alive(pid) -> bool:
+    """True if a process with this pid exists and is not a zombie."""
     import psutil
 
     try:
@@ -129,7 +163,7 @@ def check_output_dir(run_dir: str | os.PathLike, config: dict, *, resume_found: 
         raise RunDirError(f"--output_dir {str(run_dir)!r} is a file; give a folder")
     status = read_json(run_dir / "status.json") or {}
     pid = status.get("pid")
-    if status.get("state") == "running" and _alive(pid) and int(pid) not in _ancestors():
+    if status.get("state") == "running" and pid_alive(pid) and int(pid) not in _ancestors():
         raise RunDirError(f"--output_dir {str(run_dir)!r} is in use by a running trainer (pid {pid}); wait for it, "
                           "cancel it, or choose another --output_dir")
     if config.get("overwrite_output_dir"):
@@ -175,6 +209,14 @@ def clear_run(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
     for sub in ("checkpoints", "samples", "logs"):
         shutil.rmtree(run_dir / sub, ignore_errors=True)
+
+
+def start_fresh(run_dir: str | os.PathLike, keep_events: bool = False) -> None:
+    """An LLM run that does not resume: the folder's old status, results (and events) go, the rest stays."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("status.json", "results.json") + (() if keep_events else ("events.jsonl",)):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def clean_stale_temps(run_dir: Path) -> list[str]:
