@@ -109,7 +109,7 @@ def test_api_train_poll_export_load(app, tmp_path):
 
     from diffusers import StableDiffusionPipeline
 
-    from reflora_diffusion.sd.presets import resolve_pretrained
+    from reflora_diffusion.presets import resolve_pretrained
 
     pipe = StableDiffusionPipeline.from_pretrained(resolve_pretrained("tiny"))
     pipe.load_lora_weights(str(Path(file).parent), weight_name=Path(file).name, adapter_name="final")

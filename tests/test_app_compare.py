@@ -65,7 +65,7 @@ def lora_run(runs_dir, name, method, random_b: bool):
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from reflora_diffusion.sd.presets import resolve_pretrained
+    from reflora_diffusion.presets import resolve_pretrained
 
     d = make_run(runs_dir, name, state="done", method=method)
     cfg = json.loads((d / "config.json").read_text())

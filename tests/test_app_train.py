@@ -68,7 +68,7 @@ def test_real_tiny_job_runs_exports_and_cancels(tmp_path):
 
     from diffusers import StableDiffusionPipeline
 
-    from reflora_diffusion.sd.presets import resolve_pretrained
+    from reflora_diffusion.presets import resolve_pretrained
 
     pipe = StableDiffusionPipeline.from_pretrained(resolve_pretrained("tiny"))
     pipe.load_lora_weights(str(diff["file"].parent), adapter_name="final")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from reflora_diffusion.export import WEIGHT_NAME, ExportError, export_diffusers, export_kohya, sgm_unet_name  # noqa: E402
-from reflora_diffusion.sd.presets import resolve_pretrained  # noqa: E402
+from reflora_diffusion.presets import resolve_pretrained  # noqa: E402
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from reflora_diffusion.export import (  # noqa: E402
     WEIGHT_NAME, ExportError, export_diffusers, export_kohya, export_run, read_diffusers, write_model_card)
 from reflora_diffusion.export.__main__ import main  # noqa: E402
-from reflora_diffusion.sd.presets import resolve_pretrained  # noqa: E402
+from reflora_diffusion.presets import resolve_pretrained  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reflora_diffusion.sd.presets import PRESET_RESOLUTION, is_sdxl, make_tokenizer, resolve_pretrained
+from reflora_diffusion.presets import PRESET_RESOLUTION, is_sdxl, make_tokenizer, resolve_pretrained
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -88,7 +88,7 @@ def test_two_processes_build_once(tmp_path):
     import subprocess
     import sys
 
-    code = "from reflora_diffusion.sd.presets import resolve_pretrained; print(resolve_pretrained('tiny'))"
+    code = "from reflora_diffusion.presets import resolve_pretrained; print(resolve_pretrained('tiny'))"
     env = {**os.environ, "REFLORA_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=root, stdout=subprocess.PIPE,

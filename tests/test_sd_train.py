@@ -79,7 +79,7 @@ def unet_out(unet, sdxl: bool) -> torch.Tensor:
 def load_pipeline_with_lora(run: Path, sdxl: bool, weight_name: str | None = None):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from reflora_diffusion.sd.presets import resolve_pretrained
+    from reflora_diffusion.presets import resolve_pretrained
 
     cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     pipe = cls.from_pretrained(resolve_pretrained("tiny-sdxl" if sdxl else "tiny"))

@@ -140,7 +140,7 @@ def load_pipeline(base: str):
     import torch
     from diffusers import DiffusionPipeline
 
-    from reflora_diffusion.sd.presets import resolve_pretrained
+    from reflora_diffusion.presets import resolve_pretrained
 
     cuda = torch.cuda.is_available()
     pipe = DiffusionPipeline.from_pretrained(resolve_pretrained(base),

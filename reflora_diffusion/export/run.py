@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from reflora_diffusion.sd.presets import PRESETS
+from reflora_diffusion.presets import PRESETS
 
 from .diffusers_format import write_diffusers
 from .factors import WEIGHT_NAME, ExportError, LoraFactors, read_diffusers
@@ -52,7 +52,7 @@ def _unet_blocks(base_model: str | None) -> dict | None:
     """The base UNet's layout (kohya's SDXL naming needs it) from its config, when the file lacks it."""
     if not base_model:
         return None
-    from reflora_diffusion.sd.presets import resolve_pretrained
+    from reflora_diffusion.presets import resolve_pretrained
 
     folder = Path(resolve_pretrained(base_model))
     try:
@@ -76,7 +76,7 @@ def load_run(source: str | Path) -> tuple[LoraFactors, Path, Path | None]:
         factors.info.setdefault(key, value)  # what the trainer wrote into the file is exact; fill gaps only
     base = factors.info.get("base_model")
     if "sdxl" not in factors.info and "text_encoder_2" not in factors.layers and base:
-        from reflora_diffusion.sd.presets import is_sdxl
+        from reflora_diffusion.presets import is_sdxl
 
         factors.sdxl = is_sdxl(base)  # a UNet-only file from elsewhere: the base model tells
     if factors.sdxl and "unet_blocks" not in factors.info:
@@ -144,7 +144,7 @@ def write_model_card(run_dir: str | Path, factors: LoraFactors | None = None, ko
     rank_note = (" (a chain of LoRA links exported as one LoRA of the summed rank)"
                  if method in ("rac-lora", "cola") else "")
     if base in PRESETS:  # the built-in offline presets are built locally, not on the hub
-        load = "from reflora_diffusion.sd.presets import resolve_pretrained\n"
+        load = "from reflora_diffusion.presets import resolve_pretrained\n"
         base_arg = f'resolve_pretrained("{base}")'
     else:
         load, base_arg = "", json.dumps(base)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
-from .presets import is_sdxl, resolve_pretrained
+from reflora_diffusion.presets import is_sdxl, resolve_pretrained
 
 
 @dataclass

@@ -73,7 +73,7 @@ def ensure_class_images(cfg, accelerator) -> None:
         if missing > 0:
             from tqdm.auto import tqdm
 
-            from .presets import is_sdxl, resolve_pretrained
+            from reflora_diffusion.presets import is_sdxl, resolve_pretrained
 
             path = resolve_pretrained(cfg.pretrained_model_name_or_path)
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)

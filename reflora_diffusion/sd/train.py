@@ -161,7 +161,7 @@ class SDTrainer:
     @staticmethod
     def _resolve_base(cfg: SDTrainConfig) -> None:
         """Build a preset if needed, record its local folder, and default the resolution to the model's own."""
-        from .presets import native_resolution, resolve_pretrained
+        from reflora_diffusion.presets import native_resolution, resolve_pretrained
 
         try:
             path = resolve_pretrained(cfg.pretrained_model_name_or_path)
