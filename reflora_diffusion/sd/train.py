@@ -512,6 +512,12 @@ class SDTrainer:
             model.load_state_dict(state, strict=False)
 
     def save_checkpoint(self) -> Path:
+        """checkpoints/checkpoint-<N>, written under a temporary name and renamed when complete.
+
+        accelerate's ProjectConfiguration(automatic_checkpoint_naming, total_limit) would name and prune the
+        folders itself, but writes straight into the final folder: a run killed mid-save would leave a
+        checkpoint that `--resume_from_checkpoint latest` picks and fails on. So naming, pruning
+        (--checkpoints_total_limit) and the atomic rename stay here."""
         from safetensors.torch import save_file
 
         acc = self.accelerator
