@@ -56,7 +56,8 @@ class SDTrainConfig(MethodOptions):
     num_class_images: int = _opt(100, "class images wanted; missing ones are generated with the base model")
     sample_batch_size: int = _opt(4, "batch size when generating class images")
     # captioned image folder
-    train_data_dir: str | None = _opt(None, "folder of images with metadata.jsonl/.csv or .txt captions")
+    train_data_dir: str | None = _opt(None, "folder of images with metadata.jsonl/.csv or .txt/.caption captions, "
+                                      "or of kohya '<repeats>_<caption>' subfolders (e.g. '10_sks dog')")
     image_column: str = _opt("file_name", "metadata column holding the image file name")
     caption_column: str = _opt("text", "metadata column holding the caption")
     # image processing
@@ -64,6 +65,17 @@ class SDTrainConfig(MethodOptions):
                                         "UNet sample_size x VAE scale factor: tiny 64, SD 1.5 512, SDXL 1024)")
     center_crop: bool = _opt(False, "center crop instead of random crop")
     random_flip: bool = _opt(False, "random horizontal flip")
+    # aspect-ratio buckets and caption augmentation (kohya's names)
+    enable_bucket: bool = _opt(False, "aspect-ratio buckets: each image trains at the bucket nearest its shape "
+                                      "(area <= resolution^2)")
+    min_bucket_reso: int = _opt(256, "smallest bucket side")
+    max_bucket_reso: int = _opt(1024, "largest bucket side")
+    bucket_reso_steps: int = _opt(64, "bucket sides are multiples of this")
+    bucket_no_upscale: bool = _opt(False, "images smaller than resolution^2 get a bucket of their own size "
+                                          "(rounded down) instead of being enlarged")
+    caption_dropout_rate: float = _opt(0.0, "probability of training an image with the empty caption")
+    shuffle_caption: bool = _opt(False, "shuffle the comma-separated tags of each caption")
+    keep_tokens: int = _opt(0, "with --shuffle_caption, keep the first N tags in place")
     # schedule
     train_batch_size: int = _opt(1, "batch size per device")
     max_train_steps: int | None = _opt(None, "optimizer steps; overrides num_train_epochs")
@@ -173,6 +185,21 @@ class SDTrainConfig(MethodOptions):
             raise ConfigError(f"--max_train_steps must be >= 1 (got {self.max_train_steps})")
         if self.resolution is not None and self.resolution % 8:
             raise ConfigError(f"--resolution must be a multiple of 8 (got {self.resolution})")
+        if self.enable_bucket:
+            if self.with_prior_preservation:
+                raise ConfigError("--enable_bucket does not work with --with_prior_preservation yet; drop one")
+            if self.bucket_reso_steps < 1 or self.min_bucket_reso % self.bucket_reso_steps \
+                    or self.max_bucket_reso % self.bucket_reso_steps or self.min_bucket_reso < 1:
+                raise ConfigError(f"--min_bucket_reso {self.min_bucket_reso} and --max_bucket_reso "
+                                  f"{self.max_bucket_reso} must be positive multiples of --bucket_reso_steps "
+                                  f"{self.bucket_reso_steps}")
+            if not self.min_bucket_reso <= (self.resolution or self.min_bucket_reso) <= self.max_bucket_reso:
+                raise ConfigError(f"--resolution {self.resolution} must lie within --min_bucket_reso "
+                                  f"{self.min_bucket_reso} and --max_bucket_reso {self.max_bucket_reso}")
+        if not 0 <= self.caption_dropout_rate <= 1:
+            raise ConfigError(f"--caption_dropout_rate must be in [0, 1] (got {self.caption_dropout_rate})")
+        if self.keep_tokens < 0:
+            raise ConfigError(f"--keep_tokens must be >= 0 (got {self.keep_tokens})")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be > 0 (got {self.learning_rate})")
         if not 0 <= self.lora_dropout < 1:

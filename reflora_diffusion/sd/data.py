@@ -1,27 +1,35 @@
-"""Training images: DreamBooth folders and captioned image folders, cropped and flipped reproducibly.
+"""Training images: DreamBooth folders, captioned image folders and kohya's `<repeats>_<caption>` folders,
+cropped, flipped and captioned reproducibly.
 
-Images are decoded once, at load time, and kept resized (shorter side = resolution): every file is checked
-up front (corrupt ones are named and skipped) and the training loop never waits on JPEG decoding.
+Images are decoded once, at load time, and kept resized to cover their training size (the square
+--resolution, or with --enable_bucket the aspect-ratio bucket of buckets.py): every file is checked up front
+(corrupt ones are named and skipped) and the training loop never waits on JPEG decoding.
 
-Random crop and flip are a pure function of (seed, epoch, index): the sampler hands the dataset
-`(epoch, index)` keys. So augmentation does not depend on worker processes, on prefetching, or on where
-a run was resumed, and a 2-process run sees exactly the images of a 1-process run.
+Random crop, flip, caption dropout and tag shuffling are a pure function of (seed, epoch, index): the sampler
+hands the dataset `(epoch, index)` keys. So augmentation does not depend on worker processes, on prefetching,
+or on where a run was resumed, and a 2-process run sees exactly the images of a 1-process run.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 import warnings
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
 
+from .buckets import Buckets
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # Files that sit beside images by design: not worth a warning.
-_SIDECARS = {".txt", ".jsonl", ".json", ".csv", ".md"}
+_SIDECARS = {".txt", ".caption", ".jsonl", ".json", ".csv", ".md"}
+CAPTION_SUFFIXES = (".txt", ".caption")  # sidecar caption files, in order of preference
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's "<repeats>_<caption or class>", e.g. "10_sks dog"
 
 
 class DataError(ValueError):
@@ -48,18 +56,33 @@ def list_images(folder: str | Path, what: str = "data folder") -> list[Path]:
     return images
 
 
-def load_resized(path: Path, resolution: int) -> tuple[Image.Image, tuple[int, int]] | None:
-    """(RGB image with its shorter side = resolution, original (h, w)), or None if the file cannot be decoded."""
+def _upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed, i.e. after the EXIF orientation is applied."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)  # a 90 degree turn
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of an image file from its header, or None if it cannot be read."""
     try:
         with Image.open(path) as im:
-            w, h = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation with a 90 degree turn
-                w, h = h, w
-            im.draft("RGB", (resolution, resolution))  # JPEG: decode at reduced scale (much faster)
+            return _upright_size(im)
+    except Exception:  # noqa: BLE001 - PIL raises many types for bad files
+        return None
+
+
+def load_resized(path: Path, resolution: int, buckets: Buckets | None = None):
+    """(RGB image resized to just cover its training size, original (h, w), training size (w, h)), or None if
+    the file cannot be decoded. The training size is the square resolution, or the image's bucket."""
+    try:
+        with Image.open(path) as im:
+            w, h = _upright_size(im)
+            bw, bh = buckets.select(w, h) if buckets else (resolution, resolution)
+            im.draft("RGB", (max(bw, bh),) * 2)  # JPEG: decode at reduced scale (much faster)
             im = ImageOps.exif_transpose(im).convert("RGB")
-            scale = resolution / min(im.size)
-            new = (max(resolution, round(im.size[0] * scale)), max(resolution, round(im.size[1] * scale)))
-            return im.resize(new, Image.Resampling.BICUBIC), (h, w)
+            scale = max(bw / im.size[0], bh / im.size[1])
+            new = (max(bw, round(im.size[0] * scale)), max(bh, round(im.size[1] * scale)))
+            return im.resize(new, Image.Resampling.BICUBIC), (h, w), (bw, bh)
     except Exception:  # noqa: BLE001 - PIL raises many types for bad files
         return None
 
@@ -68,12 +91,12 @@ def load_resized(path: Path, resolution: int) -> tuple[Image.Image, tuple[int, i
 MIN_IMAGE_SIDE = 16
 
 
-def load_images(paths: list[Path], resolution: int, what: str):
-    """(paths, images, original sizes) of the usable files; corrupt and tiny ones are named in a warning,
-    and images upscaled more than 2x to the training resolution get a warning too."""
-    good, images, sizes, bad, tiny, small = [], [], [], [], [], []
+def load_images(paths: list[Path], resolution: int, what: str, buckets: Buckets | None = None):
+    """(paths, images, original sizes, training sizes) of the usable files; corrupt and tiny ones are named in
+    a warning, and images upscaled more than 2x to the training resolution get a warning too."""
+    good, images, sizes, targets, bad, tiny, small = [], [], [], [], [], [], []
     for p in paths:
-        loaded = load_resized(p, resolution)
+        loaded = load_resized(p, resolution, buckets)
         if loaded is None:
             bad.append(p.name)
         elif min(loaded[1]) < MIN_IMAGE_SIDE:
@@ -84,6 +107,7 @@ def load_images(paths: list[Path], resolution: int, what: str):
             good.append(p)
             images.append(loaded[0])
             sizes.append(loaded[1])
+            targets.append(loaded[2])
     if bad:
         warnings.warn(f"{what}: skipping {len(bad)} unreadable image(s): {', '.join(bad)}", stacklevel=2)
     if tiny:
@@ -95,13 +119,14 @@ def load_images(paths: list[Path], resolution: int, what: str):
     if not images:
         reasons = [f"unreadable: {', '.join(bad)}"] * bool(bad) + [f"smaller than {MIN_IMAGE_SIDE} px: {', '.join(tiny)}"] * bool(tiny)
         raise DataError(f"{what}: no usable image left ({'; '.join(reasons)}); replace the files")
-    return good, images, sizes
+    return good, images, sizes, targets
 
 
 # --- captions --------------------------------------------------------------------------------------------
 def read_captions(folder: Path, images: list[Path], image_column: str, caption_column: str,
                   default: str | None = None) -> list[str]:
-    """Caption per image from metadata.jsonl / metadata.csv (datasets' imagefolder layout) or <name>.txt."""
+    """Caption per image from metadata.jsonl / metadata.csv (datasets' imagefolder layout) or a <name>.txt /
+    <name>.caption sidecar, else `default`."""
     table: dict[str, str] = {}
     jsonl, csv_path = folder / "metadata.jsonl", folder / "metadata.csv"
     rows = []
@@ -123,17 +148,40 @@ def read_captions(folder: Path, images: list[Path], image_column: str, caption_c
         table[Path(str(row[image_column])).name] = str(row[caption_column])
     captions = []
     for p in images:
-        txt = p.with_suffix(".txt")
+        sidecars = [p.with_suffix(s) for s in CAPTION_SUFFIXES if p.with_suffix(s).is_file()]
         if p.name in table:
             captions.append(table[p.name])
-        elif txt.is_file():
-            captions.append(txt.read_text(encoding="utf-8").strip())
+        elif sidecars:
+            captions.append(sidecars[0].read_text(encoding="utf-8").strip())
         elif default is not None:
             captions.append(default)
         else:
             raise DataError(f"no caption for {p}: add it to metadata.jsonl ({image_column!r}, {caption_column!r}) "
-                            f"or write {txt.name}, or pass --instance_prompt as the default caption")
+                            f"or write {p.stem}.txt, or pass --instance_prompt as the default caption")
     return captions
+
+
+def train_folders(folder: str | Path) -> list[tuple[Path, int, str | None]]:
+    """(folder, repeats, folder caption) of a --train_data_dir: itself once, or with kohya's layout (every
+    subfolder named `<repeats>_<caption>`, e.g. `10_sks dog`) each subfolder, repeated and captioned by name."""
+    folder = Path(folder)
+    subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else []
+    named = {p: KOHYA_FOLDER.match(p.name) for p in subs}
+    if not any(named.values()):
+        return [(folder, 1, None)]
+    other = [p.name for p, m in named.items() if not m]
+    if other:
+        raise DataError(f"--train_data_dir {str(folder)!r} mixes kohya <repeats>_<caption> subfolders with "
+                        f"others ({', '.join(other)}); rename them like '10_sks dog' or move them out")
+    loose = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose:
+        raise DataError(f"--train_data_dir {str(folder)!r} holds images ({', '.join(loose[:3])}) beside kohya "
+                        "<repeats>_<caption> subfolders; move them into such a subfolder")
+    zero = [p.name for p, m in named.items() if int(m[1]) == 0]
+    if zero:
+        raise DataError(f"--train_data_dir {str(folder)!r}: subfolder(s) {', '.join(zero)} repeat 0 times; "
+                        "use a count >= 1 such as '1_'")
+    return [(p, int(m[1]), m[2].strip()) for p, m in named.items()]
 
 
 # --- augmentation ----------------------------------------------------------------------------------------
@@ -144,45 +192,82 @@ class Crop:
     random_flip: bool
     seed: int
 
-    def __call__(self, image: Image.Image, epoch: int, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(C, H, W) tensor in [-1, 1] and the crop's top-left (y, x), as SDXL's micro-conditioning wants."""
+    def __call__(self, image: Image.Image, epoch: int, index: int,
+                 size: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """A (width, height) = `size` crop (default: the square resolution) as a (C, H, W) tensor in [-1, 1],
+        and the crop's top-left (y, x), as SDXL's micro-conditioning wants."""
         g = torch.Generator().manual_seed(hash((self.seed, epoch, index)) % 2**63)
         w, h = image.size
-        r = self.resolution
+        cw, ch = size or (self.resolution, self.resolution)
         if self.center_crop:
-            top, left = (h - r) // 2, (w - r) // 2
+            top, left = (h - ch) // 2, (w - cw) // 2
         else:
-            top = int(torch.randint(0, h - r + 1, (), generator=g))
-            left = int(torch.randint(0, w - r + 1, (), generator=g))
-        image = image.crop((left, top, left + r, top + r))
+            top = int(torch.randint(0, h - ch + 1, (), generator=g))
+            left = int(torch.randint(0, w - cw + 1, (), generator=g))
+        image = image.crop((left, top, left + cw, top + ch))
         flip = self.random_flip and bool(torch.rand((), generator=g) < 0.5)
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(r, r, 3)
+        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(ch, cw, 3)
         return x.permute(2, 0, 1).float().div(127.5).sub(1.0), (top, left)
 
 
-# --- datasets --------------------------------------------------------------------------------------------
-class ImageCaptionSet:
-    """Loaded images with one prompt each (a DreamBooth folder, a class folder or a captioned folder)."""
+@dataclass
+class CaptionAugment:
+    """kohya's --caption_dropout_rate (the caption becomes "") and --shuffle_caption (the comma-separated tags
+    after the first --keep_tokens are shuffled), drawn per (seed, epoch, index)."""
 
-    def __init__(self, paths: list[Path], images: list[Image.Image], sizes: list[tuple[int, int]],
-                 prompts: list[str]):
-        self.paths, self.images, self.sizes, self.prompts = paths, images, sizes, prompts
+    dropout_rate: float = 0.0
+    shuffle: bool = False
+    keep_tokens: int = 0
+    seed: int = 0
+
+    def __call__(self, caption: str, epoch: int, index: int) -> str:
+        if not self.dropout_rate and not self.shuffle:
+            return caption
+        g = torch.Generator().manual_seed(hash((self.seed, epoch, index, 1)) % 2**63)  # not the crop's stream
+        if self.dropout_rate and float(torch.rand((), generator=g)) < self.dropout_rate:
+            return ""
+        if self.shuffle:
+            tags = [t.strip() for t in caption.split(",")]
+            kept, rest = tags[:self.keep_tokens], tags[self.keep_tokens:]
+            caption = ", ".join(kept + [rest[i] for i in torch.randperm(len(rest), generator=g)])
+        return caption
+
+
+# --- datasets --------------------------------------------------------------------------------------------
+@dataclass
+class ImageCaptionSet:
+    """Loaded images with one prompt each (a DreamBooth folder, a class folder or a captioned folder).
+    `sizes` are the originals' (h, w); `targets` the training sizes (w, h): square, or the image's bucket."""
+
+    paths: list[Path]
+    images: list[Image.Image]
+    sizes: list[tuple[int, int]]
+    prompts: list[str]
+    targets: list[tuple[int, int]]
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def head(self, n: int) -> "ImageCaptionSet":
+        return ImageCaptionSet(*(getattr(self, f.name)[:n] for f in fields(self)))
+
+    @classmethod
+    def join(cls, parts: list[tuple["ImageCaptionSet", int]]) -> "ImageCaptionSet":
+        """Sets one after another, each repeated `repeats` times (kohya's folder repeats; images are shared)."""
+        return cls(*([x for s, repeats in parts for x in getattr(s, f.name) * repeats] for f in fields(cls)))
+
     @classmethod
     def from_folder(cls, folder, resolution, prompt=None, captions=False, image_column="file_name",
-                    caption_column="text", what="data folder") -> "ImageCaptionSet":
+                    caption_column="text", what="data folder", buckets: Buckets | None = None) -> "ImageCaptionSet":
         paths = list_images(folder, what)
-        paths, images, sizes = load_images(paths, resolution, f"{what} {str(folder)!r}")
+        paths, images, sizes, targets = load_images(paths, resolution, f"{what} {str(folder)!r}", buckets)
         if captions:
             prompts = read_captions(Path(folder), paths, image_column, caption_column, default=prompt)
         else:
             prompts = [prompt] * len(paths)
-        return cls(paths, images, sizes, prompts)
+        return cls(paths, images, sizes, prompts, targets)
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -192,8 +277,10 @@ class TrainDataset(torch.utils.data.Dataset):
     `i % n_instance` with class image `i % n_class`.
     """
 
-    def __init__(self, instances: ImageCaptionSet, crop: Crop, classes: ImageCaptionSet | None = None):
+    def __init__(self, instances: ImageCaptionSet, crop: Crop, classes: ImageCaptionSet | None = None,
+                 captions: CaptionAugment | None = None):
         self.instances, self.classes, self.crop = instances, classes, crop
+        self.captions = captions or CaptionAugment()
 
     def __len__(self) -> int:
         return max(len(self.instances), len(self.classes) if self.classes else 0)
@@ -201,14 +288,16 @@ class TrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         i = index % len(self.instances)
-        pixels, crop_top_left = self.crop(self.instances.images[i], epoch, index)
-        item = {"index": index, "pixel_values": pixels, "prompt": self.instances.prompts[i],
-                "original_size": self.instances.sizes[i], "crop_top_left": crop_top_left}
+        (w, h) = self.instances.targets[i]
+        pixels, crop_top_left = self.crop(self.instances.images[i], epoch, index, (w, h))
+        item = {"index": index, "pixel_values": pixels, "prompt": self.captions(self.instances.prompts[i], epoch, index),
+                "original_size": self.instances.sizes[i], "crop_top_left": crop_top_left, "target_size": (h, w)}
         if self.classes is not None:
             j = index % len(self.classes)
             pixels, crop_top_left = self.crop(self.classes.images[j], epoch, index + 7919)
             item.update(class_pixel_values=pixels, class_prompt=self.classes.prompts[j],
-                        class_original_size=self.classes.sizes[j], class_crop_top_left=crop_top_left)
+                        class_original_size=self.classes.sizes[j], class_crop_top_left=crop_top_left,
+                        class_target_size=(self.crop.resolution,) * 2)
         return item
 
 
@@ -223,7 +312,8 @@ def collate(items: list[dict]) -> dict:
             "pixel_values": torch.stack(field("pixel_values")),
             "prompts": field("prompt"),
             "original_sizes": field("original_size"),
-            "crop_top_lefts": field("crop_top_left")}
+            "crop_top_lefts": field("crop_top_left"),
+            "target_sizes": field("target_size")}  # (h, w), SDXL's target-size conditioning
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -248,34 +338,83 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter([(self.epoch, int(i)) for i in order])
 
 
+class BucketBatchSampler:
+    """Batches of (epoch, index) keys that never mix buckets, in an order fixed by (seed, epoch).
+
+    EpochSampler's permutation is grouped by bucket (keeping its order) and cut into global batches of
+    batch_size x num_processes keys; the batches are then shuffled with a generator seeded by seed + epoch.
+    Each global batch is yielded as num_processes consecutive per-process batches, so accelerate's
+    BatchSamplerShard (which hands the k-th batch of every num_processes to process k) gives each process its
+    part of the same global batch a 1-process run trains on; skip_first_batches skips whole batches as usual.
+    On several processes a bucket's last batch is padded (from the same bucket) to split evenly.
+    No `batch_size` attribute on purpose: accelerate then takes the batches, of varying size, as they are.
+    """
+
+    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int, num_processes: int = 1):
+        self.buckets, self.seed, self.num_processes = buckets, seed, num_processes
+        self.global_batch = batch_size * num_processes
+        self.sampler = EpochSampler(len(buckets), seed)  # accelerate's set_epoch reaches it as `.sampler`
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def _padded(self, n: int) -> int:
+        return -(-n // self.num_processes) * self.num_processes
+
+    def __len__(self) -> int:
+        size = self.global_batch
+        return sum(-(-self._padded(n) // size) for n in Counter(self.buckets).values()) * self.num_processes
+
+    def __iter__(self):
+        groups: dict[tuple[int, int], list] = {}
+        for key in self.sampler:
+            groups.setdefault(self.buckets[key[1]], []).append(key)
+        size, p = self.global_batch, self.num_processes
+        batches = []
+        for keys in groups.values():
+            keys = (keys * p)[:self._padded(len(keys))]
+            batches += [keys[i:i + size] for i in range(0, len(keys), size)]
+        order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(self.seed + self.sampler.epoch))
+        for b in order:
+            batch = batches[b]
+            part = len(batch) // p
+            yield from (batch[k * part:(k + 1) * part] for k in range(p))
+
+
 def check_data_dirs(cfg) -> None:
     """Fail before anything is written if a data folder is missing or holds no images."""
     if cfg.instance_data_dir:
         list_images(cfg.instance_data_dir, "--instance_data_dir")
     if cfg.train_data_dir:
-        list_images(cfg.train_data_dir, "--train_data_dir")
+        for folder, _, _ in train_folders(cfg.train_data_dir):
+            list_images(folder, "--train_data_dir")
 
 
 def build_dataset(cfg) -> TrainDataset:
-    """The training set described by the config (DreamBooth or captioned folder)."""
+    """The training set described by the config (DreamBooth, captioned folder or kohya folders)."""
+    buckets = Buckets.from_config(cfg)
     if cfg.instance_data_dir:
         instances = ImageCaptionSet.from_folder(cfg.instance_data_dir, cfg.resolution, prompt=cfg.instance_prompt,
-                                                what="--instance_data_dir")
+                                                what="--instance_data_dir", buckets=buckets)
     else:
-        instances = ImageCaptionSet.from_folder(cfg.train_data_dir, cfg.resolution, captions=True,
-                                                prompt=cfg.instance_prompt, image_column=cfg.image_column,
-                                                caption_column=cfg.caption_column, what="--train_data_dir")
+        instances = ImageCaptionSet.join([
+            (ImageCaptionSet.from_folder(folder, cfg.resolution, captions=True, prompt=caption or cfg.instance_prompt,
+                                         image_column=cfg.image_column, caption_column=cfg.caption_column,
+                                         what="--train_data_dir", buckets=buckets), repeats)
+            for folder, repeats, caption in train_folders(cfg.train_data_dir)])
     classes = None
     if cfg.with_prior_preservation:
         classes = ImageCaptionSet.from_folder(cfg.class_data_dir, cfg.resolution, prompt=cfg.class_prompt,
-                                              what="--class_data_dir")
-        keep = cfg.num_class_images
-        classes = ImageCaptionSet(classes.paths[:keep], classes.images[:keep], classes.sizes[:keep],
-                                  classes.prompts[:keep])
-    return TrainDataset(instances, Crop(cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.seed), classes)
+                                              what="--class_data_dir").head(cfg.num_class_images)
+    captions = CaptionAugment(cfg.caption_dropout_rate, cfg.shuffle_caption, cfg.keep_tokens, cfg.seed)
+    return TrainDataset(instances, Crop(cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.seed), classes, captions)
 
 
-def build_dataloader(dataset: TrainDataset, cfg) -> torch.utils.data.DataLoader:
+def build_dataloader(dataset: TrainDataset, cfg, num_processes: int = 1) -> torch.utils.data.DataLoader:
+    if cfg.enable_bucket:
+        batches = BucketBatchSampler(dataset.instances.targets, cfg.train_batch_size, cfg.seed, num_processes)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                           num_workers=cfg.dataloader_num_workers)
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size,
                                        sampler=EpochSampler(len(dataset), cfg.seed), collate_fn=collate,
                                        num_workers=cfg.dataloader_num_workers)

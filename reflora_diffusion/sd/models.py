@@ -165,7 +165,7 @@ def encode_prompts(text_encoders: list, sdxl: bool, input_ids: list[torch.Tensor
     return torch.cat(hidden, dim=-1), pooled
 
 
-def sdxl_time_ids(original_sizes, crop_top_lefts, resolution: int) -> torch.Tensor:
+def sdxl_time_ids(original_sizes, crop_top_lefts, target_sizes) -> torch.Tensor:
     """SDXL micro-conditioning per sample: original (h, w), crop top-left (y, x), target (h, w)."""
-    return torch.tensor([[*o, *c, resolution, resolution] for o, c in zip(original_sizes, crop_top_lefts)],
+    return torch.tensor([[*o, *c, *t] for o, c, t in zip(original_sizes, crop_top_lefts, target_sizes)],
                         dtype=torch.float32)

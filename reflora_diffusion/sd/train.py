@@ -30,6 +30,7 @@ from torch import nn
 from reflora_diffusion.logs import get_logger
 from reflora_diffusion.rundir import RunLog, check_output_dir, checkpoint_dirs, clean_stale_temps, clear_run
 
+from .buckets import check_bucket_step
 from .config import ConfigError, SDTrainConfig
 from .data import build_dataloader, build_dataset, check_data_dirs
 from .models import (Components, encode_prompts, load_components, prepare_for_training, sdxl_time_ids, tokenize,
@@ -194,6 +195,7 @@ class SDTrainer:
         set_seed(cfg.seed)  # same on every process: identical LoRA init everywhere
         self.dataset = build_dataset(cfg)
         self.c: Components = load_components(cfg)
+        check_bucket_step(cfg, self.c.unet, self.c.vae)
         prepare_for_training(self.c, cfg, self.weight_dtype, acc.device)
 
         # Trained models: the UNet, and the text encoders with --train_text_encoder.
@@ -217,7 +219,7 @@ class SDTrainer:
             raise ConfigError(str(e)) from None
         self.ref.attach(optimizer)  # before the scheduler: lora+ adds a parameter group
 
-        dataloader = build_dataloader(self.dataset, cfg)
+        dataloader = build_dataloader(self.dataset, cfg, acc.num_processes)
         steps_per_epoch = math.ceil(math.ceil(len(dataloader) / acc.num_processes) / cfg.gradient_accumulation_steps)
         self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
         self.ref.check_schedule(self.max_steps)
@@ -259,7 +261,7 @@ class SDTrainer:
 
         if self.cfg.train_text_encoder:
             return encode(prompts)
-        if not self.cfg.cache_latents:
+        if not self.cfg.cache_latents or self.cfg.shuffle_caption:  # shuffled tags: too many prompts to keep
             with torch.no_grad():
                 return encode(prompts)
         new = sorted(set(prompts) - set(self.text_cache))
@@ -332,7 +334,7 @@ class SDTrainer:
         hidden, pooled = self._encode_text(batch["prompts"])
         added = None
         if self.c.sdxl:
-            time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], cfg.resolution)
+            time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
             added = {"text_embeds": pooled.to(self.weight_dtype),
                      "time_ids": time_ids.to(acc.device, self.weight_dtype)}
         pred = self.models["unet"](noisy, timesteps, hidden.to(self.weight_dtype), added_cond_kwargs=added,

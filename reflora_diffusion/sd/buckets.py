@@ -1,0 +1,81 @@
+"""Aspect-ratio buckets, as kohya-ss/sd-scripts makes them (`--enable_bucket` and its flags keep kohya's names).
+
+A bucket is a (width, height) whose sides are multiples of `step` in [min_reso, max_reso] and whose area is at
+most resolution^2: for each width, the tallest height that keeps the square's pixel count (and the transpose).
+An image trains at the bucket whose aspect ratio is nearest its own: it is resized to cover the bucket and
+cropped (data.py). With `no_upscale`, an image of fewer pixels than resolution^2 is never enlarged: its bucket
+is its own size rounded down to the step. Larger images use the predefined buckets either way.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Buckets:
+    resolution: int
+    min_reso: int = 256
+    max_reso: int = 1024
+    step: int = 64
+    no_upscale: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "Buckets | None":
+        """The config's buckets, or None without --enable_bucket (every image then trains square)."""
+        if not cfg.enable_bucket:
+            return None
+        return cls(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps,
+                   cfg.bucket_no_upscale)
+
+    @cached_property
+    def sizes(self) -> list[tuple[int, int]]:
+        """The predefined buckets (width, height), sorted (kohya's make_bucket_resolutions)."""
+        area, step = self.resolution ** 2, self.step
+        side = self.resolution // step * step
+        sizes = {(side, side)}
+        for w in range(self.min_reso, self.max_reso + 1, step):
+            h = min(self.max_reso, area // w // step * step)
+            if h >= self.min_reso:
+                sizes |= {(w, h), (h, w)}
+        return sorted(sizes)
+
+    def select(self, width: int, height: int) -> tuple[int, int]:
+        """The bucket (width, height) an image of this size trains at."""
+        if self.no_upscale and width * height <= self.resolution ** 2:
+            return self._round_down(width), self._round_down(height)
+        ratio = width / height
+        return min(self.sizes, key=lambda s: abs(s[0] / s[1] - ratio))  # first of ties, as kohya's argmin
+
+    def _round_down(self, side: int) -> int:
+        return min(self.max_reso, max(self.step, side - side % self.step))
+
+
+def bucket_counts(images, resolution: int, min_reso: int = 256, max_reso: int = 1024, step: int = 64,
+                  no_upscale: bool = False) -> dict[tuple[int, int], int]:
+    """How many images go to each bucket (width, height); `images` are file paths or (width, height) sizes.
+    Files are read for their header only (EXIF rotation counted); unreadable ones are left out."""
+    from .data import image_size
+
+    buckets = Buckets(resolution, min_reso, max_reso, step, no_upscale)
+    counts = Counter()
+    for item in images:
+        size = image_size(Path(item)) if isinstance(item, (str, Path)) else tuple(item)
+        if size is not None:
+            counts[buckets.select(*size)] += 1
+    return dict(sorted(counts.items()))
+
+
+def check_bucket_step(cfg, unet, vae) -> None:
+    """Every bucket side must give latents the UNet can downsample: a multiple of VAE factor x 2^(down blocks - 1)."""
+    if not cfg.enable_bucket:
+        return
+    from .config import ConfigError
+
+    multiple = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.down_block_types) - 1)
+    if cfg.bucket_reso_steps % multiple:
+        raise ConfigError(f"--bucket_reso_steps {cfg.bucket_reso_steps} does not suit this model: bucket sides must be "
+                          f"multiples of {multiple} (VAE factor x UNet downsampling); use a multiple of {multiple}")
