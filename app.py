@@ -18,8 +18,9 @@ import gradio as gr
 
 from reflora_diffusion.app.auth import login_required_middleware
 from reflora_diffusion.app.jobs import MAX_UPLOAD_BYTES, JobRunner
-from reflora_diffusion.app.views import RUN_COLUMNS, AppViews, default_resolution
+from reflora_diffusion.app.views import RUN_COLUMNS, AppViews, bucket_summary, default_resolution
 from reflora_diffusion.core import METHODS
+from reflora_diffusion.sd.buckets import default_bucket_options
 
 POLL_SECONDS = 2.0
 
@@ -66,6 +67,9 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                         with gr.Row():
                             precision = gr.Dropdown(["no", "fp16", "bf16"], value="no", label="Precision")
                             train_te = gr.Checkbox(False, label="Text-encoder LoRA")
+                            enable_bucket = gr.Checkbox(False, label="Aspect-ratio buckets",
+                                                        info="train non-square photos at their own shape")
+                        buckets_msg = gr.Markdown()
                         with gr.Accordion("More options", open=False):
                             with gr.Row():
                                 warmup = gr.Number(20, precision=0, label="RefLoRA warm-up steps")
@@ -139,11 +143,11 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
         # ---------------------------------------------------------------- wiring
         form_inputs = [images, run_name, base, data_dir, captions, instance_prompt, class_prompt, prior,
                        validation_prompt, method, rank, alpha, steps, lr, resolution, seed, precision, train_te, warmup,
-                       val_steps, ckpt_steps]
+                       val_steps, ckpt_steps, enable_bucket]
 
         def form(base, data_dir, captions, instance_prompt, class_prompt, with_prior_preservation,
                  validation_prompt, method, rank, alpha, steps, lr, resolution, seed, precision, train_text_encoder,
-                 warmup_steps, validation_steps, checkpointing_steps) -> dict:
+                 warmup_steps, validation_steps, checkpointing_steps, enable_bucket=False) -> dict:
             """The form as train/sd.py options (same names as its CLI flags)."""
             data = ({"train_data_dir": data_dir} if captions and data_dir else
                     {"instance_data_dir": data_dir, "instance_prompt": instance_prompt})
@@ -152,14 +156,15 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                     "method": method, "rank": rank, "lora_alpha": alpha, "max_train_steps": steps,
                     "learning_rate": lr, "resolution": resolution, "seed": seed, "mixed_precision": precision,
                     "train_text_encoder": train_text_encoder, "refactor_warmup_steps": warmup_steps,
-                    "validation_steps": validation_steps, "checkpointing_steps": checkpointing_steps}
+                    "validation_steps": validation_steps, "checkpointing_steps": checkpointing_steps,
+                    **({"enable_bucket": True, **default_bucket_options(int(resolution))} if enable_bucket else {})}
 
         form_fields = set(inspect.signature(form).parameters)
 
         # explicit parameters (not *args): they are the names scripts use with gradio_client
         def start(images, run_name, base, data_dir, captions, instance_prompt, class_prompt, with_prior_preservation,
                   validation_prompt, method, rank, alpha, steps, lr, resolution, seed, precision, train_text_encoder,
-                  warmup_steps, validation_steps, checkpointing_steps):
+                  warmup_steps, validation_steps, checkpointing_steps, enable_bucket):
             fields = {k: v for k, v in locals().items() if k in form_fields}
             msg, _ = views.start(form(**fields), images, run_name)
             return msg
@@ -167,7 +172,7 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
         def start_ab(method_b, side_by_side, images, run_name, base, data_dir, captions, instance_prompt,
                      class_prompt, with_prior_preservation, validation_prompt, method, rank, alpha, steps, lr,
                      resolution, seed, precision, train_text_encoder, warmup_steps, validation_steps,
-                     checkpointing_steps):
+                     checkpointing_steps, enable_bucket):
             fields = {k: v for k, v in locals().items() if k in form_fields}
             msg, names = views.start(form(**fields), images, run_name, ab=True, method_b=method_b,
                                      side_by_side=side_by_side)
@@ -177,6 +182,8 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
 
         private = {"api_visibility": "private"}
         base.change(default_resolution, base, resolution, **private)
+        for trigger in (images.change, resolution.change, enable_bucket.change):
+            trigger(bucket_summary, [images, resolution, enable_bucket], buckets_msg, **private)
         start_btn.click(start, form_inputs, train_msg, api_name="start")
         ab_btn.click(start_ab, [method_b, side_by_side, *form_inputs], [train_msg, ab_pending, cmp_runs],
                      api_name="start_ab")

@@ -105,6 +105,7 @@ def test_build_demo_endpoints(tmp_path):
     endpoints = info["named_endpoints"]
     assert set(endpoints) == {"/start", "/start_ab", "/cancel", "/generate", "/export", "/runs", "/status"}
     assert [p["parameter_name"] for p in endpoints["/export"]["parameters"]] == ["name", "source", "fmt"]
+    assert "enable_bucket" in [p["parameter_name"] for p in endpoints["/start"]["parameters"]]
     # no run names in the page or its API description (both reach a browser before the login)
     assert "zebra" not in json.dumps(demo.config, default=str) and "zebra" not in json.dumps(info, default=str)
     assert any(event == "load" for dep in demo.config["dependencies"] for _, event in dep["targets"])  # filled then

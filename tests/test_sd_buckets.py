@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reflora_diffusion.sd.buckets import Buckets, bucket_counts
+from reflora_diffusion.sd.buckets import Buckets, bucket_counts, default_bucket_options
 from reflora_diffusion.sd.config import ConfigError, make_config
 from reflora_diffusion.sd.data import (BucketBatchSampler, CaptionAugment, DataError, ImageCaptionSet, build_dataset,
                                        check_data_dirs, collate)
@@ -78,7 +78,15 @@ def test_images_train_at_their_bucket(tmp_path):
         assert im.size[0] >= w and im.size[1] >= h and (im.size[0] == w or im.size[1] == h)  # just covers it
         assert Image.open(p).size == (ow, oh)
     assert bucket_counts(paths, 64, 32, 128, 16) == {(48, 80): 1, (64, 64): 1, (80, 48): 1}
-    assert bucket_counts([(96, 64), (192, 128), (64, 64)], 64, 32, 128, 16) == {(64, 64): 1, (80, 48): 2}
+    assert bucket_counts([(96, 64), (192, 128), (64, 64)], 64, **default_bucket_options(64)) == {(64, 64): 1,
+                                                                                                 (80, 48): 2}
+    assert default_bucket_options(64) == {"min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 16}
+    assert default_bucket_options(512) == {"min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64}
+    from reflora_diffusion.app.views import bucket_summary  # the app's upload form shows the same counts
+
+    assert bucket_summary([str(p) for p in paths], 64, True) == \
+        "Aspect-ratio buckets (width x height: images): 48x80: 1, 64x64: 1, 80x48: 1"
+    assert bucket_summary([str(p) for p in paths], 64, False) == ""
     # without buckets everything is the square resolution, as before
     assert ImageCaptionSet.from_folder(folder, 64, prompt="p").targets == [(64, 64)] * 3
 

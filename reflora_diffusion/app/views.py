@@ -24,6 +24,17 @@ def default_resolution(base: str) -> int:
     return 64 if base.startswith("tiny") else 1024 if "xl" in base else 512
 
 
+def bucket_summary(images, resolution, enable_bucket: bool) -> str:
+    """The uploaded images per aspect-ratio bucket, as the trainer will form them (empty when buckets are off)."""
+    from reflora_diffusion.sd.buckets import bucket_counts, default_bucket_options
+
+    if not enable_bucket or not images or not resolution:
+        return ""
+    paths = [getattr(f, "name", f) for f in images]  # gradio gives paths (or file objects in older versions)
+    counts = bucket_counts(paths, int(resolution), **default_bucket_options(int(resolution)))
+    return "Aspect-ratio buckets (width x height: images): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in counts.items())
+
+
 def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in str(text).replace(",", " ").split()]

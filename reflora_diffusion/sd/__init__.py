@@ -5,7 +5,7 @@
     train(parse_args(["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", "photos",
                       "--instance_prompt", "a photo of sks dog", "--output_dir", "runs/dog"]))
 
-Modules: config, data, models (loading + LoRA), train (the loop), sample (pipelines for validation and class
-images). Shared with the other packages: reflora_diffusion.presets (offline tiny models) and
+Modules: config, data, buckets (aspect-ratio buckets), models (loading + LoRA), train (the loop), sample
+(pipelines for validation and class images). Shared with the other packages: reflora_diffusion.presets (offline tiny models) and
 reflora_diffusion.rundir (the run folder).
 """

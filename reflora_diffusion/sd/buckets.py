@@ -54,19 +54,27 @@ class Buckets:
         return min(self.max_reso, max(self.step, side - side % self.step))
 
 
-def bucket_counts(images, resolution: int, min_reso: int = 256, max_reso: int = 1024, step: int = 64,
-                  no_upscale: bool = False) -> dict[tuple[int, int], int]:
+def bucket_counts(images, resolution: int, min_bucket_reso: int = 256, max_bucket_reso: int = 1024,
+                  bucket_reso_steps: int = 64, bucket_no_upscale: bool = False) -> dict[tuple[int, int], int]:
     """How many images go to each bucket (width, height); `images` are file paths or (width, height) sizes.
     Files are read for their header only (EXIF rotation counted); unreadable ones are left out."""
     from .data import image_size
 
-    buckets = Buckets(resolution, min_reso, max_reso, step, no_upscale)
+    buckets = Buckets(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale)
     counts = Counter()
     for item in images:
         size = image_size(Path(item)) if isinstance(item, (str, Path)) else tuple(item)
         if size is not None:
             counts[buckets.select(*size)] += 1
     return dict(sorted(counts.items()))
+
+
+def default_bucket_options(resolution: int) -> dict:
+    """Bucket flags scaled to a resolution from kohya's SD 1.5 defaults (512: 256..1024 in steps of 64); the
+    tiny presets' 64 px gets 32..128 in steps of 16."""
+    step = 64 if resolution >= 256 else 16
+    return {"min_bucket_reso": max(step, resolution // 2 // step * step),
+            "max_bucket_reso": resolution * 2 // step * step, "bucket_reso_steps": step}
 
 
 def check_bucket_step(cfg, unet, vae) -> None:
