@@ -2,6 +2,7 @@
 then short runs of the tiny presets at 64 px with buckets of 32..128 px in steps of 16."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,16 @@ def test_images_train_at_their_bucket(tmp_path):
     assert bucket_summary([str(p) for p in paths], 64, True) == \
         "Aspect-ratio buckets (width x height: images): 48x80: 1, 64x64: 1, 80x48: 1"
     assert bucket_summary([str(p) for p in paths], 64, False) == ""
+    # --bucket_no_upscale: a small photo trains at its own size (rounded down), not enlarged (and not warned about)
+    small = tmp_path / "small"
+    small.mkdir()
+    Image.open(paths[0]).resize((40, 36)).save(small / "small.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = ImageCaptionSet.from_folder(small, 64, prompt="p", buckets=Buckets(64, 32, 128, 16, no_upscale=True))
+    assert s.targets == [(32, 32)] and s.images[0].size == (36, 32)
+    with pytest.warns(UserWarning, match="upscaled more than 2x"):
+        ImageCaptionSet.from_folder(small, 160, prompt="p", buckets=Buckets(160, 32, 320, 16))
     # without buckets everything is the square resolution, as before
     assert ImageCaptionSet.from_folder(folder, 64, prompt="p").targets == [(64, 64)] * 3
 
@@ -314,3 +325,30 @@ def test_sdxl_trains_with_the_buckets_size_conditioning(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="--bucket_reso_steps 2 does not suit this model: .* multiples of 4"):
         make_trainer(tmp_path / "bad", instance_data_dir=str(folder), enable_bucket=True,
                      **{**SMALL, "min_bucket_reso": 32, "bucket_reso_steps": 2}, validation_prompt=[])
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_buckets(tmp_path):
+    """gloo DDP on CPU, batch 1 per process, equals one process with batch 2: the same one-bucket global batches."""
+    import os
+    import subprocess
+    import sys
+
+    from test_sd_train import BASE, REPO
+
+    folder = mixed_folder(tmp_path / "mixed", copies=2)  # 3 buckets of 2 images: every global batch of 2 is full
+    opts = dict(instance_data_dir=str(folder), enable_bucket=True, **SMALL, method="reflora", max_train_steps=4,
+                validation_prompt=[], checkpointing_steps=10, random_flip=True)
+    train(tmp_path / "one", train_batch_size=2, **opts)
+    args = [f"--{k}={v}" if not isinstance(v, bool) else f"--{k}" for k, v in {**BASE, **opts}.items()
+            if v not in ([], None)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",
+           str(REPO / "train" / "sd.py"), *args, "--train_batch_size=1", f"--output_dir={tmp_path / 'two'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert one.keys() == two.keys() == {1, 2, 3, 4}
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step

@@ -102,8 +102,9 @@ def load_images(paths: list[Path], resolution: int, what: str, buckets: Buckets 
         elif min(loaded[1]) < MIN_IMAGE_SIDE:
             tiny.append(f"{p.name} ({loaded[1][1]}x{loaded[1][0]})")
         else:
-            if min(loaded[1]) * 2 < resolution:
-                small.append(f"{p.name} ({loaded[1][1]}x{loaded[1][0]})")
+            (h, w), (bw, bh) = loaded[1], loaded[2]
+            if max(bw / w, bh / h) > 2:  # not with --bucket_no_upscale: its buckets fit in the image
+                small.append(f"{p.name} ({w}x{h})")
             good.append(p)
             images.append(loaded[0])
             sizes.append(loaded[1])
