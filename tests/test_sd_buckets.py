@@ -46,7 +46,8 @@ def test_bucket_sizes_follow_kohyas_rule(spec):
         if (w, h) != (side, side):
             assert spec.min_reso <= min(w, h) and max(w, h) <= spec.max_reso
             # the tallest height within the area and max_reso, for this width (or the transpose)
-            assert (h + step) * w > area or h + step > spec.max_reso or (w + step) * h > area or w + step > spec.max_reso
+            taller, wider = (w, h + step), (w + step, h)
+            assert any(a * b > area or max(a, b) > spec.max_reso for a, b in (taller, wider))
     # every width in range whose tallest height reaches min_reso has its bucket
     for w in range(spec.min_reso, spec.max_reso + 1, step):
         h = min(spec.max_reso, area // w // step * step)

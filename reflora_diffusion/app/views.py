@@ -32,7 +32,8 @@ def bucket_summary(images, resolution, enable_bucket: bool) -> str:
         return ""
     paths = [getattr(f, "name", f) for f in images]  # gradio gives paths (or file objects in older versions)
     counts = bucket_counts(paths, int(resolution), **default_bucket_options(int(resolution)))
-    return "Aspect-ratio buckets (width x height: images): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in counts.items())
+    return "Aspect-ratio buckets (width x height: images): " + ", ".join(f"{w}x{h}: {n}"
+                                                                        for (w, h), n in counts.items())
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -6,6 +6,6 @@
                       "--instance_prompt", "a photo of sks dog", "--output_dir", "runs/dog"]))
 
 Modules: config, data, buckets (aspect-ratio buckets), models (loading + LoRA), train (the loop), sample
-(pipelines for validation and class images). Shared with the other packages: reflora_diffusion.presets (offline tiny models) and
-reflora_diffusion.rundir (the run folder).
+(pipelines for validation and class images). Shared with the other packages: reflora_diffusion.presets
+(offline tiny models) and reflora_diffusion.rundir (the run folder).
 """

@@ -289,9 +289,10 @@ class TrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         i = index % len(self.instances)
-        (w, h) = self.instances.targets[i]
+        w, h = self.instances.targets[i]
         pixels, crop_top_left = self.crop(self.instances.images[i], epoch, index, (w, h))
-        item = {"index": index, "pixel_values": pixels, "prompt": self.captions(self.instances.prompts[i], epoch, index),
+        prompt = self.captions(self.instances.prompts[i], epoch, index)
+        item = {"index": index, "pixel_values": pixels, "prompt": prompt,
                 "original_size": self.instances.sizes[i], "crop_top_left": crop_top_left, "target_size": (h, w)}
         if self.classes is not None:
             j = index % len(self.classes)
