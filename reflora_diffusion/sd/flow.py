@@ -29,9 +29,14 @@ DEFAULT_TARGETS = {
 
 
 def default_targets(family: str, transformer: nn.Module) -> list[str]:
-    """The family's LoRA targets; FLUX's single blocks' proj_out by full name (a bare "proj_out" would also
-    hit the transformer's final output layer)."""
+    """The family's LoRA targets. By full name where a bare one would hit a layer that must stay out: SD3's
+    last block drops its text stream, so its add_q_proj gets no gradient; FLUX's final output layer is also
+    called proj_out, like the single blocks' output projections."""
     targets = list(DEFAULT_TARGETS[family])
+    if family == "sd3":
+        targets.remove("add_q_proj")
+        targets += [f"transformer_blocks.{i}.attn.add_q_proj" for i, block in enumerate(transformer.transformer_blocks)
+                    if not block.context_pre_only]
     if family == "flux":
         targets += [n for n, _ in transformer.named_modules()
                     if n.startswith("single_transformer_blocks.") and n.endswith(".proj_out")]
