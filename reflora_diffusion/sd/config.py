@@ -284,7 +284,7 @@ def build_parser():
         def error(self, message):  # one line, exit code 2 from the CLI, instead of usage + SystemExit
             raise ConfigError(f"{message}; see `python train/sd.py --help`")
 
-    parser = Parser(SDTrainConfig, description="LoRA / RefLoRA training for Stable Diffusion and SDXL "
+    parser = Parser(SDTrainConfig, description="LoRA / RefLoRA training for Stable Diffusion, SDXL, SD3.5 and FLUX.1 "
                                                "(reflora_diffusion.sd)")
     parser.add_argument("--config", help="JSON or YAML file with the same option names; flags override it")
     return parser
