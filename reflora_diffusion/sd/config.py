@@ -145,6 +145,11 @@ class SDTrainConfig(MethodOptions):
         return targets + ([m for m in CONV_TARGETS if m not in targets] if self.lora_conv else [])
 
     @property
+    def unet_targets(self) -> list[str]:
+        """SD/SDXL's UNet targets (denoiser_targets with no family default)."""
+        return self.denoiser_targets()
+
+    @property
     def alpha(self) -> float:
         return float(self.rank if self.lora_alpha is None else self.lora_alpha)
 
