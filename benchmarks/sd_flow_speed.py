@@ -4,7 +4,7 @@ Every (preset, method) gets a trainer set up in the same process; then the train
 loss, backward, optimizer step with the core's hooks) is timed round-robin over all of them, so load drift on
 a shared machine hits every configuration alike. it/s is the median over rounds; peak memory is the median
 per-step peak above the memory held before the step: CUDA's max_memory_allocated on a GPU, the process RSS
-(sampled every millisecond) on a CPU. Ratios are to LoRA on the same preset.
+(sampled every millisecond, after glibc's malloc_trim so freed pages do not hide the step's use) on a CPU. Ratios are to LoRA on the same preset.
 
     python benchmarks/sd_flow_speed.py                      # CPU, tiny presets, ~1 min
     python benchmarks/sd_flow_speed.py --rounds 10 --steps 5 --resolution 128
@@ -70,7 +70,8 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
-        else:
+        else:  # hand freed heap pages back first, or a step re-using them shows no growth at all
+            _malloc_trim()
             self.start = self.peak = self.process.memory_info().rss
             self.done = threading.Event()
             self.thread = threading.Thread(target=self._poll, daemon=True)
@@ -92,6 +93,15 @@ class PeakMemory:
         return False
 
 
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: RSS deltas are then a lower bound
+        pass
+
+
 def step(trainer: SDTrainer, batch) -> None:
     trainer.accelerator.backward(trainer.loss(batch))
     trainer.optimizer.step()  # the method's hooks run in here
@@ -111,10 +121,11 @@ def measure(trainers: dict, rounds: int, steps: int) -> dict:
         for key, t in trainers.items():
             start = time.perf_counter()
             for _ in range(steps):
-                with PeakMemory(t.accelerator.device) as peak:
-                    step(t, batches[key])
-                mem[key].append(peak.delta)
+                step(t, batches[key])
             its[key].append(steps / (time.perf_counter() - start))
+            with PeakMemory(t.accelerator.device) as peak:  # one more step, probed (not timed)
+                step(t, batches[key])
+            mem[key].append(peak.delta)
     return {k: {"it_per_s": statistics.median(its[k]), "peak_mib": statistics.median(mem[k]) / 2**20}
             for k in trainers}
 
