@@ -219,3 +219,30 @@ def test_caching_unloads_the_text_encoders_with_bf16_and_checkpointing(tmp_path)
         embeds, pooled_ref, _ = pipe.encode_prompt(PROMPT, prompt_2=None, max_sequence_length=SEQ)
     torch.testing.assert_close(hidden, embeds[0])
     torch.testing.assert_close(pooled, pooled_ref[0])
+
+
+def test_resume_repeats_the_uninterrupted_flux_run(tmp_path, monkeypatch):
+    """All flow-matching randomness (density draws, noise, VAE samples) comes from the trainer's generator,
+    which a checkpoint holds: a run stopped after a checkpoint and resumed repeats the run exactly."""
+    opts = dict(pretrained_model_name_or_path="tiny-flux", method="reflora", max_train_steps=4, checkpointing_steps=2,
+                train_batch_size=2, validation_prompt=[], max_sequence_length=SEQ)
+    train(tmp_path / "full", **opts)
+    cfg = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert cfg["weighting_scheme"] == "none" and cfg["max_sequence_length"] == SEQ  # FLUX's defaults, recorded
+
+    original = SDTrainer._log_step
+
+    def interrupt_after_step_3(self, *a, **k):
+        original(self, *a, **k)
+        if self.global_step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SDTrainer, "_log_step", interrupt_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "cut", **opts)
+    monkeypatch.setattr(SDTrainer, "_log_step", original)
+    train(tmp_path / "cut", **opts, resume_from_checkpoint="latest")
+    loss = lambda run: [e["loss"] for e in read_events(run) if "loss" in e]  # noqa: E731
+    assert len(loss(tmp_path / "full")) == 4 and loss(tmp_path / "cut") == loss(tmp_path / "full")  # exact
+    a, b = (load_file(str(tmp_path / r / "pytorch_lora_weights.safetensors")) for r in ("full", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
