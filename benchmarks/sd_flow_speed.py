@@ -4,7 +4,8 @@ Every (preset, method) gets a trainer set up in the same process; then the train
 loss, backward, optimizer step with the core's hooks) is timed round-robin over all of them, so load drift on
 a shared machine hits every configuration alike. it/s is the median over rounds; peak memory is the median
 per-step peak above the memory held before the step: CUDA's max_memory_allocated on a GPU, the process RSS
-(sampled every millisecond, after glibc's malloc_trim so freed pages do not hide the step's use) on a CPU. Ratios are to LoRA on the same preset.
+(sampled every millisecond, after glibc's malloc_trim so freed pages do not hide the step's use) on a CPU.
+Ratios are to LoRA on the same preset.
 
     python benchmarks/sd_flow_speed.py                      # CPU, tiny presets, ~1 min
     python benchmarks/sd_flow_speed.py --rounds 10 --steps 5 --resolution 128

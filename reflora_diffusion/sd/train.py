@@ -30,9 +30,9 @@ from torch import nn
 from reflora_diffusion.logs import get_logger
 from reflora_diffusion.rundir import RunLog, check_output_dir, checkpoint_dirs, clean_stale_temps, clear_run
 
+from . import flow
 from .config import ConfigError, SDTrainConfig
 from .data import build_dataloader, build_dataset, check_data_dirs
-from . import flow
 from .models import (Components, encode_prompts, load_components, prepare_for_training, sdxl_time_ids, tokenize,
                      trainable_parameters)
 
@@ -224,7 +224,8 @@ class SDTrainer:
         # Trained models: the UNet/transformer, and the (CLIP) text encoders with --train_text_encoder.
         self.trained = {self.c.denoiser_name: self.c.denoiser}
         if cfg.train_text_encoder:
-            self.trained.update({k: m for k, m in self.c.models.items() if any(m is t for t in self.c.lora_text_encoders)})
+            adapted = self.c.lora_text_encoders  # the CLIP encoders (T5 never)
+            self.trained.update({k: m for k, m in self.c.models.items() if any(m is t for t in adapted)})
         te_lr = cfg.text_encoder_lr or cfg.learning_rate
         groups = [{"params": trainable_parameters(m),
                    "lr": cfg.learning_rate if k == self.c.denoiser_name else te_lr}
@@ -297,7 +298,8 @@ class SDTrainer:
             for i, p in enumerate(new):
                 self.text_cache[p] = (hidden[i], None if pooled is None else pooled[i])
         hidden = torch.stack([self.text_cache[p][0] for p in prompts])
-        pooled = None if self.text_cache[prompts[0]][1] is None else torch.stack([self.text_cache[p][1] for p in prompts])
+        pooled = [self.text_cache[p][1] for p in prompts]
+        pooled = None if pooled[0] is None else torch.stack(pooled)
         return hidden, pooled
 
     def _cache_prompts_and_unload(self) -> None:
