@@ -1,10 +1,12 @@
-"""Built-in offline presets: tiny Stable Diffusion (1.x-style) and tiny SDXL pipelines.
+"""Built-in offline presets: tiny Stable Diffusion (1.x-style), SDXL, SD3.5 and FLUX.1 pipelines.
 
 The models are made from config with a fixed seed, saved with the pipeline's own `save_pretrained` and
 then used through the same `from_pretrained` path as a hub model, so the whole trainer runs on a CPU in
 minutes with no network. They keep the real architecture features (cross-attention blocks with
 to_q/to_k/to_v/to_out.0, resnets with convs, SDXL's "text_time" added conditioning and two text
-encoders) at a few channels.
+encoders; SD3.5's MMDiT with dual attention, qk norms and CLIP-L + CLIP-G + T5 encoders; FLUX.1-dev's
+double/single-stream transformer with guidance embedding and CLIP + T5; 16-channel VAEs with their shift
+and scaling factors) at a few channels.
 
     folder = resolve_pretrained("tiny")       # built once into the cache, then reused
     pipe = StableDiffusionPipeline.from_pretrained(folder)
@@ -20,7 +22,13 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-PRESETS = ("tiny", "tiny-sdxl")
+PRESETS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux")
+# Model families by pipeline: what the trainer, the sampler and the exporters switch on.
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+             "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+FLOW_FAMILIES = ("sd3", "flux")  # rectified-flow transformers (FlowMatchEulerDiscreteScheduler)
+# FluxPipeline's default latent size (its transformer config has no sample_size): 128 x 8 = 1024 px.
+FLUX_SAMPLE_SIZE = 128
 # Bump when a preset's architecture or weights change so old caches are not reused.
 PRESET_VERSION = 1
 # Image size the presets are made for: UNet sample_size (32) * VAE scale factor (2).
@@ -69,11 +77,11 @@ def _file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def is_sdxl(folder_or_id: str) -> bool:
-    """True for an SDXL pipeline (preset name, local folder or hub id)."""
+def model_family(folder_or_id: str) -> str:
+    """"sd", "sdxl", "sd3" or "flux" for a preset name, local folder or hub id (from model_index.json)."""
     name = str(folder_or_id)
     if name in PRESETS:
-        return name == "tiny-sdxl"
+        return {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}[name]
     index = Path(name) / "model_index.json"
     if not index.is_file():
         try:  # hub id: read its model_index.json (cached or downloaded; fails offline if never fetched)
@@ -81,9 +89,28 @@ def is_sdxl(folder_or_id: str) -> bool:
 
             index = Path(hf_hub_download(name, "model_index.json"))
         except Exception:
-            return "xl" in name.lower()
+            low = name.lower()
+            return ("flux" if "flux" in low else "sd3" if "stable-diffusion-3" in low or "sd3" in low
+                    else "sdxl" if "xl" in low else "sd")
     info = json.loads(index.read_text())
-    return "XL" in info.get("_class_name", "") or "text_encoder_2" in info
+    cls = info.get("_class_name", "")
+    if cls.startswith("Flux"):
+        return "flux"
+    if cls.startswith("StableDiffusion3"):
+        return "sd3"
+    return "sdxl" if "XL" in cls or "text_encoder_2" in info else "sd"
+
+
+def is_sdxl(folder_or_id: str) -> bool:
+    """True for an SDXL pipeline (preset name, local folder or hub id)."""
+    return model_family(folder_or_id) == "sdxl"
+
+
+def pipeline_class(family: str):
+    """The diffusers pipeline class of a model family."""
+    import diffusers
+
+    return getattr(diffusers, PIPELINES[family])
 
 
 def _read_config(folder_or_id: str, subfolder: str, revision=None) -> dict:
@@ -97,12 +124,14 @@ def _read_config(folder_or_id: str, subfolder: str, revision=None) -> dict:
 
 
 def native_resolution(folder_or_id: str, revision=None) -> int:
-    """The image size a pipeline was made for: UNet sample_size x VAE scale factor (tiny 64, SD 1.5 512,
-    SDXL 1024). Reads two small config files, so a trainer can size its data before loading any weights."""
+    """The image size a pipeline was made for: UNet/transformer sample_size x VAE scale factor (tiny 64,
+    SD 1.5 512, SDXL 1024, SD3.5 1024; FLUX has no sample_size: FluxPipeline's default 128 x 8 = 1024,
+    tiny-flux 256). Reads two small config files, so a trainer can size its data before loading weights."""
     path = resolve_pretrained(folder_or_id)
-    unet = _read_config(path, "unet", revision)
+    flow = model_family(path) in FLOW_FAMILIES
+    denoiser = _read_config(path, "transformer" if flow else "unet", revision)
     vae = _read_config(path, "vae", revision)
-    sample = unet["sample_size"]
+    sample = denoiser.get("sample_size", FLUX_SAMPLE_SIZE)
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
     return int(sample) * 2 ** (len(vae["block_out_channels"]) - 1)
 
@@ -117,22 +146,17 @@ def build_preset(name: str, folder: str | os.PathLike) -> None:
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    if model_family(name) in FLOW_FAMILIES:
+        return _build_flow_preset(name, folder)
     sdxl = name == "tiny-sdxl"
 
     def seeded(make):
         torch.manual_seed(SEED)
         return make()
-
-    def text_config(**extra):
-        return CLIPTextConfig(
-            vocab_size=len(_tokenizer_vocab()), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, bos_token_id=_BOS_ID, eos_token_id=_EOS_ID,
-            pad_token_id=_EOS_ID, hidden_act="quick_gelu", **extra,
-        )  # fmt: skip
 
     vae = seeded(lambda: AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
@@ -153,7 +177,7 @@ def build_preset(name: str, folder: str | os.PathLike) -> None:
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=4, norm_num_groups=32,
         ))  # fmt: skip
-        text_encoder = seeded(lambda: CLIPTextModel(text_config()))
+        text_encoder = seeded(lambda: CLIPTextModel(_clip_config()))
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -170,12 +194,76 @@ def build_preset(name: str, folder: str | os.PathLike) -> None:
             # 6 micro-conditioning numbers (original size, crop, target size) + pooled text embedding
             projection_class_embeddings_input_dim=6 * time_dim + proj_dim, norm_num_groups=32,
         ))  # fmt: skip
-        text_encoder = seeded(lambda: CLIPTextModel(text_config()))
-        text_encoder_2 = seeded(lambda: CLIPTextModelWithProjection(text_config(projection_dim=proj_dim)))
+        text_encoder = seeded(lambda: CLIPTextModel(_clip_config()))
+        text_encoder_2 = seeded(lambda: CLIPTextModelWithProjection(_clip_config(projection_dim=proj_dim)))
         pipe = StableDiffusionXLPipeline(
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
             tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
         )  # fmt: skip
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _clip_config(**extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(_tokenizer_vocab()), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=_BOS_ID, eos_token_id=_EOS_ID,
+        pad_token_id=_EOS_ID, hidden_act="quick_gelu", **extra,
+    )  # fmt: skip
+
+
+def _build_flow_preset(name: str, folder) -> None:
+    """tiny-sd3 (SD3.5-medium-like: dual attention, qk RMS norm) and tiny-flux (FLUX.1-dev-like: guidance
+    embedding), with 16-channel VAEs (no quant convs, the real shift/scaling factors) and a tiny T5."""
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    def seeded(make):
+        torch.manual_seed(SEED)
+        return make()
+
+    def clip(cls, **extra):
+        return seeded(lambda: cls(_clip_config(**extra)))
+
+    t5 = seeded(lambda: T5EncoderModel(T5Config(
+        vocab_size=len(_t5_vocab()), d_model=64, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1)))
+    sd3 = name == "tiny-sd3"
+    vae = seeded(lambda: AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32, sample_size=PRESET_RESOLUTION, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609 if sd3 else 0.1159, scaling_factor=1.5305 if sd3 else 0.3611,
+    ))  # fmt: skip
+    tokenizer, t5_tokenizer = make_tokenizer(), make_t5_tokenizer()
+    if sd3:
+        transformer = seeded(lambda: SD3Transformer2DModel(
+            sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=64,  # T5's d_model (CLIP-L + CLIP-G are padded to it)
+            caption_projection_dim=32, pooled_projection_dim=64,  # both CLIPs' pooled projections
+            pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm",
+        ))  # fmt: skip
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            text_encoder=clip(CLIPTextModelWithProjection, projection_dim=32), tokenizer=tokenizer,
+            text_encoder_2=clip(CLIPTextModelWithProjection, projection_dim=32), tokenizer_2=tokenizer,
+            text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+        )  # fmt: skip
+    else:
+        transformer = seeded(lambda: FluxTransformer2DModel(
+            patch_size=1, in_channels=64,  # 16 latent channels packed 2 x 2
+            num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+        ))  # fmt: skip
+        scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )  # fmt: skip
+        pipe = FluxPipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=clip(CLIPTextModel),
+                            tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer)
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
@@ -209,3 +297,18 @@ def make_tokenizer():
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer(vocab=_tokenizer_vocab(), merges=[], model_max_length=77)
+
+
+# ---- T5 tokenizer: a unigram model over single characters (sentencepiece layout), so any text tokenizes ----
+
+
+def _t5_vocab() -> list[tuple[str, float]]:
+    # T5's layout: <pad> 0, </s> 1, <unk> 2, then pieces; "▁" marks a word start (sentencepiece).
+    chars = [chr(c) for c in range(33, 127)] + list("äöüéèàçñß")
+    return [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(c, -3.0) for c in chars]
+
+
+def make_t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=_t5_vocab(), extra_ids=0, model_max_length=512)

@@ -1,4 +1,5 @@
-"""Train a Stable Diffusion / SDXL LoRA with any reflora_diffusion.core method.
+"""Train a Stable Diffusion / SDXL / SD3.5 / FLUX.1 LoRA with any reflora_diffusion.core method (the model
+family is read from the base model's model_index.json).
 
     accelerate launch train/sd.py --pretrained_model_name_or_path tiny \\
         --instance_data_dir ../shared/data/dreambooth/dog --instance_prompt "a photo of sks dog" \\

@@ -40,10 +40,11 @@ def lora_config(layers: dict[str, Factor]) -> dict:
 
 def write_diffusers(factors: LoraFactors, output_dir: str | Path, overwrite: bool = False) -> Path:
     """Write factors as output_dir/pytorch_lora_weights.safetensors; returns the file path."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    pipeline_cls = StableDiffusionXLPipeline if factors.sdxl else StableDiffusionPipeline
+    from reflora_diffusion.presets import pipeline_class
+
+    pipeline_cls = pipeline_class(factors.family)  # its save_lora_weights takes this family's components
     kwargs = {}
     for component, layers in factors.layers.items():
         peft_sd = {}
@@ -70,15 +71,17 @@ def write_diffusers(factors: LoraFactors, output_dir: str | Path, overwrite: boo
 
 
 def export_diffusers(output_dir: str | Path, unet: nn.Module | None = None, text_encoder: nn.Module | None = None,
-                     text_encoder_2: nn.Module | None = None, *, refactorer=None, adapter: str | None = None,
-                     sdxl: bool | None = None, info: dict | None = None, overwrite: bool = False) -> Path:
-    """Export the LoRA of a UNet and/or text encoders (peft adapters) in diffusers format.
+                     text_encoder_2: nn.Module | None = None, *, transformer: nn.Module | None = None,
+                     refactorer=None, adapter: str | None = None, sdxl: bool | None = None, info: dict | None = None,
+                     overwrite: bool = False) -> Path:
+    """Export the LoRA of a UNet or an SD3/FLUX transformer and/or text encoders (peft adapters) in diffusers
+    format (the keys StableDiffusion(XL|3)Pipeline / FluxPipeline.load_lora_weights read).
 
     refactorer: the training Refactorer (or a list of them); its effective_factors() are exported, so a
     rac-lora/cola chain becomes one ordinary LoRA of rank K*r. info: method, base_model, steps (free-form,
     stored in the file's metadata and used by the kohya converter and the model card).
     """
-    factors = factors_from_models(unet, text_encoder, text_encoder_2, refactorer, adapter, sdxl, info)
+    factors = factors_from_models(unet, text_encoder, text_encoder_2, refactorer, adapter, sdxl, info, transformer)
     return write_diffusers(factors, output_dir, overwrite=overwrite)
 
 

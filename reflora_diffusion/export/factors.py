@@ -1,6 +1,6 @@
 """LoRA factors in one neutral form, collected from peft models (and a Refactorer) or read from a file.
 
-Every writer works from this form: per component ("unet", "text_encoder", "text_encoder_2") and module
+Every writer works from this form: per component ("unet" or "transformer", "text_encoder", "text_encoder_2") and module
 name, the factors A (r x d_in; conv r x C_in x k x k) and B (d_out x r; conv C_out x r x 1 x 1) in peft's
 layout and alpha, such that the layer adds alpha / r * B @ A. Writing alpha = scaling * r keeps any
 scaling exact (also rsLoRA and chains of rank K*r) in formats that only know alpha and rank.
@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# Pipeline components that can hold LoRA: SD/SDXL's UNet, SD3/FLUX's transformer, the CLIP text encoders
+# (SD3: CLIP-L, CLIP-G; T5 never: the pipelines' LoRA loaders have no slot for it).
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name
 
 
@@ -45,6 +47,11 @@ class LoraFactors:
     sdxl: bool
     # method, base_model, steps, unet_blocks (layers_per_block, up_block_types: kohya's SDXL names need them)
     info: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        """"sd", "sdxl", "sd3" or "flux" (presets.model_family): which pipeline loads the file."""
+        return self.info.get("family") or ("sdxl" if self.sdxl else "sd")
 
     def common(self, attr: str) -> float:
         """The most common rank or alpha (kohya's ss_network_dim / ss_network_alpha)."""
@@ -92,7 +99,7 @@ def _bare(model: nn.Module) -> nn.Module:
 def _canonical_prefix(component: str, model: nn.Module) -> str:
     """"text_model." for a CLIP text encoder without that level: transformers 5 flattened CLIPTextModel,
     but kohya/A1111/ComfyUI files and older transformers name its layers text_model.encoder.layers.N..."""
-    if component != "unet" and not hasattr(model, "text_model") and hasattr(model, "encoder"):
+    if component.startswith("text_encoder") and not hasattr(model, "text_model") and hasattr(model, "encoder"):
         return "text_model."
     return ""
 
@@ -112,15 +119,16 @@ def _lora_pairs(model: nn.Module, adapter: str | None):
 
 
 def collect_factors(unet: nn.Module | None = None, text_encoder: nn.Module | None = None,
-                    text_encoder_2: nn.Module | None = None, refactorer=None,
-                    adapter: str | None = None) -> dict[str, dict[str, Factor]]:
+                    text_encoder_2: nn.Module | None = None, refactorer=None, adapter: str | None = None,
+                    transformer: nn.Module | None = None) -> dict[str, dict[str, Factor]]:
     """Factors of every LoRA layer of the given models; a Refactorer (or a list) supplies chain factors.
 
     Text-encoder layers get their portable names (text_model.encoder.layers.N...) whatever the installed
     transformers calls them."""
     refactored = _refactored(refactorer)
     layers: dict[str, dict[str, Factor]] = {}
-    for component, model in zip(COMPONENTS, (unet, text_encoder, text_encoder_2)):
+    models = {"unet": unet, "transformer": transformer, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    for component, model in models.items():
         if model is None:
             continue
         model = _bare(model)
@@ -143,13 +151,17 @@ def collect_factors(unet: nn.Module | None = None, text_encoder: nn.Module | Non
 
 
 def factors_from_models(unet, text_encoder, text_encoder_2, refactorer=None, adapter=None, sdxl=None,
-                        info=None) -> LoraFactors:
-    """LoraFactors of trained models, with the UNet layout facts kohya's names need; SDXL detected if not given."""
+                        info=None, transformer=None) -> LoraFactors:
+    """LoraFactors of trained models, with the UNet layout facts kohya's names need; SDXL (or, from the
+    transformer's class, SD3/FLUX) detected if not given."""
     from reflora_diffusion.core import unwrap_model
 
     unet = unwrap_model(unet) if unet is not None else None
-    layers = collect_factors(unet, text_encoder, text_encoder_2, refactorer, adapter)
+    layers = collect_factors(unet, text_encoder, text_encoder_2, refactorer, adapter, transformer)
     info = dict(info or {})
+    if transformer is not None:
+        info.setdefault("family", "flux" if type(_bare(transformer)).__name__.startswith("Flux") else "sd3")
+        sdxl = False
     if sdxl is None:
         sdxl = text_encoder_2 is not None or (
             unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time")
@@ -211,5 +223,6 @@ def read_diffusers(path: str | Path) -> LoraFactors:
                     alpha = alpha / r**0.5 * r  # rsLoRA scales by alpha / sqrt(r)
             layers[component][name] = Factor(ab["A"].float(), ab["B"].float(), float(alpha))
     info = json.loads(meta.get("reflora_info", "{}"))
-    sdxl = "text_encoder_2" in layers or bool(info.get("sdxl"))
+    flows = "transformer" in layers or info.get("family") in ("sd3", "flux")  # SD3 has a text_encoder_2 too
+    sdxl = not flows and ("text_encoder_2" in layers or bool(info.get("sdxl")))
     return LoraFactors(layers, sdxl, info)

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .factors import ExportError, LoraFactors
+from reflora_diffusion.presets import FLOW_FAMILIES
+
+from .factors import WEIGHT_NAME, ExportError, LoraFactors
 from .files import save_safetensors
 
 # diffusers ResnetBlock2D -> sgm ResBlock
@@ -105,6 +107,9 @@ def kohya_metadata(factors: LoraFactors, name: str) -> dict[str, str]:
 def write_kohya(factors: LoraFactors, path: str | Path, overwrite: bool = False) -> Path:
     """Write factors as one kohya-format .safetensors file; returns its path."""
     path = Path(path)
+    if factors.family in FLOW_FAMILIES:
+        raise ExportError(f"kohya export covers SD 1.x/SDXL only; for {factors.family.upper()} use the diffusers "
+                          f"file ({WEIGHT_NAME}), which ComfyUI's Load LoRA node reads as is")
     blocks = factors.info.get("unet_blocks")
     tensors: dict[str, torch.Tensor] = {}
     for component, layers in factors.layers.items():

@@ -75,7 +75,11 @@ def load_run(source: str | Path) -> tuple[LoraFactors, Path, Path | None]:
     for key, value in _run_info(weights, run_dir).items():
         factors.info.setdefault(key, value)  # what the trainer wrote into the file is exact; fill gaps only
     base = factors.info.get("base_model")
-    if "sdxl" not in factors.info and "text_encoder_2" not in factors.layers and base:
+    if "transformer" in factors.layers and "family" not in factors.info and base:
+        from reflora_diffusion.presets import model_family
+
+        factors.info["family"] = model_family(base)  # SD3 or FLUX: the base model tells
+    elif "sdxl" not in factors.info and "text_encoder_2" not in factors.layers and base:
         from reflora_diffusion.presets import is_sdxl
 
         factors.sdxl = is_sdxl(base)  # a UNet-only file from elsewhere: the base model tells
@@ -137,7 +141,10 @@ def write_model_card(run_dir: str | Path, factors: LoraFactors | None = None, ko
     method = info.get("method") or "lora"
     rank, alpha = factors.common("rank"), factors.common("alpha")
     parts = ", ".join(f"{c} ({len(layers)} layers)" for c, layers in factors.layers.items())
-    pipeline = "StableDiffusionXLPipeline" if factors.sdxl else "StableDiffusionPipeline"
+    from reflora_diffusion.presets import FLOW_FAMILIES, PIPELINES
+
+    pipeline = PIPELINES[factors.family]
+    flows = factors.family in FLOW_FAMILIES
     prompt = info.get("prompt") or "a photo of sks dog"
     kohya = Path(kohya_file).name if kohya_file else None
     lora_name = Path(kohya).stem if kohya else run_dir.resolve().name
@@ -149,7 +156,21 @@ def write_model_card(run_dir: str | Path, factors: LoraFactors | None = None, ko
     else:
         load, base_arg = "", json.dumps(base)
     tags = ["lora", "diffusers", "reflora", "text-to-image",
-            "stable-diffusion-xl" if factors.sdxl else "stable-diffusion"]
+            {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}[factors.family]]
+    if flows:  # no kohya layout for these: ComfyUI reads the diffusers file
+        others = f"""## ComfyUI
+
+Copy `{WEIGHT_NAME}` into `models/loras/` and use a "Load LoRA" node: ComfyUI reads diffusers-format
+{factors.family.upper()} LoRA files as they are. (The kohya/A1111 export covers SD 1.x/SDXL only.)
+"""
+    else:
+        others = f"""## AUTOMATIC1111 / ComfyUI (kohya format)
+
+{f"`{kohya}` in this folder is the kohya-format file." if kohya else
+ "Convert first: `python -m reflora_diffusion.export <this folder> --format kohya --output <folder>`."}
+Copy it into `models/Lora/`, then use `<lora:{lora_name}:1>` in an A1111 prompt, or a
+"Load LoRA" node in ComfyUI.
+"""
     card = f"""---
 base_model: {base}
 library_name: diffusers
@@ -179,11 +200,5 @@ pipe.load_lora_weights("<this folder>")   # reads {WEIGHT_NAME}, rank and alpha 
 image = pipe("{prompt}").images[0]
 ```
 
-## AUTOMATIC1111 / ComfyUI (kohya format)
-
-{f"`{kohya}` in this folder is the kohya-format file." if kohya else
- "Convert first: `python -m reflora_diffusion.export <this folder> --format kohya --output <folder>`."}
-Copy it into `models/Lora/`, then use `<lora:{lora_name}:1>` in an A1111 prompt, or a
-"Load LoRA" node in ComfyUI.
-"""
+{others}"""
     return write_text(card, run_dir / "README.md")

@@ -43,7 +43,8 @@ class SDTrainConfig(MethodOptions):
     method: str = _opt("lora", f"core method: {', '.join(METHODS)}")
     # model
     pretrained_model_name_or_path: str | None = _opt(
-        None, "hub id, local diffusers folder, or the offline presets 'tiny' / 'tiny-sdxl'")
+        None, "hub id, local diffusers folder, or the offline presets 'tiny' / 'tiny-sdxl' / 'tiny-sd3' / "
+              "'tiny-flux'")
     revision: str | None = _opt(None, "hub revision of the base model")
     variant: str | None = _opt(None, "weights variant of the base model, e.g. fp16")
     # DreamBooth data
@@ -100,9 +101,11 @@ class SDTrainConfig(MethodOptions):
     rank: int = _opt(4, "LoRA rank r")
     lora_alpha: float | None = _opt(None, "LoRA alpha (default: rank, i.e. scaling 1)")
     lora_dropout: float = _opt(0.0, "LoRA dropout")
-    target_modules: list[str] = _opt(DEFAULT_UNET_TARGETS, "UNet layers to adapt (names or comma list)")
+    target_modules: list[str] | None = _opt(None, "UNet/transformer layers to adapt (names or comma list; default "
+                                              "per model: SD/SDXL to_q to_k to_v to_out.0, SD3 joint attention, "
+                                              "FLUX attention + MLPs, see docs/sd.md)")
     lora_conv: bool = _opt(False, "also adapt the UNet resnet convolutions (conv1, conv2, conv_shortcut)")
-    train_text_encoder: bool = _opt(False, "add LoRA to the text encoder(s) too")
+    train_text_encoder: bool = _opt(False, "add LoRA to the text encoder(s) too (the CLIP ones; never T5)")
     text_encoder_target_modules: list[str] = _opt(DEFAULT_TEXT_TARGETS, "text-encoder layers to adapt")
     # speed and memory
     mixed_precision: str | None = _opt(None, "no, fp16 or bf16 (default: accelerate's config)")
@@ -110,12 +113,23 @@ class SDTrainConfig(MethodOptions):
     enable_xformers_memory_efficient_attention: bool = _opt(False, "use xformers attention (PyTorch SDPA "
                                                             "is the default)")
     cache_latents: bool = _opt(False, "encode images (and prompts, when the text encoder is frozen) once; "
-                               "crop/flip are then drawn once")
+                               "crop/flip are then drawn once; SD3/FLUX then also unload the frozen text "
+                               "encoders (T5) after encoding every training and validation prompt")
     dataloader_num_workers: int = _opt(0, "data loading worker processes")
     # loss
     snr_gamma: float | None = _opt(None, "min-SNR weighting gamma (5.0 is the paper's choice)")
     noise_offset: float = _opt(0.0, "noise offset (0.1 is common)")
     prediction_type: str | None = _opt(None, "epsilon or v_prediction (default: the scheduler's)")
+    # flow matching (SD3, FLUX)
+    weighting_scheme: str | None = _opt(None, "SD3/FLUX timestep density and loss weighting: logit_normal, mode, "
+                                              "none (uniform), sigma_sqrt, cosmap (default: SD3 logit_normal, "
+                                              "FLUX none, as diffusers' examples)")
+    logit_mean: float = _opt(0.0, "mean of the logit_normal density")
+    logit_std: float = _opt(1.0, "standard deviation of the logit_normal density")
+    mode_scale: float = _opt(1.29, "scale of the mode density")
+    guidance_scale: float = _opt(3.5, "FLUX guidance input in training and sampling (guidance-distilled models "
+                                      "such as FLUX.1-dev)")
+    max_sequence_length: int | None = _opt(None, "T5 tokens per prompt (default: SD3 77, FLUX 512)")
     max_bad_steps: int = _opt(10, "stop after this many consecutive steps with a NaN/inf loss")
     seed: int | None = _opt(None, "random seed (when not given one is drawn and recorded in config.json)")
     # validation
@@ -137,10 +151,15 @@ class SDTrainConfig(MethodOptions):
                                                "loaded from (presets, local folders); informative only")
 
     # --- derived views -------------------------------------------------------------------------------
+    def denoiser_targets(self, family_default: list[str] | None = None) -> list[str]:
+        """--target_modules, else the model family's default (SD/SDXL: attention), plus --lora_conv's convs."""
+        targets = list(self.target_modules or family_default or DEFAULT_UNET_TARGETS)
+        return targets + ([m for m in CONV_TARGETS if m not in targets] if self.lora_conv else [])
+
     @property
     def unet_targets(self) -> list[str]:
-        extra = [m for m in CONV_TARGETS if m not in self.target_modules] if self.lora_conv else []
-        return list(self.target_modules) + extra
+        """SD/SDXL's UNet targets (denoiser_targets with no family default)."""
+        return self.denoiser_targets()
 
     @property
     def alpha(self) -> float:
@@ -210,8 +229,16 @@ class SDTrainConfig(MethodOptions):
             raise ConfigError(f"--prediction_type must be epsilon or v_prediction (got {self.prediction_type!r})")
         if self.lr_warmup_steps < 0:
             raise ConfigError("--lr_warmup_steps must be >= 0")
-        if not self.target_modules:
-            raise ConfigError("--target_modules is empty; the default is to_q to_k to_v to_out.0")
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError("--target_modules is empty; leave it out for the model's default (SD: to_q to_k to_v "
+                              "to_out.0)")
+        from .flow import WEIGHTING_SCHEMES
+
+        if self.weighting_scheme not in (None, *WEIGHTING_SCHEMES):
+            raise ConfigError(f"--weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)} "
+                              f"(got {self.weighting_scheme!r})")
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            raise ConfigError(f"--max_sequence_length must be >= 1 (got {self.max_sequence_length})")
         if self.report_to not in ("none", "all"):
             import importlib.util
 
@@ -289,7 +316,7 @@ def build_parser():
         def error(self, message):  # one line, exit code 2 from the CLI, instead of usage + SystemExit
             raise ConfigError(f"{message}; see `python train/sd.py --help`")
 
-    parser = Parser(SDTrainConfig, description="LoRA / RefLoRA training for Stable Diffusion and SDXL "
+    parser = Parser(SDTrainConfig, description="LoRA / RefLoRA training for Stable Diffusion, SDXL, SD3.5 and FLUX.1 "
                                                "(reflora_diffusion.sd)")
     parser.add_argument("--config", help="JSON or YAML file with the same option names; flags override it")
     return parser

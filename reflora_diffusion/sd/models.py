@@ -1,7 +1,8 @@
-"""Base model components (SD 1.x/2.x or SDXL), frozen, with peft LoRA adapters added.
+"""Base model components (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1), frozen, with peft LoRA adapters added.
 
 Everything loads through `from_pretrained`, so a hub id, a local diffusers folder and the offline presets
-("tiny", "tiny-sdxl", built by `presets.resolve_pretrained`) take the same path.
+("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", built by `presets.resolve_pretrained`) take the same path.
+The denoiser is the UNet (SD, SDXL) or the transformer (SD3, FLUX; see flow.py for their specifics).
 """
 
 from __future__ import annotations
@@ -11,25 +12,51 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import flow
 from .config import ConfigError
-from reflora_diffusion.presets import is_sdxl, resolve_pretrained
+from reflora_diffusion.presets import FLOW_FAMILIES, model_family, resolve_pretrained
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # pipeline names, in order
+N_TEXT_ENCODERS = {"sd": 1, "sdxl": 2, "sd3": 3, "flux": 2}  # SD3: CLIP-L, CLIP-G, T5; FLUX: CLIP, T5
+DENOISERS = {"sd": "UNet2DConditionModel", "sdxl": "UNet2DConditionModel", "sd3": "SD3Transformer2DModel",
+             "flux": "FluxTransformer2DModel"}
 
 
 @dataclass
 class Components:
     path: str  # local folder or hub id actually loaded
-    sdxl: bool
+    family: str  # "sd", "sdxl", "sd3", "flux" (presets.model_family)
     tokenizers: list
     text_encoders: list[nn.Module]
     vae: nn.Module
-    unet: nn.Module
+    denoiser: nn.Module  # UNet or transformer
     noise_scheduler: object
 
     @property
+    def sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    @property
+    def flow(self) -> bool:
+        return self.family in FLOW_FAMILIES
+
+    @property
+    def denoiser_name(self) -> str:
+        return "transformer" if self.flow else "unet"
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.denoiser
+
+    @property
+    def lora_text_encoders(self) -> list[nn.Module]:
+        """The text encoders --train_text_encoder adapts: all CLIP encoders, never T5."""
+        return self.text_encoders[: flow.LORA_TEXT_ENCODERS.get(self.family, len(self.text_encoders))]
+
+    @property
     def models(self) -> dict[str, nn.Module]:
-        """Trainable-capable models by their pipeline name (unet, text_encoder, text_encoder_2)."""
-        names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
-        return {"unet": self.unet, **dict(zip(names, self.text_encoders))}
+        """Trainable-capable models by their pipeline name (unet/transformer, text_encoder, ...)."""
+        return {self.denoiser_name: self.denoiser, **dict(zip(TEXT_ENCODERS, self.text_encoders))}
 
 
 def _text_encoder_class(path: str, subfolder: str, revision):
@@ -41,31 +68,37 @@ def _text_encoder_class(path: str, subfolder: str, revision):
 
 
 def load_components(cfg) -> Components:
-    """Tokenizers, text encoders, VAE, UNet and the DDPM training scheduler; all frozen."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    """Tokenizers, text encoders, VAE, denoiser and the training scheduler (DDPM, or flow matching for SD3 and
+    FLUX); all frozen."""
+    import diffusers
     from transformers import AutoTokenizer
 
     path = resolve_pretrained(cfg.pretrained_model_name_or_path)
-    sdxl = is_sdxl(path)
+    family = model_family(path)
     kw = {"revision": cfg.revision}
     try:
-        n_text = 2 if sdxl else 1
-        subs = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")][:n_text]
-        tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=t, **kw) for t, _ in subs]
+        encoders = TEXT_ENCODERS[:N_TEXT_ENCODERS[family]]
+        tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=e.replace("text_encoder", "tokenizer"), **kw)
+                      for e in encoders]
         text_encoders = [_text_encoder_class(path, e, cfg.revision).from_pretrained(
-            path, subfolder=e, variant=cfg.variant, **kw) for _, e in subs]
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=cfg.variant, **kw)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=cfg.variant, **kw)
-        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+            path, subfolder=e, variant=cfg.variant, **kw) for e in encoders]
+        vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", variant=cfg.variant, **kw)
+        flows = family in FLOW_FAMILIES
+        denoiser = getattr(diffusers, DENOISERS[family]).from_pretrained(
+            path, subfolder="transformer" if flows else "unet", variant=cfg.variant, **kw)
+        scheduler_cls = diffusers.FlowMatchEulerDiscreteScheduler if flows else diffusers.DDPMScheduler
+        noise_scheduler = scheduler_cls.from_pretrained(path, subfolder="scheduler", **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load base model {cfg.pretrained_model_name_or_path!r}: "
                           f"{str(e).strip().splitlines()[0]} (use a local diffusers folder, a hub id "
                           "reachable online, or 'tiny')") from None
     if cfg.prediction_type:
         noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
-    for m in (vae, unet, *text_encoders):
+    if flows:  # T5's training length (--max_sequence_length)
+        tokenizers[-1].model_max_length = cfg.max_sequence_length or flow.DEFAULT_MAX_SEQUENCE_LENGTH[family]
+    for m in (vae, denoiser, *text_encoders):
         m.requires_grad_(False)
-    return Components(path, sdxl, tokenizers, text_encoders, vae, unet, noise_scheduler)
+    return Components(path, family, tokenizers, text_encoders, vae, denoiser, noise_scheduler)
 
 
 # --- LoRA --------------------------------------------------------------------------------------------------
@@ -113,13 +146,15 @@ def add_lora(model: nn.Module, targets: list[str], cfg, what: str) -> None:
 
 def prepare_for_training(components: Components, cfg, weight_dtype: torch.dtype, device) -> None:
     """Add the adapters, place and cast the models, choose the attention kernel."""
-    add_lora(components.unet, cfg.unet_targets, cfg, "UNet")
+    denoiser = components.denoiser
+    targets = cfg.denoiser_targets(flow.default_targets(components.family, denoiser) if components.flow else None)
+    add_lora(denoiser, targets, cfg, "transformer" if components.flow else "UNet")
     if cfg.train_text_encoder:
-        for i, te in enumerate(components.text_encoders):
+        for i, te in enumerate(components.lora_text_encoders):
             add_lora(te, cfg.text_encoder_target_modules, cfg, f"text encoder {i + 1}")
     # Frozen weights in the compute dtype; LoRA parameters stay fp32 so small updates are not rounded away.
     vae_dtype = torch.float32 if components.sdxl else weight_dtype  # SDXL's VAE overflows in fp16
-    for m in (components.vae, *components.models.values()):
+    for m in (components.vae, *components.models.values()):  # (T5 too: bf16 on a GPU)
         m.to(device)
         dtype = vae_dtype if m is components.vae else weight_dtype
         if dtype != torch.float32:  # (diffusers warns on a no-op dtype cast)
@@ -128,9 +163,9 @@ def prepare_for_training(components: Components, cfg, weight_dtype: torch.dtype,
 
     cast_training_params(list(components.models.values()), torch.float32)
     if cfg.gradient_checkpointing:
-        components.unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
-            for te in components.text_encoders:
+            for te in components.lora_text_encoders:
                 te.gradient_checkpointing_enable()
     if cfg.enable_xformers_memory_efficient_attention:
         import importlib.util
@@ -138,7 +173,7 @@ def prepare_for_training(components: Components, cfg, weight_dtype: torch.dtype,
         if importlib.util.find_spec("xformers") is None:
             raise ConfigError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers, "
                               "or drop the flag (PyTorch SDPA attention is used by default)")
-        components.unet.enable_xformers_memory_efficient_attention()
+        denoiser.enable_xformers_memory_efficient_attention()
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -151,10 +186,12 @@ def tokenize(tokenizers: list, prompts: list[str]) -> list[torch.Tensor]:
                 return_tensors="pt").input_ids for tok in tokenizers]
 
 
-def encode_prompts(text_encoders: list, sdxl: bool, input_ids: list[torch.Tensor],
+def encode_prompts(text_encoders: list, family: str, input_ids: list[torch.Tensor],
                    device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(encoder hidden states, pooled embedding or None) as the pipelines compute them."""
-    if not sdxl:
+    if family in FLOW_FAMILIES:
+        return flow.encode_prompts(family, text_encoders, input_ids, device)
+    if family == "sd":
         return text_encoders[0](input_ids[0].to(device))[0], None
     # SDXL: penultimate hidden states of both encoders concatenated; pooled output of the second.
     hidden, pooled = [], None

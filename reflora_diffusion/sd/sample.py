@@ -14,12 +14,13 @@ import torch
 from .data import IMAGE_EXTENSIONS
 
 
-def build_pipeline(path: str, sdxl: bool, models: dict | None = None, dtype=torch.float32, revision=None):
-    """The base pipeline with any of unet / text_encoder / text_encoder_2 / vae replaced by `models`."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def build_pipeline(path: str, family: str, models: dict | None = None, dtype=torch.float32, revision=None):
+    """The base pipeline of the model family (presets.model_family) with any of its components (unet or
+    transformer, text_encoder..., vae) replaced by `models`."""
+    from reflora_diffusion.presets import pipeline_class
 
-    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    cls = pipeline_class(family)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
     pipe = cls.from_pretrained(path, revision=revision, **(models or {}), **extra)
     if not models:  # given models keep their own dtypes (LoRA weights stay fp32)
         pipe.to(dtype=dtype)
@@ -29,24 +30,26 @@ def build_pipeline(path: str, sdxl: bool, models: dict | None = None, dtype=torc
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], images_per_prompt: int, seed: int, resolution: int, steps: int,
-             device) -> list:
-    """PIL images, prompt-major; image i of each prompt uses seed + i, so every call is comparable."""
+             device, prompt_kwargs=None) -> list:
+    """PIL images, prompt-major; image i of each prompt uses seed + i, so every call is comparable.
+    prompt_kwargs(prompt): the pipeline arguments for a prompt (default: the prompt itself)."""
     out = []
     for prompt in prompts:
         for i in range(images_per_prompt):
             g = torch.Generator(device="cpu").manual_seed(seed + i)
-            out += pipe(prompt, num_inference_steps=steps, generator=g, height=resolution,
+            kwargs = prompt_kwargs(prompt) if prompt_kwargs else {"prompt": prompt}
+            out += pipe(**kwargs, num_inference_steps=steps, generator=g, height=resolution,
                         width=resolution).images
     return out
 
 
-def save_validation_samples(pipe, cfg, step: int, run_dir: Path, device) -> list[str]:
+def save_validation_samples(pipe, cfg, step: int, run_dir: Path, device, prompt_kwargs=None) -> list[str]:
     """samples/step_<N>/<i>.png for the validation prompts and samples/grid_step_<N>.png with all of them;
     returns the paths of the single images relative to the run folder."""
     folder = Path(run_dir) / "samples" / f"step_{step}"
     folder.mkdir(parents=True, exist_ok=True)
     images = generate(pipe, cfg.validation_prompt, cfg.num_validation_images, cfg.seed, cfg.resolution,
-                      cfg.validation_inference_steps, device)
+                      cfg.validation_inference_steps, device, prompt_kwargs)
     rel = []
     for i, im in enumerate(images):
         tmp = folder / f".{i}.png.tmp"
@@ -73,13 +76,13 @@ def ensure_class_images(cfg, accelerator) -> None:
         if missing > 0:
             from tqdm.auto import tqdm
 
-            from reflora_diffusion.presets import is_sdxl, resolve_pretrained
+            from reflora_diffusion.presets import model_family, resolve_pretrained
 
             path = resolve_pretrained(cfg.pretrained_model_name_or_path)
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
             if accelerator.device.type == "cpu":
                 dtype = torch.float32
-            pipe = build_pipeline(path, is_sdxl(path), dtype=dtype, revision=cfg.revision).to(accelerator.device)
+            pipe = build_pipeline(path, model_family(path), dtype=dtype, revision=cfg.revision).to(accelerator.device)
             for start in tqdm(range(0, missing, cfg.sample_batch_size), desc="class images"):
                 n = min(cfg.sample_batch_size, missing - start)
                 g = torch.Generator("cpu").manual_seed(cfg.seed + len(have) + start)

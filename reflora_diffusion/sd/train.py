@@ -1,4 +1,4 @@
-"""The Stable Diffusion / SDXL LoRA training loop, top to bottom.
+"""The Stable Diffusion / SDXL / SD3 / FLUX LoRA training loop, top to bottom (flow.py: SD3/FLUX specifics).
 
 config -> data -> models (+ LoRA) -> optimizer + core method -> accelerate -> loop -> events, samples,
 checkpoints -> export. `train(cfg)` is what `train/sd.py` calls.
@@ -30,6 +30,7 @@ from torch import nn
 from reflora_diffusion.logs import get_logger
 from reflora_diffusion.rundir import RunLog, check_output_dir, checkpoint_dirs, clean_stale_temps, clear_run
 
+from . import flow
 from .buckets import check_bucket_step
 from .config import ConfigError, SDTrainConfig
 from .data import build_dataloader, build_dataset, check_data_dirs
@@ -142,7 +143,8 @@ class SDTrainer:
             cfg.seed = broadcast_object_list([random.randint(0, 2**31 - 1)])[0]
         # Everything a user can get wrong is checked before the run folder is touched.
         check_data_dirs(cfg)
-        self._resolve_base(cfg)
+        self.family = self._resolve_base(cfg)
+        self._check_family(cfg, self.family, self.accelerator.mixed_precision)
         self.resume_dir = find_resume_checkpoint(cfg)
         action = check_output_dir(self.run_dir, requested, resume_found=self.resume_dir is not None)
         if self.is_main:
@@ -160,8 +162,9 @@ class SDTrainer:
                                                                              torch.float32)
 
     @staticmethod
-    def _resolve_base(cfg: SDTrainConfig) -> None:
-        """Build a preset if needed, record its local folder, and default the resolution to the model's own."""
+    def _resolve_base(cfg: SDTrainConfig) -> str:
+        """Build a preset if needed, record its local folder, default the resolution (and the SD3/FLUX options)
+        to the model's own; returns the model family."""
         from reflora_diffusion.presets import native_resolution, resolve_pretrained
 
         try:
@@ -174,6 +177,28 @@ class SDTrainer:
                               "local diffusers folder, a hub id reachable online, or 'tiny')") from None
         if Path(path).is_dir():
             cfg.base_model_folder = str(Path(path).resolve())
+        from reflora_diffusion.presets import FLOW_FAMILIES, model_family
+
+        family = model_family(path)
+        if family in FLOW_FAMILIES:
+            cfg.weighting_scheme = cfg.weighting_scheme or flow.DEFAULT_WEIGHTING[family]
+            cfg.max_sequence_length = cfg.max_sequence_length or flow.DEFAULT_MAX_SEQUENCE_LENGTH[family]
+        return family
+
+    @staticmethod
+    def _check_family(cfg: SDTrainConfig, family: str, mixed_precision: str) -> None:
+        """Options that the model family cannot use: one-line errors before the run folder is touched."""
+        if family not in flow.DEFAULT_WEIGHTING:
+            return
+        name = {"sd3": "SD3", "flux": "FLUX"}[family]
+        if mixed_precision == "fp16":
+            raise ConfigError(f"--mixed_precision fp16 does not work for {name} (its activations overflow fp16); "
+                              "use --mixed_precision bf16 (or no)")
+        sd_only = [f"--{k}" for k in ("snr_gamma", "prediction_type") if getattr(cfg, k) is not None]
+        sd_only += ["--noise_offset"] if cfg.noise_offset else []
+        if sd_only:
+            raise ConfigError(f"{', '.join(sd_only)} belong to SD/SDXL's DDPM loss; {name} trains by flow matching: "
+                              "use --weighting_scheme (logit_normal, mode, none, sigma_sqrt, cosmap)")
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -198,12 +223,14 @@ class SDTrainer:
         check_bucket_step(cfg, self.c.unet, self.c.vae)
         prepare_for_training(self.c, cfg, self.weight_dtype, acc.device)
 
-        # Trained models: the UNet, and the text encoders with --train_text_encoder.
-        self.trained = {"unet": self.c.unet}
+        # Trained models: the UNet/transformer, and the (CLIP) text encoders with --train_text_encoder.
+        self.trained = {self.c.denoiser_name: self.c.denoiser}
         if cfg.train_text_encoder:
-            self.trained.update({k: v for k, v in self.c.models.items() if k != "unet"})
+            adapted = self.c.lora_text_encoders  # the CLIP encoders (T5 never)
+            self.trained.update({k: m for k, m in self.c.models.items() if any(m is t for t in adapted)})
         te_lr = cfg.text_encoder_lr or cfg.learning_rate
-        groups = [{"params": trainable_parameters(m), "lr": cfg.learning_rate if k == "unet" else te_lr}
+        groups = [{"params": trainable_parameters(m),
+                   "lr": cfg.learning_rate if k == self.c.denoiser_name else te_lr}
                   for k, m in self.trained.items()]
         if cfg.scale_lr:
             factor = cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
@@ -241,6 +268,8 @@ class SDTrainer:
         self.global_step, self.skipped_steps = 0, 0
         self.text_cache: dict[str, tuple] = {}
         self.latent_cache = self._cache_latents() if cfg.cache_latents else None
+        if cfg.cache_latents and self.c.flow and not cfg.train_text_encoder and not cfg.shuffle_caption:
+            self._cache_prompts_and_unload()  # (shuffled tags make too many prompts to encode up front)
         if resume_dir is not None:
             self._load_checkpoint(resume_dir)
         else:
@@ -254,10 +283,10 @@ class SDTrainer:
     # ------------------------------------------------------------------ conditioning
     def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompt embeddings; cached per prompt when the text encoders are frozen and --cache_latents is on."""
-        encoders = [self.models.get(k, m) for k, m in self.c.models.items() if k != "unet"]
+        encoders = [self.models.get(k, m) for k, m in self.c.models.items() if k != self.c.denoiser_name]
 
         def encode(texts):
-            return encode_prompts(encoders, self.c.sdxl, tokenize(self.c.tokenizers, texts), self.accelerator.device)
+            return encode_prompts(encoders, self.c.family, tokenize(self.c.tokenizers, texts), self.accelerator.device)
 
         if self.cfg.train_text_encoder:
             return encode(prompts)
@@ -271,8 +300,21 @@ class SDTrainer:
             for i, p in enumerate(new):
                 self.text_cache[p] = (hidden[i], None if pooled is None else pooled[i])
         hidden = torch.stack([self.text_cache[p][0] for p in prompts])
-        pooled = None if not self.c.sdxl else torch.stack([self.text_cache[p][1] for p in prompts])
+        pooled = [self.text_cache[p][1] for p in prompts]
+        pooled = None if pooled[0] is None else torch.stack(pooled)
         return hidden, pooled
+
+    def _cache_prompts_and_unload(self) -> None:
+        """SD3/FLUX with frozen text encoders: encode every training and validation prompt once, then free the
+        text encoders (T5-XXL alone is ~9 GB in bf16); validation samples from the cached embeddings."""
+        sets = [self.dataset.instances, self.dataset.classes]
+        prompts = {p for s in sets if s is not None for p in s.prompts} | set(self.cfg.validation_prompt)
+        if self.c.family == "sd3" or self.cfg.caption_dropout_rate > 0:
+            prompts.add("")  # SD3's negative prompt in validation; a dropped caption
+        self._encode_text(sorted(prompts))
+        self.c.text_encoders = []
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @torch.no_grad()
     def _latent_dist(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,11 +358,14 @@ class SDTrainer:
         else:
             mean, std = self._latent_dist(batch["pixel_values"])
         eps = self._randn(n_inst, mean.shape[0], *mean.shape[1:])
-        latents = (mean + std * eps.to(mean.dtype)).float() * self.c.vae.config.scaling_factor
+        vae = self.c.vae.config  # SD3/FLUX VAEs shift their latents too
+        latents = ((mean + std * eps.to(mean.dtype)).float() - (vae.shift_factor or 0.0)) * vae.scaling_factor
         return latents.to(self.weight_dtype)
 
     # ------------------------------------------------------------------ one micro-batch
     def loss(self, batch: dict) -> torch.Tensor:
+        if self.c.flow:
+            return self._flow_loss(batch)
         cfg, acc, sched = self.cfg, self.accelerator, self.c.noise_scheduler
         latents = self._latents(batch)
         n_inst, n = len(batch["index"]), latents.shape[0]
@@ -354,6 +399,25 @@ class SDTrainer:
             per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
             loss = (per_sample * min_snr_weights(sched, timesteps, cfg.snr_gamma)).mean()
         return loss + prior_loss
+
+    def _flow_loss(self, batch: dict) -> torch.Tensor:
+        """SD3/FLUX: x_t = (1 - sigma) x_0 + sigma noise, target noise - x_0, sigma from --weighting_scheme."""
+        cfg = self.cfg
+        latents = self._latents(batch)
+        n_inst, n = len(batch["index"]), latents.shape[0]
+        noise = self._randn(n_inst, n, *latents.shape[1:]).to(latents.dtype)
+        u = self._shared(n_inst, n, lambda m: flow.sample_density(cfg, m, self.noise_gen))
+        timesteps, sigmas = flow.timesteps_and_sigmas(self.c.noise_scheduler, u)
+        sigmas = sigmas.view(-1, 1, 1, 1)
+        noisy = ((1.0 - sigmas) * latents.float() + sigmas * noise.float()).to(self.weight_dtype)
+        hidden, pooled = self._encode_text(batch["prompts"])
+        pred = flow.predict(self.c.family, self.models[self.c.denoiser_name], self.c.denoiser.config, noisy,
+                            timesteps, hidden.to(self.weight_dtype), pooled.to(self.weight_dtype), cfg.guidance_scale)
+        weighted = flow.loss_weighting(cfg.weighting_scheme, sigmas) * (pred.float() - (noise - latents).float()) ** 2
+        if not cfg.with_prior_preservation:
+            return weighted.mean()
+        instance, prior = weighted.chunk(2)  # instance half first, class half second (data.collate)
+        return instance.mean() + cfg.prior_loss_weight * prior.mean()
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Path:
@@ -470,14 +534,33 @@ class SDTrainer:
         models = {k: acc.unwrap_model(m) for k, m in self.c.models.items()}
         for m in models.values():
             m.eval()
+        if self.c.flow and not self.c.text_encoders:  # unloaded after caching: sample from the cached embeddings
+            from .models import N_TEXT_ENCODERS, TEXT_ENCODERS
+
+            models.update(dict.fromkeys(TEXT_ENCODERS[:N_TEXT_ENCODERS[self.c.family]]))
         with torch.random.fork_rng(devices=[] if acc.device.type == "cpu" else [acc.device]):
-            pipe = build_pipeline(self.c.path, self.c.sdxl, {**models, "vae": self.c.vae}, revision=self.cfg.revision)
+            pipe = build_pipeline(self.c.path, self.c.family, {**models, "vae": self.c.vae}, revision=self.cfg.revision)
             with acc.autocast():
-                paths = save_validation_samples(pipe, self.cfg, self.global_step, self.run_dir, acc.device)
+                paths = save_validation_samples(pipe, self.cfg, self.global_step, self.run_dir, acc.device,
+                                                self._cached_prompt_kwargs if self.c.flow else None)
         del pipe
         for k in self.trained:
             models[k].train()
         self.log.event(step=self.global_step, samples=paths)
+
+    def _cached_prompt_kwargs(self, prompt: str) -> dict:
+        """Pipeline arguments for one validation prompt: the prompt, or its cached embeddings once the text
+        encoders are unloaded (with the empty prompt's as SD3's negative)."""
+        extra = {"max_sequence_length": self.cfg.max_sequence_length}
+        if self.c.family == "flux":
+            extra["guidance_scale"] = self.cfg.guidance_scale
+        if self.c.text_encoders:
+            return {"prompt": prompt, **extra}
+
+        def embeds(p, prefix=""):
+            hidden, pooled = self.text_cache[p]
+            return {f"{prefix}prompt_embeds": hidden[None], f"{prefix}pooled_prompt_embeds": pooled[None]}
+        return {**embeds(prompt), **(embeds("", "negative_") if self.c.family == "sd3" else {}), **extra}
 
     # ------------------------------------------------------------------ checkpoints
     def _save_lora_hook(self, models, weights, output_dir) -> None:
@@ -568,13 +651,11 @@ class SDTrainer:
         from reflora_diffusion.export import export_diffusers
 
         unwrap = self.accelerator.unwrap_model
-        encoders = {k: unwrap(m) for k, m in self.models.items() if k != "unet"}
+        models = {k: unwrap(m) for k, m in self.models.items()}
         info = {"method": self.cfg.method, "base_model": self.cfg.pretrained_model_name_or_path,
-                "steps": self.global_step, "rank": self.cfg.rank, "alpha": self.cfg.alpha}
+                "steps": self.global_step, "rank": self.cfg.rank, "alpha": self.cfg.alpha, "family": self.c.family}
         # overwrite: the run folder and its checkpoints are this trainer's own output
-        return export_diffusers(folder, unwrap(self.models["unet"]), encoders.get("text_encoder"),
-                                encoders.get("text_encoder_2"), refactorer=self.ref, sdxl=self.c.sdxl, info=info,
-                                overwrite=True)
+        return export_diffusers(folder, refactorer=self.ref, sdxl=self.c.sdxl, info=info, overwrite=True, **models)
 
     def finish(self) -> None:
         acc = self.accelerator
