@@ -49,8 +49,9 @@ def _shard(model, world):
     fully_shard(model, mesh=mesh)
 
 
-def _train(method, world=1, rank=0):
-    """Adapter weights (whole) and the core's stats after STEPS AdamW steps on a batch of 8 split over the ranks."""
+def _train(method, world=1, rank=0, save_to=None):
+    """Adapter weights (whole) and the core's stats after STEPS AdamW steps on a batch of 8 split over the ranks;
+    ``save_to``: also save the adapter there with the LLM trainers' save_adapter (every rank calls it)."""
     from torch.distributed.tensor import DTensor
 
     model = _model()
@@ -70,15 +71,20 @@ def _train(method, world=1, rank=0):
     stats["sharded"] = ref.shard_group() is not None
     weights = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
                for n, p in model.named_parameters() if p.requires_grad}
+    if save_to:
+        from reflora_diffusion.llm.trainer import save_adapter
+
+        save_adapter(model, ref, save_to)
     return weights, stats
 
 
-def _worker(rank, world, port, out):
+def _worker(rank, world, port, out, adapter_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = {m: _train(m, world, rank) for m in ("reflora", "reflora-s", "scaledgd")}
+        results = {m: _train(m, world, rank, adapter_dir if m == "reflora" else None)
+                   for m in ("reflora", "reflora-s", "scaledgd")}
         model = _model()
         ref = Refactorer(model, method="cola", chain_every=2)
         _shard(model, world)
@@ -105,9 +111,11 @@ def _free_port():
 def sharded(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch without gloo")
-    out = str(tmp_path_factory.mktemp("fsdp") / "results.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
-    return torch.load(out)
+    folder = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(2, _free_port(), str(folder / "results.pt"), str(folder / "adapter")), nprocs=2, join=True)
+    results = torch.load(folder / "results.pt")
+    results["adapter_dir"] = folder / "adapter"
+    return results
 
 
 @pytest.mark.parametrize("method", ["reflora", "reflora-s", "scaledgd"])
@@ -141,3 +149,15 @@ def test_flattened_factors_fsdp1_are_refused():
     opt.param_groups[0]["params"][0] = flat
     with pytest.raises(ValueError, match="fsdp_version: 2"):
         opt.step()
+
+
+def test_fsdp2_saved_adapter_is_whole(sharded):
+    from safetensors.torch import load_file
+
+    saved = load_file(sharded["adapter_dir"] / "adapter_model.safetensors")
+    single, _ = _train("reflora")
+    assert len(saved) == len(single)
+    for name, w in single.items():
+        key = name.replace(".default.", ".")  # peft's file drops the adapter name
+        assert saved[key].shape == w.shape
+        assert torch.allclose(saved[key], w, atol=1e-5, rtol=0), name

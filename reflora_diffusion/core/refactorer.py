@@ -361,6 +361,11 @@ class Refactorer:
             pair.module.get_base_layer().weight.add_(self._delta(pair, A, B))
             pair_links.append((A, B))
 
+    @property
+    def chained(self) -> bool:
+        """Whether links were merged into the base weights (chains, reinit): the export then has rank K*r."""
+        return bool(getattr(self, "_links", None))
+
     def effective_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """{pair name: (A, B, scaling)} of the LoRA to export.
 
