@@ -147,7 +147,7 @@ def run_train(args: TrainArguments, train_args) -> dict:
         test_files = resolve_datasets(args.eval_datasets, args.data_dir) if args.eval_datasets else {}
         set_seed(train_args.seed)
         model, tokenizer = load_causal_lm(args.model_name_or_path, args.gguf_file, args.dtype, quantization(args))
-        model = prepare_quantized(model, args, train_args.gradient_checkpointing)
+        model = prepare_quantized(model, args, train_args.activation_checkpointing)
         features, truncated = tokenize_records(tokenizer, records, args.cutoff_len, args.train_on_inputs)
         if truncated:
             get_logger(__name__).warning(f"{truncated} of {len(features)} prompts were cut to fit --cutoff_len "

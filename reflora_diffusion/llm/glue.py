@@ -362,7 +362,7 @@ def run(glue_args: GlueArguments, train_args) -> dict:
         task = get_task(glue_args.task_name)
         raw = load_glue(task.name, glue_args.data_dir, max_train_samples=glue_args.max_train_samples,
                         max_eval_samples=glue_args.max_eval_samples)
-        tokenizer, model = load_model(glue_args, train_args.gradient_checkpointing)
+        tokenizer, model = load_model(glue_args, train_args.activation_checkpointing)
         data = tokenize_glue(raw, tokenizer, glue_args.max_length)
         evals = {s.split("_", 1)[1]: data[s] for s in task.eval_splits} if len(task.eval_splits) > 1 \
             else data[task.eval_splits[0]]

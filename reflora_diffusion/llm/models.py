@@ -68,7 +68,7 @@ def quantization(args) -> dict:
 
 def prepare_quantized(model, args, gradient_checkpointing: bool):
     """peft's prepare_model_for_kbit_training for a quantized base (norms in fp32, inputs requiring grad);
-    nothing for a dense model. Gradient checkpointing follows TrainingArguments' flag."""
+    nothing for a dense model. Gradient checkpointing follows TrainingArguments' --activation_checkpointing (alias --gradient_checkpointing)."""
     if not (args.load_in_4bit or args.load_in_8bit):
         return model
     from peft import prepare_model_for_kbit_training
