@@ -1,7 +1,8 @@
 """The core on FSDP2-sharded LoRA factors: 2 CPU processes (gloo, torch's fully_shard) against one process.
 
 FSDP2 shards every parameter on dim 0, so A (r x d_in) is split by rows of r and B (d_out x r) by rows of d_out;
-the model below has uneven shards (r = 3, d_out = 7 over 2 ranks) and a bucket of two equal layers.
+the model below has uneven shards (r = 3, d_out = 7 over 2 ranks), a rank-1 layer whose A has no rows on the second
+rank, and a bucket of two equal layers.
 """
 
 import os
@@ -34,7 +35,7 @@ class Stack(nn.Module):
 def _model():
     torch.manual_seed(0)
     # init_lora_weights=False: random A and B, so refactoring can start at step 0 (no warm-up needed)
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=list(LAYERS), rank_pattern={"head": 3},
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=list(LAYERS), rank_pattern={"head": 3, "l1": 1},
                         init_lora_weights=False)
     return get_peft_model(Stack(), config)
 

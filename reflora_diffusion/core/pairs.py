@@ -53,12 +53,12 @@ class LoraPair:
         return self.B.shape[0]
 
     def a_matrix(self, t: torch.Tensor) -> torch.Tensor:
-        """View a tensor shaped like A (weight or grad) as r x d_in."""
-        return t.reshape(t.shape[0], -1)
+        """View a tensor shaped like A (weight or grad) as r x d_in (also a shard with no rows)."""
+        return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
     def b_matrix(self, t: torch.Tensor) -> torch.Tensor:
         """View a tensor shaped like B as d_out x r (conv B is C_out x r x 1 x 1)."""
-        return t.reshape(t.shape[0], -1)
+        return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
