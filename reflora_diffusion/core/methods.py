@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from . import linalg
+from .sharding import local
 
 if TYPE_CHECKING:
     from .refactorer import Refactorer
@@ -106,9 +107,12 @@ class NoRAPlus(Preconditioned):
         return lambda AAt, BtB: linalg.normalized_scaled_gd(AAt, BtB, self.delta)
 
 
-# Optimizer state that is linear in the gradient (scales like G) and quadratic in it (scales like G^2).
-_LINEAR_STATE = ("exp_avg", "momentum_buffer")
-_QUADRATIC_STATE = ("exp_avg_sq", "max_exp_avg_sq")
+# Optimizer state that is linear in the gradient (scales like G) and quadratic in it (scales like G^2): torch's
+# Adam/AdamW/SGD, and bitsandbytes' optimizers (state1 / state2; their 8-bit blockwise states are uint8 codes times
+# a per-block absmax1 / absmax2, so scaling the absmax scales the state exactly; qmap is the shared code book).
+_LINEAR_STATE = ("exp_avg", "momentum_buffer", "state1", "absmax1")
+_QUADRATIC_STATE = ("exp_avg_sq", "max_exp_avg_sq", "state2", "absmax2")
+_UNSCALED_STATE = ("step", "qmap1", "qmap2")
 
 
 class RefLoRAS(Method):
@@ -131,11 +135,8 @@ class RefLoRAS(Method):
         self._balance(ref)
 
     def _balance(self, ref: Refactorer, with_grads: bool = False) -> None:
-        pairs = ref.pairs
-        As = [p.A.detach() for p in pairs]
-        Bs = [p.B.detach() for p in pairs]
-        na = torch.stack([n.float() for n in torch._foreach_norm(As)])
-        nb = torch.stack([n.float() for n in torch._foreach_norm(Bs)])
+        # Whole-factor norms (one all-reduce under FSDP2), then every rank rescales its own shards.
+        na, nb = ref.factor_norms()
         s = nb / na
         ok = torch.isfinite(s) & (s > 0)
         ref.count(ok, torch.isfinite(na) & torch.isfinite(nb))
@@ -144,12 +145,12 @@ class RefLoRAS(Method):
         p_list, s_list = list(p.unbind()), list(s.unbind())
         inv_p = list((1.0 / p).unbind())
         inv_s = list((1.0 / s).unbind())
-        torch._foreach_mul_(As, p_list)
-        torch._foreach_mul_(Bs, inv_p)
+        torch._foreach_mul_([local(pair.A.detach()) for pair in ref.pairs], p_list)
+        torch._foreach_mul_([local(pair.B.detach()) for pair in ref.pairs], inv_p)
         # What scales like the gradient (by 1/p for A, p for B) and like its square (1/p^2, p^2).
         state = ref.optimizer.state
         tensors, factors = [], []
-        for i, pair in enumerate(pairs):
+        for i, pair in enumerate(ref.pairs):
             for param, linear, quadratic in ((pair.A, inv_p[i], inv_s[i]), (pair.B, p_list[i], s_list[i])):
                 st = state.get(param, {})
                 scaled = [(st.get(k), linear) for k in _LINEAR_STATE]
@@ -157,12 +158,12 @@ class RefLoRAS(Method):
                 if with_grads:
                     scaled.append((param.grad, linear))
                 for t, f in scaled:
-                    if t is not None:
-                        tensors.append(t)
+                    if t is not None and t.is_floating_point():  # (8-bit codes scale through their absmax)
+                        tensors.append(local(t))
                         factors.append(f)
         if tensors:
             torch._foreach_mul_(tensors, factors)
-        ref.warn_unknown_state(_LINEAR_STATE + _QUADRATIC_STATE + ("step",))
+        ref.warn_unknown_state(_LINEAR_STATE + _QUADRATIC_STATE + _UNSCALED_STATE)
 
 
 class LoRAPlus(Method):

@@ -6,6 +6,7 @@ Orientation is peft's (METHODS.md): ``A`` is r x d_in, ``B`` is d_out x r and th
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -15,15 +16,29 @@ from torch import nn
 
 @dataclass(eq=False)
 class LoraPair:
-    """One LoRA factor pair of one adapter in one layer."""
+    """One LoRA factor pair of one adapter in one layer.
+
+    ``A`` and ``B`` are looked up in the layer on every access, so a pair follows parameters that a wrapper
+    replaces after the pair was found (FSDP2's ``fully_shard`` swaps them for sharded DTensor parameters).
+    """
 
     name: str  # module name as in model.named_modules() (wrappers such as DDP unwrapped)
-    A: nn.Parameter
-    B: nn.Parameter
     scaling: float
     kind: str  # "linear" | "conv" | "embedding"
     module: nn.Module  # the peft LoraLayer
     adapter: str
+
+    @property
+    def A(self) -> nn.Parameter:
+        if self.kind == "embedding":
+            return self.module.lora_embedding_A[self.adapter]
+        return self.module.lora_A[self.adapter].weight
+
+    @property
+    def B(self) -> nn.Parameter:
+        if self.kind == "embedding":
+            return self.module.lora_embedding_B[self.adapter]
+        return self.module.lora_B[self.adapter].weight
 
     @property
     def rank(self) -> int:
@@ -31,19 +46,19 @@ class LoraPair:
 
     @property
     def d_in(self) -> int:
-        return self.A[0].numel()
+        return math.prod(self.A.shape[1:])  # the global shape, also for a sharded DTensor
 
     @property
     def d_out(self) -> int:
         return self.B.shape[0]
 
     def a_matrix(self, t: torch.Tensor) -> torch.Tensor:
-        """View a tensor shaped like A (weight or grad) as r x d_in."""
-        return t.reshape(t.shape[0], -1)
+        """View a tensor shaped like A (weight or grad) as r x d_in (also a shard with no rows)."""
+        return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
     def b_matrix(self, t: torch.Tensor) -> torch.Tensor:
         """View a tensor shaped like B as d_out x r (conv B is C_out x r x 1 x 1)."""
-        return t.reshape(t.shape[0], -1)
+        return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -103,6 +118,6 @@ def find_lora_pairs(model: nn.Module, adapter: str | None = None, trainable_only
                 continue
             if trainable_only and not (A.requires_grad or B.requires_grad):
                 continue
-            pairs.append(LoraPair(name=name, A=A, B=B, scaling=float(module.scaling[ad]), kind=kind,
+            pairs.append(LoraPair(name=name, scaling=float(module.scaling[ad]), kind=kind,
                                   module=module, adapter=ad))
     return pairs

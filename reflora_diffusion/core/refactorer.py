@@ -15,6 +15,7 @@ from torch import nn
 from .linalg import _identity_where
 from .methods import METHODS, Method
 from .pairs import LoraPair, find_lora_pairs, unwrap_model
+from .sharding import all_sum, gather_rows, local, local_rows, shard_group
 
 STATE_FILE = "refactorer.safetensors"
 
@@ -80,8 +81,8 @@ class Refactorer:
             raise ValueError(f"method {method!r} merges links into the base weight, which DoRA does not allow; "
                              "train DoRA with a non-chain method.")
         self.optimizer: torch.optim.Optimizer | None = None
+        self._checked_sharding = False
         self.step_count = 0
-        self._buckets = self._group_pairs()
         self._handles = []
         self._warned_state: set[str] = set()
         self._reset_counters()
@@ -110,7 +111,8 @@ class Refactorer:
                     f"method {self.method_name!r} needs full-rank factors: lower the rank or leave that layer out.")
 
     def _group_pairs(self) -> dict[tuple, list[LoraPair]]:
-        # Pairs of equal shapes, dtype and device are stacked and handled by one batched matmul.
+        # Pairs of equal shapes, dtype and device are stacked and handled by one batched matmul (and, sharded, one
+        # collective). Grouped at each use: a Trainer moves or shards the model after the Refactorer is made.
         buckets: dict[tuple, list[LoraPair]] = defaultdict(list)
         for p in self.pairs:
             buckets[(p.rank, p.d_in, p.d_out, p.A.dtype, p.B.dtype, p.A.device)].append(p)
@@ -140,10 +142,26 @@ class Refactorer:
         if self.optimizer is not None:
             self.detach()
         self.optimizer = inner
+        self._checked_sharding = False
         self._handles = [inner.register_step_pre_hook(self._pre_hook),
                          inner.register_step_post_hook(self._post_hook)]
         self.method.setup(self)
         return optimizer
+
+    def shard_group(self):
+        """The process group the LoRA factors are sharded over (FSDP2's fully_shard), or None (whole on each rank)."""
+        if any(p.A.dim() < 2 or p.B.dim() < 2 for p in self.pairs):
+            raise ValueError("the LoRA factors are flattened (FSDP1 / FullyShardedDataParallel); the core supports "
+                             "FSDP2: set fsdp_version: 2 in the accelerate config (fully_shard)")
+        groups = {id(g): g for g in (shard_group(t) for p in self.pairs for t in (p.A, p.B))}
+        if len(groups) > 1:
+            raise ValueError("some LoRA factors are sharded and others not (or over different groups); shard the "
+                             "whole model with FSDP2's fully_shard")
+        group = next(iter(groups.values()))
+        if group is not None and (self.method.merges_links or getattr(self, "_links", None) is not None):
+            raise ValueError(f"method {self.method_name!r} (or reinit) merges LoRA links into the base weights, which "
+                             "FSDP shards: train chains and reinit with DDP or one process")
+        return group
 
     def check_schedule(self, total_steps: int) -> str | None:
         """Warn (one line, returned too) when the warm-up covers the whole run, which is then plain LoRA."""
@@ -170,6 +188,9 @@ class Refactorer:
 
     @torch.no_grad()
     def _pre_hook(self, optimizer, args, kwargs):
+        if not self._checked_sharding:  # a Trainer shards the model (FSDP2) after attach(): check at the first step
+            self.shard_group()
+            self._checked_sharding = True
         if self._active():  # before this step
             self._new_action = True
             self.method.pre_step(self)
@@ -209,26 +230,20 @@ class Refactorer:
         than the matmuls save. A layer whose factors or gradients are not finite keeps exactly the gradients
         it had (a matmul would smear one NaN over a whole column) and is counted in ``skipped_nonfinite``;
         the other layers of its batch are unaffected.
+
+        Under FSDP2 (factors sharded by rows, ``sharding``) each bucket does one all-gather and the same r x r
+        algebra on every rank; each rank then writes its own rows of the new gradients.
         """
+        group = self.shard_group()
         by_rank: dict[tuple, list] = defaultdict(list)
-        for (r, *_rest), pairs in self._buckets.items():
+        for (r, *_rest), pairs in self._group_pairs().items():
             pairs = [p for p in pairs if p.A.grad is not None and p.B.grad is not None]
             if not pairs:
                 continue
             cdt = torch.float64 if pairs[0].A.dtype == torch.float64 else torch.float32
-            As = [p.a_matrix(p.A.detach()).to(cdt) for p in pairs]
-            Bs = [p.b_matrix(p.B.detach()).to(cdt) for p in pairs]
-            if _layer_by_layer(pairs[0].A.device):
-                AAt = torch.stack([a @ a.T for a in As])
-                BtB = torch.stack([b.T @ b for b in Bs])
-            else:
-                A, B = torch.stack(As), torch.stack(Bs)
-                AAt, BtB = A @ A.transpose(-1, -2), B.transpose(-1, -2) @ B
-            # the factors are checked through their Grams (non-finite where a factor is), the gradients through
-            # their norms (one fused pass; a norm that overflows float32 counts as non-finite too)
-            norms = torch._foreach_norm([p.A.grad for p in pairs] + [p.B.grad for p in pairs])
-            finite = torch.isfinite(torch.stack(norms).view(2, -1)).all(0)
-            by_rank[(r, AAt.device)].append((pairs, AAt, BtB, finite))
+            grams = self._grams if group is None else self._sharded_grams
+            AAt, BtB, finite, GA = grams(pairs, cdt, group)
+            by_rank[(r, AAt.device)].append((pairs, AAt, BtB, finite, GA))
         for items in by_rank.values():
             AAt = torch.cat([it[1] for it in items])
             BtB = torch.cat([it[2] for it in items])
@@ -237,31 +252,80 @@ class Refactorer:
             ok = ok & finite
             self.count(ok, finite)
             start = 0
-            for pairs, *_ in items:
+            for pairs, _, _, _, GA in items:
                 sel = slice(start, start + len(pairs))
                 start += len(pairs)
-                self._apply(pairs, P_A[sel], P_B[sel], ok[sel], finite[sel], AAt.dtype)
+                self._apply(pairs, P_A[sel], P_B[sel], ok[sel], finite[sel], AAt.dtype, GA, group)
 
     @staticmethod
-    def _apply(pairs: list[LoraPair], P_A, P_B, ok, finite, cdt) -> None:
-        """G_A <- P_A G_A, G_B <- G_B P_B for the layers that are ok; the others keep their gradients."""
-        if _layer_by_layer(pairs[0].A.device):  # reading the masks on the host costs nothing there
+    def _grams(pairs: list[LoraPair], cdt, group=None):
+        """(A A^T, B^T B, gradients finite, None) of a bucket held whole by this process."""
+        As = [p.a_matrix(p.A.detach()).to(cdt) for p in pairs]
+        Bs = [p.b_matrix(p.B.detach()).to(cdt) for p in pairs]
+        if _layer_by_layer(pairs[0].A.device):
+            AAt = torch.stack([a @ a.T for a in As])
+            BtB = torch.stack([b.T @ b for b in Bs])
+        else:
+            A, B = torch.stack(As), torch.stack(Bs)
+            AAt, BtB = A @ A.transpose(-1, -2), B.transpose(-1, -2) @ B
+        # the factors are checked through their Grams (non-finite where a factor is), the gradients through
+        # their norms (one fused pass; a norm that overflows float32 counts as non-finite too)
+        norms = torch._foreach_norm([p.A.grad for p in pairs] + [p.B.grad for p in pairs])
+        finite = torch.isfinite(torch.stack(norms).view(2, -1)).all(0)
+        return AAt, BtB, finite, None
+
+    @staticmethod
+    def _sharded_grams(pairs: list[LoraPair], cdt, group):
+        """(A A^T, B^T B, gradients finite, whole G_A) of a row-sharded bucket: one all-gather of the rows of A
+        and G_A with the partial B_i^T B_i and ||G_B,i||^2 of every rank (sharding.gather_rows)."""
+        rows = pairs[0].rank
+        A = torch.stack([p.a_matrix(local(p.A.detach())) for p in pairs]).to(cdt)
+        GA = torch.stack([p.a_matrix(local(p.A.grad)) for p in pairs]).to(cdt)
+        B = torch.stack([p.b_matrix(local(p.B.detach())) for p in pairs]).to(cdt)
+        GB = torch.stack([p.b_matrix(local(p.B.grad)) for p in pairs]).to(cdt)
+        partial = torch.cat([(B.transpose(-1, -2) @ B).flatten(1), GB.square().sum((1, 2))[:, None]], dim=1)
+        whole, summed = gather_rows(torch.stack([A, GA], dim=1), rows, partial, group)
+        A, GA = whole[:, 0], whole[:, 1]
+        BtB = summed[:, :-1].view(-1, rows, rows)
+        finite = _all_finite(GA) & torch.isfinite(summed[:, -1])
+        return A @ A.transpose(-1, -2), BtB, finite, GA
+
+    @staticmethod
+    def _apply(pairs: list[LoraPair], P_A, P_B, ok, finite, cdt, GA=None, group=None) -> None:
+        """G_A <- P_A G_A, G_B <- G_B P_B for the layers that are ok; the others keep their gradients.
+
+        Sharded (``group``), ``GA`` holds the whole G_A of every layer and this rank writes its rows of the result.
+        """
+        if group is None and _layer_by_layer(pairs[0].A.device):  # reading the masks on the host costs nothing
             for i in ok.nonzero()[:, 0].tolist():
                 p = pairs[i]
                 ga, gb = p.a_matrix(p.A.grad), p.b_matrix(p.B.grad)
                 p.A.grad.copy_((P_A[i].to(cdt) @ ga.to(cdt)).view_as(p.A.grad))  # (a reshape may be a copy)
                 p.B.grad.copy_((gb.to(cdt) @ P_B[i].to(cdt)).view_as(p.B.grad))
             return
-        GA = torch.stack([p.a_matrix(p.A.grad) for p in pairs]).to(cdt)
-        GB = torch.stack([p.b_matrix(p.B.grad) for p in pairs]).to(cdt)
+        grads_a = [local(p.A.grad) for p in pairs]
+        grads_b = [local(p.B.grad) for p in pairs]
+        mine = slice(None) if group is None else local_rows(pairs[0].rank, group)
+        GA = torch.stack([p.a_matrix(g) for p, g in zip(pairs, grads_a)]).to(cdt) if GA is None else GA
+        GB = torch.stack([p.b_matrix(g) for p, g in zip(pairs, grads_b)]).to(cdt)
         # identity for skipped layers: I @ G is G exactly when G is finite
-        new_a = _identity_where(ok, P_A.to(cdt)) @ GA
+        new_a = _identity_where(ok, P_A.to(cdt))[:, mine] @ GA
         new_b = GB @ _identity_where(ok, P_B.to(cdt))
         if not bool(finite.all()):  # a host read; the r x r algebra synchronises anyway
             keep = ~finite[:, None, None]
-            new_a, new_b = torch.where(keep, GA, new_a), torch.where(keep, GB, new_b)
-        torch._foreach_copy_([p.A.grad for p in pairs], [g.view_as(p.A) for g, p in zip(new_a.unbind(), pairs)])
-        torch._foreach_copy_([p.B.grad for p in pairs], [g.view_as(p.B) for g, p in zip(new_b.unbind(), pairs)])
+            new_a, new_b = torch.where(keep, GA[:, mine], new_a), torch.where(keep, GB, new_b)
+        torch._foreach_copy_(grads_a, [n.view_as(g) for n, g in zip(new_a.unbind(), grads_a)])
+        torch._foreach_copy_(grads_b, [n.view_as(g) for n, g in zip(new_b.unbind(), grads_b)])
+
+    def factor_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(||A||_F, ||B||_F) of every pair, float32; sharded factors: one all-reduce of squared norms (call it on
+        every rank)."""
+        group = self.shard_group()
+        tensors = [local(p.A.detach()) for p in self.pairs] + [local(p.B.detach()) for p in self.pairs]
+        norms = torch.stack([n.float() for n in torch._foreach_norm(tensors)])
+        if group is not None:
+            norms = all_sum(norms.square(), group).sqrt()
+        return norms[:len(self.pairs)], norms[len(self.pairs):]
 
     def warn_unknown_state(self, known: tuple) -> None:
         """Warn once per unknown optimizer-state key that a factor rescaling cannot carry along."""
@@ -297,6 +361,11 @@ class Refactorer:
             pair.module.get_base_layer().weight.add_(self._delta(pair, A, B))
             pair_links.append((A, B))
 
+    @property
+    def chained(self) -> bool:
+        """Whether links were merged into the base weights (chains, reinit): the export then has rank K*r."""
+        return bool(getattr(self, "_links", None))
+
     def effective_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """{pair name: (A, B, scaling)} of the LoRA to export.
 
@@ -317,10 +386,10 @@ class Refactorer:
     def stats(self) -> dict:
         """Per-step figures: layers refactored / skipped at the method's last action, balance ||B||/||A||.
 
-        Synchronises the device (it reads numbers): call it at logging steps only.
+        Synchronises the device (it reads numbers): call it at logging steps only, and on every rank when the
+        factors are sharded (FSDP2: the norms are summed over the ranks).
         """
-        na = torch.stack([n.float() for n in torch._foreach_norm([p.A.detach() for p in self.pairs])])
-        nb = torch.stack([n.float() for n in torch._foreach_norm([p.B.detach() for p in self.pairs])])
+        na, nb = self.factor_norms()
         ratio = nb / na
         ratio = ratio[torch.isfinite(ratio)]
         last = {k: int(v) for k, v in self._last.items()}

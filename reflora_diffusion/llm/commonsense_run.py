@@ -21,7 +21,7 @@ from reflora_diffusion.rundir import RunLog, start_fresh, write_json_atomic
 
 from .answers import DATASETS
 from .commonsense import evaluate_datasets, load_records, resolve_datasets, tokenize_records
-from .models import load_causal_lm
+from .models import QuantArguments, load_causal_lm, prepare_quantized, quantization
 from .trainer import MethodArguments, RefactorTrainer, add_lora, parse_hf_args, save_adapter
 
 __all__ = ["TrainArguments", "CommonsenseTrainingArguments", "EvalArguments", "parse_train_args",
@@ -31,7 +31,7 @@ PAPER_TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
 
 
 @dataclass
-class TrainArguments(MethodArguments):
+class TrainArguments(MethodArguments, QuantArguments):
     model_name_or_path: str = field(metadata={"help": "causal LM hub id or local folder (or folder of --gguf_file)"})
     train_file: str = field(metadata={"help": "LLM-Adapters JSON: commonsense_170k.json or a <task>/train.json; "
                                               "several files comma-separated"})
@@ -146,7 +146,8 @@ def run_train(args: TrainArguments, train_args) -> dict:
         records = records[:args.max_train_samples] if args.max_train_samples else records
         test_files = resolve_datasets(args.eval_datasets, args.data_dir) if args.eval_datasets else {}
         set_seed(train_args.seed)
-        model, tokenizer = load_causal_lm(args.model_name_or_path, args.gguf_file, args.dtype)
+        model, tokenizer = load_causal_lm(args.model_name_or_path, args.gguf_file, args.dtype, quantization(args))
+        model = prepare_quantized(model, args, train_args.activation_checkpointing)
         features, truncated = tokenize_records(tokenizer, records, args.cutoff_len, args.train_on_inputs)
         if truncated:
             get_logger(__name__).warning(f"{truncated} of {len(features)} prompts were cut to fit --cutoff_len "
@@ -173,8 +174,12 @@ def run_train(args: TrainArguments, train_args) -> dict:
                    "train": {"train_loss": train_out.training_loss, "steps": steps, "train_seconds": seconds,
                              "it_per_s": steps / seconds if seconds else None, "examples": len(features),
                              "truncated": truncated, "refactor": trainer.refactorer.stats()}}
+        save_adapter(model, trainer.refactorer, out)  # every rank (a gather under FSDP2); the main one writes
+        if test_files and trainer.refactorer.shard_group() is not None:
+            get_logger(__name__).warning("--eval_datasets is skipped under FSDP (sharded weights); evaluate the saved "
+                                         "adapter with `llm/commonsense.py eval --adapter <output_dir>`")
+            test_files = {}
         if is_main:
-            save_adapter(model, trainer.refactorer, out)
             with open(os.path.join(out, "README.md"), "w") as f:
                 f.write(_model_card(args, train_args, results["train"]))
             write_json_atomic(results_path, results)

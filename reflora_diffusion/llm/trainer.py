@@ -92,13 +92,16 @@ class EventsCallback(TrainerCallback):
             self._status(state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
+        if not logs or "loss" not in logs:
+            return
+        stats = self.refactorer.stats()  # on every rank: sharded factors (FSDP2) sum their norms over the ranks
+        if not state.is_world_process_zero:
             return
         now = time.time()
         steps = max(state.global_step - self._last_step, 1)
         event = {"step": state.global_step, "loss": float(logs["loss"]), "lr": logs.get("learning_rate"),
                  "sec_per_step": (now - self._last_time) / steps, "time": now,
-                 "refactor": self.refactorer.stats()}
+                 "refactor": stats}
         if "grad_norm" in logs:
             event["grad_norm"] = float(logs["grad_norm"])
         if "epoch" in logs:
@@ -162,19 +165,39 @@ class RefactorTrainer(Trainer):
         self.refactorer.load(checkpoint)
 
 
+def _whole_state_dict(model) -> dict | None:
+    """model.state_dict() with its trainable tensors whole when FSDP2 shards them (DTensor.full_tensor(), one
+    all-gather each: call on every rank) and the frozen sharded ones left out (peft saves only the adapter);
+    None for a model that is not sharded."""
+    from reflora_diffusion.core.sharding import is_dtensor
+
+    if not any(is_dtensor(p) for p in model.parameters()):
+        return None
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.full_tensor().cpu() if is_dtensor(v) else v for k, v in model.state_dict().items()
+            if k in trainable or not is_dtensor(v)}
+
+
 def save_adapter(model, refactorer: Refactorer, output_dir: str) -> None:
     """peft's save_pretrained (adapter_model.safetensors + adapter_config.json), chains included.
+
+    Call it on every process: under FSDP2 the adapter's shards are gathered first (the saved adapter is whole);
+    only the main process writes.
 
     Chain methods (rac-lora, cola) have merged earlier links into the in-memory base weights; the adapter
     then holds the concatenated rank-K*r factors from `effective_factors()`, which on the original base
     model reproduce base + all links (a rank-r save would drop the merged links). Everything else peft
     saves (modules_to_save such as a classifier head) is kept.
     """
-    factors = refactorer.effective_factors()
-    chained = any(A.shape[0] != p.A.shape[0] for p, (A, _, _) in zip(refactorer.pairs, factors.values()))
-    if not chained:
-        model.save_pretrained(output_dir)
+    import torch.distributed as dist
+
+    whole = _whole_state_dict(model)
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
+    if not refactorer.chained:  # (chains are refused under FSDP: `whole` is for this branch)
+        model.save_pretrained(output_dir, **({"state_dict": whole} if whole is not None else {}))
+        return
+    factors = refactorer.effective_factors()
     import copy
 
     from peft import get_peft_model_state_dict

