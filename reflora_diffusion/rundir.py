@@ -204,9 +204,12 @@ def _differs(old: dict, new: dict) -> bool:
 
 
 def clear_run(run_dir: Path) -> None:
-    """Remove what a run wrote (--overwrite_output_dir); anything else in the folder stays."""
+    """Remove what a run wrote (--overwrite_output_dir); anything else in the folder stays. config.json and
+    status.json are replaced (atomically) by the new run right after, never removed: a reader such as the
+    app always finds a run there."""
     for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
+        if name not in ("config.json", "status.json"):
+            (run_dir / name).unlink(missing_ok=True)
     for sub in ("checkpoints", "samples", "logs"):
         shutil.rmtree(run_dir / sub, ignore_errors=True)
 

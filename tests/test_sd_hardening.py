@@ -214,3 +214,18 @@ def _alive(pid) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def test_clearing_a_run_never_leaves_the_folder_without_config_and_status(tmp_path):
+    """The app lists and polls a run while its trainer starts: the folder must stay a run throughout."""
+    from reflora_diffusion.rundir import clear_run, read_json
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (run / "samples").mkdir()
+    for name, text in (("config.json", '{"rank": 4}'), ("status.json", '{"state": "queued"}'),
+                       ("events.jsonl", "{}\n"), ("pytorch_lora_weights.safetensors", "x"), ("train.log", "log")):
+        (run / name).write_text(text)
+    clear_run(run)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "status.json", "train.log"]
+    assert read_json(run / "status.json") == {"state": "queued"}

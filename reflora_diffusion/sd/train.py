@@ -148,8 +148,8 @@ class SDTrainer:
         self.resume_dir = find_resume_checkpoint(cfg)
         action = check_output_dir(self.run_dir, requested, resume_found=self.resume_dir is not None)
         if self.is_main:
-            if action in ("overwrite", "restart"):
-                clear_run(self.run_dir)
+            if action == "overwrite":
+                clear_run(self.run_dir)  # (a "restart" has trained nothing: its events are reset below)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             clean_stale_temps(self.run_dir)
             cfg.save(self.run_dir / "config.json")
