@@ -1,6 +1,6 @@
 """CPU threads under contention: s/step of a tiny SD LoRA run with the machine idle and with one other busy
-process, for OpenMP's spinning wait (what torch does by default), OMP_NUM_THREADS=1, and the passive wait
-that the entry points now ask for (reflora_diffusion/cpu.py). Measured side by side in one run.
+process: torch's default threads, OMP_NUM_THREADS=1 and OMP_WAIT_POLICY=PASSIVE (see reflora_diffusion/cpu.py).
+Measured side by side in one run.
 
     python benchmarks/cpu_threads.py [--steps 20] [--out benchmarks/results]
 
@@ -24,9 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOG = ROOT.parent / "shared" / "data" / "dreambooth" / "dog"
 SETTINGS = {  # name -> environment
-    "spin (torch default)": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "torch default": {},
     "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
-    "passive wait (our default)": {},
+    "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
 }
 NEIGHBOUR = ("import torch\ntorch.set_num_threads(1)\nx = torch.randn(512, 512)\n"
              "while True:\n    x = torch.tanh(x @ x / 512)\n")
@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
             if neighbour is not None:
                 neighbour.kill()
     base = results["s_per_step"]
-    results["slowdown_vs_idle_default"] = {load: {n: v / base["idle"]["spin (torch default)"] for n, v in row.items()}
+    results["slowdown_vs_idle_default"] = {load: {n: v / base["idle"]["torch default"] for n, v in row.items()}
                                            for load, row in base.items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

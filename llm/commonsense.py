@@ -14,9 +14,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from reflora_diffusion.cpu import prefer_passive_waiting  # noqa: E402
-
-prefer_passive_waiting()  # before torch is imported: see reflora_diffusion/cpu.py
 
 USAGE = "usage: python llm/commonsense.py {train,eval} [flags]   (--help after the subcommand lists the flags)"
 

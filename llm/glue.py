@@ -12,9 +12,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from reflora_diffusion.cpu import prefer_passive_waiting  # noqa: E402
-
-prefer_passive_waiting()  # before torch is imported: see reflora_diffusion/cpu.py
 from reflora_diffusion.llm.glue import parse_args, run  # noqa: E402
 
 

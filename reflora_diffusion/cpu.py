@@ -1,21 +1,16 @@
 """CPU threads: one rule for every trainer and the app.
 
-On a CPU, OpenMP threads of processes that share the cores fight each other: OpenMP workers spin while
-they wait, so with one other busy process on a 2-core machine a tiny 64 px step took 2.5 s with default
-threads, 0.12 s with OMP_NUM_THREADS=1 and 0.14 s with OMP_WAIT_POLICY=PASSIVE (benchmarks/cpu_threads.py).
-So the entry points ask OpenMP to sleep instead of spin (unless the user set a policy), an explicit
-OMP_NUM_THREADS is always honoured, otherwise a trainer takes cores // (its processes on this machine),
-and the app gives each job cores // (jobs it runs at once).
+OpenMP threads of processes that share the cores fight each other. Measured on this 2-core machine
+(benchmarks/cpu_threads.py, tiny 64 px step): idle, torch's default threads 0.090 s, OMP_NUM_THREADS=1 0.123 s,
+OMP_WAIT_POLICY=PASSIVE 0.153 s; with one busy neighbour process 0.273 / 0.123 / 0.239 s; with several busy
+processes the default degraded up to 17x. So nothing changes for a lone process (the default is fastest),
+an explicit OMP_NUM_THREADS is always honoured, a trainer takes cores // (its processes on this machine), and
+the app, which runs jobs side by side, gives each job cores // (jobs it runs at once).
 """
 
 from __future__ import annotations
 
 import os
-
-
-def prefer_passive_waiting() -> None:
-    """OMP_WAIT_POLICY=PASSIVE unless set: must run before torch is imported (OpenMP reads it on load)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def usable_cores() -> int:

@@ -13,9 +13,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from reflora_diffusion.cpu import prefer_passive_waiting  # noqa: E402
-
-prefer_passive_waiting()  # before torch is imported: see reflora_diffusion/cpu.py
 from reflora_diffusion.sd.cli import main  # noqa: E402
 
 if __name__ == "__main__":
