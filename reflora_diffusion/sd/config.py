@@ -36,7 +36,7 @@ def _opt(default, help: str, **kw):
 class SDTrainConfig:
     # model
     pretrained_model_name_or_path: str | None = _opt(
-        None, "hub id, local diffusers folder, or the offline presets 'tiny' / 'tiny-sdxl'")
+        None, "hub id, local diffusers folder, or the offline presets 'tiny' / 'tiny-sdxl' / 'tiny-emoji'")
     revision: str | None = _opt(None, "hub revision of the base model")
     variant: str | None = _opt(None, "weights variant of the base model, e.g. fp16")
     # DreamBooth data

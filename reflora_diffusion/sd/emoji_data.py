@@ -62,14 +62,18 @@ def cache_root() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "reflora_diffusion"
 
 
-def caption_for(name: str) -> str:
-    """Lower-cased Unicode name; flags read "flag of <country>" ("Egypt Flag" / "flag: Egypt")."""
+# Unicode names that contradict the picture (colour words must steer colour).
+RENAMED = {"heavy black heart": "red heart"}
+
+
+def caption_for(name: str, subcategory: str = "") -> str:
+    """Lower-cased Unicode name; country/region flags read "flag of <place>" ("Egypt Flag" / "flag: Egypt")."""
     text = " ".join(name.replace("\u2019", "'").split()).lower()
     if text.startswith("flag: "):
         return "flag of " + text[len("flag: "):]
-    if text.endswith(" flag") and text != "flag":
-        return "flag of " + text[: -len(" flag")]
-    return text
+    if subcategory in ("country-flag", "subdivision-flag") and text.endswith(" flag"):
+        return "flag of " + text[: -len(" flag")]  # not "pirate flag" or "mailbox with raised flag"
+    return RENAMED.get(text, text)
 
 
 def build_items(emoji_json: list[dict], style: str) -> list[EmojiItem]:
@@ -78,7 +82,7 @@ def build_items(emoji_json: list[dict], style: str) -> list[EmojiItem]:
     for entry in sorted(emoji_json, key=lambda e: e.get("sort_order", 0)):
         if entry.get("category") == "Component" or not entry.get(f"has_img_{style}", False):
             continue  # skin-tone swatches / hair parts, or no image in this set
-        caption = caption_for(entry["name"])
+        caption = caption_for(entry["name"], entry.get("subcategory", ""))
         if caption in seen:
             continue
         seen.add(caption)

@@ -1,4 +1,4 @@
-"""Built-in offline presets: tiny Stable Diffusion (1.x-style) and tiny SDXL pipelines.
+"""Built-in offline presets: tiny Stable Diffusion (1.x-style) and tiny SDXL pipelines, and `tiny-emoji`.
 
 The models are made from config with a fixed seed, saved with the pipeline's own `save_pretrained` and
 then used through the same `from_pretrained` path as a hub model, so the whole trainer runs on a CPU in
@@ -8,6 +8,11 @@ encoders) at a few channels.
 
     folder = resolve_pretrained("tiny")       # built once into the cache, then reused
     pipe = StableDiffusionPipeline.from_pretrained(folder)
+
+`tiny-emoji` is different: a pretrained SD 1.x-architecture pipeline (64 px, ~27 MB of safetensors) that
+draws emoji from their names ("blue heart", "dog face", "flag of egypt"). It ships with the package in
+`assets/tiny-emoji/` (made by `python -m reflora_diffusion.sd.pretrain_emoji`, see docs/sd.md) and is
+returned from there, nothing is built.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-PRESETS = ("tiny", "tiny-sdxl")
+PRESETS = ("tiny", "tiny-sdxl", "tiny-emoji")
+# Presets that ship as pretrained weights inside the package (read in place, never built).
+SHIPPED = {"tiny-emoji": Path(__file__).parent / "assets" / "tiny-emoji"}
 # Bump when a preset's architecture or weights change so old caches are not reused.
 PRESET_VERSION = 1
-# Image size the presets are made for: UNet sample_size (32) * VAE scale factor (2).
+# Image size the presets are made for: UNet sample_size (32) * VAE scale factor (2); tiny-emoji: 16 * 4.
 PRESET_RESOLUTION = 64
 SEED = 0
 
@@ -36,10 +43,19 @@ def cache_dir() -> Path:
 
 
 def resolve_pretrained(name_or_path: str) -> str:
-    """Local folder for "tiny"/"tiny-sdxl" (built on first use); anything else is returned unchanged."""
+    """Local folder for a preset ("tiny"/"tiny-sdxl" built on first use, "tiny-emoji" shipped); anything else
+    is returned unchanged."""
     name = str(name_or_path)
     if name not in PRESETS:
         return name
+    if name in SHIPPED:
+        folder = SHIPPED[name]
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the {name!r} preset's weights are missing from {folder}: reinstall reflora-diffusion, or "
+                "remake them with `python -m reflora_diffusion.sd.pretrain_emoji` (docs/sd.md)"
+            )
+        return str(folder)
     folder = cache_dir() / f"{name}-v{PRESET_VERSION}"
     if (folder / "model_index.json").is_file():
         return str(folder)
@@ -98,8 +114,8 @@ def build_preset(name: str, folder: str | os.PathLike) -> None:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    if name not in PRESETS or name in SHIPPED:
+        raise ValueError(f"cannot build preset {name!r}: choose one of {', '.join(p for p in PRESETS if p not in SHIPPED)}")
     sdxl = name == "tiny-sdxl"
 
     def seeded(make):
