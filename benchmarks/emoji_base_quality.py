@@ -4,7 +4,7 @@
    each (seed = prompt index, DPM-Solver++ 25 steps, guidance 5); the generated image's nearest training
    images by pixel L2 at 32x32 must include the prompted emoji: top-1 and top-5 rates, plus how often the
    nearest image is of the prompted category (Flags, Animals & Nature, ...). Chance is 1/1905 and 5/1905.
-2. colour words: "<colour> heart" for blue/green/yellow/purple/orange, 4 seeds each: mean RGB of the
+2. colour words: "<colour> heart" for red/blue/green/yellow/purple/orange, 4 seeds each: mean RGB of the
    non-white pixels and whether the prompted colour's channel pattern wins.
 3. animal vs flag: 10 animal and 10 flag prompts, 2 seeds each: is the nearest training image's category
    the prompted one (an animal drawn as an animal, a flag as a flag)?
@@ -38,6 +38,7 @@ from reflora_diffusion.sd.presets import resolve_pretrained  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 COLOURS = {  # expected ordering of the mean (R, G, B) of the drawn pixels
+    "red": lambda r, g, b: r > g and r > b,
     "blue": lambda r, g, b: b > r and b > g,
     "green": lambda r, g, b: g > r and g > b,
     "yellow": lambda r, g, b: r > b and g > b,
