@@ -9,7 +9,7 @@
 3. animal vs flag: 10 animal and 10 flag prompts, 2 seeds each: is the nearest training image's category
    the prompted one (an animal drawn as an animal, a flag as a flag)?
 
-    python benchmarks/emoji_base_quality.py            # ~5 min on one CPU thread
+    python benchmarks/emoji_base_quality.py            # ~9 min on one CPU thread (tiny-emoji 2, tiny 6.5)
 
 Writes benchmarks/results/emoji_base_quality.json and .png (sample grid: prompt's training image above,
 tiny-emoji's image, then tiny's). Needs the Noto emoji (fetched with npm on first use, see

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -165,8 +166,6 @@ def prepare(style: str = "google", root: Path | None = None) -> Path:
         for i, item in enumerate(build_items(emoji_json, style)):
             if item.image not in pngs:
                 continue
-            import io
-
             rgba = Image.open(io.BytesIO(pngs[item.image])).convert("RGBA")
             if rgba.size != (IMAGE_SIZE, IMAGE_SIZE):
                 rgba = rgba.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
