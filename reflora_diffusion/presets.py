@@ -10,6 +10,11 @@ and scaling factors) at a few channels.
 
     folder = resolve_pretrained("tiny")       # built once into the cache, then reused
     pipe = StableDiffusionPipeline.from_pretrained(folder)
+
+`tiny-emoji` is different: a pretrained SD 1.x-architecture pipeline (64 px, ~27 MB of safetensors) that
+draws emoji from their names ("blue heart", "dog face", "flag of egypt"). It ships with the package in
+`assets/tiny-emoji/` (made by `python -m reflora_diffusion.sd.pretrain_emoji`, see docs/sd.md) and is
+returned from there, nothing is built.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-PRESETS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux")
+PRESETS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-emoji")
+# Presets that ship as pretrained weights inside the package (read in place, never built).
+SHIPPED = {"tiny-emoji": Path(__file__).parent / "assets" / "tiny-emoji"}
 # Model families by pipeline: what the trainer, the sampler and the exporters switch on.
 PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
              "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
@@ -44,10 +51,18 @@ def cache_dir() -> Path:
 
 
 def resolve_pretrained(name_or_path: str) -> str:
-    """Local folder for "tiny"/"tiny-sdxl" (built on first use); anything else is returned unchanged."""
+    """Local folder for a preset (built on first use; "tiny-emoji" ships with the package); anything else is
+    returned unchanged."""
     name = str(name_or_path)
     if name not in PRESETS:
         return name
+    if name in SHIPPED:
+        folder = SHIPPED[name]
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the {name!r} preset's weights are missing from {folder}: reinstall reflora-diffusion, or "
+                "remake them with `python -m reflora_diffusion.sd.pretrain_emoji` (docs/sd.md)")
+        return str(folder)
     folder = cache_dir() / f"{name}-v{PRESET_VERSION}"
     if (folder / "model_index.json").is_file():
         return str(folder)
@@ -81,7 +96,7 @@ def model_family(folder_or_id: str) -> str:
     """"sd", "sdxl", "sd3" or "flux" for a preset name, local folder or hub id (from model_index.json)."""
     name = str(folder_or_id)
     if name in PRESETS:
-        return {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}[name]
+        return {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux", "tiny-emoji": "sd"}[name]
     index = Path(name) / "model_index.json"
     if not index.is_file():
         try:  # hub id: read its model_index.json (cached or downloaded; fails offline if never fetched)
@@ -148,8 +163,8 @@ def build_preset(name: str, folder: str | os.PathLike) -> None:
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    if name not in PRESETS or name in SHIPPED:
+        raise ValueError(f"cannot build preset {name!r}: choose one of {', '.join(p for p in PRESETS if p not in SHIPPED)}")
     if model_family(name) in FLOW_FAMILIES:
         return _build_flow_preset(name, folder)
     sdxl = name == "tiny-sdxl"
@@ -207,7 +222,7 @@ def _clip_config(**extra):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=len(_tokenizer_vocab()), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        vocab_size=len(byte_vocab()), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=_BOS_ID, eos_token_id=_EOS_ID,
         pad_token_id=_EOS_ID, hidden_act="quick_gelu", **extra,
     )  # fmt: skip
@@ -283,7 +298,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def _tokenizer_vocab() -> dict[str, int]:
+def byte_vocab() -> dict[str, int]:
     # Same layout as CLIP's vocab: byte characters, the same with the end-of-word marker, then specials.
     chars = list(_bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
@@ -296,7 +311,7 @@ _BOS_ID, _EOS_ID = 512, 513
 def make_tokenizer():
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(vocab=_tokenizer_vocab(), merges=[], model_max_length=77)
+    return CLIPTokenizer(vocab=byte_vocab(), merges=[], model_max_length=77)
 
 
 # ---- T5 tokenizer: a unigram model over single characters (sentencepiece layout), so any text tokenizes ----
