@@ -1,8 +1,8 @@
 """CPU threads: one rule for every trainer and the app.
 
 OpenMP threads of processes that share the cores fight each other. Measured on this 2-core machine
-(benchmarks/cpu_threads.py, tiny 64 px step): idle, torch's default threads 0.090 s, OMP_NUM_THREADS=1 0.123 s,
-OMP_WAIT_POLICY=PASSIVE 0.153 s; with one busy neighbour process 0.273 / 0.123 / 0.239 s; with several busy
+(benchmarks/cpu_threads.py, tiny 64 px step): idle, torch's default threads 0.091 s, OMP_NUM_THREADS=1 0.121 s,
+OMP_WAIT_POLICY=PASSIVE 0.153 s; with one busy neighbour process 0.310 / 0.123 / 0.140 s; with several busy
 processes the default degraded up to 17x. So nothing changes for a lone process (the default is fastest),
 an explicit OMP_NUM_THREADS is always honoured, a trainer takes cores // (its processes on this machine), and
 the app, which runs jobs side by side, gives each job cores // (jobs it runs at once).
