@@ -41,10 +41,10 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
             with gr.Tab("Train", id="train"):
                 with gr.Row():
                     with gr.Column():
-                        base = gr.Dropdown(["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux",
+                        base = gr.Dropdown(["tiny", "tiny-emoji", "tiny-sdxl", "tiny-sd3", "tiny-flux",
                                             "stable-diffusion-v1-5/stable-diffusion-v1-5",
                                             "stabilityai/stable-diffusion-xl-base-1.0"], value="tiny",
-                                           allow_custom_value=True, label="Base model (hub id, local folder, or tiny)")
+                                           allow_custom_value=True, label="Base model (hub id, local folder, or a preset: tiny-emoji draws emoji)")
                         images = gr.File(file_count="multiple", file_types=["image"], label="Training images")
                         with gr.Row():
                             data_dir = gr.Textbox("", label="…or a folder of images on this machine", scale=3)
