@@ -42,17 +42,11 @@ import torch  # noqa: E402
 from reflora_diffusion.rundir import read_events  # noqa: E402
 from reflora_diffusion.sd import emoji_data  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from emoji_base_quality import to32  # noqa: E402  (the same 32x32 pixel space as the base quality figures)
+
 RESULTS = REPO / "benchmarks" / "results"
 LABELS = {"lora": "LoRA", "reflora": "RefLoRA", "reflora-s": "RefLoRA-S", "lora+": "LoRA+"}
-
-
-def to32(images: np.ndarray) -> np.ndarray:
-    """N x 64 x 64 x 3 (uint8 or float in [0, 1]) -> N x 3072 floats in [0, 1], 2x2 average pooled."""
-    x = torch.as_tensor(np.asarray(images, dtype=np.float32))
-    if x.max() > 1.5:
-        x = x / 255.0
-    x = torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2), 2)
-    return x.reshape(len(x), -1).numpy()
 
 
 def l2(gen: np.ndarray, ref: np.ndarray) -> list[float]:
