@@ -167,6 +167,41 @@ def test_kohya_file_layout(tmp_path, name):
     assert meta["ss_sd_model_name"] == name
 
 
+def test_flux_kohya_layout_is_what_diffusers_reads_at_full_size():
+    """FLUX.1-dev's real shapes (19 double, 38 single blocks, width 3072, MLP 12288) at rank 2: diffusers' own
+    sd-scripts reader (_convert_kohya_flux_lora_to_diffusers, hard-coded to these sizes) gives back every layer's
+    exact weight change, also for fused q/k/v (+ MLP), per-part alphas and the final layers' swapped halves."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    from reflora_diffusion.export.factors import Factor
+    from reflora_diffusion.export.kohya import flux_kohya_tensors
+
+    D, M = 3072, 12288
+    g = torch.Generator().manual_seed(0)
+    double = {"attn.to_q": (D, D), "attn.to_k": (D, D), "attn.to_v": (D, D), "attn.to_out.0": (D, D),
+              "attn.add_q_proj": (D, D), "attn.add_k_proj": (D, D), "attn.add_v_proj": (D, D),
+              "attn.to_add_out": (D, D), "ff.net.0.proj": (D, M), "ff.net.2": (M, D), "ff_context.net.0.proj": (D, M),
+              "ff_context.net.2": (M, D), "norm1.linear": (D, 6 * D), "norm1_context.linear": (D, 6 * D)}
+    single = {"attn.to_q": (D, D), "attn.to_k": (D, D), "attn.to_v": (D, D), "proj_mlp": (D, M),
+              "proj_out": (D + M, D), "norm.linear": (D, 3 * D)}
+    shapes = {**{f"transformer_blocks.{i}.{n}": s for i in range(19) for n, s in double.items()},
+              **{f"single_transformer_blocks.{i}.{n}": s for i in range(38) for n, s in single.items()},
+              "x_embedder": (64, D), "time_text_embed.guidance_embedder.linear_1": (256, D), "proj_out": (D, 64),
+              "norm_out.linear": (D, 2 * D)}
+    layers = {name: Factor(torch.randn(2, d_in, generator=g), torch.randn(d_out, 2, generator=g),
+                           8.0 if name.endswith("to_k") else 4.0) for name, (d_in, d_out) in shapes.items()}
+    kohya = flux_kohya_tensors(layers)
+    assert kohya["lora_unet_double_blocks_3_img_attn_qkv.lora_down.weight"].shape == (6, D)
+    assert kohya["lora_unet_single_blocks_37_linear1.lora_up.weight"].shape == (3 * D + M, 8)
+    back = _convert_kohya_flux_lora_to_diffusers(dict(kohya))
+    for name, f in layers.items():  # compare B A x on random x (the full products would take minutes)
+        key = ("transformer." if "blocks" in name else "") + name  # diffusers 0.42 leaves the top ones bare
+        x = torch.randn(f.A.shape[1], 3, generator=g)
+        got = back.pop(f"{key}.lora_B.weight") @ (back.pop(f"{key}.lora_A.weight") @ x)  # alpha baked in: scale 1
+        torch.testing.assert_close(got, f.scaling * f.B @ (f.A @ x), rtol=1e-4, atol=1e-3, msg=name)
+    assert not back
+
+
 def test_sgm_names_match_sdxl_layout():
     # SDXL base: 3 down blocks of 2 layers (attention in blocks 1, 2), 3 up blocks of 3 layers
     blocks = {"layers_per_block": 2, "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}

@@ -144,11 +144,39 @@ def test_train_export_and_reload_in_the_pipeline(tmp_path, name, method, text_en
                                rtol=1e-4, atol=1e-5)
     assert abs(generate(pipe) - before).max() > 1e-4
 
-    # re-export from the run folder gives the same tensors; kohya is refused with a pointer to ComfyUI
+    # re-export from the run folder gives the same tensors
     again = load_file(str(export_run(run, output=tmp_path / "again")))
     assert again.keys() == keys.keys() and all(torch.equal(again[k], keys[k]) for k in keys)
-    with pytest.raises(ExportError, match="kohya export covers SD 1.x/SDXL only; .* ComfyUI's Load LoRA node"):
-        export_run(run, format="kohya", output=tmp_path / "kohya")
+    if family == "sd3":  # no kohya layout that a loader reads: refused with a pointer to ComfyUI
+        with pytest.raises(ExportError, match="kohya export covers SD 1.x, SDXL and FLUX; for SD3 .* Load LoRA node"):
+            export_run(run, format="kohya", output=tmp_path / "kohya")
+    else:  # sd-scripts' FLUX layout: each (fused) layer adds exactly the trained layers' weight change
+        kohya = load_file(str(export_run(run, format="kohya", output=tmp_path / "kohya", name="dog")))
+        assert_flux_kohya_matches(kohya, transformer)
+        assert all(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te1_")) for k in kohya)
+        assert any(k.startswith("lora_te1_") for k in kohya) == text_encoder
+
+
+def lora_delta(layer) -> torch.Tensor:
+    """The weight change a peft LoRA layer adds: scaling * B @ A."""
+    return layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+
+
+def assert_flux_kohya_matches(kohya, transformer):
+    from reflora_diffusion.export.kohya import flux_kohya_name
+
+    groups = {}
+    for name, module in transformer.named_modules():
+        if hasattr(module, "lora_A"):
+            key, part = flux_kohya_name(name)
+            groups.setdefault(key, {})[part or 0] = lora_delta(module).detach()
+    assert {k.rsplit(".", 2)[0] for k in kohya if k.startswith("lora_unet")} == set(groups)
+    for key, parts in groups.items():
+        down, up, alpha = kohya[f"{key}.lora_down.weight"], kohya[f"{key}.lora_up.weight"], kohya[f"{key}.alpha"]
+        got = alpha / down.shape[0] * up @ down
+        want = torch.cat([parts[j] for j in sorted(parts)])  # fused: q, k, v (and the MLP input) stacked
+        assert len(parts) in (1, 3, 4) and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 # --- options ---------------------------------------------------------------------------------------------

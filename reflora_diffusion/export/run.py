@@ -157,11 +157,18 @@ def write_model_card(run_dir: str | Path, factors: LoraFactors | None = None, ko
         load, base_arg = "", json.dumps(base)
     tags = ["lora", "diffusers", "reflora", "text-to-image",
             {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}[factors.family]]
-    if flows:  # no kohya layout for these: ComfyUI reads the diffusers file
+    if factors.family == "sd3":  # no kohya layout for SD3: ComfyUI reads the diffusers file
         others = f"""## ComfyUI
 
 Copy `{WEIGHT_NAME}` into `models/loras/` and use a "Load LoRA" node: ComfyUI reads diffusers-format
-{factors.family.upper()} LoRA files as they are. (The kohya/A1111 export covers SD 1.x/SDXL only.)
+SD3 LoRA files as they are. (The kohya export covers SD 1.x, SDXL and FLUX.)
+"""
+    elif flows:
+        others = f"""## ComfyUI / Forge
+
+Copy `{kohya or WEIGHT_NAME}` into `models/loras/` and use a "Load LoRA" node: ComfyUI reads diffusers-format
+FLUX LoRA files as they are{f", and `{kohya}` is the same LoRA in kohya sd-scripts' FLUX layout (Forge reads it too)"
+if kohya else ""}. For the kohya layout: `python -m reflora_diffusion.export <this folder> --format kohya --output <folder>`.
 """
     else:
         others = f"""## AUTOMATIC1111 / ComfyUI (kohya format)
