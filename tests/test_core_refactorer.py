@@ -161,6 +161,59 @@ def test_reflora_s_balances_factors_and_carries_adam_state():
         assert torch.allclose(ss[ps.B]["exp_avg_sq"], sl[pl.B]["exp_avg_sq"] * s, atol=1e-9)
 
 
+def test_reflora_apply_to_variants_take_the_same_sgd_steps():
+    """Under plain SGD, preconditioning the gradient, the optimizer's step, or stepping in the balanced
+    factorization are one and the same step of B A (RefLoRA's consistency, Theorem 6: exact, not only to first
+    order); only the factorization differs. Warm-up 1 (one plain step first), float64."""
+    products = {}
+    for apply_to in ("gradient", "update", "factors"):
+        model = lora_model(seed=5, dtype=torch.float64)
+        ref, _, losses = train(model, "reflora", steps=6, lr=0.05, opt_cls=torch.optim.SGD, warmup_steps=1,
+                               apply_to=apply_to)
+        products[apply_to] = [p.B.detach() @ p.A.detach() for p in ref.pairs]
+        assert ref.stats()["refactored"] == 2 and losses[-1] < losses[0]
+        if apply_to == "factors":  # the pair is kept balanced: A A^T = B^T B after each step's refactoring
+            ref.method._balance(ref)
+            for p in ref.pairs:
+                torch.testing.assert_close(p.A @ p.A.T, p.B.T @ p.B, rtol=1e-8, atol=1e-10)
+    for apply_to in ("update", "factors"):
+        for got, want in zip(products[apply_to], products["gradient"]):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_reflora_apply_to_under_adam_differs_and_carries_the_moments():
+    """With AdamW the variants are different methods; 'factors' carries the first moment like a gradient
+    (G_A -> P^-1 G_A with P = S*^1/2) and keeps B A through the refactoring."""
+    from reflora_diffusion.core import geometric_mean
+
+    runs = {}
+    for apply_to in ("gradient", "update", "factors"):
+        model = lora_model(seed=5)
+        runs[apply_to] = train(model, "reflora", steps=4, lr=1e-2, warmup_steps=1, apply_to=apply_to)
+    prods = {k: torch.cat([(p.B @ p.A).flatten() for p in ref.pairs]) for k, (ref, _, _) in runs.items()}
+    assert (prods["update"] - prods["gradient"]).abs().max() > 1e-4
+    assert (prods["factors"] - prods["gradient"]).abs().max() > 1e-4
+
+    ref, opt, _ = runs["factors"]
+    pair = ref.pairs[0]
+    A, B = pair.A.detach().clone(), pair.B.detach().clone()
+    m_a, m_b = opt.state[pair.A]["exp_avg"].clone(), opt.state[pair.B]["exp_avg"].clone()
+    _, S, _ = geometric_mean((A @ A.T)[None], (B.T @ B)[None])
+    w, v = torch.linalg.eigh(S[0].double())
+    P = (v * w.sqrt()) @ v.T
+    ref.method._balance(ref)
+    torch.testing.assert_close(pair.A.detach().double(), P @ A.double(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(pair.B @ pair.A, B @ A, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(opt.state[pair.A]["exp_avg"].double(), torch.linalg.solve(P, m_a.double()),
+                               rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(opt.state[pair.B]["exp_avg"].double(), m_b.double() @ P, rtol=1e-4, atol=1e-8)
+
+
+def test_reflora_apply_to_unknown_is_refused():
+    with pytest.raises(ValueError, match="apply_to='adam' is unknown; use one of gradient, update, factors"):
+        Refactorer(lora_model(), method="reflora", apply_to="adam")
+
+
 @pytest.mark.parametrize("method", ["reflora", "reflora-s", "nora+"])
 def test_gradient_accumulation_preconditions_once_per_step(method):
     m1, m4 = lora_model(seed=5), lora_model(seed=5)

@@ -3,6 +3,7 @@
 A method sees the Refactorer (pairs, step count, optimizer) and may
 - ``setup``: change the optimizer once when attached (LoRA+ parameter groups, a chain's first link);
 - ``pre_step``: transform gradients after they are final and before the optimizer reads them;
+- ``finish_step``: change the step the optimizer has just taken (RefLoRA's apply_to="update");
 - ``post_step``: transform factors and optimizer state after the optimizer has moved them.
 """
 
@@ -44,6 +45,9 @@ class Method:
     def post_step(self, ref: Refactorer) -> None:
         pass
 
+    def finish_step(self, ref: Refactorer) -> None:
+        """After every optimizer step, before ``post_step`` (whether or not the method acts next)."""
+
     def state_dict(self) -> dict:
         return {}
 
@@ -69,13 +73,106 @@ class Preconditioned(Method):
 
 
 class RefLoRA(Preconditioned):
-    """Full RefLoRA as a gradient preconditioner: G_A <- S*^-1 G_A, G_B <- G_B S* (METHODS.md 2)."""
+    """Full RefLoRA (METHODS.md 2). ``apply_to`` says where S* acts, which matters only with an adaptive optimizer
+    (for plain gradient steps all three are the same first-order step, Theorem 3):
+
+    - "gradient" (the paper's and the default): G_A <- S*^-1 G_A, G_B <- G_B S* before the optimizer reads them;
+      Adam's moments stay in the original coordinates and its per-coordinate scaling partly undoes S*.
+    - "update": the optimizer takes its step (U_A, U_B) as it would, which is then replaced by (S*^-1 U_A, U_B S*),
+      S* from the factors before the step. Moments in the original coordinates, S* applied after Adam's scaling.
+    - "factors": before each step, refactor the pair to its balanced form A <- P A, B <- B P^-1 with P = S*^1/2
+      (then A A^T = B^T B; S* of the new pair is I) and carry the optimizer's moments into the new coordinates:
+      linear state (exp_avg, momentum) like the gradient, G_A -> P^-1 G_A, G_B -> G_B P; Adam's diagonal second
+      moment by the squared entries of the same matrices (exact for a diagonal P, RefLoRA-S's case). The optimizer
+      then steps in the balanced factorization, which is RefLoRA's "refactor, step" without the refactoring back.
+    """
 
     name = "reflora"
-    options = {"normalize": False}
+    options = {"normalize": False, "apply_to": "gradient"}
+    APPLY_TO = ("gradient", "update", "factors")
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.apply_to not in self.APPLY_TO:
+            raise ValueError(f"apply_to={self.apply_to!r} is unknown; use one of {', '.join(self.APPLY_TO)}.")
+        self._before: list | None = None
 
     def preconditioner(self):
         return lambda AAt, BtB: linalg.geometric_mean(AAt, BtB, normalize=self.normalize)
+
+    def pre_step(self, ref: Refactorer) -> None:
+        if self.apply_to == "gradient":
+            ref.precondition_gradients(self.preconditioner())
+        elif self.apply_to == "update":
+            self._before = [(p.A.detach().clone(), p.B.detach().clone()) for p in ref.pairs]
+        elif ref.step_count == 0:  # "factors", no previous step to balance after: balance now, gradients along
+            self._balance(ref, with_grads=True)
+
+    def post_step(self, ref: Refactorer) -> None:
+        if self.apply_to == "factors":
+            self._balance(ref)
+
+    def finish_step(self, ref: Refactorer) -> None:
+        """"update": replace the step the optimizer just took by its preconditioned form."""
+        if self._before is None:
+            return
+        before, self._before = self._before, None
+        moved, grads = [], []
+        for pair, (a0, b0) in zip(ref.pairs, before):
+            if pair.A.grad is None or pair.B.grad is None:  # not stepped (frozen this step)
+                continue
+            grads.append((pair, pair.A.grad, pair.B.grad))
+            pair.A.grad, pair.B.grad = pair.A.detach() - a0, pair.B.detach() - b0  # the step, read as a "gradient"
+            pair.A.copy_(a0)
+            pair.B.copy_(b0)
+            moved.append(pair)
+        ref.precondition_gradients(self.preconditioner())  # S* of the factors before the step
+        for pair, ga, gb in grads:
+            pair.A.add_(pair.A.grad)
+            pair.B.add_(pair.B.grad)
+            pair.A.grad, pair.B.grad = ga, gb
+
+    def _balance(self, ref: Refactorer, with_grads: bool = False) -> None:
+        if ref.shard_group() is not None:
+            raise ValueError("reflora apply_to='factors' needs whole factors on each process; use DDP, or "
+                             "apply_to='gradient' with FSDP2")
+        pairs = ref.pairs
+        cdt = torch.float64 if pairs[0].A.dtype == torch.float64 else torch.float32
+        As = [p.a_matrix(p.A.detach()).to(cdt) for p in pairs]
+        Bs = [p.b_matrix(p.B.detach()).to(cdt) for p in pairs]
+        by_rank: dict[int, list[int]] = {}
+        for i, p in enumerate(pairs):
+            by_rank.setdefault(p.rank, []).append(i)
+        state = ref.optimizer.state
+        for idx in by_rank.values():
+            AAt = torch.stack([As[i] @ As[i].T for i in idx])
+            BtB = torch.stack([Bs[i].T @ Bs[i] for i in idx])
+            finite = torch.isfinite(AAt).all(dim=(-2, -1)) & torch.isfinite(BtB).all(dim=(-2, -1))
+            _, S, ok = linalg.geometric_mean(AAt, BtB)
+            ok = ok & finite
+            ref.count(ok, finite)
+            w, v = torch.linalg.eigh(S.double())
+            root = w.clamp_min(0).sqrt()
+            P = (v * root[:, None, :]) @ v.transpose(-1, -2)  # S*^1/2 (identity where not ok)
+            P_inv = (v / root[:, None, :]) @ v.transpose(-1, -2)
+            for j in ok.nonzero()[:, 0].tolist():
+                pair = pairs[idx[j]]
+                pa, pa_inv = P[j].to(device=pair.A.device, dtype=cdt), P_inv[j].to(device=pair.A.device, dtype=cdt)
+                # (factor, left-multiplied?, the factor's map, the gradient's map)
+                for param, left, f_map, g_map in ((pair.A, True, pa, pa_inv), (pair.B, False, pa_inv, pa)):
+                    st = state.get(param, {})
+                    todo = [(param.data, f_map, 1)] + [(st.get(k), g_map, 1) for k in _LINEAR_STATE]
+                    todo += [(st.get(k), g_map, 2) for k in _QUADRATIC_STATE]
+                    if with_grads:
+                        todo.append((param.grad, g_map, 1))
+                    for t, M, power in todo:
+                        if t is None or not t.is_floating_point() or t.shape != param.shape:
+                            continue
+                        M = M.square() if power == 2 else M
+                        mat = pair.a_matrix(t) if left else pair.b_matrix(t)
+                        new = M @ mat.to(cdt) if left else mat.to(cdt) @ M
+                        t.copy_(new.view_as(t))
+        ref.warn_unknown_state(_LINEAR_STATE + _QUADRATIC_STATE + _UNSCALED_STATE)
 
 
 class ScaledGD(Preconditioned):

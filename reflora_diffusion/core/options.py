@@ -22,7 +22,7 @@ def _owners(core_name: str) -> list[str]:
 # Flag name -> keyword of Refactorer / the method classes (metadata is passed on to argparse, so it lives here).
 CORE_NAMES = {"refactor_warmup_steps": "warmup_steps", "refactor_interval": "interval", "loraplus_lr_ratio": "ratio",
               "preconditioner_delta": "delta", "chain_every": "chain_every", "rac_p": "p",
-              "reflora_normalize": "normalize", "reinit": "reinit"}
+              "reflora_normalize": "normalize", "reflora_apply_to": "apply_to", "reinit": "reinit"}
 
 
 def _opt(default, core: str, help: str):
@@ -45,6 +45,8 @@ class MethodOptions:
     chain_every: int | None = _opt(None, "chain_every", "optimizer steps per chain link")
     rac_p: float | None = _opt(None, "p", "probability that a link trains B with A frozen")
     reflora_normalize: bool = _opt(False, "normalize", "unit-determinant S* (steadier with Adam right after the warm-up)")
+    reflora_apply_to: str | None = _opt(None, "apply_to", "where S* acts under an adaptive optimizer: gradient (the paper), "
+                                        "update (the optimizer's step) or factors (balanced factors, moments carried)")
     reinit: bool = field(default=False, metadata={
         "help": "random full-rank A, B with the base weight compensated: refactor from step 0 (export has rank 2r)"})
 

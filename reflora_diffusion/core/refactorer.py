@@ -197,6 +197,7 @@ class Refactorer:
 
     @torch.no_grad()
     def _post_hook(self, optimizer, args, kwargs):
+        self.method.finish_step(self)
         self.step_count += 1
         if self._active():  # after the previous step, for the next one
             self._new_action = True
