@@ -209,6 +209,24 @@ def test_reflora_apply_to_under_adam_differs_and_carries_the_moments():
     torch.testing.assert_close(opt.state[pair.B]["exp_avg"].double(), m_b.double() @ P, rtol=1e-4, atol=1e-8)
 
 
+def test_sstar_stats_measure_how_far_refactoring_is_from_identity():
+    """After balancing (apply_to='factors'), S* = I: spread 1, scale 1. B -> 4 B makes S* -> 4 S* (S (A A^T) S =
+    B^T B is quadratic in S): scale 4, spread unchanged. Before the warm-up (B = 0) no layer has an S*."""
+    assert Refactorer(lora_model(warm=False), method="reflora").stats()["sstar_layers"] == 0
+    ref = Refactorer(lora_model(dtype=torch.float64), method="reflora", apply_to="factors")
+    ref.attach(torch.optim.SGD([p for pair in ref.pairs for p in (pair.A, pair.B)], lr=0.1))
+    before = ref.stats()
+    assert before["sstar_layers"] == 2 and before["sstar_spread_max"] > 1.5
+    ref.method._balance(ref)
+    st = ref.stats()
+    assert st["sstar_spread_max"] == pytest.approx(1.0, abs=1e-6) and st["sstar_scale_max"] == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        for pair in ref.pairs:
+            pair.B.mul_(4.0)
+    st = ref.stats()
+    assert st["sstar_scale_min"] == pytest.approx(4.0, rel=1e-6) and st["sstar_spread_max"] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_reflora_apply_to_unknown_is_refused():
     with pytest.raises(ValueError, match="apply_to='adam' is unknown; use one of gradient, update, factors"):
         Refactorer(lora_model(), method="reflora", apply_to="adam")

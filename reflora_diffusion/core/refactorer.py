@@ -394,7 +394,7 @@ class Refactorer:
         ratio = nb / na
         ratio = ratio[torch.isfinite(ratio)]
         last = {k: int(v) for k, v in self._last.items()}
-        return {
+        return {**self._sstar_stats(), 
             "method": self.method_name,
             "step": self.step_count,
             "layers": len(self.pairs),
@@ -406,6 +406,30 @@ class Refactorer:
             "balance_mean": float(ratio.mean()) if ratio.numel() else float("nan"),
             "balance_max": float(ratio.max()) if ratio.numel() else float("nan"),
         }
+
+    def _sstar_stats(self) -> dict:
+        """How far RefLoRA's S* of the current factors is from the identity, over the full-rank layers (median and
+        max over layers): ``sstar_spread`` = lambda_max / lambda_min of S* (1: S* is a multiple of I, what RefLoRA-S
+        can do too), ``sstar_scale`` = det(S*)^(1/r) (1: ||B|| and ||A|| balanced in scale). Whole factors only
+        (left out under FSDP2); r x r eighs, cheap at logging steps."""
+        if self.shard_group() is not None:
+            return {}
+        from .linalg import geometric_mean
+
+        spreads, scales = [], []
+        for pairs in self._group_pairs().values():
+            As = torch.stack([p.a_matrix(p.A.detach()) for p in pairs]).double()
+            Bs = torch.stack([p.b_matrix(p.B.detach()) for p in pairs]).double()
+            _, S, ok = geometric_mean(As @ As.transpose(-1, -2), Bs.transpose(-1, -2) @ Bs)
+            w = torch.linalg.eigvalsh(S[ok])
+            spreads.append(w[:, -1] / w[:, 0])
+            scales.append(w.log().mean(-1).exp())
+        spread, scale = torch.cat(spreads), torch.cat(scales)
+        if not spread.numel():
+            return {"sstar_layers": 0}
+        return {"sstar_layers": int(spread.numel()), "sstar_spread_median": float(spread.median()),
+                "sstar_spread_max": float(spread.max()), "sstar_scale_median": float(scale.median()),
+                "sstar_scale_min": float(scale.min()), "sstar_scale_max": float(scale.max())}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
