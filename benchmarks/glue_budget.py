@@ -9,6 +9,8 @@ of the real entry point (reflora_diffusion.llm.glue.run); a finished cell is a J
 
     nice -n 15 env OMP_NUM_THREADS=1 python benchmarks/glue_budget.py run            # the whole grid, resumable
     python benchmarks/glue_budget.py run --tasks mrpc --lrs 1e-3 --seeds 0           # one slice
+    python benchmarks/glue_budget.py run --tasks rte --methods lora reflora reflora-s --optims sgdm   # SGD + momentum
+    python benchmarks/glue_budget.py run --tasks rte --methods reflora@update reflora@factors reflora@normalize
     python benchmarks/glue_budget.py report                                          # JSON + PNG from the cells
 
 Cells run lr-major (the paper's 1e-3 first), then seed, task, method, so paired comparisons complete early.
@@ -39,6 +41,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 EPOCHS = {"rte": 8, "mrpc": 5, "stsb": 3, "cola": 2}
 MAX_LENGTH = {"rte": 128, "mrpc": 128, "stsb": 128, "cola": 64}
 METHODS = ["lora", "reflora", "reflora-s"]
+# RefLoRA variants (issue 9, part 2) as method@variant, e.g. --methods reflora@update reflora@factors
+VARIANT_FLAGS = {"": [], "normalize": ["--reflora_normalize", "true"], "update": ["--reflora_apply_to", "update"],
+                 "factors": ["--reflora_apply_to", "factors"]}
 OPTIMIZERS = {  # name -> (TrainingArguments optim, optim_args, lr grid)
     "adamw": ("adamw_torch", None, [1e-3, 3e-4, 3e-3]),
     "sgdm": ("sgd", "momentum=0.9", [3e-2, 1e-2, 1e-1]),
@@ -62,8 +67,9 @@ def run_cell(args, task, method, optim, lr, seed) -> dict:
     hf_optim, optim_args, _ = OPTIMIZERS[optim]
     with tempfile.TemporaryDirectory() as work:
         out = os.path.join(work, "run")
+        core, _, variant = method.partition("@")  # e.g. reflora@update: RefLoRA with apply_to="update"
         flags = ["--task_name", task, "--model_name_or_path", args.model, "--data_dir", args.data_dir,
-                 "--method", method, "--output_dir", out, "--seed", str(seed), "--num_train_epochs", str(EPOCHS[task]),
+                 "--method", core, *VARIANT_FLAGS[variant], "--output_dir", out, "--seed", str(seed), "--num_train_epochs", str(EPOCHS[task]),
                  "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64", "--learning_rate", str(lr),
                  "--lr_scheduler_type", "linear", "--warmup_steps", "0.1", "--weight_decay", "0.01",
                  "--max_length", str(MAX_LENGTH[task]), "--lora_r", "8", "--lora_alpha", "8", "--target_modules", "paper",
@@ -87,7 +93,9 @@ def run_cell(args, task, method, optim, lr, seed) -> dict:
             "refactor_warmup": glue_args.refactor_warmup_steps, "metric": results["main_value"],
             "main_metric": results["main_metric"], "final": results["final"], "wall_s": wall,
             "loss_steps": [e["step"] for e in train], "loss": [e["loss"] for e in train],
-            "balance": [e.get("refactor", {}).get("balance_mean") for e in train]}
+            "balance": [e.get("refactor", {}).get("balance_mean") for e in train],
+            "sstar_spread": [e.get("refactor", {}).get("sstar_spread_median") for e in train],
+            "sstar_scale": [e.get("refactor", {}).get("sstar_scale_median") for e in train]}
 
 
 def glue_args_train_size(glue_args) -> int:

@@ -42,8 +42,16 @@ def target(d: int, rank: int, seed: int, sigma_min: float = 8.0, sigma_max: floa
     return U @ torch.diag(sigma) @ V.T
 
 
+OPTIMIZERS = {"gd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+              "sgdm": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+              "adam": lambda params, lr: torch.optim.Adam(params, lr=lr)}
+
+
 def run(method: str, lr: float, Y: torch.Tensor, rank: int, iters: int, seed: int, init_std: float = 1.0,
-        optimizer: str = "gd") -> list[float]:
+        optimizer: str = "gd", options: dict | None = None, warmup: int = 0, trace: list | None = None,
+        trace_every: int = 5) -> list[float]:
+    """Loss per iteration; ``options`` replace the method's defaults; ``trace`` collects the core's stats
+    (S* spread and scale, ||B|| / ||A||) every ``trace_every`` iterations."""
     d = Y.shape[0]
     torch.manual_seed(seed)
     layer = nn.Linear(d, d, bias=False, dtype=torch.float64)
@@ -52,12 +60,14 @@ def run(method: str, lr: float, Y: torch.Tensor, rank: int, iters: int, seed: in
     (pair,) = find_lora_pairs(model)
     with torch.no_grad():  # the usual matrix-factorization init: Gaussian A, zero B (LoRA's B = 0)
         pair.A.normal_(0.0, init_std)
-    ref = Refactorer(model, method=method, **METHODS[method])
+    ref = Refactorer(model, method=method, warmup_steps=warmup, **(METHODS[method] if options is None else options))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = ref.attach(torch.optim.SGD(params, lr=lr) if optimizer == "gd" else torch.optim.Adam(params, lr=lr))
+    opt = ref.attach(OPTIMIZERS[optimizer](params, lr))
     eye = torch.eye(d, dtype=torch.float64)
     losses = []
-    for _ in range(iters):
+    for it in range(iters):
+        if trace is not None and it % trace_every == 0:
+            trace.append({"iter": it, **{k: v for k, v in ref.stats().items() if k.startswith(("sstar", "balance"))}})
         W = model(eye).T  # the adapted weight s * B @ A (base is zero)
         loss = 0.5 * (W - Y).pow(2).sum()
         value = loss.item()
