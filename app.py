@@ -1,6 +1,6 @@
 """reflora-diffusion web app: train LoRA / RefLoRA on Stable Diffusion, watch runs live, compare, export.
 
-    python app.py                      # http://127.0.0.1:7860, runs in ./runs, tiny offline model by default
+    python app.py                      # http://127.0.0.1:7860, runs in ./runs, the offline tiny-emoji base by default
     python app.py --runs_dir /data/runs --port 8000 --auth me:secret --max_concurrent_jobs 2
 
 Layout only; the logic is in reflora_diffusion.app (jobs, run folders, comparisons, exports). Runs are
@@ -41,10 +41,11 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
             with gr.Tab("Train", id="train"):
                 with gr.Row():
                     with gr.Column():
-                        base = gr.Dropdown(["tiny", "tiny-emoji", "tiny-sdxl", "tiny-sd3", "tiny-flux",
+                        base = gr.Dropdown(["tiny-emoji", "tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux",
                                             "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                                            "stabilityai/stable-diffusion-xl-base-1.0"], value="tiny",
-                                           allow_custom_value=True, label="Base model (hub id, local folder, or a preset: tiny-emoji draws emoji)")
+                                            "stabilityai/stable-diffusion-xl-base-1.0"], value="tiny-emoji",
+                                           allow_custom_value=True, label="Base model (hub id, local folder, or a preset: "
+                                           "tiny-emoji is pretrained on emoji, the other tiny ones are random)")
                         images = gr.File(file_count="multiple", file_types=["image"], label="Training images")
                         with gr.Row():
                             data_dir = gr.Textbox("", label="…or a folder of images on this machine", scale=3)
