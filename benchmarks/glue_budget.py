@@ -35,15 +35,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import method_variants  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Epochs per task at batch 32: ~550-620 optimizer steps each (RTE 78 steps/epoch, MRPC 115, STS-B 180, CoLA 268).
 EPOCHS = {"rte": 8, "mrpc": 5, "stsb": 3, "cola": 2}
 MAX_LENGTH = {"rte": 128, "mrpc": 128, "stsb": 128, "cola": 64}
 METHODS = ["lora", "reflora", "reflora-s"]
-# RefLoRA variants (issue 9, part 2) as method@variant, e.g. --methods reflora@update reflora@factors
-VARIANT_FLAGS = {"": [], "normalize": ["--reflora_normalize", "true"], "update": ["--reflora_apply_to", "update"],
-                 "factors": ["--reflora_apply_to", "factors"]}
+# RefLoRA variants (issue 9, part 2) are method@variant names (benchmarks/method_variants.py), e.g. reflora@factors
 OPTIMIZERS = {  # name -> (TrainingArguments optim, optim_args, lr grid)
     "adamw": ("adamw_torch", None, [1e-3, 3e-4, 3e-3]),
     "sgdm": ("sgd", "momentum=0.9", [3e-2, 1e-2, 1e-1]),
@@ -67,9 +68,9 @@ def run_cell(args, task, method, optim, lr, seed) -> dict:
     hf_optim, optim_args, _ = OPTIMIZERS[optim]
     with tempfile.TemporaryDirectory() as work:
         out = os.path.join(work, "run")
-        core, _, variant = method.partition("@")  # e.g. reflora@update: RefLoRA with apply_to="update"
+        core, options = method_variants.split(method)  # e.g. reflora@update: RefLoRA with apply_to="update"
         flags = ["--task_name", task, "--model_name_or_path", args.model, "--data_dir", args.data_dir,
-                 "--method", core, *VARIANT_FLAGS[variant], "--output_dir", out, "--seed", str(seed), "--num_train_epochs", str(EPOCHS[task]),
+                 "--method", core, *method_variants.flags(options), "--output_dir", out, "--seed", str(seed), "--num_train_epochs", str(EPOCHS[task]),
                  "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64", "--learning_rate", str(lr),
                  "--lr_scheduler_type", "linear", "--warmup_steps", "0.1", "--weight_decay", "0.01",
                  "--max_length", str(MAX_LENGTH[task]), "--lora_r", "8", "--lora_alpha", "8", "--target_modules", "paper",

@@ -34,8 +34,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import method_variants  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -132,9 +134,10 @@ def run_one(method: str, lr: float, seed: int, train_dir: Path, data: dict, args
     GradientState._reset_state()
     run_dir = root / "runs" / f"{method}_lr{lr:g}_s{seed}"
     mid = args.steps // 2 if args.mid_eval else 10**9
+    core, options = method_variants.split(method)  # e.g. reflora@factors (issue 9's RefLoRA variants)
     cfg = make_config(dict(
         pretrained_model_name_or_path="tiny-emoji", train_data_dir=str(train_dir), resolution=64,
-        rank=args.rank, lora_alpha=args.rank, learning_rate=lr, method=method,
+        rank=args.rank, lora_alpha=args.rank, learning_rate=lr, method=core, **options,
         refactor_warmup_steps=max(1, round(args.warmup_frac * args.steps)), max_train_steps=args.steps,
         train_batch_size=args.batch_size, cache_latents=True, seed=seed, checkpointing_steps=10**9,
         validation_prompt=["(evaluation hook)"], validation_steps=mid, output_dir=str(run_dir),
