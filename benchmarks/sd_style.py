@@ -48,7 +48,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from emoji_base_quality import to32  # noqa: E402  (the same 32x32 pixel space as the base quality figures)
 
 RESULTS = REPO / "benchmarks" / "results"
-LABELS = {"lora": "LoRA", "reflora": "RefLoRA", "reflora-s": "RefLoRA-S", "lora+": "LoRA+"}
+LABELS = {"lora": "LoRA", "reflora": "RefLoRA", "reflora-s": "RefLoRA-S", "lora+": "LoRA+",
+          "reflora@factors": "RefLoRA (factors)", "reflora@update": "RefLoRA (update)",
+          "reflora@normalize": "RefLoRA (normalize)"}
 
 
 def l2(gen: np.ndarray, ref: np.ndarray) -> list[float]:
@@ -337,7 +339,8 @@ def plot(report, args, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"lora": "tab:blue", "reflora": "tab:red", "reflora-s": "tab:green", "lora+": "tab:purple"}
+    colours = {"lora": "tab:blue", "reflora": "tab:red", "reflora-s": "tab:green", "lora+": "tab:purple",
+               "reflora@factors": "tab:orange", "reflora@update": "tab:brown", "reflora@normalize": "tab:pink"}
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
     styles = dict(zip(args.lrs, [":", "--", "-", "-."]))
     for m in args.methods:
