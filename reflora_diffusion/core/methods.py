@@ -104,6 +104,7 @@ class RefLoRA(Preconditioned):
         if self.apply_to == "gradient":
             ref.precondition_gradients(self.preconditioner())
         elif self.apply_to == "update":
+            self._whole_factors(ref)
             self._before = [(p.A.detach().clone(), p.B.detach().clone()) for p in ref.pairs]
         elif ref.step_count == 0:  # "factors", no previous step to balance after: balance now, gradients along
             self._balance(ref, with_grads=True)
@@ -132,10 +133,13 @@ class RefLoRA(Preconditioned):
             pair.B.add_(pair.B.grad)
             pair.A.grad, pair.B.grad = ga, gb
 
-    def _balance(self, ref: Refactorer, with_grads: bool = False) -> None:
+    def _whole_factors(self, ref: Refactorer) -> None:
         if ref.shard_group() is not None:
-            raise ValueError("reflora apply_to='factors' needs whole factors on each process; use DDP, or "
-                             "apply_to='gradient' with FSDP2")
+            raise ValueError(f"reflora apply_to={self.apply_to!r} needs whole factors on each process; use DDP, or "
+                             "apply_to='gradient' (the default) with FSDP2")
+
+    def _balance(self, ref: Refactorer, with_grads: bool = False) -> None:
+        self._whole_factors(ref)
         pairs = ref.pairs
         cdt = torch.float64 if pairs[0].A.dtype == torch.float64 else torch.float32
         As = [p.a_matrix(p.A.detach()).to(cdt) for p in pairs]
