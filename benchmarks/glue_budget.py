@@ -195,11 +195,14 @@ def cmd_report(args) -> dict:
                         continue
                     d = mean - best["lora"][1]
                     noise = max(std, best["lora"][2])
-                    word = "beats" if d > noise else "loses to" if d < -noise else "ties"
                     n_min = min(n, best["lora"][3])
+                    if n_min < 2:  # no spread to compare with: state the numbers, not a verdict
+                        word, note = ("is above" if d > 0 else "is below" if d < 0 else "equals"), ", one seed: no verdict"
+                    else:
+                        word = "beats" if d > noise else "loses to" if d < -noise else "ties"
+                        note = ", preliminary: fewer than 3 seeds" if n_min < 3 else ""
                     lines.append(f"{method} (best lr {lr:g}) {word} lora (best lr {best['lora'][0]:g}): "
-                                 f"{mean:.4f} vs {best['lora'][1]:.4f} (n={n_min}"
-                                 f"{', preliminary: fewer than 3 seeds' if n_min < 3 else ''})")
+                                 f"{mean:.4f} vs {best['lora'][1]:.4f} (n={n_min}{note})")
                 t["verdict"][optim] = lines
     out = Path(args.out)
     (out.parent / f"{out.name}.json").write_text(json.dumps(report, indent=2) + "\n")
