@@ -142,14 +142,16 @@ ANIMAL_WORDS = {"dog", "cat", "cow", "pig", "horse", "tiger", "lion", "mouse", "
                 "snail", "butterfly", "bee", "turtle", "snake", "lizard", "crab", "elephant", "giraffe", "zebra"}
 
 
-def save_grid(path: Path, rows: list[np.ndarray], labels: list[str]) -> None:
+def save_grid(path: Path, rows: list[np.ndarray], labels: list[str], titles: list[str] | None = None,
+              suptitle: str | None = None) -> None:
+    """Rows of images, one label per row; optional column titles (first row) and a figure title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(rows[0])
-    fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.9, len(rows) * 1.0 + 0.4))
+    fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.9, len(rows) * 1.0 + (0.6 if suptitle else 0.4)))
     for r, (row, label) in enumerate(zip(rows, labels)):
         for c in range(n):
             ax = axes[r, c]
@@ -158,7 +160,11 @@ def save_grid(path: Path, rows: list[np.ndarray], labels: list[str]) -> None:
             ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(label, fontsize=7)
-    fig.tight_layout(pad=0.2)
+            if r == 0 and titles:
+                ax.set_title(titles[c], fontsize=6)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=8)
+    fig.tight_layout(pad=0.2, rect=(0, 0, 1, 0.97) if suptitle else None)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -45,7 +45,7 @@ from reflora_diffusion.rundir import read_events  # noqa: E402
 from reflora_diffusion.sd import emoji_data  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from emoji_base_quality import to32  # noqa: E402  (the same 32x32 pixel space as the base quality figures)
+from emoji_base_quality import save_grid, to32  # noqa: E402  (the same 32x32 pixel space as the base quality figures)
 
 RESULTS = REPO / "benchmarks" / "results"
 LABELS = {"lora": "LoRA", "reflora": "RefLoRA", "reflora-s": "RefLoRA-S", "lora+": "LoRA+",
@@ -380,11 +380,6 @@ def plot(report, args, path: Path) -> None:
 
 
 def grid(report, data, base_test, root: Path, args, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = min(args.grid_emoji, len(data["test"]))
     seed = args.seeds[0]
     rows = [("Twemoji (target)", data["twitter"]["test"][:n]), ("Noto", data["google"]["test"][:n]),
@@ -392,21 +387,8 @@ def grid(report, data, base_test, root: Path, args, path: Path) -> None:
     for m in args.methods:
         lr = report["best"][m]["lr"]
         rows.append((f"{LABELS.get(m, m)}\nlr {lr:g}", np.load(root / "runs" / f"{m}_lr{lr:g}_s{seed}.npz")["test"][:n]))
-    fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.95, len(rows) * 1.0 + 0.6))
-    for r, (label, imgs) in enumerate(rows):
-        for c in range(n):
-            a = axes[r, c]
-            a.imshow(imgs[c])
-            a.set_xticks([])
-            a.set_yticks([])
-            if c == 0:
-                a.set_ylabel(label, fontsize=7)
-            if r == 0:
-                a.set_title(data["test"][c][:18], fontsize=6)
-    fig.suptitle(f"held-out emoji, '<name> in {args.token} style', seed {seed}, {args.steps} steps", fontsize=8)
-    fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_grid(path, [imgs for _, imgs in rows], [label for label, _ in rows], [name[:18] for name in data["test"][:n]],
+              f"held-out emoji, '<name> in {args.token} style', seed {seed}, {args.steps} steps")
 
 
 if __name__ == "__main__":
