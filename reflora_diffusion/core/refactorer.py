@@ -384,8 +384,10 @@ class Refactorer:
 
     # ------------------------------------------------------------------ figures for a UI
     @torch.no_grad()
-    def stats(self) -> dict:
-        """Per-step figures: layers refactored / skipped at the method's last action, balance ||B||/||A||.
+    def stats(self, sstar: bool = True) -> dict:
+        """Per-step figures: layers refactored / skipped at the method's last action, balance ||B||/||A||, and with
+        ``sstar`` how far S* is from the identity (``_sstar_stats``: about the cost of one RefLoRA step itself, so a
+        caller that logs every step asks for it less often).
 
         Synchronises the device (it reads numbers): call it at logging steps only, and on every rank when the
         factors are sharded (FSDP2: the norms are summed over the ranks).
@@ -394,7 +396,8 @@ class Refactorer:
         ratio = nb / na
         ratio = ratio[torch.isfinite(ratio)]
         last = {k: int(v) for k, v in self._last.items()}
-        return {**self._sstar_stats(), 
+        return {
+            **(self._sstar_stats() if sstar else {}),
             "method": self.method_name,
             "step": self.step_count,
             "layers": len(self.pairs),

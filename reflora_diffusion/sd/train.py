@@ -510,8 +510,11 @@ class SDTrainer:
         raise KeyboardInterrupt(f"stopped at step {self.global_step} by SIGTERM; continue with "
                                 "--resume_from_checkpoint latest")
 
+    # S* statistics (as costly as a RefLoRA step) go into every 10th event; the rest are logged at each step
+    SSTAR_EVERY = 10
+
     def _log_step(self, loss: float, sec_per_step: float, epoch: int, ok: bool) -> None:
-        stats = self.ref.stats()
+        stats = self.ref.stats(sstar=self.global_step % self.SSTAR_EVERY == 0 or self.global_step == self.max_steps)
         lr = self.lr_scheduler.get_last_lr()[0]
         event = {"step": self.global_step, "loss": loss, "lr": lr, "sec_per_step": sec_per_step,
                  "time": time.time(), "epoch": epoch, "refactor": stats}
