@@ -192,8 +192,24 @@ class Curve:
         self.path = path
         self.points = json.loads(path.read_text())["points"] if path.is_file() else []
 
+        self._phase, self._running = None, []
+
     def add(self, phase: str, step: int, loss: float, elapsed: float) -> None:
         self.points.append({"phase": phase, "step": step, "loss": round(loss, 6), "time_s": round(elapsed, 1)})
+
+    def track(self, phase: str, step: int, loss: float, elapsed: float, bar, every: int = 20) -> None:
+        """One training step's loss: every `every` steps the mean since the last point is recorded, shown on the
+        progress bar and saved."""
+        if self._phase != phase:  # a new phase starts its own mean
+            self._phase, self._running = phase, []
+        self._running.append(loss)
+        bar.update(1)
+        if step % every == 0:
+            mean = sum(self._running) / len(self._running)
+            self.add(phase, step, mean, elapsed)
+            bar.set_postfix(loss=f"{mean:.4f}")
+            self._running = []
+            self.save()
 
     def truncate(self, phase: str, step: int) -> None:  # after a resume: drop points past the checkpoint
         self.points = [p for p in self.points if not (p["phase"] == phase and p["step"] > step)]
@@ -237,7 +253,6 @@ def train_vae(vae, images, args, out: Path, curve: Curve, t0: float):
     curve.truncate("vae", start)
     vae.train()
     bar = tqdm(total=args.vae_steps, initial=start, desc="vae", mininterval=10)
-    running = []
     for step, idx in batches(len(images), args.batch_size, args.seed + 1, start):
         if step >= args.vae_steps:
             break
@@ -252,13 +267,7 @@ def train_vae(vae, images, args, out: Path, curve: Curve, t0: float):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        running.append(loss.item())
-        bar.update(1)
-        if (step + 1) % 20 == 0:
-            curve.add("vae", step + 1, sum(running) / len(running), time.time() - t0)
-            bar.set_postfix(loss=f"{sum(running) / len(running):.4f}")
-            running = []
-            curve.save()
+        curve.track("vae", step + 1, loss.item(), time.time() - t0, bar)
         if (step + 1) % args.checkpoint_every == 0:
             save_state(ckpt, {"vae": vae}, opt, {"step": step + 1})
     bar.close()
@@ -319,7 +328,6 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, args, out: Path
     text_encoder.train()
     gen = torch.Generator()
     bar = tqdm(total=args.steps, initial=start, desc="unet+text", mininterval=10)
-    running = []
     for step, idx in batches(len(captions), args.batch_size, args.seed + 2, start):
         if step >= args.steps:
             break
@@ -345,13 +353,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, args, out: Path
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update(modules, step)
-        running.append(loss.item())
-        bar.update(1)
-        if (step + 1) % 20 == 0:
-            curve.add("unet", step + 1, sum(running) / len(running), time.time() - t0)
-            bar.set_postfix(loss=f"{sum(running) / len(running):.4f}")
-            running = []
-            curve.save()
+        curve.track("unet", step + 1, loss.item(), time.time() - t0, bar)
         if (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
             ema_modules = {f"ema_{n}": _Holder(s) for n, s in ema.shadow.items()}
             save_state(ckpt, {**modules, **ema_modules}, opt, {"step": step + 1})
