@@ -98,6 +98,7 @@ def _worker(rank, world, port, out, adapter_dir):
             results["cola"] = str(e)
         if rank == 0:
             torch.save(results, out)
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (an abort seen under load)
     finally:
         dist.destroy_process_group()
 
