@@ -160,3 +160,15 @@ def test_refactor_warmup_covering_the_run_is_warned(tmp_path):
     with pytest.warns(UserWarning, match="trains as plain LoRA"):
         glue_run(tmp_path, "--method", "reflora", "--max_steps", "2", "--refactor_warmup_steps", "100",
                  "--eval_strategy", "no")
+
+
+def test_checkpointing_reads_the_flag_of_either_transformers_generation():
+    """transformers 5.17 (found on a GPU machine) has only --gradient_checkpointing; 5.23 adds
+    --activation_checkpointing (the old name an alias). Reading the new one alone crashed every run on 5.17."""
+    from types import SimpleNamespace
+
+    from reflora_diffusion.llm.models import checkpointing
+
+    assert checkpointing(SimpleNamespace(gradient_checkpointing=True)) is True
+    assert checkpointing(SimpleNamespace(gradient_checkpointing=False)) is False
+    assert checkpointing(SimpleNamespace(activation_checkpointing=True, gradient_checkpointing=False)) is True

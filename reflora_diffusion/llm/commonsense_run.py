@@ -21,7 +21,7 @@ from reflora_diffusion.rundir import RunLog, start_fresh, write_json_atomic
 
 from .answers import DATASETS
 from .commonsense import evaluate_datasets, load_records, resolve_datasets, tokenize_records
-from .models import QuantArguments, load_causal_lm, prepare_quantized, quantization
+from .models import QuantArguments, checkpointing, load_causal_lm, prepare_quantized, quantization
 from .trainer import MethodArguments, RefactorTrainer, add_lora, parse_hf_args, save_adapter
 
 __all__ = ["TrainArguments", "CommonsenseTrainingArguments", "EvalArguments", "parse_train_args",
@@ -147,7 +147,7 @@ def run_train(args: TrainArguments, train_args) -> dict:
         test_files = resolve_datasets(args.eval_datasets, args.data_dir) if args.eval_datasets else {}
         set_seed(train_args.seed)
         model, tokenizer = load_causal_lm(args.model_name_or_path, args.gguf_file, args.dtype, quantization(args))
-        model = prepare_quantized(model, args, train_args.activation_checkpointing)
+        model = prepare_quantized(model, args, checkpointing(train_args))
         features, truncated = tokenize_records(tokenizer, records, args.cutoff_len, args.train_on_inputs)
         if truncated:
             get_logger(__name__).warning(f"{truncated} of {len(features)} prompts were cut to fit --cutoff_len "

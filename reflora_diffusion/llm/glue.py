@@ -18,7 +18,7 @@ import numpy as np
 from transformers import TrainerCallback, TrainingArguments
 
 from reflora_diffusion.llm.metrics import MAIN_METRIC, glue_metrics, main_value
-from reflora_diffusion.llm.models import QuantArguments, prepare_quantized, quantization
+from reflora_diffusion.llm.models import QuantArguments, checkpointing, prepare_quantized, quantization
 from reflora_diffusion.llm.trainer import MethodArguments, RefactorTrainer, add_lora, parse_hf_args, save_adapter
 from reflora_diffusion.rundir import RunLog, start_fresh, write_json_atomic
 
@@ -362,7 +362,7 @@ def run(glue_args: GlueArguments, train_args) -> dict:
         task = get_task(glue_args.task_name)
         raw = load_glue(task.name, glue_args.data_dir, max_train_samples=glue_args.max_train_samples,
                         max_eval_samples=glue_args.max_eval_samples)
-        tokenizer, model = load_model(glue_args, train_args.activation_checkpointing)
+        tokenizer, model = load_model(glue_args, checkpointing(train_args))
         data = tokenize_glue(raw, tokenizer, glue_args.max_length)
         evals = {s.split("_", 1)[1]: data[s] for s in task.eval_splits} if len(task.eval_splits) > 1 \
             else data[task.eval_splits[0]]

@@ -66,6 +66,11 @@ def quantization(args) -> dict:
             "dtype": torch.bfloat16}
 
 
+def checkpointing(train_args) -> bool:
+    """TrainingArguments' --activation_checkpointing (transformers >= 5.2x), or --gradient_checkpointing before it."""
+    return bool(getattr(train_args, "activation_checkpointing", False) or train_args.gradient_checkpointing)
+
+
 def prepare_quantized(model, args, gradient_checkpointing: bool):
     """peft's prepare_model_for_kbit_training for a quantized base (norms in fp32, inputs requiring grad);
     nothing for a dense model. Gradient checkpointing follows TrainingArguments' --activation_checkpointing (alias --gradient_checkpointing)."""
