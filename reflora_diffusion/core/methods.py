@@ -10,6 +10,7 @@ A method sees the Refactorer (pairs, step count, optimizer) and may
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -176,6 +177,101 @@ class RefLoRA(Preconditioned):
                         mat = pair.a_matrix(t) if left else pair.b_matrix(t)
                         new = M @ mat.to(cdt) if left else mat.to(cdt) @ M
                         t.copy_(new.view_as(t))
+        ref.warn_unknown_state(_LINEAR_STATE + _QUADRATIC_STATE + _UNSCALED_STATE)
+
+
+class ScaledGD(Preconditioned):
+    """ScaledGD: G_A <- (B^T B)^-1 G_A, G_B <- G_B (A A^T)^-1."""
+
+    name = "scaledgd"
+
+    def preconditioner(self):
+        return linalg.scaled_gd
+
+
+class PrecLoRA(Preconditioned):
+    """Riemannian preconditioned LoRA: ScaledGD with damping delta; matches peft's create_riemannian_optimizer(reg=delta)."""
+
+    name = "preclora"
+    options = {"delta": 1e-2}
+
+    def preconditioner(self):
+        return lambda AAt, BtB: linalg.scaled_gd(AAt, BtB, self.delta)
+
+
+class NoRAPlus(Preconditioned):
+    """NoRA+: Frobenius-normalised ScaledGD preconditioners with damping delta."""
+
+    name = "nora+"
+    options = {"delta": 1e-6}
+
+    def preconditioner(self):
+        return lambda AAt, BtB: linalg.normalized_scaled_gd(AAt, BtB, self.delta)
+
+
+# Optimizer state that is linear in the gradient (scales like G) and quadratic in it (scales like G^2): torch's
+# Adam/AdamW/SGD, and bitsandbytes' optimizers (state1 / state2; their 8-bit blockwise states are uint8 codes times
+# a per-block absmax1 / absmax2, so scaling the absmax scales the state exactly; qmap is the shared code book).
+_LINEAR_STATE = ("exp_avg", "momentum_buffer", "state1", "absmax1")
+_QUADRATIC_STATE = ("exp_avg_sq", "max_exp_avg_sq", "state2", "absmax2")
+_UNSCALED_STATE = ("step", "qmap1", "qmap2")
+
+
+class RefLoRAS(Method):
+    """RefLoRA-S (Theorem 5): rescale A <- pA, B <- B/p with p^2 = ||B||_F / ||A||_F so that ||A|| = ||B||.
+
+    The rescaling for step k happens after step k - 1 (as in the authors' code), and for k = 0 before the
+    step, together with the gradients. The optimizer state is carried along so that the next step is the one
+    the rescaled pair would take: G_A scales by 1/p and G_B by p, so exp_avg(A) /= p, exp_avg_sq(A) /= p^2
+    and the reverse for B.
+    """
+
+    name = "reflora-s"
+    uses_warmup = True
+
+    def pre_step(self, ref: Refactorer) -> None:
+        if ref.step_count == 0:  # no previous step to rescale after: rescale now, the gradients along
+            self._balance(ref, with_grads=True)
+
+    def post_step(self, ref: Refactorer) -> None:
+        self._balance(ref)
+
+    def _balance(self, ref: Refactorer, with_grads: bool = False) -> None:
+        # Whole-factor norms (one all-reduce under FSDP2), then every rank rescales its own shards.
+        na, nb = ref.factor_norms()
+        s = nb / na
+        ok = torch.isfinite(s) & (s > 0)
+        ref.count(ok, torch.isfinite(na) & torch.isfinite(nb))
+        s = torch.where(ok, s, torch.ones_like(s))
+        p = s.sqrt()
+        # One host read of the per-layer scales (float32 values, exact as Python floats): with plain numbers as
+        # the scale list, one multi-tensor call per (device, dtype) scales every factor and moment (fused kernels
+        # on CUDA) instead of one kernel per tensor, which a list of 0-dim tensors costs.
+        p_list, s_list, inv_p, inv_s = (t.tolist() for t in (p, s, 1.0 / p, 1.0 / s))
+        groups: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
+
+        def scale(t: torch.Tensor | None, f: float) -> None:
+            if t is not None and t.is_floating_point():  # (8-bit codes scale through their absmax)
+                t = local(t)
+                tensors, factors = groups[(t.device, t.dtype)]
+                tensors.append(t)
+                factors.append(f)
+
+        # the factors, and what scales like the gradient (by 1/p for A, p for B) and like its square (1/p^2, p^2)
+        state = ref.optimizer.state
+        for i, pair in enumerate(ref.pairs):
+            for param, own, linear, quadratic in ((pair.A, p_list[i], inv_p[i], inv_s[i]),
+                                                  (pair.B, inv_p[i], p_list[i], s_list[i])):
+                scale(param.detach(), own)
+                st = state.get(param, {})
+                for k in _LINEAR_STATE:
+                    scale(st.get(k), linear)
+                for k in _QUADRATIC_STATE:
+                    scale(st.get(k), quadratic)
+                if with_grads:
+                    scale(param.grad, linear)
+        for tensors, factors in groups.values():
+            torch._foreach_mul_(tensors, factors)
         ref.warn_unknown_state(_LINEAR_STATE + _QUADRATIC_STATE + _UNSCALED_STATE)
 
 
