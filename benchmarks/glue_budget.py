@@ -206,6 +206,7 @@ def cmd_report(args) -> dict:
                 t["verdict"][optim] = lines
     out = Path(args.out)
     (out.parent / f"{out.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out.parent / f"{out.name}.md").write_text(markdown_table(report))
     _plot(report, out.parent / f"{out.name}.png")
     for task, t in report["tasks"].items():
         print(f"{task} (baseline {t['baseline']:.3f})")
@@ -215,6 +216,36 @@ def cmd_report(args) -> dict:
             for line in lines:
                 print(f"  [{optim}] {line}")
     return report
+
+
+METHOD_NAMES = {"lora": "LoRA", "reflora": "RefLoRA", "reflora-s": "RefLoRA-S", "lora+": "LoRA+"}
+METRIC_NAMES = {"cola": "Matthews", "stsb": "Pearson", "mrpc": "accuracy", "rte": "accuracy", "sst2": "accuracy",
+                "qnli": "accuracy", "qqp": "accuracy", "mnli": "accuracy"}
+
+
+def markdown_table(report: dict) -> str:
+    """The docs' table (docs/llm.md): one row per (task, method, optimizer, lr), LoRA first in each group."""
+    head = ("| task (metric, majority/constant baseline) | method | optimizer, lr | dev metric, mean ± std (seeds) | "
+            "paired vs LoRA (per seed) | training loss at 25 / 50 / 75 / 100 % | wall per run |\n|---|---|---|---|---|---|---|\n")
+    rows = []
+    for task, t in report["tasks"].items():
+        def order(key):
+            method, optim, lr = key.split("|")
+            return (optim != "adamw", optim, float(lr), method != "lora", method)
+        for key in sorted(t["by"], key=order):
+            s = t["by"][key]
+            method, optim, lr = key.split("|")
+            base, _, variant = method.partition("@")
+            name = METHOD_NAMES.get(base, base) + (f" `{variant}`" if variant else "")
+            values = ", ".join(f"{v:.4f}" for v in s["values"])
+            metric = f"{s['mean']:.4f} ± {s['std']:.4f} ({values})" if s["n"] > 1 else f"{s['mean']:.4f} ({values})"
+            p = t["paired"].get(key)
+            paired = (f"{p['mean_diff']:+.4f} ({', '.join(f'{d:+.4f}' for d in p['diffs'])})" if p else "")
+            loss = " / ".join(f"{v:.3f}" for v in s["loss_25_50_75_100"])
+            opt = {"adamw": "AdamW", "sgdm": "SGD+m"}.get(optim, optim)
+            rows.append(f"| {task.upper()} ({METRIC_NAMES.get(task, 'metric')}, {t['baseline']:.3f}) | {name} | "
+                        f"{opt} {lr} | {metric} | {paired} | {loss} | {s['wall_s'] / 60:.0f} min |")
+    return head + "\n".join(rows) + "\n"
 
 
 def _plot(report, path: Path) -> None:
