@@ -176,6 +176,8 @@ def main(argv=None) -> None:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--models", nargs="+", default=["tiny-emoji", "tiny"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prompt_seed", type=int, default=0, help="which emoji are prompted (0: the reported set; "
+                                                              "another seed: a validation set for tuning)")
     p.add_argument("--out", default=str(RESULTS / "emoji_base_quality"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -185,7 +187,7 @@ def main(argv=None) -> None:
     captions, pixels = emoji_data.load("google")
     categories = [r["category"] for r in rows]
     train32 = to32(pixels)
-    sample_idx = sorted(random.Random(0).sample(range(len(captions)), args.prompts))
+    sample_idx = sorted(random.Random(args.prompt_seed).sample(range(len(captions)), args.prompts))
 
     results, samples = {}, {}
     for name in args.models:
@@ -198,7 +200,7 @@ def main(argv=None) -> None:
         "setup": {"prompts": args.prompts, "sampler": "DPMSolverMultistepScheduler", "steps": args.steps,
                   "guidance": args.guidance, "seeds": "prompt index", "metric": "pixel L2 at 32x32 vs the 1,905 "
                   "Noto training images", "chance_top1": 1 / len(captions), "chance_top5": 5 / len(captions),
-                  "threads": args.threads},  # fmt: skip
+                  "threads": args.threads, "prompt_seed": args.prompt_seed},  # fmt: skip
         "results": results,
         "prompts": [captions[i] for i in sample_idx],
     }

@@ -10,8 +10,12 @@ generator), equal steps. Two phases:
     python benchmarks/sd_dreambooth.py                 # ~10 min on 2 shared CPU cores
     python benchmarks/sd_dreambooth.py --steps 100 --methods lora reflora reflora-s
     python benchmarks/sd_dreambooth.py --methods lora reflora reflora:normalize reflora:reinit   # core options
+    python benchmarks/sd_dreambooth.py --base tiny-emoji --methods lora reflora reflora-s --steps 200 \
+        --out benchmarks/results/sd_dreambooth_emoji       # on the pretrained emoji base, with a sample grid
 
-Writes benchmarks/results/sd_dreambooth.json and .png. Targets (issue 3): RefLoRA reaches LoRA's final loss
+Writes benchmarks/results/sd_dreambooth.json and .png; with `--grid_prompts` (default on a pretrained base) also
+`<out>_grid.png`: base model and every method's adapter on the same prompts and seeds, made by the app's Compare
+tab code (`reflora_diffusion.app.compare.generate_grid`), so it is the grid the app shows for these runs. Targets (issue 3): RefLoRA reaches LoRA's final loss
 in <= 70 % of LoRA's steps; RefLoRA's it/s >= 98 % of LoRA's.
 """
 
@@ -49,14 +53,18 @@ def make_trainer(out: Path, method: str, args) -> SDTrainer:
     options = {"chain_every": args.steps // 4} if method in ("rac-lora", "cola") else {}
     options.update({{"normalize": "reflora_normalize"}.get(flag, flag): True for flag in flags})
     cfg = make_config(dict(
-        pretrained_model_name_or_path="tiny", instance_data_dir=str((DATA / args.subject).resolve()),
-        instance_prompt=f"a photo of sks {args.subject}", resolution=64, rank=args.rank, lora_alpha=args.rank,
+        pretrained_model_name_or_path=args.base, instance_data_dir=str((DATA / args.subject).resolve()),
+        instance_prompt=instance_prompt(args), resolution=64, rank=args.rank, lora_alpha=args.rank,
         learning_rate=args.lr, method=method, refactor_warmup_steps=args.warmup, max_train_steps=args.steps,
         train_batch_size=args.batch_size, cache_latents=True, random_flip=True, seed=args.seed,
         checkpointing_steps=10**9, output_dir=str(out), **options))
     trainer = SDTrainer(cfg)
     trainer.setup()
     return trainer
+
+
+def instance_prompt(args) -> str:
+    return f"a photo of sks {args.subject}"
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -100,6 +108,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=ALL_METHODS)
     p.add_argument("--subject", default="dog", help="a folder of ../shared/data/dreambooth")
+    p.add_argument("--base", default="tiny", help="base model: the random 'tiny' preset or the pretrained 'tiny-emoji'")
+    p.add_argument("--grid_prompts", nargs="*", default=None,
+                   help="prompts of the sample grid (default on tiny-emoji: the instance prompt, '<subject> face', "
+                        "'cat face'; none on the random tiny preset, whose images are noise)")
+    p.add_argument("--grid_seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=20, help="RefLoRA warm-up (plain LoRA steps)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -116,6 +129,9 @@ def main(argv=None) -> dict:
         args.methods = ["lora", *args.methods]
     torch.set_num_threads(args.threads)
 
+    prompts = args.grid_prompts
+    if prompts is None:
+        prompts = [] if args.base == "tiny" else [instance_prompt(args), f"{args.subject} face", "cat face"]
     curves, started = {}, time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for m in args.methods:
@@ -124,6 +140,15 @@ def main(argv=None) -> dict:
             trainer.train()
             curves[m] = [e["loss"] for e in read_events(trainer.run_dir) if "loss" in e]
             print(f"{m:10s} final loss {statistics.fmean(curves[m][-args.smooth:]):.4f}  ({time.time() - t0:.0f} s)")
+        if prompts:
+            from reflora_diffusion.app.compare import generate_grid
+
+            grid, _ = generate_grid(tmp, args.methods, prompts, args.grid_seeds, num_inference_steps=25,
+                                    out_dir=Path(tmp) / "_grid")
+            grid_path = Path(args.out).with_name(Path(args.out).name + "_grid.png")
+            grid_path.parent.mkdir(parents=True, exist_ok=True)
+            grid_path.write_bytes(grid.read_bytes())
+            print(f"wrote {grid_path}")
         # Fresh trainers set up together: re-using the trained ones (set up minutes apart) timed the first
         # one ~15 % faster than all others, lora+ included, whose step costs the same as LoRA's.
         trainers = {m: make_trainer(Path(tmp) / f"timing-{m}", m, args) for m in args.methods}
@@ -144,7 +169,7 @@ def main(argv=None) -> dict:
             "it_per_s_ratio_vs_lora": its[m] / its["lora"],
         }
     report = {
-        "setup": {**vars(args), "preset": "tiny", "resolution": 64, "threads": torch.get_num_threads(),
+        "setup": {**vars(args), "resolution": 64, "threads": torch.get_num_threads(),
                   "wall_seconds": round(time.time() - started, 1)},
         "lora_final_loss_smoothed": lora_final, "lora_steps_to_own_final": lora_steps,
         "targets": {
@@ -187,7 +212,7 @@ def plot(smoothed, raw, results, lora_final, args, path: Path) -> None:
         ax.plot(range(1, len(curve) + 1), curve, label=m, lw=2.2 if bold else 1.0, alpha=1 if bold else 0.7)
     ax.axhline(lora_final, color="gray", ls=":", lw=1, label="LoRA final")
     ax.set(xlabel="optimizer step", ylabel=f"training loss (moving average, {args.smooth} steps)",
-           title=f"DreamBooth '{args.subject}' on tiny SD, r={args.rank}, lr={args.lr:g}, batch {args.batch_size}, "
+           title=f"DreamBooth '{args.subject}' on {args.base}, r={args.rank}, lr={args.lr:g}, batch {args.batch_size}, "
                  f"seed {args.seed}")
     ax.legend(ncol=2, fontsize=8)
     names = list(results)
