@@ -3,7 +3,9 @@
 Models are built from their configs with random weights (no hub): SD 1.5 UNet at 512 px, SDXL UNet at
 1024 px, a LLaMA-7B-shaped stack of decoder layers (hidden 4096, intermediate 11008, 32 heads), with peft
 LoRA. Per case the three methods share one model and step in turn (interleaved, so drift hits them alike);
-it/s and peak memory are medians over steps. fp16 runs under autocast with a GradScaler, bf16 under
+it/s and peak memory are medians over steps: it/s from steps with one device sync at the end (as a trainer that
+reads the loss), the optimizer-step (hook) time from steps synced around it; the first case also records the top
+operators of one RefLoRA / RefLoRA-S optimizer step (torch.profiler) in `hook_profile`. fp16 runs under autocast with a GradScaler, bf16 under
 autocast; base weights in the half dtype, LoRA factors in float32 (as diffusers' LoRA scripts do).
 
 The hook comparison ("core"): our batched hook (Refactorer.precondition_gradients) against a per-layer
@@ -138,8 +140,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_case(c: dict, sizes: dict, device: torch.device, steps: int, warmup: int) -> dict:
-    """Interleave the three methods step by step on one model; medians per method."""
+def hook_profile(run: dict, backward, device: torch.device, top: int = 12) -> list[dict]:
+    """The operators of one optimizer step (the core's hooks included) by self time on the device (CUDA) or the
+    CPU, with their counts: where the hook's time goes (a few large kernels, or many small launches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    backward(run)
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run["scaler"].step(run["opt"])
+        run["scaler"].update()
+        sync(device)
+    run["opt"].zero_grad(set_to_none=True)
+    rows = [{"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+             "self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3} for e in prof.key_averages()]
+    key = "self_device_ms" if device.type == "cuda" else "self_cpu_ms"
+    return sorted(rows, key=lambda r: -r[key])[:top]
+
+
+def run_case(c: dict, sizes: dict, device: torch.device, steps: int, warmup: int, profile_hook: bool = False) -> dict:
+    """Interleave the three methods step by step on one model; medians per method. it/s comes from free steps
+    (one sync per step); the optimizer-step (hook) time from synced ones; ``profile_hook`` adds the top
+    operators of one optimizer step of RefLoRA and RefLoRA-S (torch.profiler)."""
     model, loss_fn = build(c, sizes, device)
     params = [p for p in model.parameters() if p.requires_grad]
     half = HALF[c["precision"]]
@@ -149,35 +172,54 @@ def run_case(c: dict, sizes: dict, device: torch.device, steps: int, warmup: int
         ref = Refactorer(model, method=m)
         ref.attach(opt)
         scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
-        runs[m] = dict(opt=opt, ref=ref, scaler=scaler, step_s=[], opt_s=[], peak=[], losses=[])
+        runs[m] = dict(opt=opt, ref=ref, scaler=scaler, step_s=[], synced_step_s=[], opt_s=[], peak=[], losses=[])
     cuda = device.type == "cuda"
+
+    def backward(run):
+        with torch.autocast(device.type, dtype=half, enabled=half != torch.float32):
+            loss = loss_fn()
+        run["scaler"].scale(loss).backward()
+        run["scaler"].unscale_(run["opt"])
+        return loss
+
+    def one_step(run, synced: bool):
+        """A training step; synced: device syncs around the optimizer step to time it alone (the hook's cost
+        then includes its launch overhead in full); free: one sync at the end, as a trainer reading the loss,
+        so the hook's launches can overlap the backward still running on the device."""
+        t0 = time.perf_counter()
+        loss = backward(run)
+        if synced:
+            sync(device)
+        t1 = time.perf_counter()
+        run["scaler"].step(run["opt"])
+        run["scaler"].update()
+        sync(device)
+        t2 = time.perf_counter()
+        run["opt"].zero_grad(set_to_none=True)
+        return loss, t2 - t0, t2 - t1
+
     for i in range(warmup + steps):
         for m, run in runs.items():
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             sync(device)
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=half, enabled=half != torch.float32):
-                loss = loss_fn()
-            run["scaler"].scale(loss).backward()
-            run["scaler"].unscale_(run["opt"])
+            loss, free_s, _ = one_step(run, synced=False)
             sync(device)
-            t1 = time.perf_counter()
-            run["scaler"].step(run["opt"])
-            run["scaler"].update()
-            sync(device)
-            t2 = time.perf_counter()
-            run["opt"].zero_grad(set_to_none=True)
+            _, synced_s, opt_s = one_step(run, synced=True)
             if i >= warmup:
-                run["step_s"].append(t2 - t0)
-                run["opt_s"].append(t2 - t1)
+                run["step_s"].append(free_s)
+                run["synced_step_s"].append(synced_s)
+                run["opt_s"].append(opt_s)
                 run["losses"].append(float(loss.detach()))
                 if cuda:
                     run["peak"].append(torch.cuda.max_memory_allocated(device))
+    profile = {m: hook_profile(runs[m], backward, device) for m in ("reflora", "reflora-s")} if profile_hook else None
     out = {"layers": len(runs["lora"]["ref"].pairs)}
     for m, run in runs.items():
         step = statistics.median(run["step_s"])
-        out[m] = {"its": 1.0 / step, "step_ms": 1e3 * step, "optimizer_step_ms": 1e3 * statistics.median(run["opt_s"]),
+        out[m] = {"its": 1.0 / step, "step_ms": 1e3 * step,
+                  "synced_its": 1.0 / statistics.median(run["synced_step_s"]),
+                  "optimizer_step_ms": 1e3 * statistics.median(run["opt_s"]),
                   "peak_mb": statistics.median(run["peak"]) / 2**20 if run["peak"] else None,
                   "persistent_bytes": persistent_bytes(run["ref"]),
                   "finite_loss": all(map(math.isfinite, run["losses"])),
@@ -187,9 +229,12 @@ def run_case(c: dict, sizes: dict, device: torch.device, steps: int, warmup: int
     for m in METHODS:
         row = out[m]
         row["its_ratio"] = row["its"] / base["its"]
+        row["synced_its_ratio"] = row["synced_its"] / base["synced_its"]
         row["hook_ms"] = row["optimizer_step_ms"] - base["optimizer_step_ms"]
         if row["peak_mb"] is not None:
             row["extra_peak_mb"] = row["peak_mb"] - base["peak_mb"]
+    if profile:
+        out["hook_profile"] = profile
     del model, runs
     if cuda:
         torch.cuda.empty_cache()
@@ -435,13 +480,17 @@ def main(argv=None):
                "peak memory is measured on CUDA only (torch.cuda.max_memory_allocated); CPU rows have none"}
     start = time.perf_counter()
     if not args.core_only:
-        for c in cases(mode, has_xformers):
+        for k, c in enumerate(cases(mode, has_xformers)):
             t = time.perf_counter()
-            row = run_case(c, TINY if tiny else REAL, device, steps, warmup=1 if tiny else 3)
+            row = run_case(c, TINY if tiny else REAL, device, steps, warmup=1 if tiny else 3, profile_hook=k == 0)
             results["cases"].append({"case": c, **row})
             print(f"{label(c):<22} " + "  ".join(
                 f"{m} {row[m]['its']:.2f} it/s ({100 * row[m]['its_ratio']:.1f} %)" for m in METHODS)
                 + f"  [{time.perf_counter() - t:.0f} s]", flush=True)
+            for m, ops in row.get("hook_profile", {}).items():
+                unit = "self_device_ms" if device.type == "cuda" else "self_cpu_ms"
+                print(f"  {m} optimizer step, top ops ({unit}): " + ", ".join(
+                    f"{o['op']} x{o['count']} {o[unit]:.2f}" for o in ops[:6]), flush=True)
     results["core"] = core_cost(ranks, device, args.reps, alternatives=args.core_only)
     results["targets"] = targets(results) if results["cases"] else None
     results["seconds"] = time.perf_counter() - start

@@ -40,6 +40,9 @@ def test_gpu_benchmark_tiny_runs_end_to_end(tmp_path):
             assert row[m]["its"] > 0 and 0.2 < row[m]["its_ratio"] < 5 and row[m]["finite_loss"]
             assert row[m]["persistent_bytes"] <= 2**20 and row[m]["peak_mb"] is None
         assert row["reflora"]["refactored"] == row["layers"] == row["reflora-s"]["refactored"]
+    prof = res["cases"][0]["hook_profile"]  # the first case's optimizer step, operator by operator
+    assert set(prof) == {"reflora", "reflora-s"} and all(len(v) > 0 for v in prof.values())
+    assert all(r["synced_its"] > 0 for row in res["cases"] for r in (row[m] for m in METHODS))
     core = res["core"]["4"]
     assert core["layers"] == 128 and all(v > 0 for v in core["ms"].values())
     t = res["targets"]
