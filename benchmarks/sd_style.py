@@ -217,10 +217,17 @@ def main(argv=None) -> dict:
 
     data = splits(args)
     setting = {k: v for k, v in vars(args).items() if k not in ("fresh", "out")}
-    key = json.dumps({k: setting[k] for k in ("steps", "batch_size", "rank", "warmup_frac", "n_train", "n_val",
-                                              "n_test", "split_seed", "token", "sample_steps", "guidance",
-                                              "mid_eval")}, sort_keys=True)
     import hashlib
+
+    from reflora_diffusion.presets import resolve_pretrained
+
+    # the base's weights are part of the key: a retrained tiny-emoji must not reuse runs made on the old one
+    weights = hashlib.sha1()
+    for f in sorted(Path(resolve_pretrained("tiny-emoji")).rglob("*.safetensors")):
+        weights.update(f.read_bytes())
+    key = json.dumps({**{k: setting[k] for k in ("steps", "batch_size", "rank", "warmup_frac", "n_train", "n_val",
+                                                 "n_test", "split_seed", "token", "sample_steps", "guidance",
+                                                 "mid_eval")}, "base_weights": weights.hexdigest()}, sort_keys=True)
 
     root = emoji_data.cache_root() / "bench" / "sd_style" / hashlib.sha1(key.encode()).hexdigest()[:10]
     (root / "runs").mkdir(parents=True, exist_ok=True)
@@ -232,7 +239,7 @@ def main(argv=None) -> dict:
         base = json.loads(base_file.read_text())
         base_test = np.load(root / "base.npz")["test"]
     else:
-        from reflora_diffusion.presets import model_family, resolve_pretrained
+        from reflora_diffusion.presets import model_family
         from reflora_diffusion.sd.sample import build_pipeline
 
         t0 = time.time()
