@@ -247,7 +247,7 @@ class RefLoRAS(Method):
         # One host read of the per-layer scales (float32 values, exact as Python floats): with plain numbers as
         # the scale list, one multi-tensor call per (device, dtype) scales every factor and moment (fused kernels
         # on CUDA) instead of one kernel per tensor, which a list of 0-dim tensors costs.
-        p_list, s_list, inv_p, inv_s = (t.tolist() for t in (p, s, 1.0 / p, 1.0 / s))
+        p_list, s_list, inv_p, inv_s = torch.stack((p, s, 1.0 / p, 1.0 / s)).tolist()  # one transfer
         groups: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
 
         def scale(t: torch.Tensor | None, f: float) -> None:
