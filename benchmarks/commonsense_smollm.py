@@ -126,8 +126,7 @@ def summarize(cells: dict) -> dict:
                "average_std": statistics.stdev(r["average"] for r in runs) if len(runs) > 1 else 0.0,
                "datasets": {n: statistics.mean(r["datasets"][n] for r in runs) for n in names},
                "final_loss": statistics.mean(r["final_loss"] for r in runs),
-               "it_per_s": statistics.mean(r["it_per_s"] for r in runs),
-               "loss_curve": runs[0]["loss_curve"]}
+               "it_per_s": statistics.mean(r["it_per_s"] for r in runs)}
         quarters = {}
         for q in (25, 50, 75, 100):  # training loss near 25/50/75/100 % of steps (mean of a 5-step window)
             vals = []

@@ -227,11 +227,12 @@ def markdown_table(report: dict) -> str:
     """The docs' table (docs/llm.md): one row per (task, method, optimizer, lr), LoRA first in each group."""
     head = ("| task (metric, majority/constant baseline) | method | optimizer, lr | dev metric, mean ± std (seeds) | "
             "paired vs LoRA (per seed) | training loss at 25 / 50 / 75 / 100 % | wall per run |\n|---|---|---|---|---|---|---|\n")
+    def order(key):  # AdamW first, then by lr, LoRA first within each
+        method, optim, lr = key.split("|")
+        return (optim != "adamw", optim, float(lr), method != "lora", method)
+
     rows = []
     for task, t in report["tasks"].items():
-        def order(key):
-            method, optim, lr = key.split("|")
-            return (optim != "adamw", optim, float(lr), method != "lora", method)
         for key in sorted(t["by"], key=order):
             s = t["by"][key]
             method, optim, lr = key.split("|")

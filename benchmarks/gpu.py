@@ -5,8 +5,8 @@ Models are built from their configs with random weights (no hub): SD 1.5 UNet at
 LoRA. Per case the three methods share one model and step in turn (interleaved, so drift hits them alike);
 it/s and peak memory are medians over steps: it/s from steps with one device sync at the end (as a trainer that
 reads the loss), the optimizer-step (hook) time from steps synced around it; the first case also records the top
-operators of one RefLoRA / RefLoRA-S optimizer step (torch.profiler) in `hook_profile`. fp16 runs under autocast with a GradScaler, bf16 under
-autocast; base weights in the half dtype, LoRA factors in float32 (as diffusers' LoRA scripts do).
+operators of one RefLoRA / RefLoRA-S optimizer step (torch.profiler) in `hook_profile`. fp16 runs under autocast
+with a GradScaler, bf16 under autocast; base weights in the half dtype, LoRA factors in float32 (as diffusers' LoRA scripts do).
 
 The hook comparison ("core"): our batched hook (Refactorer.precondition_gradients) against a per-layer
 float32 reference of the authors' approach (two eighs per layer), on the SD 1.5 UNet's 128 attention LoRA
@@ -203,8 +203,7 @@ def run_case(c: dict, sizes: dict, device: torch.device, steps: int, warmup: int
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             sync(device)
-            loss, free_s, _ = one_step(run, synced=False)
-            sync(device)
+            loss, free_s, _ = one_step(run, synced=False)  # (every step ends synchronised)
             _, synced_s, opt_s = one_step(run, synced=True)
             if i >= warmup:
                 run["step_s"].append(free_s)
