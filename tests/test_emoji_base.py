@@ -98,3 +98,44 @@ def test_prepared_folder_is_composited_rgb_on_white():
     image = Image.open(FIXTURES / "red_heart.png")
     assert image.mode == "RGB" and image.size == (64, 64)
     assert np.asarray(image)[0, 0].tolist() == [255, 255, 255]  # transparent corner became white
+
+
+def test_pretraining_is_seeded_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """The base's recipe on the 9 fixture emoji, a few steps: a run stopped right after a checkpoint and run
+    again ends with the same shipped (EMA) weights as an uninterrupted one, and writes a loadable pipeline."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from reflora_diffusion.sd import pretrain_emoji
+
+    rows = [json.loads(line) for line in (FIXTURES / "metadata.jsonl").read_text().splitlines()]
+    pixels = np.stack([np.asarray(Image.open(FIXTURES / r["file_name"]).convert("RGB")) for r in rows])
+    monkeypatch.setattr(emoji_data, "load", lambda style: ([r["text"] for r in rows], pixels))
+    flags = ["--vae_steps", "4", "--steps", "6", "--checkpoint_every", "3", "--batch_size", "4", "--threads", "1"]
+
+    pretrain_emoji.main(["--output_dir", str(tmp_path / "whole"), *flags])
+
+    save_state = pretrain_emoji.save_state
+
+    def save_then_stop(path, modules, optimizer, meta):  # the process dies right after the UNet checkpoint
+        save_state(path, modules, optimizer, meta)
+        if "unet" in modules:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain_emoji, "save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_emoji.main(["--output_dir", str(tmp_path / "resumed"), *flags])
+    assert not (tmp_path / "resumed" / "pipeline").exists()
+    monkeypatch.setattr(pretrain_emoji, "save_state", save_state)
+    pretrain_emoji.main(["--output_dir", str(tmp_path / "resumed"), *flags])
+
+    for part in ("unet", "text_encoder", "vae"):
+        whole, resumed = (load_file(str(next((tmp_path / run / "pipeline" / part).glob("*.safetensors"))))
+                          for run in ("whole", "resumed"))  # fmt: skip
+        assert whole.keys() == resumed.keys()
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole), part
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "resumed" / "pipeline")
+    assert pipe.tokenizer.tokenize("flag of egypt") == ["flag</w>", "of</w>", "egypt</w>"]
+    assert not (tmp_path / "resumed" / "checkpoints" / "unet-state.safetensors").exists()  # removed when done
