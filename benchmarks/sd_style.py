@@ -322,6 +322,7 @@ def main(argv=None) -> dict:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, out.with_suffix(".json"))
+    out.with_suffix(".md").write_text(table_md(report))
     plot(report, args, out.with_suffix(".png"))
     grid(report, data, base_test, root, args, out.with_name(out.name + "_grid.png"))
 
@@ -333,6 +334,33 @@ def main(argv=None) -> dict:
     print(f"paired vs LoRA: {json.dumps(paired)}")
     print(f"wrote {out.with_suffix('.json')}, .png and _grid.png ({report['setting']['wall_seconds']} s)")
     return report
+
+
+NAMES = {"lora": "LoRA", "reflora": "RefLoRA", "reflora-s": "RefLoRA-S", "lora+": "LoRA+",
+         "reflora@factors": "RefLoRA (factors)"}
+
+
+def table_md(report: dict) -> str:
+    """The docs' results table (each method at its validation-picked lr) and every lr's test distance."""
+    base, best, paired = report["base"], report["best"], report["paired_vs_lora"]
+    pm = lambda a: f"{a['mean']:.2f} ± {a['std']:.2f}"  # noqa: E731
+    lr_s = lambda lr: f"{float(lr):.0e}".replace("e-0", "e-")  # noqa: E731  (0.003 -> 3e-3)
+    lines = ["| | best lr (val) | val → Twemoji | **test → Twemoji** | test → Noto | final loss (last 15 steps) "
+             "| paired vs LoRA (test, per seed) |", "|---|---|---|---|---|---|---|",
+             f"| base, no LoRA | | {base['val_to_twemoji']:.2f} | **{base['test_to_twemoji']:.2f}** "
+             f"| {base['test_to_noto']:.2f} | | |"]
+    for m, b in best.items():
+        pair = ""
+        if m in paired:
+            per_seed = ", ".join(f"{d:+.2f}" for d in paired[m]["per_seed"])
+            pair = f"{paired[m]['mean_diff_vs_lora']:+.2f} ({per_seed})"
+        lines.append(f"| {NAMES.get(m, m)} | {lr_s(b['lr'])} | {b['val_to_twemoji']['mean']:.2f} "
+                     f"| **{pm(b['test_to_twemoji'])}** | {b['test_to_noto']['mean']:.2f} "
+                     f"| {b['final_loss_last15']['mean']:.3f} |" + (f" {pair} |" if pair else " |"))
+    lrs = list(next(iter(report["per_lr"].values())))
+    every = ", ".join(f"{NAMES.get(m, m)} " + " / ".join(pm(per[lr]["test_to_twemoji"]) for lr in lrs)
+                      for m, per in report["per_lr"].items())
+    return "\n".join(lines) + f"\n\nEvery lr (test → Twemoji, mean ± std at {' / '.join(map(lr_s, lrs))}): {every}.\n"
 
 
 def smooth(values, window=15):

@@ -50,3 +50,25 @@ def test_dreambooth_on_tiny_emoji_writes_the_compare_grid(tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["setup"]["steps"] == 4
     grid = Image.open(out.with_name("db_grid.png"))
     assert grid.height == 64 + 3 * (192 + 4)  # header + base, lora, reflora rows (compare.make_grid's layout)
+
+
+def test_style_table_shows_each_method_at_its_validation_lr_and_pairs_by_seed():
+    import sd_style
+
+    def a(values):
+        import statistics
+
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values), "values": values}
+
+    per_lr = {m: {lr: {"test_to_twemoji": a([t, t + 0.2])} for lr, t in (("0.001", 18.0 + d), ("0.003", 17.0 + d))}
+              for m, d in (("lora", 0.0), ("reflora-s", 0.5))}
+    best = {m: {"lr": 0.003, "val_to_twemoji": a([16.0, 16.2]),
+                "test_to_twemoji": per_lr[m]["0.003"]["test_to_twemoji"], "test_to_noto": a([15.0, 15.0]), "final_loss_last15": a([0.08, 0.09])} for m in per_lr}
+    report = {"base": {"val_to_twemoji": 17.26, "test_to_twemoji": 18.08, "test_to_noto": 14.82}, "best": best,
+              "paired_vs_lora": {"reflora-s": {"mean_diff_vs_lora": 0.5, "per_seed": [0.5, 0.5]}}, "per_lr": per_lr}
+    lines = sd_style.table_md(report).splitlines()
+    assert lines[2] == "| base, no LoRA | | 17.26 | **18.08** | 14.82 | | |"
+    assert lines[3] == "| LoRA | 3e-3 | 16.10 | **17.10 ± 0.14** | 15.00 | 0.085 | |"
+    assert lines[4] == "| RefLoRA-S | 3e-3 | 16.10 | **17.60 ± 0.14** | 15.00 | 0.085 | +0.50 (+0.50, +0.50) |"
+    assert lines[-1] == ("Every lr (test → Twemoji, mean ± std at 1e-3 / 3e-3): LoRA 18.10 ± 0.14 / 17.10 ± 0.14, "
+                         "RefLoRA-S 18.60 ± 0.14 / 17.60 ± 0.14.")

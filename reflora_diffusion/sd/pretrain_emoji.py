@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--caption_dropout", type=float, default=0.1)
     p.add_argument("--checkpoint_every", type=int, default=250)
-    p.add_argument("--threads", type=int, default=2, help="torch threads (2: both cores of the machine the base was made on)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the shipped base: 2, both cores)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()
