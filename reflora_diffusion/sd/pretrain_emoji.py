@@ -382,7 +382,8 @@ def write_slow_tokenizer_files(tokenizer, folder: Path) -> None:
     """vocab.json + merges.txt beside tokenizer.json, for transformers 4.x's slow CLIPTokenizer."""
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    (folder / "vocab.json").write_text(json.dumps(tokenizer.get_vocab(), ensure_ascii=False))
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])  # by id: the same file on every run
+    (folder / "vocab.json").write_text(json.dumps(dict(vocab), ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
 
 
