@@ -13,11 +13,16 @@ Every method gets the same lr grid, seeds, data, steps, batch and sampling seeds
 as the quality benchmark). Runs are cached per (method, lr, seed) under $REFLORA_CACHE/bench/sd_style, so
 an interrupted benchmark resumes where it stopped.
 
-    OMP_NUM_THREADS=1 python benchmarks/sd_style.py --steps 150 --no-mid_eval   # the committed run (~14 min)
+    python benchmarks/sd_style.py --steps 150 --methods lora reflora reflora-s lora+ reflora@factors \
+        --seeds 0 1 2 --threads 2                           # the committed run (45 runs, ~21 min on 2 cores)
+    python benchmarks/sd_style.py --steps 150 --methods lora reflora reflora-s reflora@factors --lrs 3e-3 \
+        --seeds 0 1 2 --threads 2 --eval_every 30 --out benchmarks/results/sd_style_curve
+                                                            # held-out distance vs step, at the best lr
     python benchmarks/sd_style.py --methods lora reflora --lrs 1e-3 --seeds 0 --steps 60   # quick look
 
-Writes benchmarks/results/sd_style.json, sd_style.png (loss curves + held-out distance per method/lr) and
-sd_style_grid.png (held-out emoji: Twemoji target, Noto, base, then each method at its best lr, seed 0).
+Writes benchmarks/results/sd_style.json, sd_style.md (the docs' table), sd_style.png (loss curves, held-out
+distance per method/lr and, with --eval_every, held-out distance vs step) and sd_style_grid.png (held-out
+emoji: Twemoji target, Noto, base, then each method at its best lr, seed 0).
 """
 
 from __future__ import annotations
@@ -125,7 +130,7 @@ def evaluate(pipe, data, args, splits_=("val", "test")) -> tuple[dict, dict]:
 
 
 def run_one(method: str, lr: float, seed: int, train_dir: Path, data: dict, args, root: Path) -> dict:
-    """Train one adapter (in process) and evaluate it at the mid step (test split) and the end (both)."""
+    """Train one adapter (in process) and evaluate it every `eval_every` steps (test split) and at the end (both)."""
     from accelerate.state import AcceleratorState, GradientState
 
     from reflora_diffusion.sd.config import make_config
@@ -135,21 +140,20 @@ def run_one(method: str, lr: float, seed: int, train_dir: Path, data: dict, args
     AcceleratorState._reset_state(reset_partial_state=True)  # one process runs many trainers
     GradientState._reset_state()
     run_dir = root / "runs" / f"{method}_lr{lr:g}_s{seed}"
-    mid = args.steps // 2 if args.mid_eval else 10**9
     core, options = method_variants.split(method)  # e.g. reflora@factors (issue 9's RefLoRA variants)
     cfg = make_config(dict(
         pretrained_model_name_or_path="tiny-emoji", train_data_dir=str(train_dir), resolution=64,
         rank=args.rank, lora_alpha=args.rank, learning_rate=lr, method=core, **options,
         refactor_warmup_steps=max(1, round(args.warmup_frac * args.steps)), max_train_steps=args.steps,
         train_batch_size=args.batch_size, cache_latents=True, seed=seed, checkpointing_steps=10**9,
-        validation_prompt=["(evaluation hook)"], validation_steps=mid, output_dir=str(run_dir),
+        validation_prompt=["(evaluation hook)"], validation_steps=args.eval_every or 10**9, output_dir=str(run_dir),
         overwrite_output_dir=True))
     trainer = SDTrainer(cfg)
     trainer.setup()
     evals, timing = {}, {"eval_s": 0.0}
     keep_images = {}
 
-    def hook():  # replaces the trainer's validation sampling: called at `mid` and at the end
+    def hook():  # replaces the trainer's validation sampling: called every `eval_every` steps and at the end
         t0 = time.time()
         acc = trainer.accelerator
         unet = acc.unwrap_model(trainer.c.denoiser)
@@ -179,9 +183,9 @@ def run_one(method: str, lr: float, seed: int, train_dir: Path, data: dict, args
               "val_to_twemoji": final["val"]["to_twemoji"], "val_to_noto": final["val"]["to_noto"],
               "test_to_twemoji": final["test"]["to_twemoji"], "test_to_noto": final["test"]["to_noto"],
               "test_to_twemoji_per_emoji": final["test"]["to_twemoji_per_emoji"]}
-    if args.mid_eval:
-        result.update(mid_step=mid, mid_test_to_twemoji=evals[str(mid)]["test"]["to_twemoji"],
-                      mid_test_to_noto=evals[str(mid)]["test"]["to_noto"])
+    if args.eval_every:  # held-out distance vs step (the final step included)
+        steps = sorted(evals, key=int)
+        result["test_curve"] = {step: evals[step]["test"]["to_twemoji"] for step in steps}
     np.savez_compressed(root / "runs" / f"{method}_lr{lr:g}_s{seed}.npz",
                         test=(keep_images["test"] * 255).round().astype(np.uint8))
     shutil.rmtree(run_dir, ignore_errors=True)  # the adapter is not needed again: keep the cache small
@@ -204,8 +208,8 @@ def main(argv=None) -> dict:
     p.add_argument("--token", default="sks")
     p.add_argument("--sample_steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--mid_eval", action=argparse.BooleanOptionalAction, default=True,
-                   help="also measure the held-out distance at half the steps")
+    p.add_argument("--eval_every", type=int, default=0,
+                   help="also measure the held-out distance every N steps (0: only at the end)")
     p.add_argument("--grid_emoji", type=int, default=10)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads: 1 (2 threads ran sampling 10x slower on 2 shared cores)")
@@ -227,7 +231,7 @@ def main(argv=None) -> dict:
         weights.update(f.read_bytes())
     key = json.dumps({**{k: setting[k] for k in ("steps", "batch_size", "rank", "warmup_frac", "n_train", "n_val",
                                                  "n_test", "split_seed", "token", "sample_steps", "guidance",
-                                                 "mid_eval")}, "base_weights": weights.hexdigest()}, sort_keys=True)
+                                                 "eval_every")}, "base_weights": weights.hexdigest()}, sort_keys=True)
 
     root = emoji_data.cache_root() / "bench" / "sd_style" / hashlib.sha1(key.encode()).hexdigest()[:10]
     (root / "runs").mkdir(parents=True, exist_ok=True)
@@ -284,8 +288,9 @@ def main(argv=None) -> dict:
             rs = [r for r in runs if r["method"] == m and r["lr"] == lr]
             per_lr[m][f"{lr:g}"] = {k: agg(rs, k) for k in ("val_to_twemoji", "test_to_twemoji", "test_to_noto",
                                                             "val_to_noto", "train_s", "eval_s")}
-            if args.mid_eval:
-                per_lr[m][f"{lr:g}"]["mid_test_to_twemoji"] = agg(rs, "mid_test_to_twemoji")
+            if args.eval_every:
+                per_lr[m][f"{lr:g}"]["test_curve"] = {
+                    step: agg([{"x": r["test_curve"][step]} for r in rs], "x") for step in rs[0]["test_curve"]}
             per_lr[m][f"{lr:g}"]["final_loss_last15"] = agg(
                 [{"x": statistics.fmean(r["losses"][-15:])} for r in rs], "x")
         lr_best = min(args.lrs, key=lambda lr: per_lr[m][f"{lr:g}"]["val_to_twemoji"]["mean"])
@@ -376,7 +381,9 @@ def plot(report, args, path: Path) -> None:
 
     colours = {"lora": "tab:blue", "reflora": "tab:red", "reflora-s": "tab:green", "lora+": "tab:purple",
                "reflora@factors": "tab:orange", "reflora@update": "tab:brown", "reflora@normalize": "tab:pink"}
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    curves = bool(args.eval_every)
+    fig, axes = plt.subplots(1, 3 if curves else 2, figsize=(19 if curves else 13, 5.4))
+    ax, bx = axes[0], axes[1]
     styles = dict(zip(args.lrs, [":", "--", "-", "-."]))
     for m in args.methods:
         for lr in args.lrs:
@@ -388,7 +395,7 @@ def plot(report, args, path: Path) -> None:
     ax.set(xlabel="optimizer step", ylabel="training loss (15-step moving average, mean over seeds)",
            title=f"Twemoji style on tiny-emoji, r={args.rank}, batch {args.batch_size}, {len(args.seeds)} seeds "
                  "(bold: best lr on val)")
-    ax.legend(ncol=len(args.methods), fontsize=7)
+    ax.legend(ncol=3, fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     x = np.arange(len(args.lrs))
     width = 0.8 / len(args.methods)
     for k, m in enumerate(args.methods):
@@ -396,10 +403,6 @@ def plot(report, args, path: Path) -> None:
         std = [report["per_lr"][m][f"{lr:g}"]["test_to_twemoji"]["std"] for lr in args.lrs]
         bx.bar(x + (k - (len(args.methods) - 1) / 2) * width, mean, width, yerr=std, capsize=3,
                color=colours.get(m), label=f"{LABELS.get(m, m)} (step {args.steps})")
-        if args.mid_eval:
-            mid = [report["per_lr"][m][f"{lr:g}"]["mid_test_to_twemoji"]["mean"] for lr in args.lrs]
-            bx.scatter(x + (k - (len(args.methods) - 1) / 2) * width, mid, color="k", marker="_", s=120, zorder=3,
-                       label="step %d" % (args.steps // 2) if k == 0 else None)
     bx.axhline(report["base"]["test_to_twemoji"], color="gray", ls="--", lw=1, label="base (no LoRA)")
     lo = min(v["test_to_twemoji"]["mean"] for m in report["per_lr"].values() for v in m.values())
     bx.set_ylim(lo * 0.85, report["base"]["test_to_twemoji"] * 1.08)
@@ -407,6 +410,19 @@ def plot(report, args, path: Path) -> None:
     bx.set(ylabel="held-out L2 to Twemoji at 32x32 (lower = better)",
            title=f"{args.n_test} held-out emoji, mean ± std over seeds")
     bx.legend(fontsize=7)
+    if curves:  # held-out distance vs step, each method at its best lr; step 0 is the base
+        cx = axes[2]
+        for m in args.methods:
+            lr = report["best"][m]["lr"]
+            curve = report["per_lr"][m][f"{lr:g}"]["test_curve"]
+            steps = [0] + [int(s) for s in curve]
+            mean = np.array([report["base"]["test_to_twemoji"]] + [c["mean"] for c in curve.values()])
+            std = np.array([0.0] + [c["std"] for c in curve.values()])
+            cx.plot(steps, mean, marker="o", ms=3, color=colours.get(m), label=f"{LABELS.get(m, m)} lr {lr:g}")
+            cx.fill_between(steps, mean - std, mean + std, color=colours.get(m), alpha=0.12)
+        cx.set(xlabel="optimizer step", ylabel="held-out L2 to Twemoji (mean ± std over seeds)",
+               title="held-out distance vs step (step 0: the base)")
+        cx.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
