@@ -341,10 +341,6 @@ def main(argv=None) -> dict:
     return report
 
 
-NAMES = {"lora": "LoRA", "reflora": "RefLoRA", "reflora-s": "RefLoRA-S", "lora+": "LoRA+",
-         "reflora@factors": "RefLoRA (factors)"}
-
-
 def table_md(report: dict) -> str:
     """The docs' results table (each method at its validation-picked lr) and every lr's test distance."""
     base, best, paired = report["base"], report["best"], report["paired_vs_lora"]
@@ -359,13 +355,14 @@ def table_md(report: dict) -> str:
         if m in paired:
             per_seed = ", ".join(f"{d:+.2f}" for d in paired[m]["per_seed"])
             pair = f"{paired[m]['mean_diff_vs_lora']:+.2f} ({per_seed})"
-        lines.append(f"| {NAMES.get(m, m)} | {lr_s(b['lr'])} | {b['val_to_twemoji']['mean']:.2f} "
+        lines.append(f"| {LABELS.get(m, m)} | {lr_s(b['lr'])} | {b['val_to_twemoji']['mean']:.2f} "
                      f"| **{pm(b['test_to_twemoji'])}** | {b['test_to_noto']['mean']:.2f} "
                      f"| {b['final_loss_last15']['mean']:.3f} |" + (f" {pair} |" if pair else " |"))
     lrs = list(next(iter(report["per_lr"].values())))
-    every = ", ".join(f"{NAMES.get(m, m)} " + " / ".join(pm(per[lr]["test_to_twemoji"]) for lr in lrs)
+    every = ", ".join(f"{LABELS.get(m, m)} " + " / ".join(pm(per[lr]["test_to_twemoji"]) for lr in lrs)
                       for m, per in report["per_lr"].items())
-    return "\n".join(lines) + f"\n\nEvery lr (test → Twemoji, mean ± std at {' / '.join(map(lr_s, lrs))}): {every}.\n"
+    at = " / ".join(map(lr_s, lrs))
+    return "\n".join(lines) + f"\n\nEvery lr (test → Twemoji, mean ± std at {at}): {every}.\n"
 
 
 def smooth(values, window=15):

@@ -63,7 +63,8 @@ def test_style_table_shows_each_method_at_its_validation_lr_and_pairs_by_seed():
     per_lr = {m: {lr: {"test_to_twemoji": a([t, t + 0.2])} for lr, t in (("0.001", 18.0 + d), ("0.003", 17.0 + d))}
               for m, d in (("lora", 0.0), ("reflora-s", 0.5))}
     best = {m: {"lr": 0.003, "val_to_twemoji": a([16.0, 16.2]),
-                "test_to_twemoji": per_lr[m]["0.003"]["test_to_twemoji"], "test_to_noto": a([15.0, 15.0]), "final_loss_last15": a([0.08, 0.09])} for m in per_lr}
+                "test_to_twemoji": per_lr[m]["0.003"]["test_to_twemoji"], "test_to_noto": a([15.0, 15.0]),
+                "final_loss_last15": a([0.08, 0.09])} for m in per_lr}
     report = {"base": {"val_to_twemoji": 17.26, "test_to_twemoji": 18.08, "test_to_noto": 14.82}, "best": best,
               "paired_vs_lora": {"reflora-s": {"mean_diff_vs_lora": 0.5, "per_seed": [0.5, 0.5]}}, "per_lr": per_lr}
     lines = sd_style.table_md(report).splitlines()
