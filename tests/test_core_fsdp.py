@@ -80,10 +80,10 @@ def _train(method, world=1, rank=0, save_to=None):
     return weights, stats
 
 
-def _worker(rank, world, port, out, adapter_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world, store, out, adapter_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file store: no port to race for, and no store server living in rank 0 while rank 1 still tears down
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         results = {m: _train(m, world, rank, adapter_dir if m == "reflora" else None)
                    for m in ("reflora", "reflora-s", "scaledgd")}
@@ -123,7 +123,8 @@ def sharded(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch without gloo")
     folder = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(2, _free_port(), str(folder / "results.pt"), str(folder / "adapter")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(folder / "store"), str(folder / "results.pt"), str(folder / "adapter")), nprocs=2,
+             join=True)
     results = torch.load(folder / "results.pt")
     results["adapter_dir"] = folder / "adapter"
     return results
