@@ -73,3 +73,13 @@ def test_style_table_shows_each_method_at_its_validation_lr_and_pairs_by_seed():
     assert lines[4] == "| RefLoRA-S | 3e-3 | 16.10 | **17.60 ± 0.14** | 15.00 | 0.085 | +0.50 (+0.50, +0.50) |"
     assert lines[-1] == ("Every lr (test → Twemoji, mean ± std at 1e-3 / 3e-3): LoRA 18.10 ± 0.14 / 17.10 ± 0.14, "
                          "RefLoRA-S 18.60 ± 0.14 / 17.60 ± 0.14.")
+
+
+@pytest.mark.parametrize("report, doc", [("glue_budget.md", "llm.md"), ("sd_style.md", "sd.md")])
+def test_docs_show_the_tables_the_benchmarks_last_wrote(report, doc):
+    """The docs' result tables are the reports' own tables, byte for byte: a new cell or re-run that changes a report
+    without the docs (or a hand edit of a number in the docs) fails here."""
+    table = (REPO / "benchmarks" / "results" / report).read_text().strip()
+    assert table.count("\n|") >= 3, f"{report} holds no table"
+    assert table in (REPO / "docs" / doc).read_text(), (
+        f"docs/{doc} does not show benchmarks/results/{report}: paste the report's table into docs/{doc}")
