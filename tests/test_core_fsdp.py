@@ -100,10 +100,8 @@ def _worker(rank, world, store, out, adapter_dir):
         if rank == 0:
             torch.save(results, out)
         dist.barrier()  # no rank tears gloo down while the other still talks to it
-    except BaseException:
+    finally:
         dist.destroy_process_group()
-        raise
-    dist.destroy_process_group()
     # Everything is written and both ranks are past the barrier. Leave without Python's interpreter teardown: there,
     # gloo's C++ threads can still hold work objects and abort the process ("terminate called without an active
     # exception", SIGABRT; pytorch/pytorch#179291), which CI saw in full-suite runs after the test's work was done.
