@@ -193,6 +193,34 @@ def test_job_runs_to_done(tmp_path, fake, images, monkeypatch):
     assert json.loads((run_dir / "job.json").read_text())["command"][-2] == str(run_dir / "config.json")
 
 
+def test_a_run_that_ends_before_launch_returns_stays_done(tmp_path, fake, images, monkeypatch):
+    """The app marks the run 'running' before the trainer exists, never after: a trainer that finishes while
+    launch() is still busy (a loaded machine) must not get its 'done' overwritten and the run called failed."""
+    seen = []
+    real_popen = jobs.subprocess.Popen
+
+    def popen_then_finish(cmd, **kw):
+        seen.append(json.loads((tmp_path / "runs" / "fast" / "status.json").read_text())["state"])
+        proc = real_popen(cmd, **kw)
+        proc.wait()  # the whole run happens before launch() goes on
+        return proc
+    monkeypatch.setattr(jobs.subprocess, "Popen", popen_then_finish)
+    r = runner(tmp_path, fake())
+    run_dir = r.start(FORM, name="fast", images=images)
+    assert seen == ["running"]
+    assert r.wait(run_dir, timeout=60) == "done" and runs.read_run(r.runs_dir, "fast").error is None
+
+
+def test_app_restart_right_after_launch_marks_a_job_that_never_started(tmp_path, images, fake):
+    r = runner(tmp_path, fake())
+    run_dir = r.create_run(FORM, name="orphan", images=images)
+    status = json.loads((run_dir / "status.json").read_text())  # what launch() writes before starting the trainer
+    (run_dir / "status.json").write_text(json.dumps({**status, "state": "running", "pid": None}))
+    runner(tmp_path, fake())  # the app restarted before the trainer (or job.json) existed
+    run = runs.read_run(tmp_path / "runs", "orphan")
+    assert run.state == "failed" and "exit code None" in run.error
+
+
 @pytest.mark.parametrize("mode,error", [("crash", "RuntimeError: boom at step 3"),
                                         ("die_early", "ValueError: --rank 999 is larger"),
                                         ("silent_exit", "the trainer exited without finishing")])

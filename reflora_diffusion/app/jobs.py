@@ -268,6 +268,11 @@ class JobRunner:
                 busy = list(self._active.values())
                 gpu = min(range(self.gpus), key=busy.count)
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        status = read_json(run_dir / "status.json", {}) or {}
+        if status.get("state") == "queued":  # before the trainer exists: from its first write on, status is its
+            now = time.time()                # own (writing after Popen could undo a fast run's 'done')
+            write_json_atomic(run_dir / "status.json", {**status, "state": "running", "pid": None,
+                                                        "started_at": now, "updated_at": now})
         with open(run_dir / "train.log", "ab") as log:
             log.write(f"$ {shlex.join(cmd)}\n".encode())
             log.flush()
@@ -280,10 +285,6 @@ class JobRunner:
                 raise JobError(f"could not start the trainer ({cmd[0]}): {e}") from None
         write_json_atomic(run_dir / "job.json", {"command": cmd, "cwd": str(self.repo_root), "pgid": proc.pid,
                                                  "gpu": gpu, "launched_at": time.time()})
-        status = read_json(run_dir / "status.json", {}) or {}
-        if status.get("state") == "queued":  # the trainer overwrites this with its own pid once it starts
-            write_json_atomic(run_dir / "status.json", {**status, "state": "running", "pid": proc.pid,
-                                                        "started_at": time.time(), "updated_at": time.time()})
         with self._lock:
             self._procs[run_dir] = proc
             self._active[run_dir] = gpu
@@ -409,11 +410,12 @@ class JobRunner:
             job = read_json(run_dir / "job.json")
             if status.get("state") == "queued" and job is None:
                 queued.append((status.get("updated_at") or 0, run_dir))
-            elif status.get("state") == "running" and job is not None:
-                if pid_alive(status.get("pid")):
+            elif status.get("state") == "running" and (job is not None or status.get("pid") is None):
+                pid = status.get("pid") or (job or {}).get("pgid")  # no pid yet: the trainer had not started
+                if pid_alive(pid):
                     with self._lock:  # still one of this app's jobs: it keeps its place (and GPU)
                         self._active[run_dir] = job.get("gpu")
-                    threading.Thread(target=self._watch_pid, args=(run_dir, status["pid"]), daemon=True).start()
+                    threading.Thread(target=self._watch_pid, args=(run_dir, pid), daemon=True).start()
                 else:
                     self._finalize(run_dir, None)
         for _, run_dir in sorted(queued):
