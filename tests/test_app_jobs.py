@@ -218,7 +218,7 @@ def test_app_restart_right_after_launch_marks_a_job_that_never_started(tmp_path,
     (run_dir / "status.json").write_text(json.dumps({**status, "state": "running", "pid": None}))
     runner(tmp_path, fake())  # the app restarted before the trainer (or job.json) existed
     run = runs.read_run(tmp_path / "runs", "orphan")
-    assert run.state == "failed" and "exit code None" in run.error
+    assert run.state == "failed" and run.error == "the app stopped while starting this run's trainer; start it again"
 
 
 @pytest.mark.parametrize("mode,error", [("crash", "RuntimeError: boom at step 3"),

@@ -410,8 +410,10 @@ class JobRunner:
             job = read_json(run_dir / "job.json")
             if status.get("state") == "queued" and job is None:
                 queued.append((status.get("updated_at") or 0, run_dir))
-            elif status.get("state") == "running" and (job is not None or status.get("pid") is None):
-                pid = status.get("pid") or (job or {}).get("pgid")  # no pid yet: the trainer had not started
+            elif status.get("state") == "running" and job is None and status.get("pid") is None:
+                self._mark(run_dir, "failed", "the app stopped while starting this run's trainer; start it again")
+            elif status.get("state") == "running" and job is not None:
+                pid = status.get("pid") or job.get("pgid")  # no pid yet: the trainer had not written its status
                 if pid_alive(pid):
                     with self._lock:  # still one of this app's jobs: it keeps its place (and GPU)
                         self._active[run_dir] = job.get("gpu")
