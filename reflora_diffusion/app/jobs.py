@@ -268,9 +268,11 @@ class JobRunner:
                 busy = list(self._active.values())
                 gpu = min(range(self.gpus), key=busy.count)
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        # Mark it running before the trainer exists and never after: from its first write on, status.json is the
+        # trainer's, and a late write here could turn a fast run's 'done' back into 'running'.
         status = read_json(run_dir / "status.json", {}) or {}
-        if status.get("state") == "queued":  # before the trainer exists: from its first write on, status is its
-            now = time.time()                # own (writing after Popen could undo a fast run's 'done')
+        if status.get("state") == "queued":
+            now = time.time()
             write_json_atomic(run_dir / "status.json", {**status, "state": "running", "pid": None,
                                                         "started_at": now, "updated_at": now})
         with open(run_dir / "train.log", "ab") as log:
