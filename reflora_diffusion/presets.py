@@ -151,6 +151,21 @@ def native_resolution(folder_or_id: str, revision=None) -> int:
     return int(sample) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+def pixel_multiple(folder_or_id: str, revision=None) -> int:
+    """What every image side must be a multiple of for the model's latents: the VAE's downsampling times the
+    denoiser's (SD/SDXL UNet: 2^(down blocks - 1); SD3: the transformer's patch size; FLUX: its 2x2 packing).
+    SD 1.5 and SDXL: 64; SD3 and FLUX: 16."""
+    path = resolve_pretrained(folder_or_id)
+    family = model_family(path)
+    vae = 2 ** (len(_read_config(path, "vae", revision)["block_out_channels"]) - 1)
+    if family == "flux":
+        return vae * 2
+    denoiser = _read_config(path, "transformer" if family in FLOW_FAMILIES else "unet", revision)
+    if family == "sd3":
+        return vae * int(denoiser.get("patch_size", 2))
+    return vae * 2 ** (len(denoiser["down_block_types"]) - 1)
+
+
 def build_preset(name: str, folder: str | os.PathLike) -> None:
     """Make the preset's components from config (seeded) and save the full pipeline into `folder`."""
     import torch

@@ -20,8 +20,15 @@ import time
 from pathlib import Path
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
-# What a run writes (besides samples/ and checkpoints/); --overwrite_output_dir removes exactly these.
-RUN_FILES = ("config.json", "status.json", "events.jsonl", ADAPTER_FILE, "README.md", "pytorch_lora_weights_kohya.safetensors")
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+TRAINER_STATE = "trainer_state.safetensors"  # in every checkpoint-<N> folder of the SD trainer
+# What a run writes at the top of its folder; --overwrite_output_dir removes these (each recognised by its
+# content, see _ours) and nothing else.
+RUN_FILES = ("config.json", "status.json", "events.jsonl", ADAPTER_FILE, "README.md", KOHYA_FILE)
+RUN_FOLDERS = ("checkpoints", "samples", "logs")
+# What the app writes into a run folder it made (uploaded images, its log of the trainer, downloads): a
+# trainer never removes these, and they do not make a folder foreign.
+APP_ENTRIES = ("data", "job.json", "train.log", "exports")
 # Options that steer how a run is carried out, not what it learns: a rerun may change them.
 RUN_CONTROL_KEYS = {"resume_from_checkpoint", "overwrite_output_dir", "base_model_folder", "report_to",
                     "logging_steps", "dataloader_num_workers", "max_train_steps", "num_train_epochs",
@@ -39,8 +46,12 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(_clean(data), indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # (a full disk): never leave half a file behind
+        raise
 
 
 def read_json(path: str | os.PathLike, default=None):
@@ -84,12 +95,18 @@ class RunLog:
         try:
             yield self
         except KeyboardInterrupt as e:
-            self.set_status(state="cancelled", error=str(e) or "interrupted")
+            self._set_final(state="cancelled", error=str(e) or "interrupted")
             raise
         except BaseException as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            self.set_status(state="failed", error=f"{type(e).__name__}: {msg}")
+            self._set_final(state="failed", error=f"{type(e).__name__}: {msg}")
             raise
+
+    def _set_final(self, **fields) -> None:
+        try:
+            self.set_status(**fields)
+        except OSError:  # e.g. the disk is full: the original error is the one to report
+            pass
 
     def event(self, **fields) -> None:
         if not self.enabled:
@@ -145,16 +162,87 @@ def pid_alive(pid) -> bool:
 
 def holds_run(run_dir: Path) -> bool:
     """A trainer (or the app, for a queued job) has written its config or status here."""
-    return (run_dir / "config.json").is_file() or (run_dir / "status.json").is_file()
+    return _ours(run_dir / "config.json") or _ours(run_dir / "status.json")
+
+
+def _ours(entry: Path) -> bool:
+    """True if `entry` (a top-level entry of a run folder) is something a run of ours wrote, judged by its name
+    and content, so that a user's own file or folder of the same name is never taken for ours."""
+    name = entry.name
+    if _TEMP.match(name):
+        return True
+    if name in ("config.json", "status.json"):
+        data = read_json(entry)
+        return isinstance(data, dict) and ({"method", "output_dir"} <= data.keys() if name == "config.json"
+                                           else "state" in data)
+    if name == "events.jsonl":
+        return entry.is_file() and _is_event_log(entry)
+    if name in (ADAPTER_FILE, KOHYA_FILE):
+        return entry.is_file() and "reflora_info" in _safetensors_metadata(entry)
+    if name == "README.md":
+        from reflora_diffusion.export.run import CARD_MARK
+
+        return entry.is_file() and CARD_MARK in entry.read_text(errors="replace")
+    if name == "checkpoints":
+        return entry.is_dir() and all(_TEMP.match(p.name) or (re.fullmatch(r"checkpoint-\d+", p.name) and
+                                                                (p / TRAINER_STATE).is_file())
+                                      for p in entry.iterdir())
+    if name == "samples":
+        return entry.is_dir() and all(
+            _TEMP.match(p.name) or (p.is_file() and re.fullmatch(r"grid_step_\d+\.png", p.name))
+            or (p.is_dir() and re.fullmatch(r"step_\d+", p.name)
+                and all(re.fullmatch(r"\d+\.png", q.name) or _TEMP.match(q.name) for q in p.iterdir()))
+            for p in entry.iterdir())
+    if name == "logs":  # accelerate's trackers write logs/<project>/ (the trainer's project is "reflora-sd")
+        return entry.is_dir() and all(p.name == "reflora-sd" for p in entry.iterdir())
+    return False
+
+
+def _is_event_log(path: Path) -> bool:
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines):
+        try:
+            if not isinstance(json.loads(line), dict):
+                return False
+        except ValueError:
+            if n < len(lines) - 1:  # only the last line may be cut (a crash mid-write)
+                return False
+    return True
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not a safetensors file: not ours
+        return {}
+
+
+def foreign_entries(run_dir: str | os.PathLike) -> list[str]:
+    """Entries of a run folder that no run of ours (nor the app) wrote, as names relative to the folder."""
+    run_dir = Path(run_dir)
+    found = []
+    for entry in sorted(run_dir.iterdir()):
+        if entry.name in APP_ENTRIES or _ours(entry):
+            continue
+        if entry.is_dir() and entry.name in RUN_FOLDERS:  # name the first file of the user's inside it
+            inner = sorted(str(p.relative_to(run_dir)) for p in entry.rglob("*") if p.is_file())
+            found.append(inner[0] if inner else entry.name + "/")
+        else:
+            found.append(entry.name + ("/" if entry.is_dir() else ""))
+    return found
 
 
 def check_output_dir(run_dir: str | os.PathLike, config: dict, *, resume_found: bool) -> str:
     """Decide what a new trainer may do with `run_dir`; returns "new", "restart", "resume" or "overwrite".
 
     A folder holding a run with trained steps is never silently reused: it is resumed (a checkpoint exists
-    and --resume_from_checkpoint asks for it) or replaced (--overwrite_output_dir). A run that never
-    trained a step (the app's queued run, a set-up error) is simply started again; so is the same
-    unfinished job with nothing to resume (a crash before the first checkpoint).
+    and --resume_from_checkpoint asks for it) or replaced (--overwrite_output_dir, which removes only what a
+    run of ours wrote and refuses a folder holding anything else). A run that never trained a step (the app's
+    queued run, a set-up error) is simply started again; so is the same unfinished job with nothing to
+    resume (a crash before the first checkpoint). Nothing is written here: a refusal leaves the folder as it was.
     """
     run_dir = Path(run_dir)
     if not run_dir.exists():
@@ -167,15 +255,21 @@ def check_output_dir(run_dir: str | os.PathLike, config: dict, *, resume_found: 
         raise RunDirError(f"--output_dir {str(run_dir)!r} is in use by a running trainer (pid {pid}); wait for it, "
                           "cancel it, or choose another --output_dir")
     if config.get("overwrite_output_dir"):
+        foreign = foreign_entries(run_dir)
+        if foreign:
+            raise RunDirError(f"--overwrite_output_dir: {str(run_dir)!r} holds {foreign[0]!r}, which no run of this "
+                              "trainer wrote; it only replaces its own files: move that out, or choose another "
+                              "--output_dir")
         return "overwrite"
     if resume_found:
+        check_resume(run_dir, config)
         return "resume"
     entries = [p for p in run_dir.iterdir() if not _TEMP.match(p.name)]
     if not entries:
         return "new"
     if not holds_run(run_dir):
         raise RunDirError(f"--output_dir {str(run_dir)!r} is not empty and holds no run of this trainer; choose a new "
-                          "folder, or pass --overwrite_output_dir to write the run into it anyway")
+                          "or empty folder")
     old = read_json(run_dir / "config.json") or {}
     what = (f"a {old.get('method', '?')} run (rank {old.get('rank', '?')}, {status.get('state', 'unknown')} at "
             f"step {status.get('step', '?')})")
@@ -192,6 +286,35 @@ def check_output_dir(run_dir: str | os.PathLike, config: dict, *, resume_found: 
     return "restart"
 
 
+# Options that fix what a checkpoint is (its base, its LoRA shapes, its method state): a resume must keep them.
+STRUCTURAL_KEYS = ("pretrained_model_name_or_path", "revision", "variant", "method", "rank", "lora_alpha",
+                   "target_modules", "lora_conv", "train_text_encoder", "text_encoder_target_modules", "optimizer")
+
+
+def check_resume(run_dir: Path, config: dict) -> None:
+    """Refuse (touching nothing) a resume whose options change what the checkpoint is."""
+    old = read_json(run_dir / "config.json")
+    if not isinstance(old, dict):
+        return
+    for key in STRUCTURAL_KEYS:
+        if key in old and key in config and old[key] != config[key]:
+            raise RunDirError(f"--resume_from_checkpoint: the run in {str(run_dir)!r} was trained with --{key} "
+                              f"{_show(old[key])}, not {_show(config[key])}; resume with the same --{key}, or "
+                              "start a new run in another --output_dir")
+
+
+def resume_changes(old: dict, new: dict) -> dict:
+    """{option: [before, after]} for the options that affect training and differ on a resume (the data, the
+    prompt, the learning rate, the seed, ...); the trainer records them in config.json and the model card."""
+    keys = sorted((set(old) | set(new)) - RUN_CONTROL_KEYS - set(STRUCTURAL_KEYS) - {"output_dir"})
+    return {k: [old.get(k), new.get(k)] for k in keys
+            if old.get(k) != new.get(k) and not (k in _FILLED_IN and new.get(k) is None)}
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 # Options the trainer fills in when left unset (a drawn seed, the model's native resolution): unset on
 # either side is no difference.
 _FILLED_IN = {"seed", "resolution"}
@@ -204,14 +327,14 @@ def _differs(old: dict, new: dict) -> bool:
 
 
 def clear_run(run_dir: Path) -> None:
-    """Remove what a run wrote (--overwrite_output_dir); anything else in the folder stays. config.json and
-    status.json are replaced (atomically) by the new run right after, never removed: a reader such as the
-    app always finds a run there."""
-    for name in RUN_FILES:
-        if name not in ("config.json", "status.json"):
-            (run_dir / name).unlink(missing_ok=True)
-    for sub in ("checkpoints", "samples", "logs"):
-        shutil.rmtree(run_dir / sub, ignore_errors=True)
+    """Remove what a run wrote (--overwrite_output_dir; check_output_dir has refused a folder holding anything
+    else); each entry is recognised as ours again before it goes. config.json and status.json are replaced
+    (atomically) by the new run right after, never removed: a reader such as the app always finds a run there."""
+    for name in RUN_FILES + RUN_FOLDERS:
+        entry = run_dir / name
+        if name in ("config.json", "status.json") or not entry.exists() or not _ours(entry):
+            continue
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def start_fresh(run_dir: str | os.PathLike, keep_events: bool = False) -> None:

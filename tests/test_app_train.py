@@ -57,7 +57,7 @@ def test_real_tiny_job_runs_exports_and_cancels(tmp_path):
     assert (done_dir / "train.log").read_text().startswith("$ ") and "accelerate" in (done_dir / "job.json").read_text()
 
     # export both formats from the app's wrapper: the file itself says rank, alpha, method
-    assert downloads.export_sources(r.runs_dir, "dog-reflora") == ["final", "checkpoint-4"]  # no checkpoint at the end: the final adapter is there
+    assert downloads.export_sources(r.runs_dir, "dog-reflora") == ["final", "checkpoint-8", "checkpoint-4"]
     diff = downloads.export_for_download(r.runs_dir, "dog-reflora", "final", "diffusers")
     kohya = downloads.export_for_download(r.runs_dir, "dog-reflora", "checkpoint-4", "kohya")
     for result, fmt in ((diff, "diffusers"), (kohya, "kohya")):

@@ -199,11 +199,12 @@ def test_kohya_folders_repeat_and_caption(tmp_path):
     cfg = make_config({"pretrained_model_name_or_path": "tiny", "output_dir": str(tmp_path / "o"), "seed": 0,
                        "train_data_dir": str(root), "resolution": 64})
     check_data_dirs(cfg)
-    s = build_dataset(cfg).instances
-    assert len(s) == 3 * 10 + 3
-    assert s.prompts[:3] == ["sks dog, on grass", "sks dog", "sks dog"]  # sidecar, else the folder's text
-    assert s.prompts[:3] * 10 + ["a txt caption"] * 3 == s.prompts
-    assert s.images[0] is s.images[3]  # repeats share the decoded image
+    data = build_dataset(cfg)
+    s = data.instances  # every image once; the repeats are an index map
+    assert len(s) == 4 and len(data) == 3 * 10 + 3
+    assert s.prompts == ["sks dog, on grass", "sks dog", "sks dog", "a txt caption"]  # sidecar, else the folder's
+    assert [data[(0, k)]["prompt"] for k in range(len(data))] == s.prompts[:3] * 10 + ["a txt caption"] * 3
+    assert [data.repeats(k) for k in (0, 3, 29, 30, 32)] == [0, 0, 2, 3, 3]
 
     # one-line errors for layouts that are not kohya's and not a plain folder
     (root / "misc").mkdir()
@@ -255,10 +256,12 @@ def test_caption_dropout_and_shuffle_depend_only_on_seed_epoch_index():
 def test_bucket_option_errors():
     base = {"pretrained_model_name_or_path": "tiny", "output_dir": "o", "instance_data_dir": "d",
             "instance_prompt": "p", "enable_bucket": True, **SMALL}
-    with pytest.raises(ConfigError, match="must be positive multiples of --bucket_reso_steps 16"):
-        make_config({**base, "min_bucket_reso": 40})
+    with pytest.raises(ConfigError, match="must be multiples of --bucket_reso_steps 16"):
+        make_config({**base, "min_bucket_reso": 40}).resolve_buckets(8)
     with pytest.raises(ConfigError, match="--resolution 256 must lie within"):
-        make_config({**base, "resolution": 256})
+        make_config({**base, "resolution": 256}).resolve_buckets(8)
+    with pytest.raises(ConfigError, match="--bucket_reso_steps must be >= 1"):
+        make_config({**base, "bucket_reso_steps": 0})
     with pytest.raises(ConfigError, match="does not work with --with_prior_preservation"):
         make_config({**base, "with_prior_preservation": True, "class_data_dir": "c", "class_prompt": "dog"})
 

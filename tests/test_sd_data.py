@@ -11,7 +11,7 @@ from PIL import Image
 
 from reflora_diffusion.sd.config import ConfigError, make_config, parse_args
 from reflora_diffusion.sd.data import (Crop, DataError, EpochSampler, ImageCaptionSet, TrainDataset, build_dataset,
-                                       collate)
+                                       collate, load_class_images)
 
 REPO = Path(__file__).resolve().parents[1]
 DOG = (REPO / ".." / "shared" / "data" / "dreambooth" / "dog").resolve()
@@ -162,6 +162,7 @@ def test_prior_preservation_batch_puts_class_half_second(tmp_path):
                        "with_prior_preservation": True, "class_data_dir": str(dog_copy(tmp_path / "cls", 3)),
                        "class_prompt": "a dog", "num_class_images": 3, "resolution": 64})
     ds = build_dataset(cfg)
+    ds.classes = load_class_images(cfg)  # (the trainer first generates missing class images)
     assert isinstance(ds, TrainDataset) and len(ds) == 3  # max(instances, class images)
     batch = collate([ds[(0, 0)], ds[(0, 2)]])
     assert batch["prompts"] == ["sks dog", "sks dog", "a dog", "a dog"]

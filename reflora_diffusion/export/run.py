@@ -45,6 +45,9 @@ def _run_info(weights: Path, run_dir: Path | None) -> dict:
     m = re.fullmatch(r"checkpoint-(\d+)", weights.parent.name)
     if m:
         info["steps"] = int(m[1])
+    if run_dir is not None:  # the options a resume changed, up to the exported step
+        info["changed_on_resume"] = [c for c in config.get("changed_on_resume") or []
+                                     if c.get("step", 0) < info.get("steps", float("inf"))] or None
     return {k: v for k, v in info.items() if v is not None}
 
 
@@ -207,5 +210,15 @@ pipe.load_lora_weights("<this folder>")   # reads {WEIGHT_NAME}, rank and alpha 
 image = pipe("{prompt}").images[0]
 ```
 
-{others}"""
+{others}{_resume_section(info.get("changed_on_resume"))}"""
     return write_text(card, run_dir / "README.md")
+
+
+def _resume_section(changes: list[dict] | None) -> str:
+    """The card's account of options changed when the run was resumed (the trainer's config.json record)."""
+    if not changes:
+        return ""
+    lines = [f"- from step {c['step']}: " + "; ".join(f"`{k}` {json.dumps(v[0])} -> {json.dumps(v[1])}"
+                                                      for k, v in c.items() if k != "step") for c in changes]
+    return "\n## Resumed with changed options\n\nThe run was continued with other options; the table above shows " \
+           "the last ones.\n\n" + "\n".join(lines) + "\n"

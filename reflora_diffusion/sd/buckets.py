@@ -69,21 +69,20 @@ def bucket_counts(images, resolution: int, min_bucket_reso: int = 256, max_bucke
     return dict(sorted(counts.items()))
 
 
-def default_bucket_options(resolution: int) -> dict:
+def default_bucket_options(resolution: int, multiple: int = 8) -> dict:
     """Bucket flags scaled to a resolution from kohya's SD 1.5 defaults (512: 256..1024 in steps of 64); the
-    tiny presets' 64 px gets 32..128 in steps of 16."""
+    tiny presets' 64 px gets 32..128 in steps of 16. The step is rounded up to a multiple of `multiple` (the
+    model's pixel multiple, presets.pixel_multiple) and the bounds to multiples of the step."""
     step = 64 if resolution >= 256 else 16
+    step = -(-step // multiple) * multiple
     return {"min_bucket_reso": max(step, resolution // 2 // step * step),
-            "max_bucket_reso": resolution * 2 // step * step, "bucket_reso_steps": step}
+            "max_bucket_reso": max(resolution * 2 // step * step, -(-resolution // step) * step),
+            "bucket_reso_steps": step}
 
 
-def check_bucket_step(cfg, unet, vae) -> None:
-    """Every bucket side must give latents the UNet can downsample: a multiple of VAE factor x 2^(down blocks - 1)."""
-    if not cfg.enable_bucket:
-        return
-    from .config import ConfigError
-
-    multiple = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.down_block_types) - 1)
-    if cfg.bucket_reso_steps % multiple:
-        raise ConfigError(f"--bucket_reso_steps {cfg.bucket_reso_steps} does not suit this model: bucket sides must be "
-                          f"multiples of {multiple} (VAE factor x UNet downsampling); use a multiple of {multiple}")
+def describe(buckets: "Buckets", targets: list[tuple[int, int]]) -> str:
+    """One line: which buckets a run uses and how many images each holds."""
+    counts = Counter(targets)
+    sizes = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(counts.items()))
+    return (f"aspect-ratio buckets (sides {buckets.min_reso}..{buckets.max_reso}, step {buckets.step}): "
+            f"{len(counts)} in use: {sizes}")

@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError, parse_args
     from .data import DataError
     from reflora_diffusion.rundir import RunDirError
-    from .train import TrainingError, train
+    from .train import TrainingError, disk_full, train
 
     from reflora_diffusion.logs import show_info
 
@@ -24,5 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see train.StopRequest): status "cancelled"
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        folder = cfg.output_dir if "cfg" in locals() else "the output folder"
+        print(f"error: no space left on the disk of {folder!r}; free space, then continue with "
+              "--resume_from_checkpoint latest", file=sys.stderr)
+        return 2
     print(f"done: {run_dir}")
     return 0

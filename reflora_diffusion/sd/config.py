@@ -69,9 +69,10 @@ class SDTrainConfig(MethodOptions):
     # aspect-ratio buckets and caption augmentation (kohya's names)
     enable_bucket: bool = _opt(False, "aspect-ratio buckets: each image trains at the bucket nearest its shape "
                                       "(area <= resolution^2)")
-    min_bucket_reso: int = _opt(256, "smallest bucket side")
-    max_bucket_reso: int = _opt(1024, "largest bucket side")
-    bucket_reso_steps: int = _opt(64, "bucket sides are multiples of this")
+    min_bucket_reso: int | None = _opt(None, "smallest bucket side (default: half the resolution, e.g. 256 at 512)")
+    max_bucket_reso: int | None = _opt(None, "largest bucket side (default: twice the resolution, e.g. 1024 at 512)")
+    bucket_reso_steps: int | None = _opt(None, "bucket sides are multiples of this (default: 64 at >= 256 px, else "
+                                               "16, rounded up to what the model's latents need)")
     bucket_no_upscale: bool = _opt(False, "images smaller than resolution^2 get a bucket of their own size "
                                           "(rounded down) instead of being enlarged")
     caption_dropout_rate: float = _opt(0.0, "probability of training an image with the empty caption")
@@ -140,7 +141,7 @@ class SDTrainConfig(MethodOptions):
     validation_inference_steps: int = _opt(25, "denoising steps of validation samples")
     # checkpoints and logging
     checkpointing_steps: int = _opt(500, "save a resumable checkpoint every N steps")
-    checkpoints_total_limit: int | None = _opt(None, "keep at most this many checkpoints")
+    checkpoints_total_limit: int | None = _opt(None, "keep at most this many checkpoints (>= 1; default: all)")
     resume_from_checkpoint: str | None = _opt(None, "'latest' or a checkpoint folder")
     logging_steps: int = _opt(1, "write an events.jsonl line every N steps")
     report_to: str = _opt("none", "none, tensorboard, wandb, ... (accelerate trackers)")
@@ -149,6 +150,8 @@ class SDTrainConfig(MethodOptions):
                                              "samples and checkpoints); without it such a folder is refused")
     base_model_folder: str | None = _opt(None, "written by the trainer: the local folder the base model was "
                                                "loaded from (presets, local folders); informative only")
+    changed_on_resume: list[dict] | None = _opt(None, "written by the trainer: options changed when the run was "
+                                                      "resumed, [{step, option: [before, after]}]; informative only")
 
     # --- derived views -------------------------------------------------------------------------------
     def denoiser_targets(self, family_default: list[str] | None = None) -> list[str]:
@@ -169,6 +172,27 @@ class SDTrainConfig(MethodOptions):
         pass  # checked by validate(), which reports ConfigError
 
     # --- checks --------------------------------------------------------------------------------------
+    def resolve_buckets(self, multiple: int) -> None:
+        """Fill in the bucket bounds the user left unset from the resolution (known once the base model is read)
+        and check them: sides must be multiples of `multiple`, the model family's pixel multiple."""
+        if not self.enable_bucket:
+            return
+        from .buckets import default_bucket_options
+
+        for key, value in default_bucket_options(self.resolution, multiple).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        lo, hi, step = self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps
+        if step % multiple:
+            raise ConfigError(f"--bucket_reso_steps {step} does not suit this model: bucket sides must be multiples "
+                              f"of {multiple} (what its latents need); use a multiple of {multiple}")
+        if lo % step or hi % step:
+            raise ConfigError(f"--min_bucket_reso {lo} and --max_bucket_reso {hi} must be multiples of "
+                              f"--bucket_reso_steps {step}")
+        if not lo <= self.resolution <= hi:
+            raise ConfigError(f"--resolution {self.resolution} must lie within --min_bucket_reso {lo} and "
+                              f"--max_bucket_reso {hi}")
+
     def validate(self) -> "SDTrainConfig":
         if not self.pretrained_model_name_or_path:
             raise ConfigError("--pretrained_model_name_or_path is required (a hub id, a local folder, or 'tiny')")
@@ -202,19 +226,24 @@ class SDTrainConfig(MethodOptions):
                 raise ConfigError(f"--{name} must be >= 1 (got {getattr(self, name)})")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ConfigError(f"--max_train_steps must be >= 1 (got {self.max_train_steps})")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ConfigError(f"--checkpoints_total_limit must be >= 1 (got {self.checkpoints_total_limit}); leave it "
+                              "out to keep every checkpoint")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be in [0, 2**32) (got {self.seed})")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be in [0, 1) (got {getattr(self, name)}); 0.9 / 0.999 are usual")
+        for name in ("adam_epsilon", "adam_weight_decay", "max_grad_norm", "noise_offset", "prior_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0 (got {getattr(self, name)})")
         if self.resolution is not None and self.resolution % 8:
             raise ConfigError(f"--resolution must be a multiple of 8 (got {self.resolution})")
-        if self.enable_bucket:
-            if self.with_prior_preservation:
-                raise ConfigError("--enable_bucket does not work with --with_prior_preservation yet; drop one")
-            if self.bucket_reso_steps < 1 or self.min_bucket_reso % self.bucket_reso_steps \
-                    or self.max_bucket_reso % self.bucket_reso_steps or self.min_bucket_reso < 1:
-                raise ConfigError(f"--min_bucket_reso {self.min_bucket_reso} and --max_bucket_reso "
-                                  f"{self.max_bucket_reso} must be positive multiples of --bucket_reso_steps "
-                                  f"{self.bucket_reso_steps}")
-            if not self.min_bucket_reso <= (self.resolution or self.min_bucket_reso) <= self.max_bucket_reso:
-                raise ConfigError(f"--resolution {self.resolution} must lie within --min_bucket_reso "
-                                  f"{self.min_bucket_reso} and --max_bucket_reso {self.max_bucket_reso}")
+        if self.enable_bucket and self.with_prior_preservation:
+            raise ConfigError("--enable_bucket does not work with --with_prior_preservation yet; drop one")
+        for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1 (got {getattr(self, name)})")
         if not 0 <= self.caption_dropout_rate <= 1:
             raise ConfigError(f"--caption_dropout_rate must be in [0, 1] (got {self.caption_dropout_rate})")
         if self.keep_tokens < 0:
@@ -289,23 +318,39 @@ def _coerce(name: str, value):
     typ, is_list = _base_type(name)
     if value is None:
         return None
+    if name == "changed_on_resume":  # the trainer's own record, kept as written
+        if not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+            raise ConfigError(f"option {name!r} is written by the trainer (a list of mappings); remove it")
+        return value
     if is_list:
-        items = [value] if isinstance(value, str) else list(value)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or any(isinstance(v, (list, tuple, dict)) for v in items):
+            raise ConfigError(f"option {name!r} expects a list of strings, got {value!r}")
         if name.endswith("target_modules"):  # "to_q,to_k" as one string is common
             items = [s.strip() for item in items for s in str(item).split(",") if s.strip()]
         return [str(v) for v in items]
+    expects = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(typ, typ.__name__)
     try:
         if typ is bool:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError
                 return value.lower() in ("true", "1", "yes")
-            return bool(value)
+            if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+                return bool(value)
+            raise ValueError
+        if name == "mixed_precision" and value is False:  # YAML reads `mixed_precision: no` as false
+            return "no"
+        if isinstance(value, (bool, list, tuple, dict)):  # YAML's yes/true is no number, [a, b] no string
+            raise ValueError
         if typ is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
+        if typ is str and not isinstance(value, str):
+            if not isinstance(value, (int, float)):
+                raise ValueError
         return typ(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"option {name!r} expects {typ.__name__}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"option {name!r} expects {expects}, got {value!r}") from None
 
 
 def build_parser():
@@ -326,7 +371,10 @@ def load_config_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text; give a JSON or YAML file") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -353,7 +401,7 @@ def make_config(values: dict) -> SDTrainConfig:
         values["validation_prompt"] = values.pop("validation_prompts")
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; see `python train/sd.py --help`")
+        raise ConfigError(f"{unknown_flag(unknown[0], FIELDS)}; see `python train/sd.py --help`")
     return SDTrainConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
 
 
@@ -368,7 +416,23 @@ def parse_args(argv: list[str] | None = None) -> SDTrainConfig:
         values["validation_prompt"] = values.pop("validation_prompts")
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} in {path}; see `python train/sd.py --help`")
+        raise ConfigError(f"{unknown_flag(unknown[0], FIELDS)} in {path}; see `python train/sd.py --help`")
     parser.set_defaults(**values)  # the file's values, overridden by the flags given
-    cfg = parser.parse_args_into_dataclasses(argv)[0]
+    parsed = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    cfg, unused = parsed[0], parsed[-1]  # (the --config namespace between them)
+    unknown = [a for a in unused if a.startswith("-")]
+    if unknown or unused:
+        flag = (unknown or unused)[0]
+        raise ConfigError(f"{unknown_flag(flag, FIELDS)}; see `python train/sd.py --help`" if unknown else
+                          f"unexpected argument {flag!r} (values follow their flag, e.g. --rank 8); see "
+                          "`python train/sd.py --help`")
     return make_config(dataclasses.asdict(cfg))
+
+
+def unknown_flag(flag: str, names) -> str:
+    """'unknown option --learnig_rate (did you mean --learning_rate?)': one line, with the closest valid name."""
+    import difflib
+
+    name = flag.lstrip("-").split("=")[0]
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    return f"unknown option --{name}" + (f" (did you mean --{close[0]}?)" if close else "")

@@ -12,6 +12,7 @@ or on where a run was resumed, and a 2-process run sees exactly the images of a 
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import re
@@ -30,6 +31,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 _SIDECARS = {".txt", ".caption", ".jsonl", ".json", ".csv", ".md"}
 CAPTION_SUFFIXES = (".txt", ".caption")  # sidecar caption files, in order of preference
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's "<repeats>_<caption or class>", e.g. "10_sks dog"
+MAX_REPEATS = 10_000  # kohya folder repeats above this are a typo (an epoch of millions of steps)
 
 
 class DataError(ValueError):
@@ -71,6 +73,28 @@ def image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB with the right brightness: 16/32-bit integer and float images are scaled to
+    0..255 (a plain convert("RGB") clips them, so a 16-bit photo turns white), and transparent pixels are laid
+    on white (convert would show whatever colour they hide, often black)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        top = 1.0 if im.mode == "F" and a.max(initial=0) <= 1.0 else 255.0 if a.max(initial=0) <= 255 else 65535.0
+        if a.max(initial=0) > 65535:  # 32-bit data: its own range
+            top = float(a.max())
+        gray = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info or im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def load_resized(path: Path, resolution: int, buckets: Buckets | None = None):
     """(RGB image resized to just cover its training size, original (h, w), training size (w, h)), or None if
     the file cannot be decoded. The training size is the square resolution, or the image's bucket."""
@@ -79,7 +103,7 @@ def load_resized(path: Path, resolution: int, buckets: Buckets | None = None):
             w, h = _upright_size(im)
             bw, bh = buckets.select(w, h) if buckets else (resolution, resolution)
             im.draft("RGB", (max(bw, bh),) * 2)  # JPEG: decode at reduced scale (much faster)
-            im = ImageOps.exif_transpose(im).convert("RGB")
+            im = to_rgb(ImageOps.exif_transpose(im))
             scale = max(bw / im.size[0], bh / im.size[1])
             new = (max(bw, round(im.size[0] * scale)), max(bh, round(im.size[1] * scale)))
             return im.resize(new, Image.Resampling.BICUBIC), (h, w), (bw, bh)
@@ -131,6 +155,11 @@ def read_captions(folder: Path, images: list[Path], image_column: str, caption_c
     table: dict[str, str] = {}
     jsonl, csv_path = folder / "metadata.jsonl", folder / "metadata.csv"
     rows = []
+    for source in (jsonl, csv_path):
+        try:
+            source.is_file() and source.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{source} is not UTF-8 text; save it as UTF-8") from None
     if jsonl.is_file():
         for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
@@ -147,19 +176,33 @@ def read_captions(folder: Path, images: list[Path], image_column: str, caption_c
             raise DataError(f"{source}: row {n} lacks column {image_column!r} or {caption_column!r}; set "
                             "--image_column / --caption_column to the names used in the file")
         table[Path(str(row[image_column])).name] = str(row[caption_column])
-    captions = []
+    captions, empty = [], []
     for p in images:
         sidecars = [p.with_suffix(s) for s in CAPTION_SUFFIXES if p.with_suffix(s).is_file()]
+        text = _read_caption(sidecars[0]) if sidecars and p.name not in table else None
+        if text == "":  # an empty sidecar says nothing: the folder's caption stands (as kohya does)
+            empty.append(sidecars[0].name)
         if p.name in table:
             captions.append(table[p.name])
-        elif sidecars:
-            captions.append(sidecars[0].read_text(encoding="utf-8").strip())
+        elif text:
+            captions.append(text)
         elif default is not None:
             captions.append(default)
         else:
-            raise DataError(f"no caption for {p}: add it to metadata.jsonl ({image_column!r}, {caption_column!r}) "
-                            f"or write {p.stem}.txt, or pass --instance_prompt as the default caption")
+            raise DataError(f"no caption for {p}{' (its ' + empty[-1] + ' is empty)' if text == '' else ''}: add "
+                            f"it to metadata.jsonl ({image_column!r}, {caption_column!r}) or write {p.stem}.txt, "
+                            "or pass --instance_prompt as the default caption")
+    if empty:
+        warnings.warn(f"{folder}: {len(empty)} empty caption file(s) (first: {empty[0]}); those images train on "
+                      f"the folder's caption {default!r}", stacklevel=2)
     return captions
+
+
+def _read_caption(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise DataError(f"caption file {str(path)!r} is not UTF-8 text; save it as UTF-8 or remove it") from None
 
 
 def train_folders(folder: str | Path) -> list[tuple[Path, int, str | None]]:
@@ -182,6 +225,10 @@ def train_folders(folder: str | Path) -> list[tuple[Path, int, str | None]]:
     if zero:
         raise DataError(f"--train_data_dir {str(folder)!r}: subfolder(s) {', '.join(zero)} repeat 0 times; "
                         "use a count >= 1 such as '1_'")
+    huge = [p.name for p, m in named.items() if len(m[1]) > 9 or int(m[1]) > MAX_REPEATS]
+    if huge:
+        raise DataError(f"--train_data_dir {str(folder)!r}: subfolder {huge[0]!r} repeats its images more than "
+                        f"{MAX_REPEATS:,} times; use a count such as '10_' (more steps: --max_train_steps)")
     return [(p, int(m[1]), m[2].strip()) for p, m in named.items()]
 
 
@@ -255,9 +302,9 @@ class ImageCaptionSet:
         return ImageCaptionSet(*(getattr(self, f.name)[:n] for f in fields(self)))
 
     @classmethod
-    def join(cls, parts: list[tuple["ImageCaptionSet", int]]) -> "ImageCaptionSet":
-        """Sets one after another, each repeated `repeats` times (kohya's folder repeats; images are shared)."""
-        return cls(*([x for s, repeats in parts for x in getattr(s, f.name) * repeats] for f in fields(cls)))
+    def join(cls, sets: list["ImageCaptionSet"]) -> "ImageCaptionSet":
+        """Sets one after another."""
+        return cls(*([x for s in sets for x in getattr(s, f.name)] for f in fields(cls)))
 
     @classmethod
     def from_folder(cls, folder, resolution, prompt=None, captions=False, image_column="file_name",
@@ -271,24 +318,50 @@ class ImageCaptionSet:
         return cls(paths, images, sizes, prompts, targets)
 
 
+class Repeats:
+    """kohya's folder repeats as an index map, without copying anything: position k of the repeated sequence
+    is image `self(k)`. `counts[j]` images of part j follow one another, the part repeated `repeats[j]` times."""
+
+    def __init__(self, counts: list[int], repeats: list[int]):
+        self.counts = counts
+        self.starts = [sum(counts[:j]) for j in range(len(counts))]  # first image of each part
+        self.ends, total = [], 0  # end of each part in the repeated sequence
+        for n, r in zip(counts, repeats):
+            total += n * r
+            self.ends.append(total)
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def __call__(self, k: int) -> int:
+        j = bisect.bisect_right(self.ends, k)
+        return self.starts[j] + (k - (self.ends[j - 1] if j else 0)) % self.counts[j]
+
+
 class TrainDataset(torch.utils.data.Dataset):
     """Instance images (+ class images for prior preservation). Keys are (epoch, index) pairs.
 
     Length is max(instances, class images), as in diffusers' DreamBooth: every item pairs instance
-    `i % n_instance` with class image `i % n_class`.
+    `i % n_instance` with class image `i % n_class`. `repeats` (kohya's folder repeats) maps an index of the
+    repeated sequence to its image; by default every image once.
     """
 
     def __init__(self, instances: ImageCaptionSet, crop: Crop, classes: ImageCaptionSet | None = None,
-                 captions: CaptionAugment | None = None):
+                 captions: CaptionAugment | None = None, repeats: Repeats | None = None):
         self.instances, self.classes, self.crop = instances, classes, crop
         self.captions = captions or CaptionAugment()
+        self.repeats = repeats or Repeats([len(instances)], [1])
 
     def __len__(self) -> int:
-        return max(len(self.instances), len(self.classes) if self.classes else 0)
+        return max(len(self.repeats), len(self.classes) if self.classes else 0)
+
+    def targets(self) -> list[tuple[int, int]]:
+        """The training size (w, h) of every instance index (the buckets of the batch sampler)."""
+        return [self.instances.targets[self.repeats(k)] for k in range(len(self.repeats))]
 
     def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        i = index % len(self.instances)
+        i = self.repeats(index % len(self.repeats))
         w, h = self.instances.targets[i]
         pixels, crop_top_left = self.crop(self.instances.images[i], epoch, index, (w, h))
         prompt = self.captions(self.instances.prompts[i], epoch, index)
@@ -393,28 +466,42 @@ def check_data_dirs(cfg) -> None:
 
 
 def build_dataset(cfg) -> TrainDataset:
-    """The training set described by the config (DreamBooth, captioned folder or kohya folders)."""
+    """The training set described by the config (DreamBooth, captioned folder or kohya folders); the class
+    images of prior preservation come later (load_class_images), once missing ones are generated."""
     buckets = Buckets.from_config(cfg)
     if cfg.instance_data_dir:
         instances = ImageCaptionSet.from_folder(cfg.instance_data_dir, cfg.resolution, prompt=cfg.instance_prompt,
                                                 what="--instance_data_dir", buckets=buckets)
+        repeats = None
     else:
-        instances = ImageCaptionSet.join([
-            (ImageCaptionSet.from_folder(folder, cfg.resolution, captions=True, prompt=caption or cfg.instance_prompt,
-                                         image_column=cfg.image_column, caption_column=cfg.caption_column,
-                                         what="--train_data_dir", buckets=buckets), repeats)
-            for folder, repeats, caption in train_folders(cfg.train_data_dir)])
-    classes = None
-    if cfg.with_prior_preservation:
-        classes = ImageCaptionSet.from_folder(cfg.class_data_dir, cfg.resolution, prompt=cfg.class_prompt,
-                                              what="--class_data_dir").head(cfg.num_class_images)
+        folders = train_folders(cfg.train_data_dir)
+        parts = [ImageCaptionSet.from_folder(folder, cfg.resolution, captions=True, prompt=caption or cfg.instance_prompt,
+                                             image_column=cfg.image_column, caption_column=cfg.caption_column,
+                                             what="--train_data_dir", buckets=buckets)
+                 for folder, _, caption in folders]
+        instances = ImageCaptionSet.join(parts)
+        repeats = Repeats([len(s) for s in parts], [r for _, r, _ in folders])
     captions = CaptionAugment(cfg.caption_dropout_rate, cfg.shuffle_caption, cfg.keep_tokens, cfg.seed)
-    return TrainDataset(instances, Crop(cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.seed), classes, captions)
+    crop = Crop(cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.seed)
+    dataset = TrainDataset(instances, crop, None, captions, repeats)
+    if buckets is not None:
+        from reflora_diffusion.logs import get_logger
+
+        from .buckets import describe
+
+        get_logger(__name__).info(describe(buckets, instances.targets))
+    return dataset
+
+
+def load_class_images(cfg) -> ImageCaptionSet:
+    """The prior-preservation class images (--class_data_dir), at most --num_class_images."""
+    return ImageCaptionSet.from_folder(cfg.class_data_dir, cfg.resolution, prompt=cfg.class_prompt,
+                                       what="--class_data_dir").head(cfg.num_class_images)
 
 
 def build_dataloader(dataset: TrainDataset, cfg, num_processes: int = 1) -> torch.utils.data.DataLoader:
     if cfg.enable_bucket:
-        batches = BucketBatchSampler(dataset.instances.targets, cfg.train_batch_size, cfg.seed, num_processes)
+        batches = BucketBatchSampler(dataset.targets(), cfg.train_batch_size, cfg.seed, num_processes)
         return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                            num_workers=cfg.dataloader_num_workers)
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size,

@@ -28,17 +28,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from reflora_diffusion.logs import get_logger
-from reflora_diffusion.rundir import RunLog, check_output_dir, checkpoint_dirs, clean_stale_temps, clear_run
+from reflora_diffusion.rundir import (TRAINER_STATE, RunLog, check_output_dir, checkpoint_dirs, clean_stale_temps,
+                                     clear_run, read_json, resume_changes)
 
 from . import flow
-from .buckets import check_bucket_step
 from .config import ConfigError, SDTrainConfig
-from .data import build_dataloader, build_dataset, check_data_dirs
+from .data import build_dataloader, build_dataset, check_data_dirs, load_class_images
 from .models import (Components, encode_prompts, load_components, prepare_for_training, sdxl_time_ids, tokenize,
                      trainable_parameters)
 
 LORA_STATE = "{}_lora.safetensors"  # per trained model, inside a checkpoint
-TRAINER_STATE = "trainer_state.safetensors"
 STOP_GRACE_S = 60.0  # after a SIGTERM, how long the current step may take before the trainer ends anyway
 
 
@@ -136,17 +135,23 @@ class SDTrainer:
             from reflora_diffusion.cpu import configure_cpu_threads
 
             configure_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        # Everything a user can get wrong is checked before the run folder is touched: a refusal leaves it as it was.
+        self.resume_dir = find_resume_checkpoint(cfg)
+        previous = read_json(self.run_dir / "config.json") if self.resume_dir is not None else None
+        if cfg.seed is None and isinstance(previous, dict):
+            cfg.seed = previous.get("seed")  # a resumed run keeps its data order unless a seed is given
         requested = {**cfg.to_dict()}  # as given, before the seed is drawn (for comparing with the folder's run)
         if cfg.seed is None:  # drawn once and shared, so all processes agree; recorded in config.json
             from accelerate.utils import broadcast_object_list
 
             cfg.seed = broadcast_object_list([random.randint(0, 2**31 - 1)])[0]
-        # Everything a user can get wrong is checked before the run folder is touched.
         check_data_dirs(cfg)
         self.family = self._resolve_base(cfg)
         self._check_family(cfg, self.family, self.accelerator.mixed_precision)
-        self.resume_dir = find_resume_checkpoint(cfg)
+        self.dataset = build_dataset(cfg)  # decodes every image: unusable data fails here
         action = check_output_dir(self.run_dir, requested, resume_found=self.resume_dir is not None)
+        if action == "resume" and isinstance(previous, dict):
+            self._record_resume_changes(previous, requested)
         if self.is_main:
             if action == "overwrite":
                 clear_run(self.run_dir)  # (a "restart" has trained nothing: its events are reset below)
@@ -157,29 +162,48 @@ class SDTrainer:
         self.log = RunLog(self.run_dir, cfg.max_train_steps, enabled=self.is_main)
         self.log.set_status(state="running")
         self.stop = StopRequest()
+        self.bar = None
         self.global_step = 0
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision,
                                                                              torch.float32)
 
+    def _record_resume_changes(self, previous: dict, requested: dict) -> None:
+        """A resume with other data, prompts, learning rate, seed, ...: go on, say so in one line, and keep the
+        change with its step in config.json (and so in the model card), so that they describe the whole run."""
+        from safetensors import safe_open
+
+        changes = resume_changes(previous, requested)
+        history = list(previous.get("changed_on_resume") or [])
+        if changes:
+            with safe_open(str(self.resume_dir / TRAINER_STATE), framework="pt") as f:
+                step = int(f.metadata()["global_step"])
+            history.append({"step": step, **changes})
+            get_logger(__name__).warning(
+                f"resuming at step {step} with changed options: "
+                + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+                + " (recorded in config.json and the model card)")
+        self.cfg.changed_on_resume = history or None
+
     @staticmethod
     def _resolve_base(cfg: SDTrainConfig) -> str:
-        """Build a preset if needed, record its local folder, default the resolution (and the SD3/FLUX options)
-        to the model's own; returns the model family."""
-        from reflora_diffusion.presets import native_resolution, resolve_pretrained
+        """Build a preset if needed, record its local folder, default the resolution (and the SD3/FLUX options,
+        the bucket bounds) to the model's own; returns the model family."""
+        from reflora_diffusion.presets import (FLOW_FAMILIES, model_family, native_resolution, pixel_multiple,
+                                               resolve_pretrained)
 
         try:
             path = resolve_pretrained(cfg.pretrained_model_name_or_path)
+            family = model_family(path)
             if cfg.resolution is None:
                 cfg.resolution = native_resolution(path, cfg.revision)
+            multiple = pixel_multiple(path, cfg.revision) if cfg.enable_bucket else 8
         except Exception as e:  # noqa: BLE001 - missing folder, offline hub, bad id: all the user's to fix
             raise ConfigError(f"cannot load base model {cfg.pretrained_model_name_or_path!r}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} (use a "
                               "local diffusers folder, a hub id reachable online, or 'tiny')") from None
         if Path(path).is_dir():
             cfg.base_model_folder = str(Path(path).resolve())
-        from reflora_diffusion.presets import FLOW_FAMILIES, model_family
-
-        family = model_family(path)
+        cfg.resolve_buckets(multiple)
         if family in FLOW_FAMILIES:
             cfg.weighting_scheme = cfg.weighting_scheme or flow.DEFAULT_WEIGHTING[family]
             cfg.max_sequence_length = cfg.max_sequence_length or flow.DEFAULT_MAX_SEQUENCE_LENGTH[family]
@@ -217,10 +241,9 @@ class SDTrainer:
             from .sample import ensure_class_images
 
             ensure_class_images(cfg, acc)
+            self.dataset.classes = load_class_images(cfg)
         set_seed(cfg.seed)  # same on every process: identical LoRA init everywhere
-        self.dataset = build_dataset(cfg)
         self.c: Components = load_components(cfg)
-        check_bucket_step(cfg, self.c.unet, self.c.vae)
         prepare_for_training(self.c, cfg, self.weight_dtype, acc.device)
 
         # Trained models: the UNet/transformer, and the (CLIP) text encoders with --train_text_encoder.
@@ -422,7 +445,11 @@ class SDTrainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> Path:
         with self.log.reporting():
-            return self._loop()
+            try:
+                return self._loop()
+            finally:
+                if self.bar is not None:
+                    self.bar.close()  # before an error line, not after it
 
     def _loop(self) -> Path:
         from tqdm.auto import tqdm
@@ -430,8 +457,8 @@ class SDTrainer:
         cfg, acc = self.cfg, self.accelerator
         params = [p for m in self.trained.values() for p in trainable_parameters(m)]
         self.log.set_status(state="running", step=self.global_step, max_steps=self.max_steps)
-        bar = tqdm(total=self.max_steps, initial=self.global_step, desc=f"{cfg.method} r={cfg.rank}",
-                   disable=not self.is_main)
+        self.bar = bar = tqdm(total=self.max_steps, initial=self.global_step, desc=f"{cfg.method} r={cfg.rank}",
+                              disable=not self.is_main)
         first_epoch = self.global_step // self.steps_per_epoch
         skip_batches = (self.global_step % self.steps_per_epoch) * cfg.gradient_accumulation_steps
         window_loss, window_n, bad_streak = torch.zeros((), device=acc.device), 0, 0
@@ -612,17 +639,26 @@ class SDTrainer:
         root = self.run_dir / "checkpoints"
         final = root / f"checkpoint-{self.global_step}"
         tmp = root / f".checkpoint-{self.global_step}.tmp"
+        try:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp))
+            if self.is_main:
+                self.ref.save(tmp)
+                meta = {"global_step": self.global_step, "skipped_steps": self.skipped_steps}
+                save_file({"noise_rng": self.noise_gen.get_state().cpu()}, str(tmp / TRAINER_STATE),
+                          metadata={k: str(v) for k, v in meta.items()})
+                self.export(tmp)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # at once: a half checkpoint is no use and takes the space
+            if disk_full(e):
+                raise TrainingError(f"no space left on the disk of {str(root)!r} while writing checkpoint-"
+                                    f"{self.global_step} (removed); free space or set --checkpoints_total_limit, "
+                                    "then continue with --resume_from_checkpoint latest") from None
+            raise
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        if self.is_main:
-            self.ref.save(tmp)
-            meta = {"global_step": self.global_step, "skipped_steps": self.skipped_steps}
-            save_file({"noise_rng": self.noise_gen.get_state().cpu()}, str(tmp / TRAINER_STATE),
-                      metadata={k: str(v) for k, v in meta.items()})
-            self.export(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             if self.cfg.checkpoints_total_limit:
@@ -663,15 +699,27 @@ class SDTrainer:
     def finish(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        if not (self.run_dir / "checkpoints" / f"checkpoint-{self.global_step}").is_dir():
+            self.save_checkpoint()  # the state at the end, so a longer run continues from here (kohya's
+            # save_state_on_train_end)
         if self.cfg.validation_prompt:
             self.validate()
         if self.is_main:
             self.export(self.run_dir)
             from reflora_diffusion.export import write_model_card
 
-            write_model_card(self.run_dir, overwrite=True)  # the run folder is ours (checked at start)
+            # the run folder is ours (checked at start); the card names the options a resume changed
+            write_model_card(self.run_dir, overwrite=True,
+                             info={"changed_on_resume": self.cfg.changed_on_resume} if self.cfg.changed_on_resume else None)
         self.log.set_status(state="done", step=self.global_step)
         acc.end_training()
+
+
+def disk_full(error: BaseException) -> bool:
+    """True for an error that says the disk is full (OSError ENOSPC, or safetensors' IoError text)."""
+    import errno
+
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
 
 
 class StopRequest(threading.Event):
