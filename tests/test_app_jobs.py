@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from reflora_diffusion import cpu
+from reflora_diffusion import cpu, rundir
 from reflora_diffusion.app import jobs, runs
 from reflora_diffusion.app.jobs import JobError, JobRunner
 
@@ -382,3 +382,70 @@ def test_trainer_that_cannot_start_is_marked_failed(tmp_path, images):
     for name in ("nolauncher", "next"):
         run = runs.read_run(r.runs_dir, name)
         assert run.state == "failed" and "could not start" in run.error and "no-such-launcher" in run.error
+
+
+# ---------------------------------------------------------------------------- status.json: one writer
+
+
+def test_a_finished_state_is_never_overwritten_by_a_later_non_finished_write(tmp_path):
+    run = tmp_path / "run"
+    rundir.start_status(run, rundir.new_status("queued", 5))  # what the app's create_run writes
+    assert rundir.update_status(run, only_from=("queued",), state="running", pid=None)["state"] == "running"
+    log = rundir.RunLog(run, 5)  # the trainer starts, runs and finishes before the app's next write
+    log.set_status(state="running")
+    log.set_status(state="done", step=5)
+    # the race 4db75fb fixed: the app's 'running' write that used to come after Popen, late
+    assert rundir.update_status(run, state="running", pid=12345, started_at=time.time()) is None
+    assert rundir.update_status(run, only_from=("queued",), state="running") is None
+    status = rundir.read_json(run / "status.json")
+    assert (status["state"], status["step"], status["pid"]) == ("done", 5, os.getpid())
+
+    hung = rundir.RunLog(run, 5)  # a new attempt (a restart, a resume) starts over from any state
+    hung.set_status(state="running")
+    assert rundir.read_json(run / "status.json")["state"] == "running"
+    rundir.update_status(run, state="cancelled", error="cancelled by the user")  # the app gave up on it
+    hung.set_status(step=6)  # the hung trainer's late step
+    assert rundir.read_json(run / "status.json")["state"] == "cancelled"
+
+
+TRAINER_WRITES = """
+import sys, time
+from reflora_diffusion.rundir import RunLog, read_json
+for attempt in range(20):  # each a run that starts, steps and finishes, then checks its 'done' is still there
+    log = RunLog(sys.argv[1], 50)
+    log.set_status(state="running")
+    for step in range(1, 51):
+        log.set_status(step=step)
+    log.set_status(state="done", step=50)
+    time.sleep(0.01)
+    if read_json(sys.argv[1] + "/status.json")["state"] != "done":
+        sys.exit(f"attempt {attempt}: 'done' was undone")
+"""
+
+
+def test_a_finished_state_survives_a_concurrent_writer(tmp_path):
+    """The app writing a non-finished state while the trainer (another process) finishes: the read-then-write of
+    each write is one step (a lock on the run folder), so the trainer's 'done' is never undone."""
+    run = tmp_path / "run"
+    rundir.start_status(run, rundir.new_status("queued", 50))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER_WRITES, str(run)], env=env, stderr=subprocess.PIPE,
+                               text=True)
+    while trainer.poll() is None:
+        rundir.update_status(run, state="running", error=None)
+    assert trainer.returncode == 0, trainer.stderr.read()
+    assert rundir.read_json(run / "status.json")["state"] == "done"
+
+
+def test_the_runner_writes_status_json_only_through_the_run_folder_module(tmp_path, fake, images, monkeypatch):
+    written = []
+    real = jobs.write_json_atomic
+    monkeypatch.setattr(jobs, "write_json_atomic", lambda path, data: (written.append(Path(path).name), real(path, data)))
+    r = runner(tmp_path, fake("die_early"))
+    run_dir = r.start(FORM, name="dies", images=images)  # queued, running, then failed by the runner
+    assert r.wait(run_dir, timeout=60) == "failed"
+    queued = r.create_run(FORM, name="waits", images=images)
+    r.enqueue(queued)
+    r.cancel("waits")
+    assert runs.read_run(r.runs_dir, "waits").state in ("cancelled", "failed")
+    assert "job.json" in written and "status.json" not in written

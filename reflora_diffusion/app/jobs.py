@@ -5,7 +5,7 @@ A job is an ordinary run folder plus the command a user would type:
 so a run started here is indistinguishable from one started in a terminal, and survives an app
 restart (the process runs in its own session; the folder is the only state). The runner only adds
 `job.json` (the command and process group, so a later app can cancel it) and marks the end state in
-status.json when the trainer could not (crash, kill, cancel).
+status.json when the trainer could not (crash, kill, cancel), through the run-folder module like the trainer.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..cpu import threads_per_process
-from reflora_diffusion.rundir import pid_alive, read_json, write_json_atomic
+from reflora_diffusion.rundir import (FINISHED_STATES, new_status, pid_alive, read_json, start_status, update_status,
+                                      write_json_atomic)
 
 from .runs import effective_status, is_run_dir, safe_path, sanitize_run_name
 
@@ -215,9 +216,7 @@ class JobRunner:
                 data_dir = save_uploads(images, run_dir / "data")
             config = build_config(form, run_dir, data_dir)
             write_json_atomic(run_dir / "config.json", config)
-            write_json_atomic(run_dir / "status.json", {
-                "state": "queued", "step": 0, "max_steps": int(config.get("max_train_steps") or 0),
-                "started_at": None, "updated_at": time.time(), "error": None, "pid": None})
+            start_status(run_dir, new_status("queued", int(config.get("max_train_steps") or 0)))
         except Exception:
             shutil.rmtree(run_dir, ignore_errors=True)  # bad form: leave no half-made run behind
             raise
@@ -268,13 +267,9 @@ class JobRunner:
                 busy = list(self._active.values())
                 gpu = min(range(self.gpus), key=busy.count)
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        # Mark it running before the trainer exists and never after: from its first write on, status.json is the
-        # trainer's, and a late write here could turn a fast run's 'done' back into 'running'.
-        status = read_json(run_dir / "status.json", {}) or {}
-        if status.get("state") == "queued":
-            now = time.time()
-            write_json_atomic(run_dir / "status.json", {**status, "state": "running", "pid": None,
-                                                        "started_at": now, "updated_at": now})
+        # Mark it running before the trainer exists, never after: from its first write on, status.json is the
+        # trainer's (and the writer refuses to turn a fast run's 'done' back into 'running' anyway).
+        update_status(run_dir, only_from=("queued",), state="running", pid=None, started_at=time.time())
         with open(run_dir / "train.log", "ab") as log:
             log.write(f"$ {shlex.join(cmd)}\n".encode())
             log.flush()
@@ -313,25 +308,20 @@ class JobRunner:
     def _finalize(self, run_dir: Path, returncode: int | None) -> None:
         """After the process is gone: make status.json say how the run ended if the trainer didn't."""
         with self._lock:
-            status = read_json(run_dir / "status.json", {}) or {}
-            state = status.get("state")
+            state = (read_json(run_dir / "status.json", {}) or {}).get("state")
             if run_dir in self._cancelled:
-                status.update(state="cancelled", error="cancelled by the user")
-            elif state == "done" and returncode in (0, None):
+                self._mark(run_dir, "cancelled", "cancelled by the user")
+            elif state in FINISHED_STATES and not (state == "done" and returncode not in (0, None)):
                 return
-            elif state not in ("failed", "cancelled"):
+            else:  # the trainer did not say how it ended (or said done, then its process failed)
                 log = ""
                 try:
                     log = (run_dir / "train.log").read_text(errors="replace")[-20_000:]
                 except OSError:
                     pass
                 reason = last_error(log) if returncode != 0 else "the trainer exited without finishing"
-                status.update(state="failed",
+                update_status(run_dir, only_from=(state,), state="failed",
                               error=f"{reason or 'process died'} (exit code {returncode}); see train.log")
-            else:
-                return
-            status["updated_at"] = time.time()
-            write_json_atomic(run_dir / "status.json", status)
 
     def enqueue(self, *run_dirs: Path) -> None:
         """Queue runs to go one after the other (usually one run). Queued runs start in order as places
@@ -366,9 +356,7 @@ class JobRunner:
             return Path(run_dir) in self._procs
 
     def _mark(self, run_dir: Path, state: str, error: str | None) -> None:
-        status = read_json(run_dir / "status.json", {}) or {}
-        status.update(state=state, error=error, updated_at=time.time())
-        write_json_atomic(run_dir / "status.json", status)
+        update_status(run_dir, state=state, error=error)
 
     def cancel(self, name: str, grace: float = CANCEL_GRACE_SECONDS) -> str:
         """Stop a queued or running job; its status.json ends as 'cancelled'. Returns a message."""
