@@ -4,6 +4,7 @@ A small stand-in trainer (same run-folder contract as train/sd.py: status.json, 
 samples) makes these fast; test_app_train.py runs the real trainer through the same runner.
 """
 
+import html
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from PIL import Image
 from reflora_diffusion import cpu, rundir
 from reflora_diffusion.app import jobs, runs
 from reflora_diffusion.app.jobs import JobError, JobRunner
+from reflora_diffusion.app.views import AppViews
 
 FAKE_TRAINER = r'''
 import json, os, sys, time
@@ -28,6 +30,10 @@ out = Path(cfg["output_dir"]); steps = cfg["max_train_steps"]
 if mode == "die_early":
     print("Traceback (most recent call last):\nValueError: --rank 999 is larger than layer to_q allows", flush=True)
     sys.exit(1)
+if mode == "user_error":  # the SD trainer's contract for an error the user can fix: one line on stderr, exit 2
+    print("error: --instance_data_dir '/data/x' holds no images (.jpg, .png); add some or fix the path",
+          file=sys.stderr, flush=True)
+    sys.exit(2)
 def status(**kw):
     st = {"state": "running", "step": 0, "max_steps": steps, "started_at": t0, "updated_at": time.time(),
           "error": None, "pid": os.getpid()}; st.update(kw)
@@ -219,6 +225,32 @@ def test_app_restart_right_after_launch_marks_a_job_that_never_started(tmp_path,
     runner(tmp_path, fake())  # the app restarted before the trainer (or job.json) existed
     run = runs.read_run(tmp_path / "runs", "orphan")
     assert run.state == "failed" and run.error == "the app stopped while starting this run's trainer; start it again"
+
+
+# like `accelerate launch` (simple_launcher): runs the trainer and raises CalledProcessError when it fails
+FAKE_LAUNCHER = "import subprocess, sys\nsubprocess.run([sys.executable, *sys.argv[1:]], check=True)\n"
+
+
+def test_a_trainer_error_before_its_log_starts_is_shown_not_the_launchers(tmp_path, fake, images):
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(FAKE_LAUNCHER)
+    r = runner(tmp_path, lambda cfg: [sys.executable, str(launcher), *fake("user_error")(cfg)[1:]])
+    run_dir = r.start(FORM, name="nodata", images=images)
+    assert r.wait(run_dir, timeout=60) == "failed"
+    line = "error: --instance_data_dir '/data/x' holds no images (.jpg, .png); add some or fix the path"
+    run = runs.read_run(r.runs_dir, "nodata")
+    assert run.error == f"{line} (exit code 2); see train.log"  # the trainer's line and its exit code
+    assert "CalledProcessError" in (run_dir / "train.log").read_text()  # (the launcher's report stays in the log)
+    assert html.escape(line) in AppViews(r.runs_dir, r).run_details("nodata")["progress"]  # the Runs tab
+
+
+def test_last_error_reads_the_last_launch_and_sees_through_the_launcher():
+    cmd_fail = "subprocess.CalledProcessError: Command '['python', 'train/sd.py']' returned non-zero exit status 2."
+    killed = "subprocess.CalledProcessError: Command '['python', 'train/sd.py']' died with <Signals.SIGKILL: 9>."
+    assert jobs.last_error(f"$ a\nerror: old run\n$ b\nerror: bad flag\nTraceback:\n{cmd_fail}\n") == ("error: bad flag", 2)
+    assert jobs.last_error(f"$ b\nstep 5\nTraceback:\n{killed}\n") == ("the trainer was killed by SIGKILL", -9)
+    assert jobs.last_error("$ b\nValueError: x\nlast words\n") == ("ValueError: x", None)
+    assert jobs.last_error("") == (None, None)
 
 
 @pytest.mark.parametrize("mode,error", [("crash", "RuntimeError: boom at step 3"),

@@ -159,13 +159,30 @@ def cuda_devices() -> int:
         return 0
 
 
-def last_error(log_text: str) -> str | None:
-    """The line of a log that says why a process died: the last exception or error line."""
-    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if re.match(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)\b|error:|Error:|RuntimeError)", ln):
-            return ln[:500]
-    return lines[-1][:500] if lines else None
+# `accelerate launch` reports a failed trainer with its own traceback, ending in this line: never the reason why,
+# but it carries the trainer's exit code (2: a user error, reported by the trainer as one `error: ...` line)
+_LAUNCHER_LINE = re.compile(r"^subprocess\.CalledProcessError: Command .* (?:returned non-zero exit status (-?\d+)"
+                            r"|died with <Signals\.(\w+): (\d+)>)")
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)\b|error:|Error:|RuntimeError)")
+
+
+def last_error(log_text: str) -> tuple[str | None, int | None]:
+    """Why the last launch in a log died, and the trainer's exit code if the launcher reported it: the trainer's
+    last exception or `error:` line (a signal that killed it, if so), not the launcher's CalledProcessError."""
+    lines = [ln.strip() for ln in log_text.splitlines()]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("$ ")]  # the runner's line before each launch
+    lines = [ln for ln in lines[starts[-1] + 1 if starts else 0:] if ln]
+    code, signal_name, rest = None, None, []
+    for ln in lines:
+        m = _LAUNCHER_LINE.match(ln)
+        if m:
+            code, signal_name = (int(m[1]), None) if m[1] else (-int(m[3]), m[2])
+        else:
+            rest.append(ln)
+    if signal_name:
+        return f"the trainer was killed by {signal_name}", code
+    reason = next((ln for ln in reversed(rest) if _ERROR_LINE.match(ln)), rest[-1] if rest else None)
+    return (reason[:500] if reason else None), code
 
 
 class JobRunner:
@@ -319,9 +336,9 @@ class JobRunner:
                     log = (run_dir / "train.log").read_text(errors="replace")[-20_000:]
                 except OSError:
                     pass
-                reason = last_error(log) if returncode != 0 else "the trainer exited without finishing"
+                reason, code = last_error(log) if returncode != 0 else ("the trainer exited without finishing", None)
                 update_status(run_dir, only_from=(state,), state="failed",
-                              error=f"{reason or 'process died'} (exit code {returncode}); see train.log")
+                              error=f"{reason or 'process died'} (exit code {code or returncode}); see train.log")
 
     def enqueue(self, *run_dirs: Path) -> None:
         """Queue runs to go one after the other (usually one run). Queued runs start in order as places
