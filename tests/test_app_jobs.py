@@ -342,6 +342,47 @@ def test_queue_runs_at_most_max_concurrent_jobs_with_their_share_of_threads(tmp_
         assert "OMP_NUM_THREADS=4" in (x / "train.log").read_text()
 
 
+def test_the_queue_length_is_capped_and_a_refused_start_copies_nothing(tmp_path, fake, images):
+    r = runner(tmp_path, fake("hang"), max_concurrent=1, max_queued=2)
+    for name in "abc":  # a runs, b and c wait
+        r.start(FORM, name=name, images=images)
+    full = "the job queue is full (2 waiting, the limit is 2); start again when some have started, or cancel a queued run"
+    with pytest.raises(JobError) as refused:
+        r.start(FORM, name="d", images=images)
+    assert str(refused.value) == full
+    assert AppViews(r.runs_dir, r).start(FORM, images, "d") == (f"**Not started:** {full}", [])  # the Train tab
+    r.cancel("c")  # one place in the line frees up: one run fits, an A/B pair does not
+    with pytest.raises(JobError, match=r"^the job queue has room for 1 more run, not 2 \(1 waiting, the limit is 2\)"):
+        r.start_ab(FORM, name="ab", images=images)
+    assert sorted(p.name for p in r.runs_dir.iterdir()) == ["a", "b", "c"]  # nothing was created for the refused ones
+    d = r.start(FORM, name="d", images=images)
+    assert runs.read_run(r.runs_dir, d.name).state == "queued"
+    for name in "dba":
+        r.cancel(name, grace=5)
+
+
+def test_the_uploads_held_by_queued_runs_are_bounded(tmp_path, fake, images):
+    size = sum(p.stat().st_size for p in images)
+    r = runner(tmp_path, fake("hang"), max_concurrent=1, max_queued_upload_bytes=int(2.5 * size))
+    r.start(FORM, name="a", images=images)  # running: its uploads are not waiting in the queue
+    r.start(FORM, name="b", images=images)  # waiting with one copy
+    with pytest.raises(JobError, match=r"^the queued runs' uploads would add up to \d+ MB \(the limit is \d+ MB\); start "
+                                       r"again when some have started, cancel a queued run, or give a folder on this "
+                                       r"machine instead of uploading$"):
+        r.start_ab(FORM, name="ab", images=images)  # two more copies
+    c = r.start(FORM, name="c", images=images)  # one more fits
+    with pytest.raises(JobError, match="uploads would add up to"):
+        r.start(FORM, name="d", images=images)
+    folder = c / "data"  # a folder on the machine copies nothing: only the queue length counts
+    e = r.start({**FORM, "instance_data_dir": str(folder)}, name="e")
+    assert sorted(p.name for p in r.runs_dir.iterdir()) == ["a", "b", "c", "e"]
+    for run_dir in (e, c):
+        r.cancel(run_dir.name)
+    r.start(FORM, name="d", images=images)  # the cancelled runs no longer hold their place
+    for name in "dba":
+        r.cancel(name, grace=5)
+
+
 def test_each_job_gets_the_least_busy_gpu(tmp_path, fake, images, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(jobs, "cuda_devices", lambda: 2)
