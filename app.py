@@ -139,7 +139,7 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                 exp_info = gr.Markdown()
                 with gr.Row():
                     exp_file = gr.File(label="Adapter (.safetensors)")
-                    exp_card = gr.File(label="Model card (README.md)")
+                    exp_card = gr.File(label="Model card (.md)")
 
         # run dropdowns allow any value: their choices change as runs appear; names are checked in the package
         # ---------------------------------------------------------------- wiring

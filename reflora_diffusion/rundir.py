@@ -1,5 +1,6 @@
 """The run folder, one owner for the SD trainer, the LLM trainers and the app (layout in DESIGN.md):
-config.json, status.json (as a context manager that ends a run as done / failed / cancelled), events.jsonl
+config.json, status.json (its only writer: RunLog for a trainer, with a context manager that ends a run as
+done / failed / cancelled, and start_status / update_status for the app), events.jsonl
 (writer and reader), checkpoint listing, stale-temporary cleanup, and the checks that keep a new run from
 destroying or mixing with the run already in a folder.
 
@@ -73,20 +74,85 @@ def _clean(obj):
     return obj
 
 
+# --- status.json: this module is its only writer (trainers through RunLog, the app through the functions) ---
+FINISHED_STATES = ("done", "failed", "cancelled")
+
+
+def new_status(state: str = "running", max_steps: int | None = None, pid: int | None = None) -> dict:
+    """A new run's status.json (its one schema): state is queued / running / done / failed / cancelled."""
+    now = time.time()
+    return {"state": state, "step": 0, "max_steps": max_steps, "started_at": None if state == "queued" else now,
+            "updated_at": now, "error": None, "pid": pid}
+
+
+@contextlib.contextmanager
+def _status_lock(run_dir: Path):
+    """One status.json writer at a time per run folder, across processes: flock on the folder itself (no lock
+    file in the run). Where there is no flock (Windows, some network file systems) writes are only atomic."""
+    try:
+        import fcntl
+
+        fd = os.open(run_dir, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def start_status(run_dir: str | os.PathLike, status: dict) -> dict:
+    """A new run (or a new attempt of one: a restart, a resume) begins: its status replaces whatever the folder's
+    said, a finished state included."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    status = {**status, "updated_at": time.time()}
+    with _status_lock(run_dir):
+        write_json_atomic(run_dir / "status.json", status)
+    return status
+
+
+def update_status(run_dir: str | os.PathLike, *, only_from: tuple | None = None, **fields) -> dict | None:
+    """Change fields of the run's status.json; returns what was written, or None when nothing was.
+
+    A finished state (done / failed / cancelled) is never replaced by a non-finished one: a late write (an app
+    marking a run 'running' after its trainer already finished, a hung trainer after the app marked it
+    cancelled) changes nothing. `only_from`: write only if the current state is one of these (None: no file)."""
+    run_dir = Path(run_dir)
+    with _status_lock(run_dir):
+        old = read_json(run_dir / "status.json", {})
+        old = old if isinstance(old, dict) else {}
+        state = old.get("state")
+        if only_from is not None and state not in only_from:
+            return None
+        if state in FINISHED_STATES and fields.get("state", state) not in FINISHED_STATES:
+            return None
+        status = {**old, **fields, "updated_at": time.time()}
+        write_json_atomic(run_dir / "status.json", status)
+    return status
+
+
 class RunLog:
-    """status.json and events.jsonl of one run; a no-op on processes other than the main one."""
+    """status.json and events.jsonl of one run; a no-op on processes other than the main one. Its first status
+    write starts the run (replacing the folder's old status); later ones never undo a finished state."""
 
     def __init__(self, run_dir: str | os.PathLike, max_steps: int | None = None, enabled: bool = True):
         self.dir = Path(run_dir)
         self.enabled = enabled
-        self.status = {"state": "running", "step": 0, "max_steps": max_steps, "started_at": time.time(),
-                       "updated_at": time.time(), "error": None, "pid": os.getpid()}
+        self.status = new_status("running", max_steps, pid=os.getpid())
+        self._started = False
 
     def set_status(self, **fields) -> None:
         if not self.enabled:
             return
-        self.status.update(fields, updated_at=time.time())
-        write_json_atomic(self.dir / "status.json", self.status)
+        self.status.update(fields)
+        if not self._started:
+            self.status, self._started = start_status(self.dir, self.status), True
+        else:
+            self.status = update_status(self.dir, **self.status) or self.status
 
     @contextlib.contextmanager
     def reporting(self):

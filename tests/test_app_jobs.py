@@ -4,6 +4,7 @@ A small stand-in trainer (same run-folder contract as train/sd.py: status.json, 
 samples) makes these fast; test_app_train.py runs the real trainer through the same runner.
 """
 
+import html
 import json
 import os
 import subprocess
@@ -15,9 +16,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from reflora_diffusion import cpu
+from reflora_diffusion import cpu, rundir
 from reflora_diffusion.app import jobs, runs
 from reflora_diffusion.app.jobs import JobError, JobRunner
+from reflora_diffusion.app.views import AppViews
 
 FAKE_TRAINER = r'''
 import json, os, sys, time
@@ -28,6 +30,10 @@ out = Path(cfg["output_dir"]); steps = cfg["max_train_steps"]
 if mode == "die_early":
     print("Traceback (most recent call last):\nValueError: --rank 999 is larger than layer to_q allows", flush=True)
     sys.exit(1)
+if mode == "user_error":  # the SD trainer's contract for an error the user can fix: one line on stderr, exit 2
+    print("error: --instance_data_dir '/data/x' holds no images (.jpg, .png); add some or fix the path",
+          file=sys.stderr, flush=True)
+    sys.exit(2)
 def status(**kw):
     st = {"state": "running", "step": 0, "max_steps": steps, "started_at": t0, "updated_at": time.time(),
           "error": None, "pid": os.getpid()}; st.update(kw)
@@ -221,6 +227,32 @@ def test_app_restart_right_after_launch_marks_a_job_that_never_started(tmp_path,
     assert run.state == "failed" and run.error == "the app stopped while starting this run's trainer; start it again"
 
 
+# like `accelerate launch` (simple_launcher): runs the trainer and raises CalledProcessError when it fails
+FAKE_LAUNCHER = "import subprocess, sys\nsubprocess.run([sys.executable, *sys.argv[1:]], check=True)\n"
+
+
+def test_a_trainer_error_before_its_log_starts_is_shown_not_the_launchers(tmp_path, fake, images):
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(FAKE_LAUNCHER)
+    r = runner(tmp_path, lambda cfg: [sys.executable, str(launcher), *fake("user_error")(cfg)[1:]])
+    run_dir = r.start(FORM, name="nodata", images=images)
+    assert r.wait(run_dir, timeout=60) == "failed"
+    line = "error: --instance_data_dir '/data/x' holds no images (.jpg, .png); add some or fix the path"
+    run = runs.read_run(r.runs_dir, "nodata")
+    assert run.error == f"{line} (exit code 2); see train.log"  # the trainer's line and its exit code
+    assert "CalledProcessError" in (run_dir / "train.log").read_text()  # (the launcher's report stays in the log)
+    assert html.escape(line) in AppViews(r.runs_dir, r).run_details("nodata")["progress"]  # the Runs tab
+
+
+def test_last_error_reads_the_last_launch_and_sees_through_the_launcher():
+    cmd_fail = "subprocess.CalledProcessError: Command '['python', 'train/sd.py']' returned non-zero exit status 2."
+    killed = "subprocess.CalledProcessError: Command '['python', 'train/sd.py']' died with <Signals.SIGKILL: 9>."
+    assert jobs.last_error(f"$ a\nerror: old run\n$ b\nerror: bad flag\nTraceback:\n{cmd_fail}\n") == ("error: bad flag", 2)
+    assert jobs.last_error(f"$ b\nstep 5\nTraceback:\n{killed}\n") == ("the trainer was killed by SIGKILL", -9)
+    assert jobs.last_error("$ b\nValueError: x\nlast words\n") == ("ValueError: x", None)
+    assert jobs.last_error("") == (None, None)
+
+
 @pytest.mark.parametrize("mode,error", [("crash", "RuntimeError: boom at step 3"),
                                         ("die_early", "ValueError: --rank 999 is larger"),
                                         ("silent_exit", "the trainer exited without finishing")])
@@ -310,6 +342,47 @@ def test_queue_runs_at_most_max_concurrent_jobs_with_their_share_of_threads(tmp_
         assert "OMP_NUM_THREADS=4" in (x / "train.log").read_text()
 
 
+def test_the_queue_length_is_capped_and_a_refused_start_copies_nothing(tmp_path, fake, images):
+    r = runner(tmp_path, fake("hang"), max_concurrent=1, max_queued=2)
+    for name in "abc":  # a runs, b and c wait
+        r.start(FORM, name=name, images=images)
+    full = "the job queue is full (2 waiting, the limit is 2); start again when some have started, or cancel a queued run"
+    with pytest.raises(JobError) as refused:
+        r.start(FORM, name="d", images=images)
+    assert str(refused.value) == full
+    assert AppViews(r.runs_dir, r).start(FORM, images, "d") == (f"**Not started:** {full}", [])  # the Train tab
+    r.cancel("c")  # one place in the line frees up: one run fits, an A/B pair does not
+    with pytest.raises(JobError, match=r"^the job queue has room for 1 more run, not 2 \(1 waiting, the limit is 2\)"):
+        r.start_ab(FORM, name="ab", images=images)
+    assert sorted(p.name for p in r.runs_dir.iterdir()) == ["a", "b", "c"]  # nothing was created for the refused ones
+    d = r.start(FORM, name="d", images=images)
+    assert runs.read_run(r.runs_dir, d.name).state == "queued"
+    for name in "dba":
+        r.cancel(name, grace=5)
+
+
+def test_the_uploads_held_by_queued_runs_are_bounded(tmp_path, fake, images):
+    size = sum(p.stat().st_size for p in images)
+    r = runner(tmp_path, fake("hang"), max_concurrent=1, max_queued_upload_bytes=int(2.5 * size))
+    r.start(FORM, name="a", images=images)  # running: its uploads are not waiting in the queue
+    r.start(FORM, name="b", images=images)  # waiting with one copy
+    with pytest.raises(JobError, match=r"^the queued runs' uploads would add up to \d+ MB \(the limit is \d+ MB\); start "
+                                       r"again when some have started, cancel a queued run, or give a folder on this "
+                                       r"machine instead of uploading$"):
+        r.start_ab(FORM, name="ab", images=images)  # two more copies
+    c = r.start(FORM, name="c", images=images)  # one more fits
+    with pytest.raises(JobError, match="uploads would add up to"):
+        r.start(FORM, name="d", images=images)
+    folder = c / "data"  # a folder on the machine copies nothing: only the queue length counts
+    e = r.start({**FORM, "instance_data_dir": str(folder)}, name="e")
+    assert sorted(p.name for p in r.runs_dir.iterdir()) == ["a", "b", "c", "e"]
+    for run_dir in (e, c):
+        r.cancel(run_dir.name)
+    r.start(FORM, name="d", images=images)  # the cancelled runs no longer hold their place
+    for name in "dba":
+        r.cancel(name, grace=5)
+
+
 def test_each_job_gets_the_least_busy_gpu(tmp_path, fake, images, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(jobs, "cuda_devices", lambda: 2)
@@ -382,3 +455,70 @@ def test_trainer_that_cannot_start_is_marked_failed(tmp_path, images):
     for name in ("nolauncher", "next"):
         run = runs.read_run(r.runs_dir, name)
         assert run.state == "failed" and "could not start" in run.error and "no-such-launcher" in run.error
+
+
+# ---------------------------------------------------------------------------- status.json: one writer
+
+
+def test_a_finished_state_is_never_overwritten_by_a_later_non_finished_write(tmp_path):
+    run = tmp_path / "run"
+    rundir.start_status(run, rundir.new_status("queued", 5))  # what the app's create_run writes
+    assert rundir.update_status(run, only_from=("queued",), state="running", pid=None)["state"] == "running"
+    log = rundir.RunLog(run, 5)  # the trainer starts, runs and finishes before the app's next write
+    log.set_status(state="running")
+    log.set_status(state="done", step=5)
+    # the race 4db75fb fixed: the app's 'running' write that used to come after Popen, late
+    assert rundir.update_status(run, state="running", pid=12345, started_at=time.time()) is None
+    assert rundir.update_status(run, only_from=("queued",), state="running") is None
+    status = rundir.read_json(run / "status.json")
+    assert (status["state"], status["step"], status["pid"]) == ("done", 5, os.getpid())
+
+    hung = rundir.RunLog(run, 5)  # a new attempt (a restart, a resume) starts over from any state
+    hung.set_status(state="running")
+    assert rundir.read_json(run / "status.json")["state"] == "running"
+    rundir.update_status(run, state="cancelled", error="cancelled by the user")  # the app gave up on it
+    hung.set_status(step=6)  # the hung trainer's late step
+    assert rundir.read_json(run / "status.json")["state"] == "cancelled"
+
+
+TRAINER_WRITES = """
+import sys, time
+from reflora_diffusion.rundir import RunLog, read_json
+for attempt in range(20):  # each a run that starts, steps and finishes, then checks its 'done' is still there
+    log = RunLog(sys.argv[1], 50)
+    log.set_status(state="running")
+    for step in range(1, 51):
+        log.set_status(step=step)
+    log.set_status(state="done", step=50)
+    time.sleep(0.01)
+    if read_json(sys.argv[1] + "/status.json")["state"] != "done":
+        sys.exit(f"attempt {attempt}: 'done' was undone")
+"""
+
+
+def test_a_finished_state_survives_a_concurrent_writer(tmp_path):
+    """The app writing a non-finished state while the trainer (another process) finishes: the read-then-write of
+    each write is one step (a lock on the run folder), so the trainer's 'done' is never undone."""
+    run = tmp_path / "run"
+    rundir.start_status(run, rundir.new_status("queued", 50))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER_WRITES, str(run)], env=env, stderr=subprocess.PIPE,
+                               text=True)
+    while trainer.poll() is None:
+        rundir.update_status(run, state="running", error=None)
+    assert trainer.returncode == 0, trainer.stderr.read()
+    assert rundir.read_json(run / "status.json")["state"] == "done"
+
+
+def test_the_runner_writes_status_json_only_through_the_run_folder_module(tmp_path, fake, images, monkeypatch):
+    written = []
+    real = jobs.write_json_atomic
+    monkeypatch.setattr(jobs, "write_json_atomic", lambda path, data: (written.append(Path(path).name), real(path, data)))
+    r = runner(tmp_path, fake("die_early"))
+    run_dir = r.start(FORM, name="dies", images=images)  # queued, running, then failed by the runner
+    assert r.wait(run_dir, timeout=60) == "failed"
+    queued = r.create_run(FORM, name="waits", images=images)
+    r.enqueue(queued)
+    r.cancel("waits")
+    assert runs.read_run(r.runs_dir, "waits").state in ("cancelled", "failed")
+    assert "job.json" in written and "status.json" not in written

@@ -78,3 +78,23 @@ def test_real_tiny_job_runs_exports_and_cancels(tmp_path):
         downloads.export_for_download(r.runs_dir, "dog-reflora", "checkpoint-99", "kohya")
     with pytest.raises(runs.RunPathError):
         downloads.export_for_download(r.runs_dir, "../dog-reflora", "final", "kohya")
+
+
+def test_a_trainer_error_before_the_run_starts_shows_the_trainers_line(tmp_path):
+    """No images in the data folder, a broken base folder: the trainer stops before its run log starts (with one
+    `error:` line and exit code 2 for the first); `accelerate launch` then adds its own CalledProcessError, which
+    is never the reason shown."""
+    empty, broken = tmp_path / "empty", tmp_path / "broken-base"
+    empty.mkdir()
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    r = JobRunner(tmp_path / "runs", max_concurrent=2)
+    no_images = r.start({**TINY_FORM, "instance_data_dir": str(empty)}, name="no-images")
+    no_base = r.start({**TINY_FORM, "pretrained_model_name_or_path": str(broken)}, name="no-base")
+    assert r.wait(no_images, timeout=240) == "failed"
+    error = runs.read_run(r.runs_dir, "no-images").error
+    assert error.startswith(f"error: --instance_data_dir {str(empty)!r} holds no images"), error
+    assert error.endswith("(exit code 2); see train.log"), error
+    assert r.wait(no_base, timeout=240) == "failed"
+    error = runs.read_run(r.runs_dir, "no-base").error
+    assert "CalledProcessError" not in error and "exit status" not in error, error  # the trainer's own last line

@@ -67,7 +67,7 @@ def test_export_run_to_kohya_and_diffusers(tmp_path):
     assert (m["ss_steps"], m["reflora_method"], m["ss_sd_model_name"]) == ("10", "reflora", "tiny-sdxl")
     assert m["ss_network_dim"] == "4" and m["ss_network_alpha"] == "8.0"
     assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") for k in load_file(str(kohya)))
-    card = (tmp_path / "a1111" / "README.md").read_text()
+    card = (tmp_path / "a1111" / "dog-reflora.md").read_text()  # a kohya file's card is named after it
     for fact in ("tiny-sdxl", "`reflora`", "| rank | 4", "| alpha | 8", "| steps | 10", "load_lora_weights",
                  "<lora:dog-reflora:1>", "StableDiffusionXLPipeline"):
         assert fact in card, fact
@@ -158,7 +158,7 @@ def test_cli_never_replaces_a_readme_it_did_not_write(tmp_path, capsys):
     project = tmp_path / "project"
     project.mkdir()
     (project / "README.md").write_text("# my project\n")
-    assert main([str(run), "--format", "kohya", "--output", str(project)]) == 2
+    assert main([str(run), "--format", "diffusers", "--output", str(project)]) == 2
     err = capsys.readouterr().err.strip()
     assert "README.md exists and is not a model card written by this exporter" in err and "\n" not in err
     assert (project / "README.md").read_text() == "# my project\n"
@@ -166,5 +166,30 @@ def test_cli_never_replaces_a_readme_it_did_not_write(tmp_path, capsys):
     # its own card is updated freely; a foreign one only with --overwrite
     assert main([str(run), "--format", "kohya", "--output", str(tmp_path / "out")]) == 0
     assert main([str(run), "--format", "diffusers", "--output", str(tmp_path / "out")]) == 0
-    assert main([str(run), "--format", "kohya", "--output", str(project), "--overwrite"]) == 0
+    assert main([str(run), "--format", "diffusers", "--output", str(project), "--overwrite"]) == 0
     assert "(reflora-diffusion)" in (project / "README.md").read_text()
+
+
+def test_kohya_exports_into_one_folder_keep_their_own_cards(tmp_path, capsys):
+    """A1111's models/Lora holds many runs' files: each kohya file gets its card <name>.md, and nothing already in
+    the folder (a user's README.md, another export's card) is replaced."""
+    dog = make_run(tmp_path / "a", lora_unet(seed=0))
+    cat = make_run(tmp_path / "b", lora_unet(seed=1))
+    loras = tmp_path / "models" / "Lora"
+    loras.mkdir(parents=True)
+    (loras / "README.md").write_text("# my LoRAs\n")
+    assert main([str(dog), "--format", "kohya", "--output", str(loras)]) == 0
+    assert main([str(cat), "--format", "kohya", "--output", str(loras), "--name", "cat"]) == 0
+    assert sorted(os.listdir(loras)) == ["README.md", "cat.md", "cat.safetensors", "dog-reflora.md",
+                                         "dog-reflora.safetensors"]
+    assert (loras / "README.md").read_text() == "# my LoRAs\n"
+    assert "<lora:dog-reflora:1>" in (loras / "dog-reflora.md").read_text()
+    assert "<lora:cat:1>" in (loras / "cat.md").read_text() and "dog-reflora" not in (loras / "cat.md").read_text()
+    # a file of the user's with a card's name is refused in one line, naming it and the fix
+    (loras / "fox.md").write_text("my notes on fox\n")
+    capsys.readouterr()
+    assert main([str(dog), "--format", "kohya", "--output", str(loras), "--name", "fox"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {loras / 'fox.md'} exists and is not a model card written by this exporter; pass "
+                   "--overwrite to replace it, or choose another --output folder (or --name for a kohya file)")
+    assert (loras / "fox.md").read_text() == "my notes on fox\n" and not (loras / "fox.safetensors").exists()

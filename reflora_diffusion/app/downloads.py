@@ -38,8 +38,9 @@ def _ckpt_step(name: str) -> int:
 
 
 def export_for_download(runs_dir, name: str, source: str = FINAL, format: str = "diffusers") -> dict:
-    """Export and return {"file": .safetensors path, "card": README.md path or None, "info": {...}}."""
+    """Export and return {"file": .safetensors path, "card": model card path or None, "info": {...}}."""
     from reflora_diffusion.export import export_run
+    from reflora_diffusion.export.run import card_path
 
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -57,7 +58,8 @@ def export_for_download(runs_dir, name: str, source: str = FINAL, format: str = 
         file = Path(export_run(str(src), format=format, output=str(out), overwrite=True, name=run_dir.name))
     except ValueError as e:  # the exporter's ExportError: one line naming the problem
         raise ExportError(str(e)) from None
-    card = next((p for p in (out / "README.md", run_dir / "README.md") if p.is_file()), None)
+    card = next((p for p in (card_path(out, file if format == "kohya" else None), run_dir / "README.md")
+                 if p.is_file()), None)
     info = adapter_info(file)
     if info["method"] is None:  # a file without the method in its metadata
         info["method"] = (read_json(run_dir / "config.json", {}) or {}).get("method")

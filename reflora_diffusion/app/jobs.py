@@ -5,11 +5,12 @@ A job is an ordinary run folder plus the command a user would type:
 so a run started here is indistinguishable from one started in a terminal, and survives an app
 restart (the process runs in its own session; the folder is the only state). The runner only adds
 `job.json` (the command and process group, so a later app can cancel it) and marks the end state in
-status.json when the trainer could not (crash, kill, cancel).
+status.json when the trainer could not (crash, kill, cancel), through the run-folder module like the trainer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -27,7 +28,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..cpu import threads_per_process
-from reflora_diffusion.rundir import pid_alive, read_json, write_json_atomic
+from reflora_diffusion.rundir import (FINISHED_STATES, new_status, pid_alive, read_json, start_status, update_status,
+                                      write_json_atomic)
 
 from .runs import effective_status, is_run_dir, safe_path, sanitize_run_name
 
@@ -36,7 +38,10 @@ TRAIN_SCRIPT = "train/sd.py"
 IMAGE_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp"}
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_FILES = 500
-MAX_UPLOAD_TOTAL_BYTES = 1024 * 1024 * 1024
+MAX_UPLOAD_TOTAL_BYTES = 1024 * 1024 * 1024  # per run
+# The queue: runs waiting for a place, and the bytes of the uploads they copied (each run copies its own)
+MAX_QUEUED_RUNS = 16
+MAX_QUEUED_UPLOAD_BYTES = 4 * 1024 * 1024 * 1024
 CANCEL_GRACE_SECONDS = 10.0
 # what the app accepts (the trainer accepts more from a terminal): field -> (allowed range, check)
 FORM_LIMITS = {
@@ -75,9 +80,13 @@ def check_image(path: str | os.PathLike, max_bytes: int = MAX_UPLOAD_BYTES) -> s
     return fmt
 
 
+def upload_paths(files) -> list[str]:
+    return [os.fspath(f) if isinstance(f, (str, os.PathLike)) else f.name for f in files or []]  # paths or tempfiles
+
+
 def save_uploads(files, dest: Path, max_bytes: int = MAX_UPLOAD_BYTES, max_files: int = MAX_UPLOAD_FILES) -> Path:
     """Check every upload first, then copy them into `dest` under safe names (nothing copied on error)."""
-    files = [os.fspath(f) if isinstance(f, (str, os.PathLike)) else f.name for f in files or []]  # paths or tempfiles
+    files = upload_paths(files)
     if len(files) > max_files:
         raise JobError(f"{len(files)} images uploaded; the limit is {max_files}")
     total = sum(os.path.getsize(f) for f in files)
@@ -158,13 +167,30 @@ def cuda_devices() -> int:
         return 0
 
 
-def last_error(log_text: str) -> str | None:
-    """The line of a log that says why a process died: the last exception or error line."""
-    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if re.match(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)\b|error:|Error:|RuntimeError)", ln):
-            return ln[:500]
-    return lines[-1][:500] if lines else None
+# `accelerate launch` reports a failed trainer with its own traceback, ending in this line: never the reason why,
+# but it carries the trainer's exit code (2: a user error, reported by the trainer as one `error: ...` line)
+_LAUNCHER_LINE = re.compile(r"^subprocess\.CalledProcessError: Command .* (?:returned non-zero exit status (-?\d+)"
+                            r"|died with <Signals\.(\w+): (\d+)>)")
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)\b|error:|Error:|RuntimeError)")
+
+
+def last_error(log_text: str) -> tuple[str | None, int | None]:
+    """Why the last launch in a log died, and the trainer's exit code if the launcher reported it: the trainer's
+    last exception or `error:` line (a signal that killed it, if so), not the launcher's CalledProcessError."""
+    lines = [ln.strip() for ln in log_text.splitlines()]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("$ ")]  # the runner's line before each launch
+    lines = [ln for ln in lines[starts[-1] + 1 if starts else 0:] if ln]
+    code, signal_name, rest = None, None, []
+    for ln in lines:
+        m = _LAUNCHER_LINE.match(ln)
+        if m:
+            code, signal_name = (int(m[1]), None) if m[1] else (-int(m[3]), m[2])
+        else:
+            rest.append(ln)
+    if signal_name:
+        return f"the trainer was killed by {signal_name}", code
+    reason = next((ln for ln in reversed(rest) if _ERROR_LINE.match(ln)), rest[-1] if rest else None)
+    return (reason[:500] if reason else None), code
 
 
 class JobRunner:
@@ -173,22 +199,27 @@ class JobRunner:
     Every job goes through one queue: at most `max_concurrent` run at once (default: one per CUDA GPU,
     one on a CPU), each with OMP_NUM_THREADS = cores // max_concurrent unless the app's environment sets
     it, and on a GPU machine with CUDA_VISIBLE_DEVICES set to the least busy GPU (unless the app's
-    environment sets that)."""
+    environment sets that). At most `max_queued` runs wait, holding at most `max_queued_upload_bytes` of
+    uploads; a start beyond either is refused before anything is copied."""
 
     def __init__(self, runs_dir, repo_root: Path = REPO_ROOT, command=train_command, adopt: bool = True,
-                 max_concurrent: int | None = None):
+                 max_concurrent: int | None = None, max_queued: int = MAX_QUEUED_RUNS,
+                 max_queued_upload_bytes: int = MAX_QUEUED_UPLOAD_BYTES):
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.repo_root = Path(repo_root)
         self.command = command
         self.gpus = cuda_devices()
         self.max_concurrent = max(1, int(max_concurrent or self.gpus or 1))
+        self.max_queued, self.max_queued_upload_bytes = max_queued, max_queued_upload_bytes
         self._lock = threading.RLock()  # held across "still queued? then launch" so a cancel cannot slip in
         self._procs: dict[Path, subprocess.Popen] = {}
         self._active: dict[Path, int | None] = {}  # jobs counted against max_concurrent (launched or adopted) -> GPU
         self._pending: deque[list[Path]] = deque()  # waiting chains: a chain's runs go one after the other
         self._after: dict[Path, list[Path]] = {}  # a running job -> the rest of its chain
         self._cancelled: set[Path] = set()
+        self._upload_bytes: dict[Path, int] = {}  # a waiting run -> the bytes of its copied uploads
+        self._admitting = [0, 0]  # runs (and their upload bytes) being created now, counted before they are copied
         if adopt:
             self.adopt()
 
@@ -215,9 +246,7 @@ class JobRunner:
                 data_dir = save_uploads(images, run_dir / "data")
             config = build_config(form, run_dir, data_dir)
             write_json_atomic(run_dir / "config.json", config)
-            write_json_atomic(run_dir / "status.json", {
-                "state": "queued", "step": 0, "max_steps": int(config.get("max_train_steps") or 0),
-                "started_at": None, "updated_at": time.time(), "error": None, "pid": None})
+            start_status(run_dir, new_status("queued", int(config.get("max_train_steps") or 0)))
         except Exception:
             shutil.rmtree(run_dir, ignore_errors=True)  # bad form: leave no half-made run behind
             raise
@@ -225,9 +254,42 @@ class JobRunner:
 
     def start(self, form: dict, name: str | None = None, images=()) -> Path:
         """Create a run and queue it: it starts now if fewer than max_concurrent jobs are running."""
-        run_dir = self.create_run(form, name, images)
-        self.enqueue(run_dir)
+        with self._admit(1, images):
+            run_dir = self.create_run(form, name, images)
+            self.enqueue(run_dir)
         return run_dir
+
+    def _waiting(self) -> list[Path]:
+        with self._lock:
+            chains = [*self._pending, *self._after.values()]
+            return [d for chain in chains for d in chain if d not in self._cancelled]
+
+    @contextlib.contextmanager
+    def _admit(self, runs: int, images):
+        """Hold places in the queue for `runs` new runs, each copying `images`, while they are created and queued;
+        JobError (one line) if the queue is full or its uploads would pass the limit."""
+        size = runs * sum(os.path.getsize(f) for f in upload_paths(images))
+        with self._lock:
+            waiting = self._waiting()
+            queued = len(waiting) + self._admitting[0]
+            held = sum(self._upload_bytes.get(d, 0) for d in waiting) + self._admitting[1]
+            if queued + runs > self.max_queued:
+                room = max(0, self.max_queued - queued)
+                what = f"has room for {room} more run{'s' if room > 1 else ''}, not {runs}" if room else "is full"
+                raise JobError(f"the job queue {what} ({queued} waiting, the limit is {self.max_queued}); start "
+                               "again when some have started, or cancel a queued run")
+            if size and held + size > self.max_queued_upload_bytes:
+                raise JobError(f"the queued runs' uploads would add up to {(held + size) / 2**20:.0f} MB (the limit is "
+                               f"{self.max_queued_upload_bytes / 2**20:.0f} MB); start again when some have started, "
+                               "cancel a queued run, or give a folder on this machine instead of uploading")
+            self._admitting[0] += runs
+            self._admitting[1] += size
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._admitting[0] -= runs
+                self._admitting[1] -= size
 
     def start_ab(self, form: dict, methods=("lora", "reflora"), name: str | None = None, images=(),
                  side_by_side: bool = False) -> list[Path]:
@@ -240,18 +302,19 @@ class JobRunner:
         if form.get("seed") in (None, ""):  # the trainer would draw one per run: the runs must share it
             form = {**form, "seed": random.randint(0, 2**31 - 1)}
         run_dirs = []
-        try:
-            for method in methods:  # each run gets its own copy of the uploads: run folders stand alone
-                run_dirs.append(self.create_run({**form, "method": method}, f"{base}-{method}", images))
-        except Exception:
-            for d in run_dirs:
-                shutil.rmtree(d, ignore_errors=True)
-            raise
-        if side_by_side:
-            for run_dir in run_dirs:
-                self.enqueue(run_dir)
-        else:
-            self.enqueue(*run_dirs)
+        with self._admit(len(methods), images):
+            try:
+                for method in methods:  # each run gets its own copy of the uploads: run folders stand alone
+                    run_dirs.append(self.create_run({**form, "method": method}, f"{base}-{method}", images))
+            except Exception:
+                for d in run_dirs:
+                    shutil.rmtree(d, ignore_errors=True)
+                raise
+            if side_by_side:
+                for run_dir in run_dirs:
+                    self.enqueue(run_dir)
+            else:
+                self.enqueue(*run_dirs)
         return run_dirs
 
     # ---- processes
@@ -268,13 +331,9 @@ class JobRunner:
                 busy = list(self._active.values())
                 gpu = min(range(self.gpus), key=busy.count)
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        # Mark it running before the trainer exists and never after: from its first write on, status.json is the
-        # trainer's, and a late write here could turn a fast run's 'done' back into 'running'.
-        status = read_json(run_dir / "status.json", {}) or {}
-        if status.get("state") == "queued":
-            now = time.time()
-            write_json_atomic(run_dir / "status.json", {**status, "state": "running", "pid": None,
-                                                        "started_at": now, "updated_at": now})
+        # Mark it running before the trainer exists, never after: from its first write on, status.json is the
+        # trainer's (and the writer refuses to turn a fast run's 'done' back into 'running' anyway).
+        update_status(run_dir, only_from=("queued",), state="running", pid=None, started_at=time.time())
         with open(run_dir / "train.log", "ab") as log:
             log.write(f"$ {shlex.join(cmd)}\n".encode())
             log.flush()
@@ -313,30 +372,27 @@ class JobRunner:
     def _finalize(self, run_dir: Path, returncode: int | None) -> None:
         """After the process is gone: make status.json say how the run ended if the trainer didn't."""
         with self._lock:
-            status = read_json(run_dir / "status.json", {}) or {}
-            state = status.get("state")
+            state = (read_json(run_dir / "status.json", {}) or {}).get("state")
             if run_dir in self._cancelled:
-                status.update(state="cancelled", error="cancelled by the user")
-            elif state == "done" and returncode in (0, None):
+                self._mark(run_dir, "cancelled", "cancelled by the user")
+            elif state in FINISHED_STATES and not (state == "done" and returncode not in (0, None)):
                 return
-            elif state not in ("failed", "cancelled"):
+            else:  # the trainer did not say how it ended (or said done, then its process failed)
                 log = ""
                 try:
                     log = (run_dir / "train.log").read_text(errors="replace")[-20_000:]
                 except OSError:
                     pass
-                reason = last_error(log) if returncode != 0 else "the trainer exited without finishing"
-                status.update(state="failed",
-                              error=f"{reason or 'process died'} (exit code {returncode}); see train.log")
-            else:
-                return
-            status["updated_at"] = time.time()
-            write_json_atomic(run_dir / "status.json", status)
+                reason, code = last_error(log) if returncode != 0 else ("the trainer exited without finishing", None)
+                update_status(run_dir, only_from=(state,), state="failed",
+                              error=f"{reason or 'process died'} (exit code {code or returncode}); see train.log")
 
     def enqueue(self, *run_dirs: Path) -> None:
         """Queue runs to go one after the other (usually one run). Queued runs start in order as places
         free up, at most max_concurrent at once."""
         with self._lock:
+            for d in run_dirs:
+                self._upload_bytes[Path(d)] = _folder_bytes(Path(d) / "data")
             self._pending.append([Path(d) for d in run_dirs])
             self._dispatch()
 
@@ -353,6 +409,7 @@ class JobRunner:
     def _launch_queued(self, run_dir: Path) -> bool:
         """Launch a queued run unless it was cancelled while it waited; False if it did not start."""
         with self._lock:
+            self._upload_bytes.pop(run_dir, None)  # it leaves the queue
             if run_dir in self._cancelled or (read_json(run_dir / "status.json", {}) or {}).get("state") != "queued":
                 return False
             try:
@@ -366,9 +423,7 @@ class JobRunner:
             return Path(run_dir) in self._procs
 
     def _mark(self, run_dir: Path, state: str, error: str | None) -> None:
-        status = read_json(run_dir / "status.json", {}) or {}
-        status.update(state=state, error=error, updated_at=time.time())
-        write_json_atomic(run_dir / "status.json", status)
+        update_status(run_dir, state=state, error=error)
 
     def cancel(self, name: str, grace: float = CANCEL_GRACE_SECONDS) -> str:
         """Stop a queued or running job; its status.json ends as 'cancelled'. Returns a message."""
@@ -441,6 +496,11 @@ class JobRunner:
             if deadline is not None and time.time() > deadline:
                 raise TimeoutError(f"{Path(run_dir).name} still {state} after {timeout} s")
             time.sleep(0.2)
+
+
+def _folder_bytes(folder: Path) -> int:
+    """The bytes of the files in a folder (a run's copied uploads); 0 if there is none."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
 def _trainer_pid(run_dir: Path):

@@ -97,9 +97,10 @@ def export_run(source: str | Path, format: str = "diffusers", output: str | Path
                overwrite: bool = False, name: str | None = None) -> Path:
     """Export a run or checkpoint folder's adapter; returns the written weight file.
 
-    diffusers: <output>/pytorch_lora_weights.safetensors. kohya: <output>/<name>.safetensors, name
-    defaulting to the run folder's name (A1111 shows it as <lora:name:1>). A model card README.md goes
-    beside it. output defaults to the source folder.
+    diffusers: <output>/pytorch_lora_weights.safetensors, with the model card README.md. kohya:
+    <output>/<name>.safetensors, name defaulting to the run folder's name (A1111 shows it as <lora:name:1>),
+    with the model card <name>.md (card_path): kohya files of many runs share one folder (A1111's
+    models/Lora), so each keeps its own card. output defaults to the source folder.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; use one of: {', '.join(FORMATS)}.")
@@ -108,35 +109,42 @@ def export_run(source: str | Path, format: str = "diffusers", output: str | Path
     if output.suffix == ".safetensors":
         raise ExportError(f"--output {output} should be a folder, not a file name; use --name for the file name.")
     name = name or (run_dir or weights.parent).resolve().name
-    _refuse_foreign_card(output, overwrite)  # before anything is written
+    kohya_file = output / f"{name}.safetensors" if format == "kohya" else None
+    _refuse_foreign_card(card_path(output, kohya_file), overwrite)  # before anything is written
     if format == "diffusers":
         path = write_diffusers(factors, output, overwrite=overwrite)
     else:
-        path = write_kohya(factors, output / f"{name}.safetensors", overwrite=overwrite)
-    write_model_card(output, factors=factors, kohya_file=path if format == "kohya" else None, overwrite=overwrite)
+        path = write_kohya(factors, kohya_file, overwrite=overwrite)
+    write_model_card(output, factors=factors, kohya_file=kohya_file, overwrite=overwrite)
     return path
 
 
 CARD_MARK = "(reflora-diffusion) |"  # a line of every model card this exporter writes
 
 
-def _refuse_foreign_card(folder: Path, overwrite: bool) -> None:
-    existing = folder / "README.md"
+def card_path(folder: str | Path, kohya_file: str | Path | None = None) -> Path:
+    """Where the model card of an export goes: README.md (diffusers), <kohya file name>.md (kohya)."""
+    return Path(folder) / (f"{Path(kohya_file).stem}.md" if kohya_file else "README.md")
+
+
+def _refuse_foreign_card(existing: Path, overwrite: bool) -> None:
     if not overwrite and existing.is_file() and CARD_MARK not in existing.read_text(errors="replace"):
         raise ExportError(f"{existing} exists and is not a model card written by this exporter; pass --overwrite "
-                          "to replace it, or choose another --output folder")
+                          "to replace it, or choose another --output folder (or --name for a kohya file)")
 
 
 def write_model_card(run_dir: str | Path, factors: LoraFactors | None = None, kohya_file: str | Path | None = None,
                      info: dict | None = None, overwrite: bool = False) -> Path:
-    """Write run_dir/README.md: base model, method, rank, alpha, steps, how to load (diffusers, A1111, ComfyUI).
+    """Write the model card (run_dir/README.md; <kohya file name>.md beside a kohya file): base model, method,
+    rank, alpha, steps, how to load (diffusers, A1111, ComfyUI).
 
     factors default to the folder's own diffusers file with its run info; info overrides single fields.
-    A README.md this exporter did not write (e.g. a project's own, with --output .) is never replaced
+    A card this exporter did not write (e.g. a project's own README.md, with --output .) is never replaced
     unless overwrite.
     """
     run_dir = Path(run_dir)
-    _refuse_foreign_card(run_dir, overwrite)
+    target = card_path(run_dir, kohya_file)
+    _refuse_foreign_card(target, overwrite)
     if factors is None:
         factors = load_run(run_dir)[0]
     info = {**factors.info, **(info or {})}
@@ -211,7 +219,7 @@ image = pipe("{prompt}").images[0]
 ```
 
 {others}{_resume_section(info.get("changed_on_resume"))}"""
-    return write_text(card, run_dir / "README.md")
+    return write_text(card, target)
 
 
 def _resume_section(changes: list[dict] | None) -> str:
