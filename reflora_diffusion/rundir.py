@@ -383,7 +383,8 @@ def _show(value) -> str:
 
 # Options the trainer fills in when left unset (a drawn seed, the model's native resolution): unset on
 # either side is no difference.
-_FILLED_IN = {"seed", "resolution"}
+_FILLED_IN = {"seed", "resolution", "refactor_warmup_steps", "min_bucket_reso", "max_bucket_reso",
+              "bucket_reso_steps"}
 
 
 def _differs(old: dict, new: dict) -> bool:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from reflora_diffusion.sd.config import ConfigError, make_config, parse_args
 from reflora_diffusion.sd.data import (Crop, DataError, EpochSampler, ImageCaptionSet, TrainDataset, build_dataset,
-                                       collate, load_class_images)
+                                       check_data_dirs, collate, load_class_images)
 
 REPO = Path(__file__).resolve().parents[1]
 DOG = (REPO / ".." / "shared" / "data" / "dreambooth" / "dog").resolve()
@@ -64,7 +64,7 @@ def test_config_errors_are_one_line_and_name_the_option(tmp_path):
 def test_method_options_and_conv_targets():
     cfg = make_config({"pretrained_model_name_or_path": "tiny", "output_dir": "o", "train_data_dir": "d",
                        "method": "lora+", "loraplus_lr_ratio": 16, "lora_conv": True, "lora_alpha": 8, "rank": 4})
-    assert cfg.method_options() == {"warmup_steps": 100, "interval": 1, "ratio": 16.0}
+    assert cfg.method_options() == {"warmup_steps": None, "interval": 1, "ratio": 16.0}  # None: min(100, 10 % of the run)
     assert cfg.unet_targets == ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut"]
     assert cfg.alpha == 8.0
 
@@ -117,6 +117,20 @@ def test_captions_from_metadata_jsonl_and_txt(tmp_path):
     assert s.prompts[0] == "custom"
     with pytest.raises(DataError, match="lacks column"):
         ImageCaptionSet.from_folder(folder, 64, captions=True, prompt="sks")
+
+
+def test_imagefolder_metadata_naming_files_in_a_subfolder(tmp_path):
+    """datasets' imagefolder layout: metadata.jsonl beside an images/ folder it names files in."""
+    folder = tmp_path / "set"
+    dog_copy(folder / "images", 2)
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "images/00.jpg", "text": "first dog"}) + "\n"
+                                           + json.dumps({"file_name": "images/01.jpg", "text": "second dog"}) + "\n")
+    cfg = make_config({"pretrained_model_name_or_path": "tiny", "output_dir": str(tmp_path / "o"), "seed": 0,
+                       "train_data_dir": str(folder), "resolution": 64})
+    check_data_dirs(cfg)
+    data = build_dataset(cfg)
+    assert [p.relative_to(folder).as_posix() for p in data.instances.paths] == ["images/00.jpg", "images/01.jpg"]
+    assert data.instances.prompts == ["first dog", "second dog"]
 
 
 # --- augmentation and order ------------------------------------------------------------------------------

@@ -299,3 +299,13 @@ def test_default_buckets_follow_the_resolution(tmp_path, caplog):
     cfg = make_config({**BASE, "enable_bucket": True, "bucket_reso_steps": 8, "output_dir": str(tmp_path / "o")})
     with pytest.raises(Exception, match="--bucket_reso_steps 8 does not suit this model: .* multiples of 16"):
         cfg.resolve_buckets(16)
+
+
+def test_the_refactoring_warm_up_follows_the_run_length(tmp_path):
+    from test_sd_train import make_trainer
+
+    base = {**FAST, "method": "reflora", "refactor_warmup_steps": None}
+    for steps, warmup in ((30, 3), (600, 60), (5000, 100)):
+        trainer = make_trainer(tmp_path / f"r{steps}", **{**base, "max_train_steps": steps})
+        assert trainer.cfg.refactor_warmup_steps == warmup and trainer.ref.warmup_steps == warmup
+        assert json.loads((tmp_path / f"r{steps}" / "config.json").read_text())["refactor_warmup_steps"] == warmup

@@ -66,7 +66,7 @@ class MethodOptions:
         """One-line ValueError for an unknown method, a bad number, or an option the method does not take."""
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
-        if self.refactor_warmup_steps < 0 or self.refactor_interval < 1:
+        if (self.refactor_warmup_steps or 0) < 0 or self.refactor_interval < 1:
             raise ValueError(f"--refactor_warmup_steps must be >= 0 and --refactor_interval >= 1 (got "
                              f"{self.refactor_warmup_steps}, {self.refactor_interval})")
         for name in _METHOD_FIELDS:
@@ -74,6 +74,12 @@ class MethodOptions:
             if value is not None and value is not False and owners and self.method not in owners:
                 raise ValueError(f"--method {self.method}: unknown option --{name} (an option of {', '.join(owners)})")
         return self
+
+
+def default_warmup(total_steps: int) -> int:
+    """The warm-up when none is given: the paper's 100 steps, at most 10 % of the run (so a short run is not
+    plain LoRA throughout)."""
+    return min(100, int(total_steps) // 10)
 
 
 # The options beyond the schedule (warm-up, interval): passed on only when set.

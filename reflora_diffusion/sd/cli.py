@@ -3,6 +3,7 @@ Ctrl-C / SIGTERM exit 130 with the run marked cancelled."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -31,5 +32,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no space left on the disk of {folder!r}; free space, then continue with "
               "--resume_from_checkpoint latest", file=sys.stderr)
         return 2
-    print(f"done: {run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one line for the whole job, not one per process
+        print(f"done: {run_dir}")
     return 0

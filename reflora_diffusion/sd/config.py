@@ -41,6 +41,8 @@ class SDTrainConfig(MethodOptions):
     """Every option; the core's method options (method, refactor_warmup_steps, ...) come from MethodOptions."""
 
     method: str = _opt("lora", f"core method: {', '.join(METHODS)}")
+    refactor_warmup_steps: int | None = _opt(None, "plain LoRA optimizer steps before refactoring starts (peft starts "
+                                                   "with B = 0; default: min(100, 10 % of the run))")
     # model
     pretrained_model_name_or_path: str | None = _opt(
         None, "hub id, local diffusers folder, or the offline presets 'tiny' / 'tiny-sdxl' / 'tiny-sd3' / "

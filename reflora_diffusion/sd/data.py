@@ -46,9 +46,12 @@ def list_images(folder: str | Path, what: str = "data folder") -> list[Path]:
         raise DataError(f"{what} {str(folder)!r} does not exist; check the path")
     if not folder.is_dir():
         raise DataError(f"{what} {str(folder)!r} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    # datasets' imagefolder layout: a metadata file may name images in subfolders (images/0001.png)
+    nested = (folder / "metadata.jsonl").is_file() or (folder / "metadata.csv").is_file()
+    files = sorted(p for p in (folder.rglob("*") if nested else folder.iterdir())
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    other = [p.name for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS | _SIDECARS]
+    other = [p.relative_to(folder).as_posix() for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS | _SIDECARS]
     if other:
         warnings.warn(f"{what} {str(folder)!r}: skipping {len(other)} non-image file(s): "
                       f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}", stacklevel=2)
@@ -175,15 +178,17 @@ def read_captions(folder: Path, images: list[Path], image_column: str, caption_c
         if image_column not in row or caption_column not in row:
             raise DataError(f"{source}: row {n} lacks column {image_column!r} or {caption_column!r}; set "
                             "--image_column / --caption_column to the names used in the file")
-        table[Path(str(row[image_column])).name] = str(row[caption_column])
+        table[Path(str(row[image_column])).as_posix()] = str(row[caption_column])  # relative to the folder
     captions, empty = [], []
     for p in images:
         sidecars = [p.with_suffix(s) for s in CAPTION_SUFFIXES if p.with_suffix(s).is_file()]
-        text = _read_caption(sidecars[0]) if sidecars and p.name not in table else None
+        key = p.relative_to(folder).as_posix() if p.is_relative_to(folder) else p.name
+        key = key if key in table else p.name  # (a bare file name also names an image in a subfolder)
+        text = _read_caption(sidecars[0]) if sidecars and key not in table else None
         if text == "":  # an empty sidecar says nothing: the folder's caption stands (as kohya does)
             empty.append(sidecars[0].name)
-        if p.name in table:
-            captions.append(table[p.name])
+        if key in table:
+            captions.append(table[key])
         elif text:
             captions.append(text)
         elif default is not None:

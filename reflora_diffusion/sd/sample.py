@@ -95,3 +95,23 @@ def ensure_class_images(cfg, accelerator) -> None:
                     tmp.replace(folder / f"{len(have) + start}-{name}.png")
             del pipe
     accelerator.wait_for_everyone()
+
+
+def nearest_distance(image, references) -> float:
+    """How far a generated image is from the nearest of `references` (training images): the RMS pixel difference
+    (0..255) of centre-cropped 32x32 copies. A subject or style learned brings it down; the benchmarks'
+    measure (benchmarks/quickstart.py) and the quick start's test use it."""
+    x = thumbnail(image)
+    return min(float(((x - thumbnail(r)) ** 2).mean() ** 0.5) for r in references)
+
+
+def thumbnail(image):
+    """A centre-cropped square image at 32x32 as float RGB 0..255 (numpy)."""
+    import numpy as np
+    from PIL import Image
+
+    image = image.convert("RGB")
+    s = min(image.size)
+    left, top = (image.width - s) // 2, (image.height - s) // 2
+    image = image.crop((left, top, left + s, top + s)).resize((64, 64), Image.Resampling.BICUBIC)
+    return np.asarray(image.resize((32, 32), Image.Resampling.BICUBIC), dtype=np.float64)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reflora_diffusion.core.options import default_warmup
 from reflora_diffusion.logs import get_logger
 from reflora_diffusion.rundir import (TRAINER_STATE, RunLog, check_output_dir, checkpoint_dirs, clean_stale_temps,
                                      clear_run, read_json, resume_changes)
@@ -149,6 +150,9 @@ class SDTrainer:
         self.family = self._resolve_base(cfg)
         self._check_family(cfg, self.family, self.accelerator.mixed_precision)
         self.dataset = build_dataset(cfg)  # decodes every image: unusable data fails here
+        self.max_steps = self._count_steps()
+        if cfg.refactor_warmup_steps is None:
+            cfg.refactor_warmup_steps = default_warmup(self.max_steps)
         action = check_output_dir(self.run_dir, requested, resume_found=self.resume_dir is not None)
         if action == "resume" and isinstance(previous, dict):
             self._record_resume_changes(previous, requested)
@@ -166,6 +170,17 @@ class SDTrainer:
         self.global_step = 0
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision,
                                                                              torch.float32)
+
+    def _count_steps(self) -> int:
+        """Optimizer steps of the run: --max_train_steps, else the epochs' worth of batches."""
+        cfg, n = self.cfg, self.accelerator.num_processes
+        if cfg.max_train_steps:
+            return cfg.max_train_steps
+        if cfg.with_prior_preservation:  # the class images are loaded in setup (after generating missing ones)
+            batches = math.ceil(max(len(self.dataset), cfg.num_class_images) / cfg.train_batch_size)
+        else:
+            batches = len(build_dataloader(self.dataset, cfg, n))
+        return cfg.num_train_epochs * math.ceil(math.ceil(batches / n) / cfg.gradient_accumulation_steps)
 
     def _record_resume_changes(self, previous: dict, requested: dict) -> None:
         """A resume with other data, prompts, learning rate, seed, ...: go on, say so in one line, and keep the
@@ -270,8 +285,6 @@ class SDTrainer:
         self.ref.attach(optimizer)  # before the scheduler: lora+ adds a parameter group
 
         dataloader = build_dataloader(self.dataset, cfg, acc.num_processes)
-        steps_per_epoch = math.ceil(math.ceil(len(dataloader) / acc.num_processes) / cfg.gradient_accumulation_steps)
-        self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
         self.ref.check_schedule(self.max_steps)
         # accelerate steps a prepared scheduler once per process per optimizer step
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
