@@ -33,7 +33,8 @@ APP_ENTRIES = ("data", "job.json", "train.log", "exports")
 # Options that steer how a run is carried out, not what it learns: a rerun may change them.
 RUN_CONTROL_KEYS = {"resume_from_checkpoint", "overwrite_output_dir", "base_model_folder", "report_to",
                     "logging_steps", "dataloader_num_workers", "max_train_steps", "num_train_epochs",
-                    "checkpointing_steps", "checkpoints_total_limit", "validation_steps"}
+                    "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "validation_prompt",
+                    "num_validation_images", "validation_inference_steps", "eval_loss_every", "changed_on_resume"}
 # Temporary names of interrupted atomic writes: ".status.json.<pid>.tmp", ".checkpoint-200.tmp", ...
 _TEMP = re.compile(r"^(\..+\.tmp|tmp\w+\.tmp|.+\.json\.tmp)$")
 

@@ -141,6 +141,14 @@ class SDTrainConfig(MethodOptions):
     num_validation_images: int = _opt(2, "images per validation prompt")
     validation_steps: int = _opt(100, "sample every N steps (and at the end)")
     validation_inference_steps: int = _opt(25, "denoising steps of validation samples")
+    # held-out loss (the same for every method and run: compare runs by it)
+    eval_loss_every: int = _opt(0, "every N steps (and at steps 0 and the last) log eval_loss to events.jsonl: the "
+                                   "denoising loss at fixed noise and timesteps on --eval_data_dir (0: off)")
+    eval_data_dir: str | None = _opt(None, "images for the eval loss, captioned like --train_data_dir (else "
+                                           "--instance_prompt); default: the training images (a fit measure)")
+    eval_seed: int = _opt(0, "seed of the eval loss's noise; independent of the training seed")
+    eval_timesteps: int = _opt(8, "timesteps per image in the eval loss (evenly spaced quantiles)")
+    eval_noises: int = _opt(4, "noise draws per image and timestep in the eval loss")
     # checkpoints and logging
     checkpointing_steps: int = _opt(500, "save a resumable checkpoint every N steps")
     checkpoints_total_limit: int | None = _opt(None, "keep at most this many checkpoints (>= 1; default: all)")
@@ -221,7 +229,11 @@ class SDTrainConfig(MethodOptions):
                 raise ConfigError(f"--{f.name} must be a finite number (got {value})")
         if self.resolution is not None and self.resolution < 1:
             raise ConfigError(f"--resolution must be >= 1 (got {self.resolution})")
-        for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs",
+        for name in ("eval_loss_every", "eval_seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs", "eval_timesteps",
+                     "eval_noises",
                      "checkpointing_steps", "logging_steps", "validation_steps", "max_bad_steps",
                      "num_validation_images", "validation_inference_steps", "sample_batch_size"):
             if getattr(self, name) < 1:

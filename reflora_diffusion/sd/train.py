@@ -303,6 +303,7 @@ class SDTrainer:
         self.noise_gen = torch.Generator(device=acc.device).manual_seed(cfg.seed)
         self.global_step, self.skipped_steps = 0, 0
         self.text_cache: dict[str, tuple] = {}
+        self.eval_set = self._build_eval_set() if cfg.eval_loss_every else None
         self.latent_cache = self._cache_latents() if cfg.cache_latents else None
         if cfg.cache_latents and self.c.flow and not cfg.train_text_encoder and not cfg.shuffle_caption:
             self._cache_prompts_and_unload()  # (shuffled tags make too many prompts to encode up front)
@@ -345,6 +346,7 @@ class SDTrainer:
         text encoders (T5-XXL alone is ~9 GB in bf16); validation samples from the cached embeddings."""
         sets = [self.dataset.instances, self.dataset.classes]
         prompts = {p for s in sets if s is not None for p in s.prompts} | set(self.cfg.validation_prompt)
+        prompts |= {b["prompts"][0] for b in self.eval_set or []}
         if self.c.family == "sd3" or self.cfg.caption_dropout_rate > 0:
             prompts.add("")  # SD3's negative prompt in validation; a dropped caption
         self._encode_text(sorted(prompts))
@@ -398,11 +400,70 @@ class SDTrainer:
         latents = ((mean + std * eps.to(mean.dtype)).float() - (vae.shift_factor or 0.0)) * vae.scaling_factor
         return latents.to(self.weight_dtype)
 
+    # ------------------------------------------------------------------ the held-out loss
+    def _build_eval_set(self) -> list[dict]:
+        """Per eval image: its latents (VAE posterior mean), fixed noise and timesteps (or flow densities u),
+        prompt and sizes. Noise comes from --eval_seed and the image's index, timesteps are the K evenly spaced
+        quantiles: the same for every method, run and process, and independent of the training RNG."""
+        from .data import Crop, ImageCaptionSet
+
+        cfg = self.cfg
+        if cfg.eval_data_dir:
+            images = ImageCaptionSet.from_folder(cfg.eval_data_dir, cfg.resolution, captions=True,
+                                                 prompt=cfg.instance_prompt, image_column=cfg.image_column,
+                                                 caption_column=cfg.caption_column, what="--eval_data_dir")
+        else:
+            images = self.dataset.instances
+        crop = Crop(cfg.resolution, center_crop=True, random_flip=False, seed=0)
+        k, m = cfg.eval_timesteps, cfg.eval_noises
+        quantiles = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+        if self.c.flow:
+            steps = quantiles.float().repeat_interleave(m)  # u of the flow's timestep density
+        else:
+            steps = (quantiles * self.c.noise_scheduler.config.num_train_timesteps).long().repeat_interleave(m)
+        vae = self.c.vae.config
+        out = []
+        for i, image in enumerate(images.images):
+            (w, h) = images.targets[i]
+            pixels, top_left = crop(image, 0, 0, (w, h))
+            mean, _ = self._latent_dist(pixels[None])
+            latents = ((mean.float() - (vae.shift_factor or 0.0)) * vae.scaling_factor).to(self.weight_dtype)
+            g = torch.Generator().manual_seed(cfg.eval_seed * 1_000_003 + i)
+            noise = torch.randn((k * m, *latents.shape[1:]), generator=g).to(latents.device, latents.dtype)
+            out.append({"latents": latents, "noise": noise, "steps": steps.to(latents.device),
+                        "prompts": [images.prompts[i]] * m, "original_sizes": [images.sizes[i]] * m,
+                        "crop_top_lefts": [top_left] * m, "target_sizes": [(h, w)] * m})
+        return out
+
+    @torch.no_grad()
+    def eval_loss(self) -> float:
+        """The unweighted denoising loss (epsilon, v or flow target) over the eval set, at its fixed noise and
+        timesteps, with the current weights; one forward pass per image and timestep."""
+        for m in self.models.values():
+            m.eval()
+        total, m = 0.0, self.cfg.eval_noises
+        for item in self.eval_set:
+            for j in range(0, len(item["steps"]), m):
+                latents = item["latents"].expand(m, *item["latents"].shape[1:])
+                noise, steps = item["noise"][j:j + m], item["steps"][j:j + m]
+                if self.c.flow:
+                    pred, target, _ = self._flow_prediction(latents, noise, steps, item)
+                else:
+                    pred, target = self._unet_prediction(latents, noise, steps, item)
+                total += float(F.mse_loss(pred, target))
+        for model in self.models.values():
+            model.train()  # as the loop has them
+        return total / (len(self.eval_set) * self.cfg.eval_timesteps)
+
+    def _log_eval_loss(self) -> None:
+        value = self.eval_loss()  # on every process (identical there): a wrapped model's forward may sync
+        self.log.event(step=self.global_step, eval_loss=value)
+
     # ------------------------------------------------------------------ one micro-batch
     def loss(self, batch: dict) -> torch.Tensor:
         if self.c.flow:
             return self._flow_loss(batch)
-        cfg, acc, sched = self.cfg, self.accelerator, self.c.noise_scheduler
+        cfg, sched = self.cfg, self.c.noise_scheduler
         latents = self._latents(batch)
         n_inst, n = len(batch["index"]), latents.shape[0]
         noise = self._randn(n_inst, n, *latents.shape[1:])
@@ -411,17 +472,7 @@ class SDTrainer:
         noise = noise.to(latents.dtype)
         g, steps = self.noise_gen, sched.config.num_train_timesteps
         timesteps = self._shared(n_inst, n, lambda m: torch.randint(0, steps, (m,), generator=g, device=g.device))
-        noisy = sched.add_noise(latents, noise, timesteps)
-        hidden, pooled = self._encode_text(batch["prompts"])
-        added = None
-        if self.c.sdxl:
-            time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
-            added = {"text_embeds": pooled.to(self.weight_dtype),
-                     "time_ids": time_ids.to(acc.device, self.weight_dtype)}
-        pred = self.models["unet"](noisy, timesteps, hidden.to(self.weight_dtype), added_cond_kwargs=added,
-                                   return_dict=False)[0].float()
-        target = (noise if sched.config.prediction_type == "epsilon"
-                  else sched.get_velocity(latents, noise, timesteps)).float()
+        pred, target = self._unet_prediction(latents, noise, timesteps, batch)
 
         prior_loss = 0.0
         if cfg.with_prior_preservation:  # instance half first, class half second (data.collate)
@@ -436,6 +487,33 @@ class SDTrainer:
             loss = (per_sample * min_snr_weights(sched, timesteps, cfg.snr_gamma)).mean()
         return loss + prior_loss
 
+    def _unet_prediction(self, latents, noise, timesteps, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """SD/SDXL: the UNet's prediction for latents noised at `timesteps`, and its target (epsilon or v)."""
+        sched = self.c.noise_scheduler
+        noisy = sched.add_noise(latents, noise, timesteps)
+        hidden, pooled = self._encode_text(batch["prompts"])
+        added = None
+        if self.c.sdxl:
+            time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
+            added = {"text_embeds": pooled.to(self.weight_dtype),
+                     "time_ids": time_ids.to(self.accelerator.device, self.weight_dtype)}
+        pred = self.models["unet"](noisy, timesteps, hidden.to(self.weight_dtype), added_cond_kwargs=added,
+                                   return_dict=False)[0].float()
+        target = (noise if sched.config.prediction_type == "epsilon"
+                  else sched.get_velocity(latents, noise, timesteps)).float()
+        return pred, target
+
+    def _flow_prediction(self, latents, noise, u, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SD3/FLUX: x_t = (1 - sigma) x_0 + sigma noise at density draws u; (prediction, target noise - x_0,
+        sigmas)."""
+        timesteps, sigmas = flow.timesteps_and_sigmas(self.c.noise_scheduler, u)
+        sigmas = sigmas.view(-1, 1, 1, 1)
+        noisy = ((1.0 - sigmas) * latents.float() + sigmas * noise.float()).to(self.weight_dtype)
+        hidden, pooled = self._encode_text(batch["prompts"])
+        pred = flow.predict(self.c.family, self.models[self.c.denoiser_name], self.c.denoiser.config, noisy,
+                            timesteps, hidden.to(self.weight_dtype), pooled.to(self.weight_dtype), self.cfg.guidance_scale)
+        return pred.float(), (noise - latents).float(), sigmas
+
     def _flow_loss(self, batch: dict) -> torch.Tensor:
         """SD3/FLUX: x_t = (1 - sigma) x_0 + sigma noise, target noise - x_0, sigma from --weighting_scheme."""
         cfg = self.cfg
@@ -443,13 +521,8 @@ class SDTrainer:
         n_inst, n = len(batch["index"]), latents.shape[0]
         noise = self._randn(n_inst, n, *latents.shape[1:]).to(latents.dtype)
         u = self._shared(n_inst, n, lambda m: flow.sample_density(cfg, m, self.noise_gen))
-        timesteps, sigmas = flow.timesteps_and_sigmas(self.c.noise_scheduler, u)
-        sigmas = sigmas.view(-1, 1, 1, 1)
-        noisy = ((1.0 - sigmas) * latents.float() + sigmas * noise.float()).to(self.weight_dtype)
-        hidden, pooled = self._encode_text(batch["prompts"])
-        pred = flow.predict(self.c.family, self.models[self.c.denoiser_name], self.c.denoiser.config, noisy,
-                            timesteps, hidden.to(self.weight_dtype), pooled.to(self.weight_dtype), cfg.guidance_scale)
-        weighted = flow.loss_weighting(cfg.weighting_scheme, sigmas) * (pred.float() - (noise - latents).float()) ** 2
+        pred, target, sigmas = self._flow_prediction(latents, noise, u, batch)
+        weighted = flow.loss_weighting(cfg.weighting_scheme, sigmas) * (pred - target) ** 2
         if not cfg.with_prior_preservation:
             return weighted.mean()
         instance, prior = weighted.chunk(2)  # instance half first, class half second (data.collate)
@@ -478,6 +551,8 @@ class SDTrainer:
         t_log, since_log = time.perf_counter(), []  # step losses since the last events.jsonl line
         for m in self.models.values():
             m.train()
+        if cfg.eval_loss_every and self.global_step == 0:
+            self._log_eval_loss()  # the base's, for reference
 
         for epoch in range(first_epoch, self.epochs):
             self.dataloader.set_epoch(epoch)
@@ -526,6 +601,9 @@ class SDTrainer:
                     self._log_step(loss_avg, (now - t_log) / len(since_log), epoch, ok)
                     bar.set_postfix(loss=f"{loss_avg:.4f}")
                     t_log, since_log = now, []
+                if cfg.eval_loss_every and (self.global_step % cfg.eval_loss_every == 0
+                                            or self.global_step == self.max_steps):
+                    self._log_eval_loss()
                 if self.global_step % cfg.checkpointing_steps == 0 and self.global_step < self.max_steps:
                     self.save_checkpoint()
                 if cfg.validation_prompt and self.global_step % cfg.validation_steps == 0 \
