@@ -34,9 +34,15 @@ MethodArguments = MethodOptions
 def parse_hf_args(dataclass_types, argv: list[str]) -> tuple[tuple, set[str]]:
     """(dataclasses, names given explicitly) from flags or a single .json/.yaml file, with HfArgumentParser.
 
-    Old method-flag names (--ratio, --delta, --p, --normalize) are accepted with a deprecation line."""
+    Old method-flag names (--ratio, --delta, --p, --normalize) are accepted with a deprecation line.
+    A multi-process launch on a machine without a GPU runs on CPU with gloo (as `accelerate launch --cpu` would
+    ask): TrainingArguments sets up its devices while it is parsed, so this is said before."""
     from transformers import HfArgumentParser
 
+    from reflora_diffusion.cpu import distributed_cpu_run
+
+    if distributed_cpu_run():
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     parser = HfArgumentParser(dataclass_types)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         with open(argv[0]) as f:
