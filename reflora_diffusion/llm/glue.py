@@ -380,6 +380,10 @@ def run(glue_args: GlueArguments, train_args) -> dict:
             compute_metrics=compute_metrics, callbacks=[results],
             method=glue_args.method, method_options=glue_args.method_options(),
             run_log=log)
+        # The classification loss is a batch mean that ignores num_items_in_batch, but the model's forward takes
+        # **kwargs, so Trainer would treat it as a sum over its tokens: multiplied by the number of processes
+        # (DDP, FSDP: twice the gradient on 2) and not divided over gradient accumulation steps.
+        trainer.model_accepts_loss_kwargs = False
         started = time.time()
         train_out = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
         train_seconds = time.time() - started
