@@ -400,6 +400,6 @@ def run(glue_args: GlueArguments, train_args) -> dict:
         stats = trainer.refactorer.stats()  # every rank (a collective under FSDP2)
         if is_main:
             results.write(final=results.evals[-1] if results.evals else final, train_loss=train_out.training_loss, train_seconds=train_seconds,
-                          train_steps=trainer.state.global_step, refactor=stats)
+                          train_steps=trainer.state.global_step, refactor=stats, distributed=trainer.distributed())
         log.set_status(state="done", step=trainer.state.global_step, max_steps=trainer.state.max_steps)
         return final
