@@ -156,3 +156,20 @@ def test_fsdp1_on_cpu_is_refused_in_one_line(monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "2")
     assert _shard_on_cpu(state) and state.distributed_type == DistributedType.FSDP
     assert state.fsdp_plugin.fsdp_version == 2
+
+
+def test_a_finished_distributed_run_leaves_without_interpreter_teardown(tmp_path):
+    """The entry points end with leave_distributed(): the process group is destroyed and the process exits 0 at once
+    (gloo's threads could abort it in teardown, SIGABRT, pytorch#179291), output flushed; nothing without a group."""
+    from reflora_diffusion.llm.trainer import leave_distributed
+
+    leave_distributed()  # no process group here: returns
+    script = ("import sys, torch.distributed as dist\n"
+              "from reflora_diffusion.llm.trainer import leave_distributed\n"
+              f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+              "print('trained', end='')\n"
+              "leave_distributed()\n"
+              "sys.exit(3)  # not reached\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert done.returncode == 0 and done.stdout == "trained", done.stderr[-2000:]

@@ -24,7 +24,8 @@ from reflora_diffusion.core import Refactorer
 from reflora_diffusion.core.options import MethodOptions, rename_deprecated, rename_deprecated_keys
 from reflora_diffusion.rundir import RunLog
 
-__all__ = ["MethodArguments", "parse_hf_args", "RefactorTrainer", "EventsCallback", "add_lora", "save_adapter"]
+__all__ = ["MethodArguments", "parse_hf_args", "RefactorTrainer", "EventsCallback", "add_lora", "save_adapter",
+           "leave_distributed"]
 
 
 # The method flags both LLM entry points share: declared once in the core (one name per knob, one check).
@@ -239,6 +240,24 @@ def _materialize_trainable(model) -> None:
         for name, param in list(module.named_parameters(recurse=False)):
             if param.requires_grad and param.is_meta:
                 module.register_parameter(name, torch.nn.Parameter(torch.empty_like(param, device="cpu")))
+
+
+def leave_distributed() -> None:
+    """End a finished multi-process run: destroy the process group and exit at once (status 0); nothing without
+    a process group. Left to the interpreter's teardown, gloo's threads can still hold work objects and abort the
+    process after the run's work is done ("terminate called without an active exception", SIGABRT;
+    pytorch/pytorch#179291), so the launcher would report a finished run as failed. Call it after everything is
+    written (files are closed; the output streams are flushed here)."""
+    import sys
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _whole_state_dict(model) -> dict | None:
