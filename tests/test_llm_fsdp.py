@@ -163,24 +163,27 @@ def test_fsdp2_checkpoint_resumes_to_the_adapter_of_an_uninterrupted_run(minilm_
 
 
 def test_fsdp1_on_cpu_is_refused_in_one_line(monkeypatch):
-    """On CPU the trainers hand accelerate FSDP2 only; FSDP1 (flattened factors) stops with the fix, in one line."""
+    """On CPU the trainers hand accelerate FSDP2 only; FSDP1 (an accelerate config's fsdp_version: 1, or
+    transformers' --fsdp flags with "version": 1) stops before accelerate is set up, with the fix, in one line."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
-    from reflora_diffusion.llm.trainer import _shard_on_cpu
+    from reflora_diffusion.llm.trainer import _fsdp_asked_on_cpu
 
-    state = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, mixed_precision="no")
+    cpu = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
-    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # the plugin writes it: restored after the test
-    assert not _shard_on_cpu(state) and state.distributed_type == DistributedType.MULTI_CPU  # DDP asked: DDP
-    with pytest.raises(ValueError, match="fsdp_version: 2") as refused:
-        _shard_on_cpu(state, {"fsdp_version": 1})  # transformers' --fsdp flags with "version": 1
-    assert "\n" not in str(refused.value) and state.distributed_type == DistributedType.MULTI_CPU
+    assert not _fsdp_asked_on_cpu(SimpleNamespace(fsdp_plugin_args=None, distributed_state=cpu))  # DDP asked
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
-    assert _shard_on_cpu(state) and state.distributed_type == DistributedType.FSDP
-    assert state.fsdp_plugin.fsdp_version == 2
+    assert _fsdp_asked_on_cpu(SimpleNamespace(fsdp_plugin_args=None, distributed_state=cpu))
+    gpus = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)  # accelerate builds FSDP itself there
+    assert not _fsdp_asked_on_cpu(SimpleNamespace(fsdp_plugin_args=None, distributed_state=gpus))
+    for plugin_args, env_version in ((None, "1"), ({"fsdp_version": 1}, "2")):
+        monkeypatch.setenv("FSDP_VERSION", env_version)
+        with pytest.raises(ValueError, match="fsdp_version: 2") as refused:
+            _fsdp_asked_on_cpu(SimpleNamespace(fsdp_plugin_args=plugin_args, distributed_state=cpu))
+        assert "\n" not in str(refused.value)
 
 
 def test_a_finished_distributed_run_leaves_without_interpreter_teardown(tmp_path):

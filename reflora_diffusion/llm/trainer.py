@@ -151,8 +151,10 @@ class RefactorTrainer(Trainer):
             self.add_callback(EventsCallback(run_log, self.refactorer))
 
     def create_accelerator_and_postprocess(self):
+        fsdp_on_cpu = _fsdp_asked_on_cpu(self.args)  # before accelerate builds its (FSDP1: accelerator-only) plugin
         super().create_accelerator_and_postprocess()
-        if _shard_on_cpu(self.accelerator.state, self.args.fsdp_plugin_args):
+        if fsdp_on_cpu:
+            _shard_on_cpu(self.accelerator.state, self.args.fsdp_plugin_args)
             self.is_fsdp_enabled = True  # what Trainer reads to leave placement and sharding to accelerate
 
     def distributed(self) -> dict:
@@ -186,29 +188,38 @@ class RefactorTrainer(Trainer):
         self.refactorer.load(checkpoint)
 
 
-def _shard_on_cpu(state, fsdp_plugin_args: dict | None = None) -> bool:
-    """Turn accelerate's CPU run (gloo) into the FSDP2 run the launcher asked for; True if it did.
+def _fsdp_asked_on_cpu(args) -> bool:
+    """True when the launcher's accelerate config (or transformers' --fsdp flags) asks for FSDP and this run is on
+    CPU with gloo (a multi-process launch without GPUs, see parse_hf_args). FSDP1 is refused there in one line:
+    accelerate's FSDP1 plugin needs an accelerator, and the core needs FSDP2's row-aligned factors anyway."""
+    from accelerate.utils import DistributedType
 
-    accelerate 1.15 builds an FSDP state on accelerators only: on CPU (a multi-process launch on a machine without
-    GPUs, see parse_hf_args) it drops the FSDP plugin of the config (or of transformers' --fsdp flags) and runs DDP,
-    and under fsdp_cpu_ram_efficient_loading the ranks other than 0, which loaded an empty (meta) model, then
-    fail in Trainer.__init__ ("Cannot copy out of meta tensor"). torch's fully_shard runs on CPU with gloo, so
-    the plugin is put back: accelerate then shards the model in prepare and fills the empty ranks from rank 0,
-    as on GPUs."""
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or args.fsdp_plugin_args is not None
+    state = args.distributed_state
+    if not asked or state is None or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    version = int((args.fsdp_plugin_args or {}).get("fsdp_version", os.environ.get("FSDP_VERSION", "1")))
+    if version != 2:
+        raise ValueError(f"FSDP on CPU runs as FSDP2 only (fsdp_version is {version}): set fsdp_version: 2 in the "
+                         "accelerate config's fsdp_config (or \"version\": 2 in --fsdp_config)")
+    return True
+
+
+def _shard_on_cpu(state, fsdp_plugin_args: dict | None = None) -> None:
+    """Turn accelerate's CPU run (gloo) into the FSDP2 run the launcher asked for.
+
+    accelerate 1.15 builds an FSDP state on accelerators only: on CPU it drops the FSDP plugin of the config (or of
+    transformers' --fsdp flags) and runs DDP, and under fsdp_cpu_ram_efficient_loading the ranks other than 0,
+    which loaded an empty (meta) model, then fail in Trainer.__init__ ("Cannot copy out of meta tensor"). torch's
+    fully_shard runs on CPU with gloo, so the plugin is put back: accelerate then shards the model in prepare and
+    fills the empty ranks from rank 0, as on GPUs."""
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or fsdp_plugin_args is not None
-    if not asked or state.distributed_type != DistributedType.MULTI_CPU:
-        return False
     plugin = FullyShardedDataParallelPlugin(**(fsdp_plugin_args or {}))  # no arguments: from the launcher's env
-    if plugin.fsdp_version != 2:
-        raise ValueError(f"FSDP on CPU runs as FSDP2 only (fsdp_version is {plugin.fsdp_version}): set fsdp_version: 2 "
-                         "in the accelerate config's fsdp_config (or \"version\": 2 in --fsdp_config)")
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
-    return True
 
 
 def _layer_units_without_the_embedding(plugin, model) -> None:
