@@ -82,9 +82,9 @@ def _commonsense(model_and_data):
                               "--warmup_steps", "0"]
 
 
-def _train(trainer, method, out, processes, *extra):
-    """One process: the trainer's run in this process; two: `accelerate launch` of fsdp2.yaml running the command
-    line. `extra` flags win over the defaults here. Returns the run folder."""
+def _train(trainer, method, out, processes, *extra, launcher=()):
+    """One process: the trainer's run in this process; two: `accelerate launch` of fsdp2.yaml (with `launcher`
+    flags) running the command line. `extra` flags win over the defaults here. Returns the run folder."""
     script, flags = trainer
     flags = [*flags, "--method", method, "--refactor_warmup_steps", "1", "--max_steps", "3", "--learning_rate",
              str(LR), "--logging_steps", "1", "--save_strategy", "no", "--seed", "0", "--output_dir", str(out),
@@ -100,8 +100,8 @@ def _train(trainer, method, out, processes, *extra):
         return out
     # --main_process_port 0: accelerate picks a free port (nothing depends on 29500 being free)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2, "--num_processes",
-           str(processes), "--main_process_port", "0", "--mixed_precision", "no", os.path.join(ROOT, "llm", script),
-           *flags]
+           str(processes), "--main_process_port", "0", "--mixed_precision", "no", *launcher,
+           os.path.join(ROOT, "llm", script), *flags]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
@@ -160,6 +160,17 @@ def test_fsdp2_checkpoint_resumes_to_the_adapter_of_an_uninterrupted_run(minilm_
     diff, worst, _ = _max_difference(one, two)
     print(f"resumed: max |1 process - 2 processes| = {diff:.2e} ({worst})")
     assert diff <= TOLERANCE, (worst, diff)
+
+
+def test_fsdp2_with_a_full_state_dict_config_saves_the_adapter(minilm_without_dropout, tmp_path):
+    """fsdp_state_dict_type FULL_STATE_DICT: Trainer.save_model would gather and save through peft, which fails on
+    the sharded model; the trainer saves the adapter itself (and the tokenizer, as save_model would)."""
+    trainer = _glue(minilm_without_dropout)
+    one = _train(trainer, "reflora", tmp_path / "one", 1)
+    two = _train(trainer, "reflora", tmp_path / "two", 2, launcher=("--fsdp_state_dict_type", "FULL_STATE_DICT"))
+    diff, worst, _ = _max_difference(one, two)
+    assert diff <= TOLERANCE, (worst, diff)
+    assert (two / "tokenizer.json").is_file()
 
 
 def test_fsdp1_on_cpu_is_refused_in_one_line(monkeypatch):

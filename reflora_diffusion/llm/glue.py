@@ -387,10 +387,16 @@ def run(glue_args: GlueArguments, train_args) -> dict:
         started = time.time()
         train_out = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
         train_seconds = time.time() - started
-        trainer.save_model(out)    # peft adapter (safetensors) + the trained head
-        if trainer.refactorer.method.merges_links or trainer.refactorer.shard_group() is not None:
-            # + the links merged into the base; under FSDP2 the whole adapter (Trainer saves it only with a
-            # FULL_STATE_DICT config). Every rank calls it (a gather under FSDP2), the main process writes.
+        sharded = trainer.refactorer.shard_group() is not None
+        if not sharded:
+            trainer.save_model(out)    # peft adapter (safetensors) + the trained head + the tokenizer
+        elif is_main:
+            # FSDP2: Trainer.save_model writes no weights with a SHARDED_STATE_DICT config and fails in peft's
+            # save_pretrained with FULL_STATE_DICT ("invalid python storage"); save_adapter below gathers them.
+            tokenizer.save_pretrained(out)
+        if trainer.refactorer.method.merges_links or sharded:
+            # + the links merged into the base; under FSDP2 the whole adapter. Every rank calls it (a gather under
+            # FSDP2), the main process writes.
             save_adapter(trainer.model, trainer.refactorer, out)
         # No second pass over the same weights when the last step was just evaluated (log_history is the
         # same on every process, so all ranks take the same branch).
