@@ -26,6 +26,7 @@ def main(argv=None):
     if not argv or argv[0] not in ("train", "eval"):
         sys.exit(USAGE)
     from reflora_diffusion.llm.commonsense_run import parse_eval_args, parse_train_args, run_eval, run_train
+    from reflora_diffusion.llm.trainer import leave_distributed
     from reflora_diffusion.logs import show_info
 
     show_info()
@@ -38,6 +39,7 @@ def main(argv=None):
             run_eval(parse_eval_args(rest))
     except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")
+    leave_distributed()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from reflora_diffusion.llm.glue import parse_args, run  # noqa: E402
+from reflora_diffusion.llm.trainer import leave_distributed  # noqa: E402
 
 
 def main(argv=None):
@@ -27,6 +28,7 @@ def main(argv=None):
         run(glue_args, train_args)
     except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")
+    leave_distributed()
 
 
 if __name__ == "__main__":

@@ -32,3 +32,15 @@ def configure_cpu_threads(local_processes: int = 1) -> int:
     n = int(explicit) if explicit.isdigit() and int(explicit) > 0 else threads_per_process(local_processes)
     torch.set_num_threads(n)
     return n
+
+
+def distributed_cpu_run() -> bool:
+    """True for a multi-process launch (torchrun, `accelerate launch --num_processes N`) on a machine with
+    no GPU: accelerate then needs cpu=True to set up gloo instead of silently running N copies (its FSDP and
+    multi-GPU launchers do not pass a config's use_cpu on to the processes)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return not torch.cuda.is_available() and not (xpu is not None and xpu.is_available())

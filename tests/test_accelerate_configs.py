@@ -1,6 +1,10 @@
-"""The accelerate configs shipped in examples/accelerate parse with accelerate's own loader and launcher."""
+"""The accelerate configs shipped in examples/accelerate parse with accelerate's own loader and launcher.
+
+No test needs a free port: the launcher environment is prepared with --main_process_port 0 (accelerate picks a free
+one), and each test runs while the configs' port 29500 is held, as on a machine where another job uses it."""
 
 import os
+import socket
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
@@ -11,8 +15,29 @@ from accelerate.utils.launch import prepare_multi_gpu_env
 FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "accelerate")
 
 
-def launch_env(name):
+@pytest.fixture(autouse=True)
+def port_29500_taken():
+    """Hold 29500 (or find it held by someone else) for the test: accelerate's launcher refuses a taken main port
+    on a multi-machine main rank."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 29500))
+            s.listen()
+        except OSError:
+            pass  # already in use: the same situation
+        yield
+
+
+def parsed(name):
+    """The launch arguments accelerate reads from config `name` (no port is opened or checked)."""
     args = launch_command_parser().parse_args(["--config_file", os.path.join(FOLDER, name), "train.py"])
+    return _validate_launch_command(args)[0]
+
+
+def launch_env(name):
+    """The processes' environment accelerate's launcher prepares, on a free port of its choosing."""
+    args = launch_command_parser().parse_args(["--config_file", os.path.join(FOLDER, name), "--main_process_port",
+                                               "0", "train.py"])
     args = _validate_launch_command(args)[0]
     return args, prepare_multi_gpu_env(args)
 
@@ -40,6 +65,6 @@ def test_fsdp2_config_reaches_the_plugin(monkeypatch):
 
 
 def test_multinode_config_names_the_main_machine():
-    args, _ = launch_env("multinode.yaml")
+    args = parsed("multinode.yaml")
     assert args.num_machines == 2 and args.machine_rank == 0
     assert args.main_process_ip == "10.0.0.1" and args.main_process_port == 29500

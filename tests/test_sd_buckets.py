@@ -347,7 +347,7 @@ def test_two_processes_match_one_process_with_buckets(tmp_path):
     args = [f"--{k}={v}" if not isinstance(v, bool) else f"--{k}" for k, v in {**BASE, **opts}.items()
             if v not in ([], None)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            str(REPO / "train" / "sd.py"), *args, "--train_batch_size=1", f"--output_dir={tmp_path / 'two'}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})

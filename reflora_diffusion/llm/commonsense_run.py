@@ -173,7 +173,8 @@ def run_train(args: TrainArguments, train_args) -> dict:
         results = {"model": args.model_name_or_path, "gguf_file": args.gguf_file, "method": args.method,
                    "train": {"train_loss": train_out.training_loss, "steps": steps, "train_seconds": seconds,
                              "it_per_s": steps / seconds if seconds else None, "examples": len(features),
-                             "truncated": truncated, "refactor": trainer.refactorer.stats()}}
+                             "truncated": truncated, "refactor": trainer.refactorer.stats()},
+                   "distributed": trainer.distributed()}
         save_adapter(model, trainer.refactorer, out)  # every rank (a gather under FSDP2); the main one writes
         if test_files and trainer.refactorer.shard_group() is not None:
             get_logger(__name__).warning("--eval_datasets is skipped under FSDP (sharded weights); evaluate the saved "

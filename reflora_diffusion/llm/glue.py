@@ -380,13 +380,23 @@ def run(glue_args: GlueArguments, train_args) -> dict:
             compute_metrics=compute_metrics, callbacks=[results],
             method=glue_args.method, method_options=glue_args.method_options(),
             run_log=log)
+        # The classification loss is a batch mean that ignores num_items_in_batch, but the model's forward takes
+        # **kwargs, so Trainer would treat it as a sum over its tokens: multiplied by the number of processes
+        # (DDP, FSDP: twice the gradient on 2) and not divided over gradient accumulation steps.
+        trainer.model_accepts_loss_kwargs = False
         started = time.time()
         train_out = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
         train_seconds = time.time() - started
-        trainer.save_model(out)    # peft adapter (safetensors) + the trained head
-        if trainer.refactorer.method.merges_links or trainer.refactorer.shard_group() is not None:
-            # + the links merged into the base; under FSDP2 the whole adapter (Trainer saves it only with a
-            # FULL_STATE_DICT config). Every rank calls it (a gather under FSDP2), the main process writes.
+        sharded = trainer.refactorer.shard_group() is not None
+        if not sharded:
+            trainer.save_model(out)    # peft adapter (safetensors) + the trained head + the tokenizer
+        elif is_main:
+            # FSDP2: Trainer.save_model writes no weights with a SHARDED_STATE_DICT config and fails in peft's
+            # save_pretrained with FULL_STATE_DICT ("invalid python storage"); save_adapter below gathers them.
+            tokenizer.save_pretrained(out)
+        if trainer.refactorer.method.merges_links or sharded:
+            # + the links merged into the base; under FSDP2 the whole adapter. Every rank calls it (a gather under
+            # FSDP2), the main process writes.
             save_adapter(trainer.model, trainer.refactorer, out)
         # No second pass over the same weights when the last step was just evaluated (log_history is the
         # same on every process, so all ranks take the same branch).
@@ -396,6 +406,6 @@ def run(glue_args: GlueArguments, train_args) -> dict:
         stats = trainer.refactorer.stats()  # every rank (a collective under FSDP2)
         if is_main:
             results.write(final=results.evals[-1] if results.evals else final, train_loss=train_out.training_loss, train_seconds=train_seconds,
-                          train_steps=trainer.state.global_step, refactor=stats)
+                          train_steps=trainer.state.global_step, refactor=stats, distributed=trainer.distributed())
         log.set_status(state="done", step=trainer.state.global_step, max_steps=trainer.state.max_steps)
         return final

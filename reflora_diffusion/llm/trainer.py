@@ -24,7 +24,8 @@ from reflora_diffusion.core import Refactorer
 from reflora_diffusion.core.options import MethodOptions, rename_deprecated, rename_deprecated_keys
 from reflora_diffusion.rundir import RunLog
 
-__all__ = ["MethodArguments", "parse_hf_args", "RefactorTrainer", "EventsCallback", "add_lora", "save_adapter"]
+__all__ = ["MethodArguments", "parse_hf_args", "RefactorTrainer", "EventsCallback", "add_lora", "save_adapter",
+           "leave_distributed"]
 
 
 # The method flags both LLM entry points share: declared once in the core (one name per knob, one check).
@@ -34,9 +35,15 @@ MethodArguments = MethodOptions
 def parse_hf_args(dataclass_types, argv: list[str]) -> tuple[tuple, set[str]]:
     """(dataclasses, names given explicitly) from flags or a single .json/.yaml file, with HfArgumentParser.
 
-    Old method-flag names (--ratio, --delta, --p, --normalize) are accepted with a deprecation line."""
+    Old method-flag names (--ratio, --delta, --p, --normalize) are accepted with a deprecation line.
+    A multi-process launch on a machine without a GPU runs on CPU with gloo (as `accelerate launch --cpu` would
+    ask): TrainingArguments sets up its devices while it is parsed, so this is said before."""
     from transformers import HfArgumentParser
 
+    from reflora_diffusion.cpu import distributed_cpu_run
+
+    if distributed_cpu_run():
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     parser = HfArgumentParser(dataclass_types)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         with open(argv[0]) as f:
@@ -131,12 +138,28 @@ class RefactorTrainer(Trainer):
     def __init__(self, *args, method: str = "reflora", method_options: dict | None = None,
                  run_log: RunLog | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled:
+            plugin = self.accelerator.state.fsdp_plugin
+            _layer_units_without_the_embedding(plugin, self.model)
+            if plugin.cpu_ram_efficient_loading:
+                _materialize_trainable(self.model)
         self.method = method
         self.method_options = dict(method_options or {})
         # The core walks module names: give it the unwrapped model (no DDP/compile wrapper).
         self.refactorer = Refactorer(self.accelerator.unwrap_model(self.model), method=method, **self.method_options)
         if run_log is not None:
             self.add_callback(EventsCallback(run_log, self.refactorer))
+
+    def create_accelerator_and_postprocess(self):
+        fsdp_on_cpu = _fsdp_asked_on_cpu(self.args)  # before accelerate builds its (FSDP1: accelerator-only) plugin
+        super().create_accelerator_and_postprocess()
+        if fsdp_on_cpu:
+            _shard_on_cpu(self.accelerator.state, self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True  # what Trainer reads to leave placement and sharding to accelerate
+
+    def distributed(self) -> dict:
+        """How the run was spread, for results.json: processes, and whether FSDP2 sharded the LoRA factors."""
+        return {"processes": self.args.world_size, "sharded": self.refactorer.shard_group() is not None}
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -163,6 +186,89 @@ class RefactorTrainer(Trainer):
             raise FileNotFoundError(f"checkpoint {checkpoint} has no {Refactorer.STATE_FILE} (the core's state); resume from "
                                     "a checkpoint written by RefactorTrainer, or train without --resume_from_checkpoint")
         self.refactorer.load(checkpoint)
+
+
+def _fsdp_asked_on_cpu(args) -> bool:
+    """True when the launcher's accelerate config (or transformers' --fsdp flags) asks for FSDP and this run is on
+    CPU with gloo (a multi-process launch without GPUs, see parse_hf_args). FSDP1 is refused there in one line:
+    accelerate's FSDP1 plugin needs an accelerator, and the core needs FSDP2's row-aligned factors anyway."""
+    from accelerate.utils import DistributedType
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or args.fsdp_plugin_args is not None
+    state = args.distributed_state
+    if not asked or state is None or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    version = int((args.fsdp_plugin_args or {}).get("fsdp_version", os.environ.get("FSDP_VERSION", "1")))
+    if version != 2:
+        raise ValueError(f"FSDP on CPU runs as FSDP2 only (fsdp_version is {version}): set fsdp_version: 2 in the "
+                         "accelerate config's fsdp_config (or \"version\": 2 in --fsdp_config)")
+    return True
+
+
+def _shard_on_cpu(state, fsdp_plugin_args: dict | None = None) -> None:
+    """Turn accelerate's CPU run (gloo) into the FSDP2 run the launcher asked for.
+
+    accelerate 1.15 builds an FSDP state on accelerators only: on CPU it drops the FSDP plugin of the config (or of
+    transformers' --fsdp flags) and runs DDP, and under fsdp_cpu_ram_efficient_loading the ranks other than 0,
+    which loaded an empty (meta) model, then fail in Trainer.__init__ ("Cannot copy out of meta tensor"). torch's
+    fully_shard runs on CPU with gloo, so the plugin is put back: accelerate then shards the model in prepare and
+    fills the empty ranks from rank 0, as on GPUs."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(**(fsdp_plugin_args or {}))  # no arguments: from the launcher's env
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+
+
+def _layer_units_without_the_embedding(plugin, model) -> None:
+    """TRANSFORMER_BASED_WRAP: one FSDP2 unit per class in the model's ``_no_split_modules``, except a class that
+    holds the input embedding (BERT's ``BertEmbeddings``). accelerate 1.15 gives the input embedding a unit of
+    its own after the layers; inside an already sharded parent that second ``fully_shard`` fails
+    ("Invariant encountered: value was None"). The parent's other weights join the root unit."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if plugin.auto_wrap_policy is not transformer_auto_wrap_policy or plugin.transformer_cls_names_to_wrap is not None:
+        return  # another policy, or classes the user named
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    holders = {type(m).__name__ for m in model.modules() if embedding is not None and m is not embedding
+               and any(c is embedding for c in m.modules())}
+    plugin.transformer_cls_names_to_wrap = [c for c in getattr(model, "_no_split_modules", None) or []
+                                            if c not in holders]
+
+
+@torch.no_grad()
+def _materialize_trainable(model) -> None:
+    """Give trainable parameters that are still on the meta device storage of their own (values do not matter).
+
+    With fsdp_cpu_ram_efficient_loading the ranks other than 0 load the model on the meta device; peft keeps the
+    LoRA factors off it, but a head it trains in full (``modules_to_save``: GLUE's classifier) is a meta copy.
+    accelerate's FSDP2 ``prepare`` finds each optimizer parameter's sharded successor by ``data_ptr()``, which is 0
+    for every meta tensor: the classifier's weight and bias then collide and the optimizer steps the bias twice
+    and the weight never (seen on 2 CPU ranks). Rank 0's values are broadcast into the shards afterwards."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.requires_grad and param.is_meta:
+                module.register_parameter(name, torch.nn.Parameter(torch.empty_like(param, device="cpu")))
+
+
+def leave_distributed() -> None:
+    """End a finished multi-process run: destroy the process group and exit at once (status 0); nothing without
+    a process group. Left to the interpreter's teardown, gloo's threads can still hold work objects and abort the
+    process after the run's work is done ("terminate called without an active exception", SIGABRT;
+    pytorch/pytorch#179291), so the launcher would report a finished run as failed. Call it after everything is
+    written (files are closed; the output streams are flushed here)."""
+    import sys
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _whole_state_dict(model) -> dict | None:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reflora_diffusion.core.options import default_warmup
+from reflora_diffusion.cpu import distributed_cpu_run
 from reflora_diffusion.logs import get_logger
 from reflora_diffusion.rundir import (TRAINER_STATE, RunLog, check_output_dir, checkpoint_dirs, clean_stale_temps,
                                      clear_run, read_json, resume_changes)
@@ -104,15 +105,6 @@ def find_resume_checkpoint(cfg: SDTrainConfig) -> Path | None:
     return path
 
 
-def _distributed_cpu_run() -> bool:
-    """True for a multi-process launch (torchrun, `accelerate launch --num_processes N`) on a machine with
-    no GPU: accelerate then needs cpu=True to set up gloo DDP instead of silently running N copies."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    xpu = getattr(torch, "xpu", None)
-    return not torch.cuda.is_available() and not (xpu is not None and xpu.is_available())
-
-
 # --- the trainer ----------------------------------------------------------------------------------------
 class SDTrainer:
     def __init__(self, cfg: SDTrainConfig):
@@ -122,7 +114,7 @@ class SDTrainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.accelerator = Accelerator(
-            cpu=_distributed_cpu_run(),
+            cpu=distributed_cpu_run(),
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             mixed_precision=cfg.mixed_precision,
             log_with=None if cfg.report_to == "none" else cfg.report_to,
