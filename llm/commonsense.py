@@ -39,6 +39,9 @@ def main(argv=None):
             run_eval(parse_eval_args(rest))
     except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, exit code 130 (as the SD trainer)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     leave_distributed()
 
 
