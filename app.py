@@ -118,11 +118,11 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                 gr.Markdown("**Comparison grid**: the same prompts and seeds, each adapter loaded into one base "
                             "pipeline (`load_lora_weights`).")
                 grid = gr.Image(show_label=False, type="filepath", elem_id="comparison-grid")
-                with gr.Row():
-                    cmp_plot = gr.Plot(label="Loss, overlaid", scale=2)
-                    cmp_table = gr.Dataframe(label="Steps to loss: the first step at which each run's smoothed loss "
-                                                   "reaches the reference's (the LoRA run's) final smoothed loss",
-                                             interactive=False, scale=3)
+                cmp_plot = gr.Plot(label="Loss, overlaid (one line style per method, one colour per run)")
+                cmp_note = gr.Markdown()
+                # hidden until there is something to show: an empty Dataframe shows "1 2 3" as its headers
+                cmp_table = gr.Dataframe(interactive=False, visible=False, label="Steps to loss", show_label=False,
+                                         wrap=True)
                 with gr.Row():
                     sample_step = gr.Dropdown([], label="Saved samples at step", allow_custom_value=True)
                 saved = gr.Gallery(label="Saved validation samples at equal steps", columns=6, height=240,
@@ -208,21 +208,25 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
         run_pick.input(refresh, run_pick, live, show_progress="hidden", **private)
         cancel_btn.click(views.cancel, run_pick, cancel_msg, api_name="cancel")
 
-        def compare_curves(names):
-            fig, headers, rows, steps = views.compare_curves(names)
-            table = {"headers": headers, "data": rows} if headers else None
-            return fig, table, gr.Dropdown(choices=steps, value=steps[-1] if steps else None)
+        compared = [cmp_plot, cmp_note, cmp_table, sample_step, saved]
+
+        def comparison(names):
+            # the samples come with the step: picking one more run can leave the step as it was
+            c = views.comparison(names)
+            table = (gr.Dataframe(value={"headers": c["headers"], "data": c["rows"]}, visible=True) if c["rows"]
+                     else gr.Dataframe(value=None, visible=False))
+            return (c["figure"], c["note"], table, gr.Dropdown(choices=c["steps"], value=c["step"]), c["samples"])
 
         def ab_tick(pending, prompts, seeds, steps):
             names = list(pending or [])
             pending, grid_path, msg = views.ab_poll(pending, prompts, seeds, steps)
-            curves = compare_curves(names) if grid_path else (gr.update(),) * 3
-            return (pending, grid_path or gr.update(), msg or gr.update(), *curves)
+            curves = comparison(names) if grid_path else (gr.skip(),) * len(compared)
+            return (pending, grid_path or gr.skip(), msg or gr.skip(), *curves)
 
         timer.tick(ab_tick, [ab_pending, cmp_prompts, cmp_seeds, cmp_steps],
-                   [ab_pending, grid, cmp_msg, cmp_plot, cmp_table, sample_step], show_progress="hidden", **private)
-        cmp_runs.input(compare_curves, cmp_runs, [cmp_plot, cmp_table, sample_step], **private)
-        sample_step.change(views.saved_samples, [cmp_runs, sample_step], saved, **private)
+                   [ab_pending, grid, cmp_msg, *compared], show_progress="hidden", **private)
+        cmp_runs.input(comparison, cmp_runs, compared, **private)
+        sample_step.input(views.saved_samples, [cmp_runs, sample_step], saved, **private)
         gen_btn.click(views.generate, [cmp_runs, cmp_prompts, cmp_seeds, cmp_steps], [grid, cmp_msg],
                       api_name="generate")
 

@@ -142,3 +142,13 @@ def test_log_tail_folds_progress_bars(tmp_path):
 
 def test_format_eta():
     assert [runs.format_eta(s) for s in (None, 5, 65, 3725)] == ["", "5s", "1m05s", "1h02m"]
+
+
+def test_event_log_reads_eval_loss(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in (
+        {"step": 10, "loss": 0.9}, {"step": 10, "eval_loss": 0.8},  # SD-style: a top-level field
+        {"step": 20, "eval": {"eval_loss": 0.7, "eval_accuracy": 0.6}},  # the LLM trainers' evaluations
+        {"step": 30, "eval": {"eval_accuracy": 0.7}}, {"step": 40, "eval_loss": None})))
+    log = runs.EventLog(path).update()
+    assert log.steps == [10] and log.eval_steps == [10, 20] and log.eval_losses == [0.8, 0.7]

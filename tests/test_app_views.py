@@ -109,3 +109,38 @@ def test_build_demo_endpoints(tmp_path):
     # no run names in the page or its API description (both reach a browser before the login)
     assert "zebra" not in json.dumps(demo.config, default=str) and "zebra" not in json.dumps(info, default=str)
     assert any(event == "load" for dep in demo.config["dependencies"] for _, event in dep["targets"])  # filled then
+
+
+def handler(demo, label: str, event: str):
+    """The function the page runs when the component labelled `label` fires `event`, and its outputs' labels."""
+    ids = {b._id for b in demo.blocks.values() if getattr(b, "label", None) == label}
+    fn = next(f for f in demo.fns.values() if any(t[0] in ids and t[1] == event for t in f.targets))
+    return fn.fn, [getattr(o, "label", None) for o in fn.outputs]
+
+
+def sampled_run(root, name, method, steps):
+    d = make_run(root, name, state="done", method=method,
+                 events=[{"step": s, "samples": [f"samples/step_{s}/0.png"]} for s in steps])
+    for s in steps:
+        (d / f"samples/step_{s}").mkdir(parents=True)
+        (d / f"samples/step_{s}/0.png").write_bytes(b"png")
+    return d
+
+
+def test_compare_gallery_follows_the_picked_runs(tmp_path):
+    """Picking a second run whose latest common sample step is the same (60) used to leave the first run's images."""
+    runs_dir = tmp_path / "runs"
+    sampled_run(runs_dir, "a", "lora", (30, 60))
+    sampled_run(runs_dir, "b", "reflora", (30, 60))
+    demo = app.build_demo(str(runs_dir))
+    fn, outputs = handler(demo, "Runs to compare", "input")
+    gallery = outputs.index("Saved validation samples at equal steps")
+    steps = outputs.index("Saved samples at step")
+    first, second = fn(["a"]), fn(["a", "b"])
+    assert first[steps].value == second[steps].value == 60
+    assert [cap.split(" · ")[1] for _, cap in first[gallery]] == ["a"]
+    assert [cap.split(" · ")[1] for _, cap in second[gallery]] == ["a", "b"]
+    assert all("step 60" in cap for _, cap in second[gallery])
+    # the steps-to-loss table stays hidden (no "1 2 3" headers) when there is nothing to put in it
+    table = second[outputs.index("Steps to loss")]
+    assert table.visible is False and "pick two or more runs with logged losses" in second[1]

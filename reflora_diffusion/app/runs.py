@@ -8,6 +8,7 @@ process is gone is *reported* as failed here and *marked* failed by the job runn
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import statistics
@@ -61,6 +62,7 @@ class EventLog:
     offset: int = 0
     by_step: dict = field(default_factory=dict)  # step -> latest loss event
     samples: list = field(default_factory=list)  # sample events in file order
+    eval_by_step: dict = field(default_factory=dict)  # step -> latest evaluation loss
     _inode: int | None = None
 
     def update(self) -> "EventLog":
@@ -70,6 +72,7 @@ class EventLog:
             return self
         if st.st_ino != self._inode or st.st_size < self.offset:  # replaced or truncated: start over
             self.offset, self.by_step, self.samples, self._inode = 0, {}, [], st.st_ino
+            self.eval_by_step = {}
         if st.st_size == self.offset:
             return self
         with open(self.path, "rb") as f:
@@ -87,6 +90,9 @@ class EventLog:
                 self.samples.append(event)
             if isinstance(event.get("loss"), (int, float)):  # a NaN loss is logged as null: no point
                 self.by_step[int(event["step"])] = event
+            eval_loss = eval_loss_of(event)
+            if eval_loss is not None:
+                self.eval_by_step[int(event["step"])] = eval_loss
         self.offset += end
         return self
 
@@ -101,6 +107,23 @@ class EventLog:
     @property
     def last(self) -> dict | None:
         return self.by_step[max(self.by_step)] if self.by_step else None
+
+    @property
+    def eval_steps(self) -> list[int]:
+        return sorted(self.eval_by_step)
+
+    @property
+    def eval_losses(self) -> list[float]:
+        return [self.eval_by_step[s] for s in self.eval_steps]
+
+
+def eval_loss_of(event: dict) -> float | None:
+    """An event's evaluation loss: a top-level `eval_loss`, or `eval.eval_loss` (the LLM trainers' evaluations)."""
+    value = event.get("eval_loss")
+    if value is None and isinstance(event.get("eval"), dict):
+        value = event["eval"].get("eval_loss")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
 
 
 _EVENT_LOGS: dict[Path, EventLog] = {}

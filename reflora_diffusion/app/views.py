@@ -140,14 +140,22 @@ class AppViews:
 
     # ---- Compare
 
-    def compare_curves(self, names: list[str]) -> tuple:
-        """(overlaid loss figure, steps-to-loss table headers and rows, common sample steps)."""
+    def comparison(self, names: list[str], step=None) -> dict:
+        """Everything the Compare tab shows for the picked runs: the overlaid loss figure, the steps-to-loss note,
+        headers and rows, the sample steps all runs share, the step shown (the latest by default) and its samples."""
         names = [n for n in names or [] if n]
+        out = {"figure": None, "note": "", "headers": [], "rows": [], "steps": [], "step": None, "samples": []}
         if not names:
-            return None, [], [], []
-        headers, rows = compare.loss_table(self.runs_dir, names)
-        return (compare.loss_figure(self.runs_dir, names, title="loss, overlaid"), headers, rows,
-                compare.common_sample_steps(self.runs_dir, names))
+            return out
+        try:
+            note, headers, rows = compare.loss_table(self.runs_dir, names)
+            shown, items = compare.samples_at_step(self.runs_dir, names, int(step) if step not in (None, "") else None)
+            out.update(figure=compare.loss_figure(self.runs_dir, names, title="loss, overlaid"), note=note,
+                       headers=headers, rows=rows, steps=compare.common_sample_steps(self.runs_dir, names),
+                       step=shown, samples=[(str(p), cap) for p, cap in items])
+        except USER_ERRORS as e:
+            out["note"] = f"**Cannot compare:** {e}"
+        return out
 
     def saved_samples(self, names: list[str], step) -> list[tuple[str, str]]:
         names = [n for n in names or [] if n]
