@@ -23,6 +23,10 @@ from reflora_diffusion.core import METHODS
 from reflora_diffusion.sd.buckets import default_bucket_options
 
 POLL_SECONDS = 2.0
+# Scrolls the run's log to its last line (autoscroll follows new lines only from there): run in the browser when
+# the Runs tab is shown or another run is picked, since a log filled while the tab was hidden opens at its top.
+SCROLL_LOG_TO_END = """() => { setTimeout(() => { const log = document.querySelector('#run-log textarea');
+  if (log) log.scrollTop = log.scrollHeight; }, 100); }"""
 
 
 def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Blocks:
@@ -89,7 +93,7 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                 train_msg = gr.Markdown()
 
             # ---------------------------------------------------------------- Runs
-            with gr.Tab("Runs", id="runs"):
+            with gr.Tab("Runs", id="runs") as runs_tab:
                 runs_table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False,
                                           label="Runs (refreshed live)")
                 with gr.Row():
@@ -102,7 +106,7 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                     stats = gr.JSON(label="RefLoRA balance statistics (latest step)")
                 samples = gr.Gallery(label="Latest validation samples", columns=6, height=220, fit_columns=False,
                                      object_fit="contain")
-                log = gr.Textbox(label="train.log (tail)", lines=12, max_lines=12, autoscroll=True)
+                log = gr.Textbox(label="train.log (tail)", lines=12, max_lines=12, autoscroll=True, elem_id="run-log")
 
             # ---------------------------------------------------------------- Compare
             with gr.Tab("Compare", id="compare"):
@@ -192,20 +196,24 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
 
         live = [runs_table, run_pick, cmp_runs, exp_run, progress, loss_plot, stats, samples, log]
 
-        def refresh(selected):
-            # only the choices change: a value sent back here could undo a selection made meanwhile
-            names = views.run_names()
-            pick = gr.update(choices=names)
-            if selected not in names:  # nothing (valid) selected: show the newest run
-                selected = names[0] if names else None
-                pick = gr.update(choices=names, value=selected)
-            d = views.run_details(selected)
-            return (views.table(), pick, gr.update(choices=names), gr.update(choices=names),
-                    d["progress"], d["figure"], d["stats"], d["samples"], d["log"])
+        seen = gr.State(None)  # what this page was last sent: a tick sends only what changed since
 
-        timer.tick(refresh, run_pick, live, show_progress="hidden", **private)
-        demo.load(refresh, run_pick, live, show_progress="hidden", **private)
-        run_pick.input(refresh, run_pick, live, show_progress="hidden", **private)
+        def refresh(selected, seen):
+            out, seen = views.live(selected, seen)
+            names, d = out["names"], out["details"]
+            pick = {**({"choices": names} if names is not None else {}),
+                    **({"value": out["select"]} if out["select"] is not None else {})}
+            choices = gr.skip() if names is None else gr.update(choices=names)
+            details = (gr.skip(),) * 5 if d is None else (d["progress"], d["figure"], d["stats"], d["samples"],
+                                                          d["log"])
+            return (gr.skip() if out["table"] is None else out["table"], gr.update(**pick) if pick else gr.skip(),
+                    choices, choices, *details, seen)
+
+        timer.tick(refresh, [run_pick, seen], [*live, seen], show_progress="hidden", **private)
+        demo.load(refresh, [run_pick, seen], [*live, seen], show_progress="hidden", **private)
+        run_pick.input(refresh, [run_pick, seen], [*live, seen], show_progress="hidden", **private).then(
+            None, js=SCROLL_LOG_TO_END, **private)
+        runs_tab.select(None, js=SCROLL_LOG_TO_END, **private)
         cancel_btn.click(views.cancel, run_pick, cancel_msg, api_name="cancel")
 
         compared = [cmp_plot, cmp_note, cmp_table, sample_step, saved]

@@ -144,3 +144,32 @@ def test_compare_gallery_follows_the_picked_runs(tmp_path):
     # the steps-to-loss table stays hidden (no "1 2 3" headers) when there is nothing to put in it
     table = second[outputs.index("Steps to loss")]
     assert table.visible is False and "pick two or more runs with logged losses" in second[1]
+
+
+def test_runs_tab_sends_only_what_changed(v):
+    events = [{"step": s, "loss": 1.0 / s} for s in (1, 2)]
+    d = make_run(v.runs_dir, "r", step=2, max_steps=8, events=events)
+    out, seen = v.live(None)
+    assert out["names"] == ["r"] and out["select"] == "r" and out["table"] and out["details"]["figure"]
+    out, seen = v.live("r", seen)  # a tick with nothing new: nothing is drawn or sent
+    assert out == {"names": None, "select": None, "table": None, "details": None}
+    with open(d / "events.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 0.3}) + "\n")
+    out, seen = v.live("r", seen)
+    assert out["details"]["figure"] and out["names"] is None
+    (d / "train.log").write_text("step 3\n")
+    out, seen = v.live("r", seen)
+    assert out["details"]["log"] == "step 3"
+    make_run(v.runs_dir, "other")
+    out, _ = v.live("r", seen)
+    assert set(out["names"]) == {"r", "other"} and out["select"] is None and out["details"] is None
+
+
+def test_runs_tab_log_opens_at_its_end(tmp_path):
+    demo = app.build_demo(str(tmp_path / "runs"))
+    log = next(b for b in demo.blocks.values() if getattr(b, "label", None) == "train.log (tail)")
+    assert log.elem_id == "run-log" and log.autoscroll
+    tab = next(b for b in demo.blocks.values() if getattr(b, "label", None) == "Runs")
+    scrolls = [f for f in demo.fns.values() if f.js and "#run-log" in f.js and "scrollHeight" in f.js]
+    assert any((tab._id, "select") in [tuple(t) for t in f.targets] for f in scrolls)  # opening the tab
+    assert any(f.fn is None and f.targets and f.targets[0][1] == "then" for f in scrolls)  # picking a run

@@ -7,6 +7,7 @@ testable without a browser. Errors a user can cause come back as messages, never
 from __future__ import annotations
 
 import html
+import os
 import threading
 from pathlib import Path
 
@@ -98,9 +99,6 @@ class AppViews:
     def run_names(self) -> list[str]:
         return [r.name for r in runs.list_runs(self.runs_dir)]
 
-    def table(self) -> list[list]:
-        return runs.summary_rows(runs.list_runs(self.runs_dir))
-
     def status(self, name: str) -> dict:
         """One run's status for scripts: state, step, max_steps, progress, eta_seconds, error, method."""
         run = runs.read_run(self.runs_dir, name)
@@ -129,6 +127,43 @@ class AppViews:
             "samples": [(str(p), f"step {step} #{i}") for i, p in enumerate(files)],
             "log": runs.log_tail(self.runs_dir, name),
         }
+
+    def live(self, selected: str | None, seen: dict | None = None) -> tuple[dict, dict]:
+        """The Runs tab for one page on a timer tick: ({"names", "select", "table", "details"}, seen). A part
+        unchanged since `seen` (the second value of the previous call for this page) is None, so the page is
+        sent nothing: a tick with nothing new reads a few small files and draws no figure. "select" is the run
+        to show when `selected` is not a run (the newest), else None: a value sent back could undo a pick made
+        meanwhile."""
+        seen = seen or {}
+        listed = runs.list_runs(self.runs_dir)
+        names = [r.name for r in listed]
+        select = None
+        if selected not in names:
+            selected = select = names[0] if names else None
+        table = runs.summary_rows(listed)
+        signature = self._signature(selected)
+        out = {"names": names if names != seen.get("names") else None, "select": select,
+               "table": table if table != seen.get("table") else None,
+               "details": self.run_details(selected) if signature != seen.get("details") else None}
+        return out, {"names": names, "table": table, "details": signature}
+
+    def _signature(self, name: str | None) -> tuple:
+        """What a run's details are drawn from: its progress line (state, step, ETA, result, error) and the
+        size and time of the files read for the rest. Equal signatures, equal details."""
+        if not name:
+            return (None,)
+        try:
+            run = runs.read_run(self.runs_dir, name)
+        except USER_ERRORS as e:
+            return (name, str(e))
+        files = []
+        for f in ("events.jsonl", "train.log", "config.json", "results.json"):
+            try:
+                st = os.stat(run.path / f)
+                files.append((st.st_mtime_ns, st.st_size))
+            except OSError:
+                files.append(None)
+        return (name, progress_html(run), *files)
 
     def cancel(self, name: str | None) -> str:
         if not name:
