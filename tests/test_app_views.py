@@ -173,3 +173,13 @@ def test_runs_tab_log_opens_at_its_end(tmp_path):
     scrolls = [f for f in demo.fns.values() if f.js and "#run-log" in f.js and "scrollHeight" in f.js]
     assert any((tab._id, "select") in [tuple(t) for t in f.targets] for f in scrolls)  # opening the tab
     assert any(f.fn is None and f.targets and f.targets[0][1] == "then" for f in scrolls)  # picking a run
+
+
+def test_llm_runs_progress_without_steps(v):
+    from test_app_runs import llm_run
+
+    llm_run(v.runs_dir, "ev", {"model_name_or_path": "m", "dataset": "boolq", "output_dir": "x"},
+            {"step": 0, "max_steps": 0}, {"datasets": {"boolq": {"accuracy": 0.7, "complete": True}}})
+    html = views.progress_html(runs.read_run(v.runs_dir, "ev"))
+    assert "(commonsense eval · m · base model): done · boolq accuracy 0.7000" in html
+    assert "step" not in html and "width:" not in html

@@ -166,6 +166,9 @@ def ready_runs(runs_dir, names: list[str]):
         raise CompareError("pick at least one run to compare")
     runs = [read_run(runs_dir, n) for n in names]
     for r in runs:
+        if r.kind != "sd":
+            raise CompareError(f"run {r.name!r} is a {r.task} run; the comparison grid is for Stable Diffusion runs "
+                               "(compare its loss curve instead)")
         if not (r.path / "pytorch_lora_weights.safetensors").is_file():
             raise CompareError(f"run {r.name!r} has no pytorch_lora_weights.safetensors yet ({r.state}); "
                                "wait until it is done or pick another run")

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import compare, downloads, runs
 from .jobs import JobError, JobRunner
 
-RUN_COLUMNS = ["run", "method", "state", "step", "ETA", "last loss", "error"]
+RUN_COLUMNS = runs.SUMMARY_COLUMNS
 USER_ERRORS = (JobError, compare.CompareError, downloads.ExportError, runs.RunPathError, FileNotFoundError,
                ValueError)
 
@@ -53,12 +53,16 @@ def progress_html(run: runs.Run | None) -> str:
         return "<div class='rd-progress'>no run selected</div>"
     pct = 100 * run.progress
     color = {"done": "#2e7d32", "failed": "#c62828", "cancelled": "#757575"}.get(run.state, "#1565c0")
+    what = run.method if run.kind == "sd" else f"{run.task} · {run.model} · {run.method}"
+    steps = f", step {run.step}/{run.max_steps}" if run.max_steps else ""  # an evaluation counts no steps
     eta = f" · ETA {runs.format_eta(run.eta_seconds)}" if run.eta_seconds is not None else ""
+    result = f" · {html.escape(run.result)}" if run.result else ""
+    bar = (f"<div style='background:#e0e0e0;border-radius:4px;height:14px;margin-top:4px'>"
+           f"<div style='background:{color};width:{pct:.1f}%;height:14px;border-radius:4px'></div></div>"
+           if run.max_steps else "")
     error = f"<div style='color:#c62828'>{html.escape(run.error)}</div>" if run.error else ""
-    return (f"<div class='rd-progress'><b>{html.escape(run.name)}</b> ({html.escape(run.method)}): {run.state}, "
-            f"step {run.step}/{run.max_steps}{eta}"
-            f"<div style='background:#e0e0e0;border-radius:4px;height:14px;margin-top:4px'>"
-            f"<div style='background:{color};width:{pct:.1f}%;height:14px;border-radius:4px'></div></div>{error}</div>")
+    return (f"<div class='rd-progress'><b>{html.escape(run.name)}</b> ({html.escape(what)}): {run.state}"
+            f"{steps}{eta}{result}{bar}{error}</div>")
 
 
 class AppViews:
