@@ -18,7 +18,8 @@ import gradio as gr
 
 from reflora_diffusion.app.auth import login_required_middleware
 from reflora_diffusion.app.jobs import MAX_UPLOAD_BYTES, JobRunner
-from reflora_diffusion.app.views import RUN_COLUMNS, AppViews, bucket_summary, default_resolution
+from reflora_diffusion.app.views import (RUN_COLUMNS, AppViews, bucket_summary, default_job, default_resolution,
+                                         method_choices)
 from reflora_diffusion.core import METHODS
 from reflora_diffusion.sd.buckets import default_bucket_options
 
@@ -33,7 +34,8 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
     """The page. No run names are baked into it (a login page would show them): the run lists and
     tables are filled on load, i.e. after the login, and by the timer."""
     views = AppViews(runs_dir, JobRunner(runs_dir, max_concurrent=max_concurrent_jobs))
-    methods = list(METHODS)
+    methods = method_choices(METHODS)  # (label, name): the label says what the method does, the name is sent
+    job = default_job()  # the README's main job: what the CLI runs
 
     with gr.Blocks(title="reflora-diffusion") as demo:
         gr.Markdown("## reflora-diffusion · LoRA vs RefLoRA for Stable Diffusion")
@@ -47,7 +49,8 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                     with gr.Column():
                         base = gr.Dropdown(["tiny-emoji", "tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux",
                                             "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                                            "stabilityai/stable-diffusion-xl-base-1.0"], value="tiny-emoji",
+                                            "stabilityai/stable-diffusion-xl-base-1.0"],
+                                           value=job["pretrained_model_name_or_path"],
                                            allow_custom_value=True, label="Base model (hub id, local folder, or a preset: "
                                            "tiny-emoji is pretrained on emoji, the other tiny ones are random)")
                         images = gr.File(file_count="multiple", file_types=["image"], label="Training images")
@@ -55,32 +58,37 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                             data_dir = gr.Textbox("", label="…or a folder of images on this machine", scale=3)
                             captions = gr.Checkbox(False, label="folder has captions (metadata.jsonl or .txt)",
                                                    scale=1)
-                        instance_prompt = gr.Textbox("a photo of sks dog", label="Instance prompt")
-                        validation_prompt = gr.Textbox("a photo of sks dog", lines=2,
+                        instance_prompt = gr.Textbox(job["instance_prompt"], label="Instance prompt")
+                        validation_prompt = gr.Textbox("\n".join(job["validation_prompt"]), lines=2,
                                                        label="Sample prompts (one per line)")
                     with gr.Column():
                         with gr.Row():
-                            method = gr.Dropdown(methods, value="reflora", label="Method")
+                            method = gr.Dropdown(methods, value=job["method"], label="Method")
                             method_b = gr.Dropdown(methods, value="lora", label="A/B: compare with")
                         with gr.Row():
-                            rank = gr.Number(4, precision=0, label="Rank")
-                            alpha = gr.Number(4, label="Alpha")
-                            steps = gr.Number(100, precision=0, label="Steps")
+                            rank = gr.Number(job["rank"], precision=0, label="Rank")
+                            alpha = gr.Number(job["lora_alpha"], label="Alpha", placeholder="= rank")
+                            steps = gr.Number(job["max_train_steps"], precision=0, label="Steps")
                         with gr.Row():
-                            lr = gr.Number(1e-4, label="Learning rate")
-                            resolution = gr.Number(64, precision=0, label="Resolution")
-                            seed = gr.Number(0, precision=0, label="Seed")
+                            lr = gr.Number(job["learning_rate"], label="Learning rate")
+                            resolution = gr.Number(default_resolution(job["pretrained_model_name_or_path"]),
+                                                   precision=0, label="Resolution")
+                            seed = gr.Number(job["seed"], precision=0, label="Seed", placeholder="drawn")
                         with gr.Row():
-                            precision = gr.Dropdown(["no", "fp16", "bf16"], value="no", label="Precision")
+                            precision = gr.Dropdown([("accelerate's setting", "default"), "no", "fp16", "bf16"],
+                                                    value=job["mixed_precision"] or "default", label="Precision")
                             train_te = gr.Checkbox(False, label="Text-encoder LoRA")
                             enable_bucket = gr.Checkbox(False, label="Aspect-ratio buckets",
                                                         info="train non-square photos at their own shape")
                         buckets_msg = gr.Markdown()
                         with gr.Accordion("More options", open=False):
                             with gr.Row():
-                                warmup = gr.Number(20, precision=0, label="RefLoRA warm-up steps")
-                                val_steps = gr.Number(25, precision=0, label="Sample every N steps")
-                                ckpt_steps = gr.Number(50, precision=0, label="Checkpoint every N steps")
+                                warmup = gr.Number(job["refactor_warmup_steps"], precision=0,
+                                                   label="RefLoRA warm-up steps")
+                                val_steps = gr.Number(job["validation_steps"], precision=0,
+                                                      label="Sample every N steps")
+                                ckpt_steps = gr.Number(job["checkpointing_steps"], precision=0,
+                                                       label="Checkpoint every N steps")
                             with gr.Row():
                                 prior = gr.Checkbox(False, label="Prior preservation (class images)")
                                 class_prompt = gr.Textbox("", label="Class prompt, e.g. 'a photo of dog'")
@@ -160,25 +168,28 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
             return {"pretrained_model_name_or_path": base, **data, "class_prompt": class_prompt,
                     "with_prior_preservation": with_prior_preservation, "validation_prompt": validation_prompt,
                     "method": method, "rank": rank, "lora_alpha": alpha, "max_train_steps": steps,
-                    "learning_rate": lr, "resolution": resolution, "seed": seed, "mixed_precision": precision,
+                    "learning_rate": lr, "resolution": resolution, "seed": seed,
+                    "mixed_precision": None if precision == "default" else precision,
                     "train_text_encoder": train_text_encoder, "refactor_warmup_steps": warmup_steps,
                     "validation_steps": validation_steps, "checkpointing_steps": checkpointing_steps,
                     **({"enable_bucket": True, **default_bucket_options(int(resolution))} if enable_bucket else {})}
 
         form_fields = set(inspect.signature(form).parameters)
 
-        # explicit parameters (not *args): they are the names scripts use with gradio_client
+        # explicit parameters (not *args): they are the names scripts use with gradio_client. From alpha on they
+        # default to None: a field that starts blank (alpha, seed: the trainer's default) is then optional there too.
         def start(images, run_name, base, data_dir, captions, instance_prompt, class_prompt, with_prior_preservation,
-                  validation_prompt, method, rank, alpha, steps, lr, resolution, seed, precision, train_text_encoder,
-                  warmup_steps, validation_steps, checkpointing_steps, enable_bucket):
+                  validation_prompt, method, rank, alpha=None, steps=None, lr=None, resolution=None, seed=None,
+                  precision=None, train_text_encoder=None, warmup_steps=None, validation_steps=None,
+                  checkpointing_steps=None, enable_bucket=None):
             fields = {k: v for k, v in locals().items() if k in form_fields}
             msg, _ = views.start(form(**fields), images, run_name)
             return msg
 
         def start_ab(method_b, side_by_side, images, run_name, base, data_dir, captions, instance_prompt,
-                     class_prompt, with_prior_preservation, validation_prompt, method, rank, alpha, steps, lr,
-                     resolution, seed, precision, train_text_encoder, warmup_steps, validation_steps,
-                     checkpointing_steps, enable_bucket):
+                     class_prompt, with_prior_preservation, validation_prompt, method, rank, alpha=None, steps=None,
+                     lr=None, resolution=None, seed=None, precision=None, train_text_encoder=None, warmup_steps=None,
+                     validation_steps=None, checkpointing_steps=None, enable_bucket=None):
             fields = {k: v for k, v in locals().items() if k in form_fields}
             msg, names = views.start(form(**fields), images, run_name, ab=True, method_b=method_b,
                                      side_by_side=side_by_side)

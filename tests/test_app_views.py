@@ -183,3 +183,38 @@ def test_llm_runs_progress_without_steps(v):
     html = views.progress_html(runs.read_run(v.runs_dir, "ev"))
     assert "(commonsense eval · m · base model): done · boolq accuracy 0.7000" in html
     assert "step" not in html and "width:" not in html
+
+
+def test_default_job_is_the_readme_main_job(tmp_path):
+    """The Train form untouched starts the README's main job (as the CLI runs it), else the trainer's defaults."""
+    from test_readme import quick_start_args
+
+    from reflora_diffusion.sd.config import parse_args
+
+    cli = parse_args(quick_start_args())
+    params = app.build_demo(str(tmp_path / "runs")).get_api_info()["named_endpoints"]["/start"]["parameters"]
+    page = {p["parameter_name"]: p["parameter_default"] for p in params}
+    assert [p["parameter_name"] for p in params if not p["parameter_has_default"]] == ["images"]  # blank = optional
+    as_options = {"base": "pretrained_model_name_or_path", "instance_prompt": "instance_prompt", "method": "method",
+                  "rank": "rank", "alpha": "lora_alpha", "steps": "max_train_steps", "lr": "learning_rate",
+                  "seed": "seed", "train_text_encoder": "train_text_encoder", "warmup_steps": "refactor_warmup_steps",
+                  "validation_steps": "validation_steps", "checkpointing_steps": "checkpointing_steps",
+                  "with_prior_preservation": "with_prior_preservation", "enable_bucket": "enable_bucket"}
+    for param, option in as_options.items():
+        assert page[param] == getattr(cli, option), (param, page[param], getattr(cli, option))
+    assert page["validation_prompt"].splitlines() == cli.validation_prompt
+    assert page["precision"] == "default" and cli.mixed_precision is None  # both: accelerate's setting
+    assert page["resolution"] == 64 and cli.resolution is None  # the base model's own size, 64 for tiny-emoji
+    assert views.default_job()["rank"] == cli.rank == 8
+
+
+def test_method_dropdown_says_what_each_method_is(tmp_path):
+    from reflora_diffusion.core import METHODS
+
+    assert set(views.METHOD_SUMMARIES) == set(METHODS)
+    choices = dict(views.method_choices(METHODS))
+    assert choices["reflora — refactored LoRA: balanced, preconditioned factors"] == "reflora"
+    assert choices["lora+ — B learns faster (lr of B = ratio x lr of A)"] == "lora+"
+    method = next(p for p in app.build_demo(str(tmp_path / "runs")).get_api_info()["named_endpoints"]["/start"]
+                  ["parameters"] if p["parameter_name"] == "method")
+    assert method["python_type"]["type"] == "Literal[" + ", ".join(f"'{m}'" for m in METHODS) + "]"  # bare names sent

@@ -6,6 +6,7 @@ testable without a browser. Errors a user can cause come back as messages, never
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import os
 import threading
@@ -15,8 +16,41 @@ from . import compare, downloads, runs
 from .jobs import JobError, JobRunner
 
 RUN_COLUMNS = runs.SUMMARY_COLUMNS
+# The method dropdowns say in a word what each method does; the value sent is the bare name (as on the CLI).
+METHOD_SUMMARIES = {
+    "reflora": "refactored LoRA: balanced, preconditioned factors",
+    "lora": "plain LoRA, the baseline",
+    "reflora-s": "RefLoRA-S: cheap scalar rebalancing of A and B",
+    "lora+": "B learns faster (lr of B = ratio x lr of A)",
+    "scaledgd": "preconditioned by (BᵀB)⁻¹ and (AAᵀ)⁻¹",
+    "preclora": "Riemannian preconditioned LoRA (damped ScaledGD)",
+    "nora+": "normalised ScaledGD preconditioners",
+    "rac-lora": "chain of links, one factor random and frozen",
+    "cola": "chain of LoRA: merge into the base, restart",
+}
+# The Train form's starting values are the README's main job (its quick-start command) and, for what that
+# command leaves out, the trainer's own defaults (SDTrainConfig): a job started with the form untouched is the
+# job a user runs in a terminal. None is "the trainer's default": alpha = rank, a drawn seed (recorded in
+# config.json), accelerate's mixed precision.
+MAIN_JOB = {"pretrained_model_name_or_path": "tiny-emoji", "instance_prompt": "a photo of sks dog",
+            "validation_prompt": ["a photo of sks dog"], "method": "reflora", "rank": 8, "refactor_warmup_steps": 20,
+            "max_train_steps": 100, "checkpointing_steps": 50, "validation_steps": 50}
 USER_ERRORS = (JobError, compare.CompareError, downloads.ExportError, runs.RunPathError, FileNotFoundError,
                ValueError)
+
+
+def method_choices(methods) -> list[tuple[str, str]]:
+    """(label, value) pairs for a method dropdown: 'reflora — refactored LoRA: ...', sending 'reflora'."""
+    return [(f"{m} — {METHOD_SUMMARIES[m]}" if m in METHOD_SUMMARIES else m, m) for m in methods]
+
+
+def default_job() -> dict:
+    """Every train/sd.py option as the Train form starts: the trainer's defaults, then MAIN_JOB."""
+    from reflora_diffusion.sd.config import SDTrainConfig
+
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(SDTrainConfig)}
+    return {**defaults, **MAIN_JOB}
 
 
 def default_resolution(base: str) -> int:
