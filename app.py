@@ -18,6 +18,7 @@ import gradio as gr
 
 from reflora_diffusion.app.auth import login_required_middleware
 from reflora_diffusion.app.jobs import MAX_UPLOAD_BYTES, JobRunner
+from reflora_diffusion.app.serve import quiet_idle_queue
 from reflora_diffusion.app.views import (RUN_COLUMNS, AppViews, bucket_summary, default_job, default_resolution,
                                          method_choices)
 from reflora_diffusion.core import METHODS
@@ -300,7 +301,7 @@ def main(argv=None) -> None:
     if args.max_concurrent_jobs is not None and args.max_concurrent_jobs < 1:
         raise SystemExit("--max_concurrent_jobs must be >= 1")
     demo = build_demo(runs_dir, args.max_concurrent_jobs)
-    demo.queue(default_concurrency_limit=2).launch(
+    quiet_idle_queue(demo.queue(default_concurrency_limit=2)).launch(
         server_name=args.host, server_port=args.port, share=args.share, auth=auth,
         allowed_paths=[runs_dir],  # the only folder whose files can be served
         max_file_size=MAX_UPLOAD_BYTES, footer_links=["api"],

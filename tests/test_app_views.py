@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app.py lives at the repo root
 
 import app  # noqa: E402
-from reflora_diffusion.app import runs, views  # noqa: E402
+from reflora_diffusion.app import runs, serve, views  # noqa: E402
 from reflora_diffusion.app.jobs import JobRunner  # noqa: E402
 from test_app_compare import adapter_runs  # noqa: E402,F401  (module fixture: real tiny adapters)
 from test_app_jobs import FORM, fake, images  # noqa: E402,F401
@@ -218,3 +218,10 @@ def test_method_dropdown_says_what_each_method_is(tmp_path):
     method = next(p for p in app.build_demo(str(tmp_path / "runs")).get_api_info()["named_endpoints"]["/start"]
                   ["parameters"] if p["parameter_name"] == "method")
     assert method["python_type"]["type"] == "Literal[" + ", ".join(f"'{m}'" for m in METHODS) + "]"  # bare names sent
+
+
+def test_idle_queue_polls_slowly(tmp_path):
+    demo = app.build_demo(str(tmp_path / "runs")).queue()
+    assert demo._queue.sleep_when_free < 0.01  # gradio's own: a check every 1 ms
+    serve.quiet_idle_queue(demo)
+    assert demo._queue.sleep_when_free == 0.05 and demo._queue.progress_update_sleep_when_free == 0.1
