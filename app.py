@@ -18,18 +18,25 @@ import gradio as gr
 
 from reflora_diffusion.app.auth import login_required_middleware
 from reflora_diffusion.app.jobs import MAX_UPLOAD_BYTES, JobRunner
-from reflora_diffusion.app.views import RUN_COLUMNS, AppViews, bucket_summary, default_resolution
+from reflora_diffusion.app.serve import quiet_idle_queue
+from reflora_diffusion.app.views import (RUN_COLUMNS, AppViews, bucket_summary, default_job, default_resolution,
+                                         method_choices)
 from reflora_diffusion.core import METHODS
 from reflora_diffusion.sd.buckets import default_bucket_options
 
 POLL_SECONDS = 2.0
+# Scrolls the run's log to its last line (autoscroll follows new lines only from there): run in the browser when
+# the Runs tab is shown or another run is picked, since a log filled while the tab was hidden opens at its top.
+SCROLL_LOG_TO_END = """() => { setTimeout(() => { const log = document.querySelector('#run-log textarea');
+  if (log) log.scrollTop = log.scrollHeight; }, 100); }"""
 
 
 def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Blocks:
     """The page. No run names are baked into it (a login page would show them): the run lists and
     tables are filled on load, i.e. after the login, and by the timer."""
     views = AppViews(runs_dir, JobRunner(runs_dir, max_concurrent=max_concurrent_jobs))
-    methods = list(METHODS)
+    methods = method_choices(METHODS)  # (label, name): the label says what the method does, the name is sent
+    job = default_job()  # the README's main job: what the CLI runs
 
     with gr.Blocks(title="reflora-diffusion") as demo:
         gr.Markdown("## reflora-diffusion · LoRA vs RefLoRA for Stable Diffusion")
@@ -43,7 +50,8 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                     with gr.Column():
                         base = gr.Dropdown(["tiny-emoji", "tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux",
                                             "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                                            "stabilityai/stable-diffusion-xl-base-1.0"], value="tiny-emoji",
+                                            "stabilityai/stable-diffusion-xl-base-1.0"],
+                                           value=job["pretrained_model_name_or_path"],
                                            allow_custom_value=True, label="Base model (hub id, local folder, or a preset: "
                                            "tiny-emoji is pretrained on emoji, the other tiny ones are random)")
                         images = gr.File(file_count="multiple", file_types=["image"], label="Training images")
@@ -51,32 +59,37 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                             data_dir = gr.Textbox("", label="…or a folder of images on this machine", scale=3)
                             captions = gr.Checkbox(False, label="folder has captions (metadata.jsonl or .txt)",
                                                    scale=1)
-                        instance_prompt = gr.Textbox("a photo of sks dog", label="Instance prompt")
-                        validation_prompt = gr.Textbox("a photo of sks dog", lines=2,
+                        instance_prompt = gr.Textbox(job["instance_prompt"], label="Instance prompt")
+                        validation_prompt = gr.Textbox("\n".join(job["validation_prompt"]), lines=2,
                                                        label="Sample prompts (one per line)")
                     with gr.Column():
                         with gr.Row():
-                            method = gr.Dropdown(methods, value="reflora", label="Method")
+                            method = gr.Dropdown(methods, value=job["method"], label="Method")
                             method_b = gr.Dropdown(methods, value="lora", label="A/B: compare with")
                         with gr.Row():
-                            rank = gr.Number(4, precision=0, label="Rank")
-                            alpha = gr.Number(4, label="Alpha")
-                            steps = gr.Number(100, precision=0, label="Steps")
+                            rank = gr.Number(job["rank"], precision=0, label="Rank")
+                            alpha = gr.Number(job["lora_alpha"], label="Alpha", placeholder="= rank")
+                            steps = gr.Number(job["max_train_steps"], precision=0, label="Steps")
                         with gr.Row():
-                            lr = gr.Number(1e-4, label="Learning rate")
-                            resolution = gr.Number(64, precision=0, label="Resolution")
-                            seed = gr.Number(0, precision=0, label="Seed")
+                            lr = gr.Number(job["learning_rate"], label="Learning rate")
+                            resolution = gr.Number(default_resolution(job["pretrained_model_name_or_path"]),
+                                                   precision=0, label="Resolution")
+                            seed = gr.Number(job["seed"], precision=0, label="Seed", placeholder="drawn")
                         with gr.Row():
-                            precision = gr.Dropdown(["no", "fp16", "bf16"], value="no", label="Precision")
+                            precision = gr.Dropdown([("accelerate's setting", "default"), "no", "fp16", "bf16"],
+                                                    value=job["mixed_precision"] or "default", label="Precision")
                             train_te = gr.Checkbox(False, label="Text-encoder LoRA")
                             enable_bucket = gr.Checkbox(False, label="Aspect-ratio buckets",
                                                         info="train non-square photos at their own shape")
                         buckets_msg = gr.Markdown()
                         with gr.Accordion("More options", open=False):
                             with gr.Row():
-                                warmup = gr.Number(20, precision=0, label="RefLoRA warm-up steps")
-                                val_steps = gr.Number(25, precision=0, label="Sample every N steps")
-                                ckpt_steps = gr.Number(50, precision=0, label="Checkpoint every N steps")
+                                warmup = gr.Number(job["refactor_warmup_steps"], precision=0,
+                                                   label="RefLoRA warm-up steps")
+                                val_steps = gr.Number(job["validation_steps"], precision=0,
+                                                      label="Sample every N steps")
+                                ckpt_steps = gr.Number(job["checkpointing_steps"], precision=0,
+                                                       label="Checkpoint every N steps")
                             with gr.Row():
                                 prior = gr.Checkbox(False, label="Prior preservation (class images)")
                                 class_prompt = gr.Textbox("", label="Class prompt, e.g. 'a photo of dog'")
@@ -89,7 +102,7 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                 train_msg = gr.Markdown()
 
             # ---------------------------------------------------------------- Runs
-            with gr.Tab("Runs", id="runs"):
+            with gr.Tab("Runs", id="runs") as runs_tab:
                 runs_table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False,
                                           label="Runs (refreshed live)")
                 with gr.Row():
@@ -102,7 +115,7 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                     stats = gr.JSON(label="RefLoRA balance statistics (latest step)")
                 samples = gr.Gallery(label="Latest validation samples", columns=6, height=220, fit_columns=False,
                                      object_fit="contain")
-                log = gr.Textbox(label="train.log (tail)", lines=12, max_lines=12, autoscroll=True)
+                log = gr.Textbox(label="train.log (tail)", lines=12, max_lines=12, autoscroll=True, elem_id="run-log")
 
             # ---------------------------------------------------------------- Compare
             with gr.Tab("Compare", id="compare"):
@@ -118,11 +131,11 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                 gr.Markdown("**Comparison grid**: the same prompts and seeds, each adapter loaded into one base "
                             "pipeline (`load_lora_weights`).")
                 grid = gr.Image(show_label=False, type="filepath", elem_id="comparison-grid")
-                with gr.Row():
-                    cmp_plot = gr.Plot(label="Loss, overlaid", scale=2)
-                    cmp_table = gr.Dataframe(label="Steps to loss: the first step at which each run's smoothed loss "
-                                                   "reaches the reference's (the LoRA run's) final smoothed loss",
-                                             interactive=False, scale=3)
+                cmp_plot = gr.Plot(label="Loss, overlaid (one line style per method, one colour per run)")
+                cmp_note = gr.Markdown()
+                # hidden until there is something to show: an empty Dataframe shows "1 2 3" as its headers
+                cmp_table = gr.Dataframe(interactive=False, visible=False, label="Steps to loss", show_label=False,
+                                         wrap=True)
                 with gr.Row():
                     sample_step = gr.Dropdown([], label="Saved samples at step", allow_custom_value=True)
                 saved = gr.Gallery(label="Saved validation samples at equal steps", columns=6, height=240,
@@ -156,25 +169,28 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
             return {"pretrained_model_name_or_path": base, **data, "class_prompt": class_prompt,
                     "with_prior_preservation": with_prior_preservation, "validation_prompt": validation_prompt,
                     "method": method, "rank": rank, "lora_alpha": alpha, "max_train_steps": steps,
-                    "learning_rate": lr, "resolution": resolution, "seed": seed, "mixed_precision": precision,
+                    "learning_rate": lr, "resolution": resolution, "seed": seed,
+                    "mixed_precision": None if precision == "default" else precision,
                     "train_text_encoder": train_text_encoder, "refactor_warmup_steps": warmup_steps,
                     "validation_steps": validation_steps, "checkpointing_steps": checkpointing_steps,
                     **({"enable_bucket": True, **default_bucket_options(int(resolution))} if enable_bucket else {})}
 
         form_fields = set(inspect.signature(form).parameters)
 
-        # explicit parameters (not *args): they are the names scripts use with gradio_client
+        # explicit parameters (not *args): they are the names scripts use with gradio_client. From alpha on they
+        # default to None: a field that starts blank (alpha, seed: the trainer's default) is then optional there too.
         def start(images, run_name, base, data_dir, captions, instance_prompt, class_prompt, with_prior_preservation,
-                  validation_prompt, method, rank, alpha, steps, lr, resolution, seed, precision, train_text_encoder,
-                  warmup_steps, validation_steps, checkpointing_steps, enable_bucket):
+                  validation_prompt, method, rank, alpha=None, steps=None, lr=None, resolution=None, seed=None,
+                  precision=None, train_text_encoder=None, warmup_steps=None, validation_steps=None,
+                  checkpointing_steps=None, enable_bucket=None):
             fields = {k: v for k, v in locals().items() if k in form_fields}
             msg, _ = views.start(form(**fields), images, run_name)
             return msg
 
         def start_ab(method_b, side_by_side, images, run_name, base, data_dir, captions, instance_prompt,
-                     class_prompt, with_prior_preservation, validation_prompt, method, rank, alpha, steps, lr,
-                     resolution, seed, precision, train_text_encoder, warmup_steps, validation_steps,
-                     checkpointing_steps, enable_bucket):
+                     class_prompt, with_prior_preservation, validation_prompt, method, rank, alpha=None, steps=None,
+                     lr=None, resolution=None, seed=None, precision=None, train_text_encoder=None, warmup_steps=None,
+                     validation_steps=None, checkpointing_steps=None, enable_bucket=None):
             fields = {k: v for k, v in locals().items() if k in form_fields}
             msg, names = views.start(form(**fields), images, run_name, ab=True, method_b=method_b,
                                      side_by_side=side_by_side)
@@ -192,37 +208,45 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
 
         live = [runs_table, run_pick, cmp_runs, exp_run, progress, loss_plot, stats, samples, log]
 
-        def refresh(selected):
-            # only the choices change: a value sent back here could undo a selection made meanwhile
-            names = views.run_names()
-            pick = gr.update(choices=names)
-            if selected not in names:  # nothing (valid) selected: show the newest run
-                selected = names[0] if names else None
-                pick = gr.update(choices=names, value=selected)
-            d = views.run_details(selected)
-            return (views.table(), pick, gr.update(choices=names), gr.update(choices=names),
-                    d["progress"], d["figure"], d["stats"], d["samples"], d["log"])
+        seen = gr.State(None)  # what this page was last sent: a tick sends only what changed since
 
-        timer.tick(refresh, run_pick, live, show_progress="hidden", **private)
-        demo.load(refresh, run_pick, live, show_progress="hidden", **private)
-        run_pick.input(refresh, run_pick, live, show_progress="hidden", **private)
+        def refresh(selected, seen):
+            out, seen = views.live(selected, seen)
+            names, d = out["names"], out["details"]
+            pick = {**({"choices": names} if names is not None else {}),
+                    **({"value": out["select"]} if out["select"] is not None else {})}
+            choices = gr.skip() if names is None else gr.update(choices=names)
+            details = (gr.skip(),) * 5 if d is None else (d["progress"], d["figure"], d["stats"], d["samples"],
+                                                          d["log"])
+            return (gr.skip() if out["table"] is None else out["table"], gr.update(**pick) if pick else gr.skip(),
+                    choices, choices, *details, seen)
+
+        timer.tick(refresh, [run_pick, seen], [*live, seen], show_progress="hidden", **private)
+        demo.load(refresh, [run_pick, seen], [*live, seen], show_progress="hidden", **private)
+        run_pick.input(refresh, [run_pick, seen], [*live, seen], show_progress="hidden", **private).then(
+            None, js=SCROLL_LOG_TO_END, **private)
+        runs_tab.select(None, js=SCROLL_LOG_TO_END, **private)
         cancel_btn.click(views.cancel, run_pick, cancel_msg, api_name="cancel")
 
-        def compare_curves(names):
-            fig, headers, rows, steps = views.compare_curves(names)
-            table = {"headers": headers, "data": rows} if headers else None
-            return fig, table, gr.Dropdown(choices=steps, value=steps[-1] if steps else None)
+        compared = [cmp_plot, cmp_note, cmp_table, sample_step, saved]
+
+        def comparison(names):
+            # the samples come with the step: picking one more run can leave the step as it was
+            c = views.comparison(names)
+            table = (gr.Dataframe(value={"headers": c["headers"], "data": c["rows"]}, visible=True) if c["rows"]
+                     else gr.Dataframe(value=None, visible=False))
+            return (c["figure"], c["note"], table, gr.Dropdown(choices=c["steps"], value=c["step"]), c["samples"])
 
         def ab_tick(pending, prompts, seeds, steps):
             names = list(pending or [])
             pending, grid_path, msg = views.ab_poll(pending, prompts, seeds, steps)
-            curves = compare_curves(names) if grid_path else (gr.update(),) * 3
-            return (pending, grid_path or gr.update(), msg or gr.update(), *curves)
+            curves = comparison(names) if grid_path else (gr.skip(),) * len(compared)
+            return (pending, grid_path or gr.skip(), msg or gr.skip(), *curves)
 
         timer.tick(ab_tick, [ab_pending, cmp_prompts, cmp_seeds, cmp_steps],
-                   [ab_pending, grid, cmp_msg, cmp_plot, cmp_table, sample_step], show_progress="hidden", **private)
-        cmp_runs.input(compare_curves, cmp_runs, [cmp_plot, cmp_table, sample_step], **private)
-        sample_step.change(views.saved_samples, [cmp_runs, sample_step], saved, **private)
+                   [ab_pending, grid, cmp_msg, *compared], show_progress="hidden", **private)
+        cmp_runs.input(comparison, cmp_runs, compared, **private)
+        sample_step.input(views.saved_samples, [cmp_runs, sample_step], saved, **private)
         gen_btn.click(views.generate, [cmp_runs, cmp_prompts, cmp_seeds, cmp_steps], [grid, cmp_msg],
                       api_name="generate")
 
@@ -277,7 +301,7 @@ def main(argv=None) -> None:
     if args.max_concurrent_jobs is not None and args.max_concurrent_jobs < 1:
         raise SystemExit("--max_concurrent_jobs must be >= 1")
     demo = build_demo(runs_dir, args.max_concurrent_jobs)
-    demo.queue(default_concurrency_limit=2).launch(
+    quiet_idle_queue(demo.queue(default_concurrency_limit=2)).launch(
         server_name=args.host, server_port=args.port, share=args.share, auth=auth,
         allowed_paths=[runs_dir],  # the only folder whose files can be served
         max_file_size=MAX_UPLOAD_BYTES, footer_links=["api"],

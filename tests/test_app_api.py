@@ -61,6 +61,22 @@ def app(tmp_path_factory):
     stop(proc)
 
 
+def test_idle_app_uses_almost_no_cpu(tmp_path):
+    """`python app.py` with no browser open: gradio's queue used to look for events every 1 ms (~5 % of a core)."""
+    psutil = pytest.importorskip("psutil")
+    proc, _ = launch_app(tmp_path / "runs")
+    try:
+        time.sleep(5)  # start-up work done
+        app = psutil.Process(proc.pid)
+        before, start = app.cpu_times(), time.monotonic()
+        time.sleep(10)
+        after = app.cpu_times()
+        share = (after.user + after.system - before.user - before.system) / (time.monotonic() - start)
+    finally:
+        stop(proc)
+    assert share < 0.02, f"the idle app used {100 * share:.1f} % of a core"
+
+
 @pytest.mark.skipif(not DOG.is_dir(), reason="needs ../shared/data/dreambooth/dog")
 def test_api_train_poll_export_load(app, tmp_path):
     url, runs_dir = app

@@ -69,7 +69,7 @@ def test_browser_ab_run_to_comparison_grid(tmp_path):
             grid = page.locator("#comparison-grid img")
             grid.wait_for(state="visible", timeout=420_000)
             assert "Generated" in page.locator("body").inner_text()
-            page.get_by_text("steps to ref. loss").first.wait_for(timeout=30_000)
+            page.get_by_text("Steps to loss").first.wait_for(timeout=30_000)
             time.sleep(2)  # let the plots finish drawing
             shot = tmp_path / "app.png"
             page.screenshot(path=str(shot), full_page=True)

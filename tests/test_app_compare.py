@@ -28,20 +28,51 @@ def linear_events(slope, steps=100):
     return [{"step": s, "loss": 1.0 - slope * s} for s in range(1, steps + 1)]
 
 
-def test_loss_table_measures_against_lora(tmp_path):
-    # LoRA reaches 0.0 at step 100; a method twice as fast reaches it at step 50: 50 % of LoRA's steps
-    make_run(tmp_path, "fast", state="done", method="reflora", events=linear_events(0.02))
-    make_run(tmp_path, "base", state="done", method="lora", events=linear_events(0.01))
-    make_run(tmp_path, "slow", state="done", method="reflora-s", events=linear_events(0.005))
-    headers, rows = compare.loss_table(tmp_path, ["fast", "base", "slow"], beta=0.0)
-    assert headers[3:5] == ["final loss", "steps to ref. loss"]
-    by_name = {r[0]: r for r in rows}
-    assert by_name["base"][2:] == [100, pytest.approx(0.0), 100, "100%"]
-    assert by_name["fast"][4:] == [50, "50%"]
-    assert by_name["slow"][4:] == ["not reached", ""]
-    fig = compare.loss_figure(tmp_path, ["fast", "base", "slow"])
-    assert [line.get_label() for line in fig.axes[0].lines if not line.get_label().startswith("_")] == \
-        ["reflora: fast", "lora: base", "reflora-s: slow"]
+def test_steps_to_loss_targets_the_slower_runs_final_loss(tmp_path):
+    # LoRA ends at 0.5 (step 100); RefLoRA, twice as fast, is at 0.5 by step 50; RefLoRA-S at step 67
+    make_run(tmp_path, "lora-run", state="done", method="lora", events=linear_events(0.005))
+    make_run(tmp_path, "reflora-run", state="done", method="reflora", events=linear_events(0.01))
+    make_run(tmp_path, "s-run", state="done", method="reflora-s", events=linear_events(0.0075))
+    make_run(tmp_path, "empty", state="running", method="lora")
+    note, headers, rows = compare.loss_table(tmp_path, ["reflora-run", "lora-run", "s-run", "empty"], beta=0.0)
+    assert headers == ["run", "method", "steps", "final loss", "steps to target", "vs. slower run"]
+    assert "reaches 0.5, the final smoothed loss of the slower run, lora-run" in note and "empty: no logged" in note
+    assert rows == [["reflora-run", "reflora", 100, pytest.approx(0.0), 50, "0.50x"],
+                    ["lora-run", "lora", 100, pytest.approx(0.5), 100, "1.00x"],
+                    ["s-run", "reflora-s", 100, pytest.approx(0.25), 67, "0.67x"]]
+
+
+def test_no_steps_to_loss_for_a_loss_that_did_not_fall(tmp_path):
+    """Diffusion losses are mostly timestep noise: two flat noisy curves once gave "step 1, 100 %" for both."""
+    rng = np.random.default_rng(0)
+    for name, method in (("a", "lora"), ("b", "reflora")):
+        make_run(tmp_path, name, state="done", method=method,
+                 events=[{"step": s, "loss": float(rng.uniform(0.05, 0.6))} for s in range(1, 101)])
+    note, headers, rows = compare.loss_table(tmp_path, ["a", "b"])
+    assert note.startswith("**Steps to loss**: none.") and "did not fall" in note and headers == rows == []
+    note, headers, rows = compare.loss_table(tmp_path, ["a"])
+    assert "pick two or more runs" in note and rows == []
+    assert compare.loss_table(tmp_path, []) == ("", [], [])
+
+
+def test_loss_figure_one_style_per_method_and_eval_loss(tmp_path):
+    same = linear_events(0.005)  # identical curves (RefLoRA's warm-up is plain LoRA): both must stay visible
+    make_run(tmp_path, "lora-run", state="done", method="lora",
+             events=[*same, {"step": 50, "eval_loss": 0.8}, {"step": 100, "eval_loss": 0.6}])
+    make_run(tmp_path, "reflora-run", state="done", method="reflora",
+             events=[*same, {"step": 100, "eval": {"eval_loss": 0.55, "eval_accuracy": 0.9}}])  # the LLM trainers'
+    fig = compare.loss_figure(tmp_path, ["reflora-run", "lora-run"])
+    lines = {line.get_label(): line for line in fig.axes[0].lines if not line.get_label().startswith("_")}
+    assert list(lines) == ["reflora: reflora-run", "reflora: reflora-run (eval)", "lora: lora-run",
+                           "lora: lora-run (eval)"]
+    solid, dashed = lines["reflora: reflora-run"], lines["lora: lora-run"]
+    assert solid.get_linestyle() == "-" and dashed.get_linestyle() == "--"
+    assert dashed.get_zorder() > solid.get_zorder()  # drawn over the solid line, so one never hides the other
+    assert solid.get_color() != dashed.get_color()
+    ev = lines["lora: lora-run (eval)"]
+    assert ev.get_linestyle() == ":" and ev.get_marker() == "o" and list(ev.get_xdata()) == [50, 100]
+    assert list(lines["reflora: reflora-run (eval)"].get_ydata()) == [0.55]
+    assert ev.get_color() == dashed.get_color()  # a run's eval loss in the run's colour
 
 
 def test_samples_at_equal_steps(tmp_path):

@@ -142,3 +142,63 @@ def test_log_tail_folds_progress_bars(tmp_path):
 
 def test_format_eta():
     assert [runs.format_eta(s) for s in (None, 5, 65, 3725)] == ["", "5s", "1m05s", "1h02m"]
+
+
+def test_event_log_reads_eval_loss(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in (
+        {"step": 10, "loss": 0.9}, {"step": 10, "eval_loss": 0.8},  # SD-style: a top-level field
+        {"step": 20, "eval": {"eval_loss": 0.7, "eval_accuracy": 0.6}},  # the LLM trainers' evaluations
+        {"step": 30, "eval": {"eval_accuracy": 0.7}}, {"step": 40, "eval_loss": None})))
+    log = runs.EventLog(path).update()
+    assert log.steps == [10] and log.eval_steps == [10, 20] and log.eval_losses == [0.8, 0.7]
+
+
+def llm_run(root, name, config, status, results=None):
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "status.json").write_text(json.dumps({"state": "done", "started_at": 1.0, "updated_at": 2.0, "error": None,
+                                               "pid": os.getpid(), **status}))
+    if results is not None:
+        (d / "results.json").write_text(json.dumps(results))
+    return d
+
+
+def test_llm_run_folders_show_task_model_and_metric(tmp_path):
+    """Folders of llm/glue.py and llm/commonsense.py (train and eval) are not SD runs "?" at step 0/0."""
+    llm_run(tmp_path, "sst2", {"task_name": "sst2", "model_name_or_path": "microsoft/deberta-v3-base",
+                               "method": "reflora", "lora_r": 8, "max_steps": -1},
+            {"step": 300, "max_steps": 300},
+            {"task": "sst2", "method": "reflora", "main_metric": "accuracy", "main_value": 0.93125,
+             "evals": [{"step": 300, "eval_accuracy": 0.93125}], "final": {"eval_accuracy": 0.93125}})
+    llm_run(tmp_path, "cs", {"model_name_or_path": "HuggingFaceTB/SmolLM2-135M", "train_file": "train.json",
+                             "method": "lora", "max_steps": -1}, {"step": 40, "max_steps": 40},
+            {"method": "lora", "train": {"train_loss": 1.5}, "average": 0.55,
+             "datasets": {"boolq": {"accuracy": 0.6, "correct": 6, "total": 10, "complete": True},
+                          "piqa": {"accuracy": 0.5, "correct": 5, "total": 10, "complete": True}}})
+    llm_run(tmp_path, "cs-eval", {"model_name_or_path": "HuggingFaceTB/SmolLM2-135M", "dataset": "boolq,piqa",
+                                  "output_dir": "x", "adapter": "some/where/cs"},
+            {"state": "running", "step": 0, "max_steps": None},
+            {"config": {}, "datasets": {"boolq": {"accuracy": 0.7, "correct": 7, "total": 10, "complete": True},
+                                        "piqa": {"accuracy": 0.5, "correct": 2, "total": 4, "complete": False}}})
+    llm_run(tmp_path, "base-eval", {"model_name_or_path": "m", "dataset": "boolq", "output_dir": "y"},
+            {"state": "queued", "step": 0, "max_steps": 0})
+    glue, cs, ev, base = (runs.read_run(tmp_path, n) for n in ("sst2", "cs", "cs-eval", "base-eval"))
+    assert (glue.kind, glue.task, glue.model, glue.method) == ("glue", "GLUE sst2", "microsoft/deberta-v3-base",
+                                                                "reflora")
+    assert glue.result == "accuracy 0.9313" and glue.steps_text == "300/300"
+    assert runs.llm_result("glue", {"main_metric": "matthews_correlation", "main_value": None, "evals": [],
+                                    "final": {"eval_matthews_correlation": 0.61}}) == "matthews_correlation 0.6100"
+    assert runs.llm_result("glue", {"main_metric": "accuracy", "main_value": 0.8,
+                                    "evals": [{"step": 50, "eval_accuracy": 0.8}]}) == "accuracy 0.8000 (step 50)"
+    assert (cs.kind, cs.task, cs.method, cs.result) == ("commonsense", "commonsense", "lora",
+                                                        "accuracy 0.5500 (mean of 2 sets)")
+    assert (ev.kind, ev.task, ev.method) == ("commonsense-eval", "commonsense eval", "lora")  # its adapter's method
+    assert ev.result == "boolq accuracy 0.7000; piqa 2/4 so far" and ev.max_steps == 0 and ev.steps_text == ""
+    assert (base.method, base.result, base.steps_text) == ("base model", "", "")
+    rows = {r[0]: r for r in runs.summary_rows(runs.list_runs(tmp_path))}
+    assert rows["sst2"] == ["sst2", "GLUE sst2", "deberta-v3-base", "reflora", "done", "300/300", "", "",
+                            "accuracy 0.9313", ""]
+    assert rows["cs-eval"][1:6] == ["commonsense eval", "SmolLM2-135M", "lora", "running", ""]
+    assert len(runs.SUMMARY_COLUMNS) == len(rows["cs"])

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app.py lives at the repo root
 
 import app  # noqa: E402
-from reflora_diffusion.app import runs, views  # noqa: E402
+from reflora_diffusion.app import runs, serve, views  # noqa: E402
 from reflora_diffusion.app.jobs import JobRunner  # noqa: E402
 from test_app_compare import adapter_runs  # noqa: E402,F401  (module fixture: real tiny adapters)
 from test_app_jobs import FORM, fake, images  # noqa: E402,F401
@@ -109,3 +109,119 @@ def test_build_demo_endpoints(tmp_path):
     # no run names in the page or its API description (both reach a browser before the login)
     assert "zebra" not in json.dumps(demo.config, default=str) and "zebra" not in json.dumps(info, default=str)
     assert any(event == "load" for dep in demo.config["dependencies"] for _, event in dep["targets"])  # filled then
+
+
+def handler(demo, label: str, event: str):
+    """The function the page runs when the component labelled `label` fires `event`, and its outputs' labels."""
+    ids = {b._id for b in demo.blocks.values() if getattr(b, "label", None) == label}
+    fn = next(f for f in demo.fns.values() if any(t[0] in ids and t[1] == event for t in f.targets))
+    return fn.fn, [getattr(o, "label", None) for o in fn.outputs]
+
+
+def sampled_run(root, name, method, steps):
+    d = make_run(root, name, state="done", method=method,
+                 events=[{"step": s, "samples": [f"samples/step_{s}/0.png"]} for s in steps])
+    for s in steps:
+        (d / f"samples/step_{s}").mkdir(parents=True)
+        (d / f"samples/step_{s}/0.png").write_bytes(b"png")
+    return d
+
+
+def test_compare_gallery_follows_the_picked_runs(tmp_path):
+    """Picking a second run whose latest common sample step is the same (60) used to leave the first run's images."""
+    runs_dir = tmp_path / "runs"
+    sampled_run(runs_dir, "a", "lora", (30, 60))
+    sampled_run(runs_dir, "b", "reflora", (30, 60))
+    demo = app.build_demo(str(runs_dir))
+    fn, outputs = handler(demo, "Runs to compare", "input")
+    gallery = outputs.index("Saved validation samples at equal steps")
+    steps = outputs.index("Saved samples at step")
+    first, second = fn(["a"]), fn(["a", "b"])
+    assert first[steps].value == second[steps].value == 60
+    assert [cap.split(" · ")[1] for _, cap in first[gallery]] == ["a"]
+    assert [cap.split(" · ")[1] for _, cap in second[gallery]] == ["a", "b"]
+    assert all("step 60" in cap for _, cap in second[gallery])
+    # the steps-to-loss table stays hidden (no "1 2 3" headers) when there is nothing to put in it
+    table = second[outputs.index("Steps to loss")]
+    assert table.visible is False and "pick two or more runs with logged losses" in second[1]
+
+
+def test_runs_tab_sends_only_what_changed(v):
+    events = [{"step": s, "loss": 1.0 / s} for s in (1, 2)]
+    d = make_run(v.runs_dir, "r", step=2, max_steps=8, events=events)
+    out, seen = v.live(None)
+    assert out["names"] == ["r"] and out["select"] == "r" and out["table"] and out["details"]["figure"]
+    out, seen = v.live("r", seen)  # a tick with nothing new: nothing is drawn or sent
+    assert out == {"names": None, "select": None, "table": None, "details": None}
+    with open(d / "events.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 0.3}) + "\n")
+    out, seen = v.live("r", seen)
+    assert out["details"]["figure"] and out["names"] is None
+    (d / "train.log").write_text("step 3\n")
+    out, seen = v.live("r", seen)
+    assert out["details"]["log"] == "step 3"
+    make_run(v.runs_dir, "other")
+    out, _ = v.live("r", seen)
+    assert set(out["names"]) == {"r", "other"} and out["select"] is None and out["details"] is None
+
+
+def test_runs_tab_log_opens_at_its_end(tmp_path):
+    demo = app.build_demo(str(tmp_path / "runs"))
+    log = next(b for b in demo.blocks.values() if getattr(b, "label", None) == "train.log (tail)")
+    assert log.elem_id == "run-log" and log.autoscroll
+    tab = next(b for b in demo.blocks.values() if getattr(b, "label", None) == "Runs")
+    scrolls = [f for f in demo.fns.values() if f.js and "#run-log" in f.js and "scrollHeight" in f.js]
+    assert any((tab._id, "select") in [tuple(t) for t in f.targets] for f in scrolls)  # opening the tab
+    assert any(f.fn is None and f.targets and f.targets[0][1] == "then" for f in scrolls)  # picking a run
+
+
+def test_llm_runs_progress_without_steps(v):
+    from test_app_runs import llm_run
+
+    llm_run(v.runs_dir, "ev", {"model_name_or_path": "m", "dataset": "boolq", "output_dir": "x"},
+            {"step": 0, "max_steps": 0}, {"datasets": {"boolq": {"accuracy": 0.7, "complete": True}}})
+    html = views.progress_html(runs.read_run(v.runs_dir, "ev"))
+    assert "(commonsense eval · m · base model): done · boolq accuracy 0.7000" in html
+    assert "step" not in html and "width:" not in html
+
+
+def test_default_job_is_the_readme_main_job(tmp_path):
+    """The Train form untouched starts the README's main job (as the CLI runs it), else the trainer's defaults."""
+    from test_readme import quick_start_args
+
+    from reflora_diffusion.sd.config import parse_args
+
+    cli = parse_args(quick_start_args())
+    params = app.build_demo(str(tmp_path / "runs")).get_api_info()["named_endpoints"]["/start"]["parameters"]
+    page = {p["parameter_name"]: p["parameter_default"] for p in params}
+    assert [p["parameter_name"] for p in params if not p["parameter_has_default"]] == ["images"]  # blank = optional
+    as_options = {"base": "pretrained_model_name_or_path", "instance_prompt": "instance_prompt", "method": "method",
+                  "rank": "rank", "alpha": "lora_alpha", "steps": "max_train_steps", "lr": "learning_rate",
+                  "seed": "seed", "train_text_encoder": "train_text_encoder", "warmup_steps": "refactor_warmup_steps",
+                  "validation_steps": "validation_steps", "checkpointing_steps": "checkpointing_steps",
+                  "with_prior_preservation": "with_prior_preservation", "enable_bucket": "enable_bucket"}
+    for param, option in as_options.items():
+        assert page[param] == getattr(cli, option), (param, page[param], getattr(cli, option))
+    assert page["validation_prompt"].splitlines() == cli.validation_prompt
+    assert page["precision"] == "default" and cli.mixed_precision is None  # both: accelerate's setting
+    assert page["resolution"] == 64 and cli.resolution is None  # the base model's own size, 64 for tiny-emoji
+    assert views.default_job()["rank"] == cli.rank == 8
+
+
+def test_method_dropdown_says_what_each_method_is(tmp_path):
+    from reflora_diffusion.core import METHODS
+
+    assert set(views.METHOD_SUMMARIES) == set(METHODS)
+    choices = dict(views.method_choices(METHODS))
+    assert choices["reflora — refactored LoRA: balanced, preconditioned factors"] == "reflora"
+    assert choices["lora+ — B learns faster (lr of B = ratio x lr of A)"] == "lora+"
+    method = next(p for p in app.build_demo(str(tmp_path / "runs")).get_api_info()["named_endpoints"]["/start"]
+                  ["parameters"] if p["parameter_name"] == "method")
+    assert method["python_type"]["type"] == "Literal[" + ", ".join(f"'{m}'" for m in METHODS) + "]"  # bare names sent
+
+
+def test_idle_queue_polls_slowly(tmp_path):
+    demo = app.build_demo(str(tmp_path / "runs")).queue()
+    assert demo._queue.sleep_when_free < 0.01  # gradio's own: a check every 1 ms
+    serve.quiet_idle_queue(demo)
+    assert demo._queue.sleep_when_free == 0.05 and demo._queue.progress_update_sleep_when_free == 0.1

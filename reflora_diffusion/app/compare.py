@@ -12,7 +12,13 @@ from reflora_diffusion.rundir import read_json
 
 from .runs import event_log, read_run, safe_path, sample_steps
 
-REFERENCE_METHOD = "lora"  # steps-to-loss is measured against plain LoRA's final loss when it is compared
+MIN_DROP = 0.1  # steps to loss only when the slower run's smoothed loss fell by 10 % of its start: else it is noise
+# One line style per method, so curves that coincide (two methods are the same during RefLoRA's warm-up) all show:
+# the solid one is drawn first, the others over it. The run's colour tells two runs of one method apart.
+METHOD_STYLES = {"reflora": "-", "lora": "--", "reflora-s": "-.", "lora+": (0, (6, 2)), "scaledgd": (0, (3, 1, 1, 1)),
+                 "preclora": (0, (1, 1)), "nora+": (0, (3, 1, 1, 1, 1, 1)), "rac-lora": (0, (8, 2, 1, 2)),
+                 "cola": (0, (10, 3))}
+EVAL_STYLE = {"linestyle": ":", "marker": "o", "markersize": 4, "linewidth": 1.2}
 
 
 class CompareError(ValueError):
@@ -37,31 +43,55 @@ def steps_to_loss(steps: list[int], losses: list[float], target: float) -> int |
     return next((s for s, v in zip(steps, losses) if v <= target), None)
 
 
-def loss_table(runs_dir, names: list[str], beta: float = 0.9) -> tuple[list[str], list[list]]:
-    """Headers and rows: steps, final smoothed loss, steps to reach the reference's final smoothed loss
-    (the LoRA run if there is one, else the first run) and that as % of the reference's steps."""
+def start_level(losses: list[float]) -> float:
+    """Where a loss curve starts: the mean raw loss of its first tenth (at least one step)."""
+    head = losses[:max(1, len(losses) // 10)]
+    return sum(head) / len(head)
+
+
+STEPS_TO_LOSS_HEADERS = ["run", "method", "steps", "final loss", "steps to target", "vs. slower run"]
+
+
+def loss_table(runs_dir, names: list[str], beta: float = 0.9) -> tuple[str, list[str], list[list]]:
+    """(note, headers, rows) of steps to loss: the target is the final smoothed loss of the slower run (the
+    highest final smoothed loss among the runs), and each row says at which step a run's smoothed loss first
+    got there, and that relative to the slower run. No table (a note saying why) for fewer than two runs
+    with logged losses, or when the slower run's loss did not fall by MIN_DROP of its start: a step at
+    which a flat, noisy curve crosses a level measures nothing."""
     curves = {}
     for name in names:
         log = event_log(safe_path(runs_dir, name))
-        curves[name] = (log.steps, smooth(log.losses, beta))
-    runs = {name: read_run(runs_dir, name) for name in names}
-    with_data = [n for n in names if curves[n][0]]
-    ref = next((n for n in with_data if runs[n].method == REFERENCE_METHOD), with_data[0] if with_data else None)
-    headers = ["run", "method", "steps", "final loss", "steps to ref. loss", "% of ref. steps"]
+        if log.steps:
+            curves[name] = (log.steps, log.losses, smooth(log.losses, beta))
+    missing = [n for n in names if n not in curves]
+    skipped = f" ({', '.join(missing)}: no logged loss yet)" if missing else ""
+    if len(curves) < 2:
+        return (f"**Steps to loss**: pick two or more runs with logged losses{skipped}." if names else ""), [], []
+    slower = max(curves, key=lambda n: curves[n][2][-1])
+    target = curves[slower][2][-1]
+    for name, (_, raw, _) in curves.items():  # every curve must start clearly above the target
+        start = start_level(raw)
+        if start - target < MIN_DROP * abs(start):
+            return (f"**Steps to loss**: none. The target, {target:.4g} (the final smoothed loss of the slower run, "
+                    f"{slower}), is not clearly below where {name} started ({start:.4g}): the loss did not fall "
+                    "clearly, so the step at which a run reaches it would measure noise. Compare the samples and "
+                    f"the grid instead{skipped}."), [], []
+    reach = {n: steps_to_loss(c[0], c[2], target) for n, c in curves.items()}
+    methods = {n: read_run(runs_dir, n).method for n in curves}
     rows = []
-    target = curves[ref][1][-1] if ref else None
-    ref_steps = steps_to_loss(*curves[ref], target) if ref else None
-    for name in names:
-        steps, sm = curves[name]
-        reach = steps_to_loss(steps, sm, target) if steps and target is not None else None
-        pct = f"{100 * reach / ref_steps:.0f}%" if reach and ref_steps else ""
-        rows.append([name, runs[name].method, steps[-1] if steps else 0, round(sm[-1], 5) if sm else None,
-                     reach if reach is not None else "not reached", pct])
-    return headers, rows
+    for name, (steps, _, smoothed) in curves.items():
+        r = reach[name]
+        rows.append([name, methods[name], steps[-1], round(smoothed[-1], 5), r if r is not None else "not reached",
+                     f"{r / reach[slower]:.2f}x" if r is not None and reach[slower] else ""])
+    note = (f"**Steps to loss**: the first step at which each run's smoothed loss (moving average, {beta}) reaches "
+            f"{target:.4g}, the final smoothed loss of the slower run, {slower}; fewer is faster{skipped}.")
+    return note, list(STEPS_TO_LOSS_HEADERS), rows
 
 
 def loss_figure(runs_dir, names: list[str], beta: float = 0.9, title: str = "training loss"):
-    """matplotlib figure: each run's raw loss (faint) and smoothed loss, labelled with its method."""
+    """matplotlib figure: each run's raw loss (faint) and smoothed loss, in one line style per method (solid
+    RefLoRA, dashed LoRA, ...) and one colour per run, and its evaluation loss (dotted, with markers) if its
+    events carry one; labelled with the method and the run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,12 +100,18 @@ def loss_figure(runs_dir, names: list[str], beta: float = 0.9, title: str = "tra
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
     for i, name in enumerate(names):
         log = event_log(safe_path(runs_dir, name))
-        if not log.steps:
+        if not log.steps and not log.eval_steps:
             continue
         color = f"C{i % 10}"
-        method = (read_json(safe_path(runs_dir, name, "config.json"), {}) or {}).get("method", "?")
-        ax.plot(log.steps, log.losses, color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(log.steps, smooth(log.losses, beta), color=color, linewidth=1.8, label=f"{method}: {name}")
+        method = str((read_json(safe_path(runs_dir, name, "config.json"), {}) or {}).get("method", "?"))
+        style = METHOD_STYLES.get(method, "-")
+        if log.steps:
+            ax.plot(log.steps, log.losses, color=color, alpha=0.2, linewidth=0.7, zorder=1)
+            ax.plot(log.steps, smooth(log.losses, beta), color=color, linestyle=style, linewidth=1.8,
+                    zorder=2 if style == "-" else 3, label=f"{method}: {name}")
+        if log.eval_steps:
+            ax.plot(log.eval_steps, log.eval_losses, color=color, zorder=4, label=f"{method}: {name} (eval)",
+                    **EVAL_STYLE)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -130,6 +166,9 @@ def ready_runs(runs_dir, names: list[str]):
         raise CompareError("pick at least one run to compare")
     runs = [read_run(runs_dir, n) for n in names]
     for r in runs:
+        if r.kind != "sd":
+            raise CompareError(f"run {r.name!r} is a {r.task} run; the comparison grid is for Stable Diffusion runs "
+                               "(compare its loss curve instead)")
         if not (r.path / "pytorch_lora_weights.safetensors").is_file():
             raise CompareError(f"run {r.name!r} has no pytorch_lora_weights.safetensors yet ({r.state}); "
                                "wait until it is done or pick another run")

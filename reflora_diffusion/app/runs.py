@@ -1,4 +1,5 @@
-"""Read run folders (written by `train/sd.py`, whoever started it) for the app.
+"""Read run folders for the app: those of `train/sd.py` (whoever started it) and of the LLM trainers
+(`llm/glue.py`, `llm/commonsense.py` train and eval), told apart by their config.json keys.
 
 Everything the app shows or serves goes through `safe_path`, so a run name or a file parameter can
 never point outside the runs directory. Reading never changes a run folder; a "running" run whose
@@ -8,6 +9,7 @@ process is gone is *reported* as failed here and *marked* failed by the job runn
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import statistics
@@ -61,6 +63,7 @@ class EventLog:
     offset: int = 0
     by_step: dict = field(default_factory=dict)  # step -> latest loss event
     samples: list = field(default_factory=list)  # sample events in file order
+    eval_by_step: dict = field(default_factory=dict)  # step -> latest evaluation loss
     _inode: int | None = None
 
     def update(self) -> "EventLog":
@@ -70,6 +73,7 @@ class EventLog:
             return self
         if st.st_ino != self._inode or st.st_size < self.offset:  # replaced or truncated: start over
             self.offset, self.by_step, self.samples, self._inode = 0, {}, [], st.st_ino
+            self.eval_by_step = {}
         if st.st_size == self.offset:
             return self
         with open(self.path, "rb") as f:
@@ -87,6 +91,9 @@ class EventLog:
                 self.samples.append(event)
             if isinstance(event.get("loss"), (int, float)):  # a NaN loss is logged as null: no point
                 self.by_step[int(event["step"])] = event
+            eval_loss = eval_loss_of(event)
+            if eval_loss is not None:
+                self.eval_by_step[int(event["step"])] = eval_loss
         self.offset += end
         return self
 
@@ -101,6 +108,23 @@ class EventLog:
     @property
     def last(self) -> dict | None:
         return self.by_step[max(self.by_step)] if self.by_step else None
+
+    @property
+    def eval_steps(self) -> list[int]:
+        return sorted(self.eval_by_step)
+
+    @property
+    def eval_losses(self) -> list[float]:
+        return [self.eval_by_step[s] for s in self.eval_steps]
+
+
+def eval_loss_of(event: dict) -> float | None:
+    """An event's evaluation loss: a top-level `eval_loss`, or `eval.eval_loss` (the LLM trainers' evaluations)."""
+    value = event.get("eval_loss")
+    if value is None and isinstance(event.get("eval"), dict):
+        value = event["eval"].get("eval_loss")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
 
 
 _EVENT_LOGS: dict[Path, EventLog] = {}
@@ -118,6 +142,22 @@ def event_log(run_dir: Path) -> EventLog:
 # --------------------------------------------------------------------------- runs
 
 
+# What trained in a run folder, told apart by config.json's keys (each trainer writes its own options there):
+# SD "sd" (train/sd.py), "glue" (llm/glue.py), "commonsense" (llm/commonsense.py train) and
+# "commonsense-eval" (llm/commonsense.py eval: a base model, maybe with an adapter, on test sets; no training).
+TASK_NAMES = {"sd": "SD", "glue": "GLUE", "commonsense": "commonsense", "commonsense-eval": "commonsense eval"}
+
+
+def run_kind(config: dict) -> str:
+    if "task_name" in config:
+        return "glue"
+    if "train_file" in config:
+        return "commonsense"
+    if "dataset" in config and "model_name_or_path" in config:
+        return "commonsense-eval"
+    return "sd"
+
+
 @dataclass
 class Run:
     name: str
@@ -130,6 +170,9 @@ class Run:
     status: dict
     error: str | None = None
     eta_seconds: float | None = None
+    kind: str = "sd"
+    model: str = ""  # the base model (SD) or the language model (LLM runs)
+    result: str = ""  # an LLM run's metric from results.json, e.g. "accuracy 0.9312"
 
     @property
     def progress(self) -> float:
@@ -142,6 +185,63 @@ class Run:
     @property
     def label(self) -> str:
         return f"{self.name} ({self.method})"
+
+    @property
+    def task(self) -> str:
+        """What the run does, in a few words: 'SD', 'GLUE sst2', 'commonsense', 'commonsense eval'."""
+        task = TASK_NAMES.get(self.kind, self.kind)
+        return f"{task} {self.config['task_name']}" if self.kind == "glue" and self.config.get("task_name") else task
+
+    @property
+    def steps_text(self) -> str:
+        """'40/100', or '' for a run that counts no steps (an evaluation)."""
+        return f"{self.step}/{self.max_steps}" if self.max_steps else (str(self.step) if self.step else "")
+
+
+def _method(kind: str, config: dict, runs_dir: Path) -> str:
+    if kind != "commonsense-eval":
+        return str(config.get("method", "?"))
+    adapter = config.get("adapter")
+    if not adapter:
+        return "base model"  # evaluated without an adapter
+    # the adapter is usually a train run beside it: its method is in its config.json (read inside runs_dir only)
+    try:
+        adapter_config = read_json(safe_path(runs_dir, Path(str(adapter)).name, "config.json"), {}) or {}
+    except RunPathError:
+        adapter_config = {}
+    return str(adapter_config.get("method") or "adapter")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+
+
+def llm_result(kind: str, results: dict | None) -> str:
+    """An LLM run's metric from its results.json, in a few words ('' before there is one)."""
+    if not results:
+        return ""
+    if kind == "glue":
+        metric, value, final = results.get("main_metric") or "metric", results.get("main_value"), results.get("final")
+        if value is None and isinstance(final, dict):  # no evaluation during training: only the final one
+            value = next((final[k] for k in (f"eval_matched_{metric}", f"eval_{metric}") if final.get(k) is not None),
+                         None)
+        if value is None:
+            return ""
+        at = f" (step {results['evals'][-1].get('step')})" if results.get("evals") and final is None else ""
+        return f"{metric} {_fmt(value)}{at}"
+    datasets = results.get("datasets") or {}
+    if not datasets:
+        train = results.get("train") or {}
+        return f"train loss {_fmt(train['train_loss'])}" if train.get("train_loss") is not None else ""
+    complete = {n: m for n, m in datasets.items() if m.get("complete")}
+    parts = []
+    if len(complete) > 1 and results.get("average") is not None:
+        parts.append(f"accuracy {_fmt(results['average'])} (mean of {len(complete)} sets)")
+    else:
+        parts += [f"{n} accuracy {_fmt(m.get('accuracy'))}" for n, m in complete.items()]
+    parts += [f"{n} {m.get('correct', '?')}/{m.get('total', '?')} so far" for n, m in datasets.items()
+              if n not in complete]
+    return "; ".join(parts)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -181,11 +281,15 @@ def read_run(runs_dir, name: str) -> Run:
     config = read_json(path / "config.json", {}) or {}
     status = effective_status(read_json(path / "status.json"))
     log = event_log(path)
+    kind = run_kind(config)
     step = int(status.get("step") or (log.steps[-1] if log.steps else 0))
-    max_steps = int(status.get("max_steps") or config.get("max_train_steps") or 0)
+    # SD: max_train_steps; the LLM trainers: the Trainer's max_steps (-1 = "from the epochs", 0 for an evaluation)
+    max_steps = max(0, int(status.get("max_steps") or config.get("max_train_steps") or config.get("max_steps") or 0))
+    model = config.get("pretrained_model_name_or_path") or config.get("model_name_or_path") or ""
+    result = llm_result(kind, read_json(path / "results.json")) if kind != "sd" else ""
     return Run(name=path.name, path=path, state=status.get("state", "queued"), step=step, max_steps=max_steps,
-               method=str(config.get("method", "?")), config=config, status=status, error=status.get("error"),
-               eta_seconds=eta_seconds(status, log))
+               method=_method(kind, config, Path(runs_dir)), config=config, status=status, error=status.get("error"),
+               eta_seconds=eta_seconds(status, log), kind=kind, model=str(model), result=result)
 
 
 def list_runs(runs_dir) -> list[Run]:
@@ -270,12 +374,16 @@ def format_eta(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+SUMMARY_COLUMNS = ["run", "task", "model", "method", "state", "step", "ETA", "last loss", "result", "error"]
+
+
 def summary_rows(runs: list[Run]) -> list[list]:
-    """Rows for the runs table: name, method, state, progress, ETA, last loss, error."""
+    """Rows for the runs table (SUMMARY_COLUMNS); the model by its last path part (hub ids are long)."""
     rows = []
     for r in runs:
         last = event_log(r.path).last
         loss = f"{last['loss']:.4f}" if last and isinstance(last.get("loss"), (int, float)) else ""
-        rows.append([r.name, r.method, r.state, f"{r.step}/{r.max_steps}", format_eta(r.eta_seconds), loss,
-                     (r.error or "")[:200]])
+        model = r.model.rstrip("/").rsplit("/", 1)[-1]
+        rows.append([r.name, r.task, model, r.method, r.state, r.steps_text, format_eta(r.eta_seconds), loss,
+                     r.result, (r.error or "")[:200]])
     return rows

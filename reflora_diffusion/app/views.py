@@ -6,16 +6,51 @@ testable without a browser. Errors a user can cause come back as messages, never
 
 from __future__ import annotations
 
+import dataclasses
 import html
+import os
 import threading
 from pathlib import Path
 
 from . import compare, downloads, runs
 from .jobs import JobError, JobRunner
 
-RUN_COLUMNS = ["run", "method", "state", "step", "ETA", "last loss", "error"]
+RUN_COLUMNS = runs.SUMMARY_COLUMNS
+# The method dropdowns say in a word what each method does; the value sent is the bare name (as on the CLI).
+METHOD_SUMMARIES = {
+    "reflora": "refactored LoRA: balanced, preconditioned factors",
+    "lora": "plain LoRA, the baseline",
+    "reflora-s": "RefLoRA-S: cheap scalar rebalancing of A and B",
+    "lora+": "B learns faster (lr of B = ratio x lr of A)",
+    "scaledgd": "preconditioned by (BᵀB)⁻¹ and (AAᵀ)⁻¹",
+    "preclora": "Riemannian preconditioned LoRA (damped ScaledGD)",
+    "nora+": "normalised ScaledGD preconditioners",
+    "rac-lora": "chain of links, one factor random and frozen",
+    "cola": "chain of LoRA: merge into the base, restart",
+}
+# The Train form's starting values are the README's main job (its quick-start command) and, for what that
+# command leaves out, the trainer's own defaults (SDTrainConfig): a job started with the form untouched is the
+# job a user runs in a terminal. None is "the trainer's default": alpha = rank, a drawn seed (recorded in
+# config.json), accelerate's mixed precision.
+MAIN_JOB = {"pretrained_model_name_or_path": "tiny-emoji", "instance_prompt": "a photo of sks dog",
+            "validation_prompt": ["a photo of sks dog"], "method": "reflora", "rank": 8, "refactor_warmup_steps": 20,
+            "max_train_steps": 100, "checkpointing_steps": 50, "validation_steps": 50}
 USER_ERRORS = (JobError, compare.CompareError, downloads.ExportError, runs.RunPathError, FileNotFoundError,
                ValueError)
+
+
+def method_choices(methods) -> list[tuple[str, str]]:
+    """(label, value) pairs for a method dropdown: 'reflora — refactored LoRA: ...', sending 'reflora'."""
+    return [(f"{m} — {METHOD_SUMMARIES[m]}" if m in METHOD_SUMMARIES else m, m) for m in methods]
+
+
+def default_job() -> dict:
+    """Every train/sd.py option as the Train form starts: the trainer's defaults, then MAIN_JOB."""
+    from reflora_diffusion.sd.config import SDTrainConfig
+
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(SDTrainConfig)}
+    return {**defaults, **MAIN_JOB}
 
 
 def default_resolution(base: str) -> int:
@@ -52,12 +87,16 @@ def progress_html(run: runs.Run | None) -> str:
         return "<div class='rd-progress'>no run selected</div>"
     pct = 100 * run.progress
     color = {"done": "#2e7d32", "failed": "#c62828", "cancelled": "#757575"}.get(run.state, "#1565c0")
+    what = run.method if run.kind == "sd" else f"{run.task} · {run.model} · {run.method}"
+    steps = f", step {run.step}/{run.max_steps}" if run.max_steps else ""  # an evaluation counts no steps
     eta = f" · ETA {runs.format_eta(run.eta_seconds)}" if run.eta_seconds is not None else ""
+    result = f" · {html.escape(run.result)}" if run.result else ""
+    bar = (f"<div style='background:#e0e0e0;border-radius:4px;height:14px;margin-top:4px'>"
+           f"<div style='background:{color};width:{pct:.1f}%;height:14px;border-radius:4px'></div></div>"
+           if run.max_steps else "")
     error = f"<div style='color:#c62828'>{html.escape(run.error)}</div>" if run.error else ""
-    return (f"<div class='rd-progress'><b>{html.escape(run.name)}</b> ({html.escape(run.method)}): {run.state}, "
-            f"step {run.step}/{run.max_steps}{eta}"
-            f"<div style='background:#e0e0e0;border-radius:4px;height:14px;margin-top:4px'>"
-            f"<div style='background:{color};width:{pct:.1f}%;height:14px;border-radius:4px'></div></div>{error}</div>")
+    return (f"<div class='rd-progress'><b>{html.escape(run.name)}</b> ({html.escape(what)}): {run.state}"
+            f"{steps}{eta}{result}{bar}{error}</div>")
 
 
 class AppViews:
@@ -98,9 +137,6 @@ class AppViews:
     def run_names(self) -> list[str]:
         return [r.name for r in runs.list_runs(self.runs_dir)]
 
-    def table(self) -> list[list]:
-        return runs.summary_rows(runs.list_runs(self.runs_dir))
-
     def status(self, name: str) -> dict:
         """One run's status for scripts: state, step, max_steps, progress, eta_seconds, error, method."""
         run = runs.read_run(self.runs_dir, name)
@@ -130,6 +166,43 @@ class AppViews:
             "log": runs.log_tail(self.runs_dir, name),
         }
 
+    def live(self, selected: str | None, seen: dict | None = None) -> tuple[dict, dict]:
+        """The Runs tab for one page on a timer tick: ({"names", "select", "table", "details"}, seen). A part
+        unchanged since `seen` (the second value of the previous call for this page) is None, so the page is
+        sent nothing: a tick with nothing new reads a few small files and draws no figure. "select" is the run
+        to show when `selected` is not a run (the newest), else None: a value sent back could undo a pick made
+        meanwhile."""
+        seen = seen or {}
+        listed = runs.list_runs(self.runs_dir)
+        names = [r.name for r in listed]
+        select = None
+        if selected not in names:
+            selected = select = names[0] if names else None
+        table = runs.summary_rows(listed)
+        signature = self._signature(selected)
+        out = {"names": names if names != seen.get("names") else None, "select": select,
+               "table": table if table != seen.get("table") else None,
+               "details": self.run_details(selected) if signature != seen.get("details") else None}
+        return out, {"names": names, "table": table, "details": signature}
+
+    def _signature(self, name: str | None) -> tuple:
+        """What a run's details are drawn from: its progress line (state, step, ETA, result, error) and the
+        size and time of the files read for the rest. Equal signatures, equal details."""
+        if not name:
+            return (None,)
+        try:
+            run = runs.read_run(self.runs_dir, name)
+        except USER_ERRORS as e:
+            return (name, str(e))
+        files = []
+        for f in ("events.jsonl", "train.log", "config.json", "results.json"):
+            try:
+                st = os.stat(run.path / f)
+                files.append((st.st_mtime_ns, st.st_size))
+            except OSError:
+                files.append(None)
+        return (name, progress_html(run), *files)
+
     def cancel(self, name: str | None) -> str:
         if not name:
             return "Pick a run to cancel."
@@ -140,14 +213,22 @@ class AppViews:
 
     # ---- Compare
 
-    def compare_curves(self, names: list[str]) -> tuple:
-        """(overlaid loss figure, steps-to-loss table headers and rows, common sample steps)."""
+    def comparison(self, names: list[str], step=None) -> dict:
+        """Everything the Compare tab shows for the picked runs: the overlaid loss figure, the steps-to-loss note,
+        headers and rows, the sample steps all runs share, the step shown (the latest by default) and its samples."""
         names = [n for n in names or [] if n]
+        out = {"figure": None, "note": "", "headers": [], "rows": [], "steps": [], "step": None, "samples": []}
         if not names:
-            return None, [], [], []
-        headers, rows = compare.loss_table(self.runs_dir, names)
-        return (compare.loss_figure(self.runs_dir, names, title="loss, overlaid"), headers, rows,
-                compare.common_sample_steps(self.runs_dir, names))
+            return out
+        try:
+            note, headers, rows = compare.loss_table(self.runs_dir, names)
+            shown, items = compare.samples_at_step(self.runs_dir, names, int(step) if step not in (None, "") else None)
+            out.update(figure=compare.loss_figure(self.runs_dir, names, title="loss, overlaid"), note=note,
+                       headers=headers, rows=rows, steps=compare.common_sample_steps(self.runs_dir, names),
+                       step=shown, samples=[(str(p), cap) for p, cap in items])
+        except USER_ERRORS as e:
+            out["note"] = f"**Cannot compare:** {e}"
+        return out
 
     def saved_samples(self, names: list[str], step) -> list[tuple[str, str]]:
         names = [n for n in names or [] if n]
