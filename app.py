@@ -79,13 +79,16 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                             precision = gr.Dropdown([("accelerate's setting", "default"), "no", "fp16", "bf16"],
                                                     value=job["mixed_precision"] or "default", label="Precision")
                             train_te = gr.Checkbox(False, label="Text-encoder LoRA")
+                            lora_conv = gr.Checkbox(job["lora_conv"], label="Conv LoRA (LoCon)",
+                                                    info="the UNet's convolutions too: tiny-emoji needs it to learn photos")
                             enable_bucket = gr.Checkbox(False, label="Aspect-ratio buckets",
                                                         info="train non-square photos at their own shape")
                         buckets_msg = gr.Markdown()
                         with gr.Accordion("More options", open=False):
                             with gr.Row():
                                 warmup = gr.Number(job["refactor_warmup_steps"], precision=0,
-                                                   label="RefLoRA warm-up steps")
+                                                   label="RefLoRA warm-up steps", placeholder="min(100, 10 % of the run)")
+                                snr_gamma = gr.Number(job["snr_gamma"], label="Min-SNR gamma", placeholder="off")
                                 val_steps = gr.Number(job["validation_steps"], precision=0,
                                                       label="Sample every N steps")
                                 ckpt_steps = gr.Number(job["checkpointing_steps"], precision=0,
@@ -158,11 +161,12 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
         # ---------------------------------------------------------------- wiring
         form_inputs = [images, run_name, base, data_dir, captions, instance_prompt, class_prompt, prior,
                        validation_prompt, method, rank, alpha, steps, lr, resolution, seed, precision, train_te, warmup,
-                       val_steps, ckpt_steps, enable_bucket]
+                       val_steps, ckpt_steps, enable_bucket, lora_conv, snr_gamma]
 
         def form(base, data_dir, captions, instance_prompt, class_prompt, with_prior_preservation,
                  validation_prompt, method, rank, alpha, steps, lr, resolution, seed, precision, train_text_encoder,
-                 warmup_steps, validation_steps, checkpointing_steps, enable_bucket=False) -> dict:
+                 warmup_steps, validation_steps, checkpointing_steps, enable_bucket=False, lora_conv=False,
+                 snr_gamma=None) -> dict:
             """The form as train/sd.py options (same names as its CLI flags)."""
             data = ({"train_data_dir": data_dir} if captions and data_dir else
                     {"instance_data_dir": data_dir, "instance_prompt": instance_prompt})
@@ -173,6 +177,7 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                     "mixed_precision": None if precision == "default" else precision,
                     "train_text_encoder": train_text_encoder, "refactor_warmup_steps": warmup_steps,
                     "validation_steps": validation_steps, "checkpointing_steps": checkpointing_steps,
+                    "lora_conv": bool(lora_conv), "snr_gamma": snr_gamma,
                     **({"enable_bucket": True, **default_bucket_options(int(resolution))} if enable_bucket else {})}
 
         form_fields = set(inspect.signature(form).parameters)
@@ -182,7 +187,7 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
         def start(images, run_name, base, data_dir, captions, instance_prompt, class_prompt, with_prior_preservation,
                   validation_prompt, method, rank, alpha=None, steps=None, lr=None, resolution=None, seed=None,
                   precision=None, train_text_encoder=None, warmup_steps=None, validation_steps=None,
-                  checkpointing_steps=None, enable_bucket=None):
+                  checkpointing_steps=None, enable_bucket=None, lora_conv=None, snr_gamma=None):
             fields = {k: v for k, v in locals().items() if k in form_fields}
             msg, _ = views.start(form(**fields), images, run_name)
             return msg
@@ -190,7 +195,8 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
         def start_ab(method_b, side_by_side, images, run_name, base, data_dir, captions, instance_prompt,
                      class_prompt, with_prior_preservation, validation_prompt, method, rank, alpha=None, steps=None,
                      lr=None, resolution=None, seed=None, precision=None, train_text_encoder=None, warmup_steps=None,
-                     validation_steps=None, checkpointing_steps=None, enable_bucket=None):
+                     validation_steps=None, checkpointing_steps=None, enable_bucket=None, lora_conv=None,
+                     snr_gamma=None):
             fields = {k: v for k, v in locals().items() if k in form_fields}
             msg, names = views.start(form(**fields), images, run_name, ab=True, method_b=method_b,
                                      side_by_side=side_by_side)

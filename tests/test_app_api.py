@@ -93,7 +93,8 @@ def test_api_train_poll_export_load(app, tmp_path):
 
     msg = client.predict(images=[handle_file(str(p)) for p in sorted(DOG.glob("*.jpg"))[:3]],
                          run_name="api dog", method="reflora", rank=4, alpha=8, steps=6, lr=1e-3, resolution=64,
-                         seed=1, warmup_steps=2, validation_steps=6, checkpointing_steps=3, api_name="/start")
+                         seed=1, warmup_steps=2, validation_steps=6, checkpointing_steps=3, lora_conv=False,
+                         api_name="/start")
     assert msg.startswith("Started api-dog"), msg
     seen = set()
     deadline = time.time() + 300

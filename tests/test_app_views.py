@@ -199,13 +199,14 @@ def test_default_job_is_the_readme_main_job(tmp_path):
                   "rank": "rank", "alpha": "lora_alpha", "steps": "max_train_steps", "lr": "learning_rate",
                   "seed": "seed", "train_text_encoder": "train_text_encoder", "warmup_steps": "refactor_warmup_steps",
                   "validation_steps": "validation_steps", "checkpointing_steps": "checkpointing_steps",
-                  "with_prior_preservation": "with_prior_preservation", "enable_bucket": "enable_bucket"}
+                  "with_prior_preservation": "with_prior_preservation", "enable_bucket": "enable_bucket",
+                  "lora_conv": "lora_conv", "snr_gamma": "snr_gamma"}
     for param, option in as_options.items():
         assert page[param] == getattr(cli, option), (param, page[param], getattr(cli, option))
     assert page["validation_prompt"].splitlines() == cli.validation_prompt
     assert page["precision"] == "default" and cli.mixed_precision is None  # both: accelerate's setting
     assert page["resolution"] == 64 and cli.resolution is None  # the base model's own size, 64 for tiny-emoji
-    assert views.default_job()["rank"] == cli.rank == 8
+    assert views.default_job()["rank"] == cli.rank == 16
 
 
 def test_method_dropdown_says_what_each_method_is(tmp_path):

@@ -33,8 +33,9 @@ METHOD_SUMMARIES = {
 # job a user runs in a terminal. None is "the trainer's default": alpha = rank, a drawn seed (recorded in
 # config.json), accelerate's mixed precision.
 MAIN_JOB = {"pretrained_model_name_or_path": "tiny-emoji", "instance_prompt": "a photo of sks dog",
-            "validation_prompt": ["a photo of sks dog"], "method": "reflora", "rank": 8, "refactor_warmup_steps": 20,
-            "max_train_steps": 100, "checkpointing_steps": 50, "validation_steps": 50}
+            "validation_prompt": ["a photo of sks dog"], "method": "reflora", "rank": 16, "lora_conv": True,
+            "learning_rate": 3e-3, "snr_gamma": 5.0, "max_train_steps": 600, "checkpointing_steps": 300,
+            "validation_steps": 200, "seed": 0}
 USER_ERRORS = (JobError, compare.CompareError, downloads.ExportError, runs.RunPathError, FileNotFoundError,
                ValueError)
 
