@@ -10,8 +10,9 @@ generator), equal steps. Two phases:
     python benchmarks/sd_dreambooth.py                 # ~10 min on 2 shared CPU cores
     python benchmarks/sd_dreambooth.py --steps 100 --methods lora reflora reflora-s
     python benchmarks/sd_dreambooth.py --methods lora reflora reflora:normalize reflora:reinit   # core options
-    python benchmarks/sd_dreambooth.py --base tiny-emoji --methods lora reflora reflora-s --steps 200 \
-        --out benchmarks/results/sd_dreambooth_emoji       # on the pretrained emoji base, with a sample grid
+    python benchmarks/sd_dreambooth.py --base tiny-emoji --methods lora reflora reflora-s --steps 600 --rank 16 \
+        --lr 3e-3 --lora_conv --snr_gamma 5 --warmup 60 --batch_size 1 --eval_loss_every 100 --timing_rounds 2 \
+        --out benchmarks/results/sd_dreambooth_emoji       # the quick start's recipe on the emoji base, with a grid
 
 Writes benchmarks/results/sd_dreambooth.json and .png; with `--grid_prompts` (default on a pretrained base) also
 `<out>_grid.png`: base model and every method's adapter on the same prompts and seeds, made by the app's Compare
@@ -57,6 +58,7 @@ def make_trainer(out: Path, method: str, args) -> SDTrainer:
         instance_prompt=instance_prompt(args), resolution=64, rank=args.rank, lora_alpha=args.rank,
         learning_rate=args.lr, method=method, refactor_warmup_steps=args.warmup, max_train_steps=args.steps,
         train_batch_size=args.batch_size, cache_latents=True, random_flip=True, seed=args.seed,
+        lora_conv=args.lora_conv, snr_gamma=args.snr_gamma, eval_loss_every=args.eval_loss_every,
         checkpointing_steps=10**9, output_dir=str(out), **options))
     trainer = SDTrainer(cfg)
     trainer.setup()
@@ -117,6 +119,9 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=20, help="RefLoRA warm-up (plain LoRA steps)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--lora_conv", action="store_true", help="adapt the UNet's convolutions too (the quick start's recipe)")
+    p.add_argument("--snr_gamma", type=float, default=None, help="min-SNR weighting (the quick start uses 5)")
+    p.add_argument("--eval_loss_every", type=int, default=0, help="log the fixed-noise eval loss every N steps")
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smooth", type=int, default=15, help="moving-average window (steps)")
