@@ -205,6 +205,11 @@ def test_resume_with_other_options_is_recorded_and_a_structural_change_touches_n
     card = (run / "README.md").read_text()
     assert "## Resumed with changed options" in card and "from step 4: `instance_prompt`" in card
     assert "`learning_rate` 0.0001 -> 0.001" in card
+    # a resume with nothing left to train is one line and touches nothing
+    before = snapshot(run)
+    code, err = run_cli(["--config", str(run / "config.json"), "--resume_from_checkpoint", "latest"], capsys)
+    assert code == 2 and "checkpoint-6 is already at step 6 of 6; pass a larger --max_train_steps" in err, err
+    assert snapshot(run) == before
     # a resume that changes nothing keeps the record and adds none; the seed is the run's own when not given
     args = ["--config", str(run / "config.json"), "--resume_from_checkpoint", "latest", "--max_train_steps", "7"]
     code, err = run_cli(args, capsys)

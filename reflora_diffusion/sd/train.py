@@ -105,6 +105,14 @@ def find_resume_checkpoint(cfg: SDTrainConfig) -> Path | None:
     return path
 
 
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint folder of this trainer was written at."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / TRAINER_STATE), framework="pt") as f:
+        return int(f.metadata()["global_step"])
+
+
 # --- the trainer ----------------------------------------------------------------------------------------
 class SDTrainer:
     def __init__(self, cfg: SDTrainConfig):
@@ -146,6 +154,10 @@ class SDTrainer:
         if cfg.refactor_warmup_steps is None:
             cfg.refactor_warmup_steps = default_warmup(self.max_steps)
         action = check_output_dir(self.run_dir, requested, resume_found=self.resume_dir is not None)
+        if action == "resume" and checkpoint_step(self.resume_dir) >= self.max_steps:
+            raise ConfigError(f"--resume_from_checkpoint: {self.resume_dir.name} is already at step "
+                              f"{checkpoint_step(self.resume_dir)} of {self.max_steps}; pass a larger "
+                              "--max_train_steps to train on")
         if action == "resume" and isinstance(previous, dict):
             self._record_resume_changes(previous, requested)
         if self.is_main:
@@ -177,13 +189,10 @@ class SDTrainer:
     def _record_resume_changes(self, previous: dict, requested: dict) -> None:
         """A resume with other data, prompts, learning rate, seed, ...: go on, say so in one line, and keep the
         change with its step in config.json (and so in the model card), so that they describe the whole run."""
-        from safetensors import safe_open
-
         changes = resume_changes(previous, requested)
         history = list(previous.get("changed_on_resume") or [])
         if changes:
-            with safe_open(str(self.resume_dir / TRAINER_STATE), framework="pt") as f:
-                step = int(f.metadata()["global_step"])
+            step = checkpoint_step(self.resume_dir)
             history.append({"step": step, **changes})
             get_logger(__name__).warning(
                 f"resuming at step {step} with changed options: "
