@@ -7,6 +7,8 @@
    distance to the nearest training photo is the RMS pixel difference (0..255) at 32x32 (centre-cropped
    photos). Target: the adapter's mean distance <= 0.6 of the base's.
 3. A before/after grid: the training photos, the base's images, the adapter's images (same seeds).
+The app's default job is this same job (tests/test_app_views.py keeps its form equal to the README command), so
+the figures hold for it too.
 
     python benchmarks/quickstart.py                 # ~2-3 min on this 2-core CPU
     python benchmarks/quickstart.py --seeds 12      # more seeds
