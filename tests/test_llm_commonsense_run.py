@@ -150,3 +150,54 @@ def test_saved_adapter_reproduces_the_trained_model(tmp_path, method, options):
         assert torch.allclose(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["r"] == (2 * 3 if method == "cola" else 2)  # 5 steps, a link every 2: 2 merged + the current
+
+
+def test_split_holdout_is_fixed_and_disjoint():
+    from reflora_diffusion.llm.commonsense_run import split_holdout
+
+    records = [{"i": i} for i in range(1000)]
+    train, held = split_holdout(records, 64)
+    assert len(held) == 64 and len(train) == 936
+    assert {r["i"] for r in train}.isdisjoint(r["i"] for r in held)
+    assert [r["i"] for r in train] == sorted(r["i"] for r in train)  # the rest keeps its order
+    assert split_holdout(records, 64) == (train, held)  # fixed: no dependence on the training seed
+    assert len(split_holdout(records[:100], 64)[1]) == 10  # at most a tenth of the data
+    assert split_holdout(records, 0) == (records, [])
+
+
+@needs_shared
+def test_held_out_answer_loss_at_every_logging_step(smollm2_folder, tmp_path):
+    """eval_loss = the LM loss on held-out records' answers, at every logging step; results.json keeps the last."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+    from reflora_diffusion.app.runs import EventLog
+    from reflora_diffusion.llm.commonsense import tokenize_records
+    from reflora_diffusion.llm.commonsense_run import parse_train_args, run_train, split_holdout
+
+    records = sorted(json.load(open(os.path.join(SHARED, "boolq", "train.json"))),
+                     key=lambda r: len(r["instruction"]))[:20]
+    train_file = tmp_path / "train.json"
+    train_file.write_text(json.dumps(records))
+    out = tmp_path / "cs"
+    args, train_args = parse_train_args([
+        "--model_name_or_path", smollm2_folder, "--train_file", str(train_file), "--method", "lora",
+        "--lora_r", "4", "--lora_alpha", "8", "--cutoff_len", "64", "--max_steps", "3",
+        "--per_device_train_batch_size", "2", "--warmup_steps", "0", "--learning_rate", "1e-3",
+        "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "--report_to", "none",
+        "--output_dir", str(out)])
+    results = run_train(args, train_args)
+    log = EventLog(out / "events.jsonl").update()
+    assert log.steps == [1, 2, 3] and log.eval_steps == [1, 2, 3]
+    assert len(set(log.eval_losses)) == 3
+    assert results["train"]["held_out"] == 2 and results["train"]["examples"] == 18
+    assert results["train"]["eval_loss"] == pytest.approx(log.eval_losses[-1])
+    # The same loss from the saved adapter: the answers' tokens of the 2 held-out records, in one batch.
+    held = split_holdout(records, 64)[1]
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    features = tokenize_records(tokenizer, held, 64)[0]
+    batch = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, padding=True)(features)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_folder), str(out)).eval()
+    with torch.no_grad():
+        loss = model(**batch).loss
+    assert float(loss) == pytest.approx(log.eval_losses[-1], rel=1e-4)

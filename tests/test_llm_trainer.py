@@ -102,7 +102,8 @@ def test_resume_from_checkpoint_without_core_state(tmp_path):
 
 def test_lora_plus_group_is_attached_before_the_scheduler(tmp_path):
     glue_args, train_args = parse_args(["--model_name_or_path", MINILM, "--output_dir", str(tmp_path), *TINY,
-                                        "--method", "lora+", "--loraplus_lr_ratio", "4", "--max_steps", "1"])
+                                        "--method", "lora+", "--loraplus_lr_ratio", "4", "--max_steps", "1",
+                                        "--eval_strategy", "no"])  # a Trainer without dev data
     tokenizer, model = load_model(glue_args)
     trainer = RefactorTrainer(model=model, args=train_args, method="lora+", method_options={"ratio": 4.0})
     optimizer = trainer.create_optimizer()
@@ -225,3 +226,19 @@ def test_train_pooler_false_keeps_the_old_frozen_pooler(tmp_path):
     assert {n for n, p in model.named_parameters() if p.requires_grad and "pooler" in n} == {
         "base_model.model.bert.pooler.modules_to_save.default.dense.weight",
         "base_model.model.bert.pooler.modules_to_save.default.dense.bias"}
+
+
+def test_dev_loss_is_logged_at_every_logging_step(tmp_path):
+    """GLUE evaluates on dev at every logging step by default; the app reads those losses from events.jsonl."""
+    from reflora_diffusion.app.runs import EventLog
+
+    glue_run(tmp_path, "--method", "lora", "--max_steps", "6")
+    log = EventLog(tmp_path / "events.jsonl").update()
+    assert log.steps == [2, 4, 6] and log.eval_steps == [2, 4, 6]
+    assert all(0.0 < v < 5.0 for v in log.eval_losses) and len(set(log.eval_losses)) == 3
+    results = json.load(open(tmp_path / "results.json"))
+    assert [e["step"] for e in results["evals"]] == [2, 4, 6]  # the last one is the final evaluation, not redone
+    assert results["final"]["eval_loss"] == pytest.approx(log.eval_losses[-1])
+    # --eval_steps thins the curve; --eval_strategy no evaluates once, after training
+    glue_run(tmp_path / "thin", "--method", "lora", "--max_steps", "6", "--eval_steps", "4")
+    assert EventLog(tmp_path / "thin" / "events.jsonl").update().eval_steps == [4, 6]

@@ -252,6 +252,9 @@ class GlueTrainingArguments(TrainingArguments):
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 64
     logging_steps: float = 10
+    # Dev loss and metrics at every logging step (eval_steps defaults to logging_steps): the held-out curve next
+    # to the training loss. --eval_steps N thins it, --eval_strategy no evaluates once, after training.
+    eval_strategy: str = "steps"
     save_strategy: str = "no"
 
 
