@@ -28,6 +28,8 @@ __all__ = ["TrainArguments", "CommonsenseTrainingArguments", "EvalArguments", "p
            "parse_eval_args", "run_train", "run_eval", "save_adapter"]
 
 PAPER_TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
+SCORE_HELP = ("also score each option's text by its log-likelihood given the question (option_accuracy in "
+              "results.json, beside the generated answer's accuracy)")
 
 
 @dataclass
@@ -63,6 +65,7 @@ class TrainArguments(MethodArguments, QuantArguments):
     eval_batch_size: int = 8
     max_new_tokens: int = 32
     num_beams: int = field(default=1, metadata={"help": "1 = greedy (LLM-Adapters' scripts use 4)"})
+    score_options: bool = field(default=True, metadata={"help": SCORE_HELP})
 
     def __post_init__(self):
         super().__post_init__()
@@ -98,6 +101,7 @@ class EvalArguments:
     batch_size: int = 8
     max_new_tokens: int = 32
     num_beams: int = field(default=1, metadata={"help": "1 = greedy (LLM-Adapters' scripts use 4)"})
+    score_options: bool = field(default=True, metadata={"help": SCORE_HELP})
     dtype: str | None = None
     resume: bool = field(default=True, metadata={"help": "keep predictions of an earlier, interrupted run with "
                                                          "the same settings in the same --output_dir"})
@@ -222,7 +226,8 @@ def run_train(args: TrainArguments, train_args) -> dict:
                 model.config.use_cache = True
                 evaluate_datasets(model, tokenizer, test_files, out, results,
                                   lambda r: write_json_atomic(results_path, r), args.eval_max_samples,
-                                  args.eval_batch_size, args.max_new_tokens, args.num_beams)
+                                  args.eval_batch_size, args.max_new_tokens, args.num_beams,
+                                  score_options=args.score_options)
             log.set_status(state="done", step=steps, max_steps=trainer.state.max_steps)
         return results
 
@@ -263,6 +268,7 @@ def run_eval(args: EvalArguments) -> dict:
             # merged: generation runs at the base model's speed
             model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
         evaluate_datasets(model, tokenizer, test_files, out, results, lambda r: write_json_atomic(results_path, r),
-                          args.max_samples, args.batch_size, args.max_new_tokens, args.num_beams, resume=resume)
+                          args.max_samples, args.batch_size, args.max_new_tokens, args.num_beams, resume=resume,
+                          score_options=args.score_options)
         log.set_status(state="done")
         return results
