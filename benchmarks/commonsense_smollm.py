@@ -96,7 +96,8 @@ def run_method(method: str, args, model_dir: str, train_file: str, work: str, se
             "--save_strategy", "no", "--seed", str(seed), "--report_to", "none",
             "--disable_tqdm", "true", "--eval_datasets", "all", "--data_dir", args.data_dir,
             "--eval_max_samples", str(args.eval_samples), "--max_new_tokens", str(args.max_new_tokens),
-            "--eval_batch_size", str(min(args.eval_samples, 100))]
+            "--eval_batch_size", str(min(args.eval_samples, 100)),
+            "--eval_holdout", "0"]  # all records trained, as measured (no held-out loss)
     if not torch.cuda.is_available():
         argv.append("--use_cpu")
     if args.lora_top_layers:

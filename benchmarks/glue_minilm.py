@@ -72,7 +72,8 @@ def one_run(args, task, method, seed, workdir):
              "--refactor_warmup_steps", str(args.refactor_warmup), "--warmup_steps", "0.1",
              "--max_train_samples", str(args.steps * args.batch_size), "--max_eval_samples", str(args.eval_samples),
              "--logging_steps", str(args.logging_steps), "--disable_tqdm", "true", "--report_to", "none",
-             "--dataloader_pin_memory", "false", "--log_level", "error"]
+             "--dataloader_pin_memory", "false", "--log_level", "error",
+             "--eval_strategy", "no"]  # one evaluation after training, as measured (not one per logging step)
     glue_args, train_args = parse_args(flags)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # Trainer prints every log dict
         run(glue_args, train_args)

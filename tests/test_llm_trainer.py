@@ -102,7 +102,8 @@ def test_resume_from_checkpoint_without_core_state(tmp_path):
 
 def test_lora_plus_group_is_attached_before_the_scheduler(tmp_path):
     glue_args, train_args = parse_args(["--model_name_or_path", MINILM, "--output_dir", str(tmp_path), *TINY,
-                                        "--method", "lora+", "--loraplus_lr_ratio", "4", "--max_steps", "1"])
+                                        "--method", "lora+", "--loraplus_lr_ratio", "4", "--max_steps", "1",
+                                        "--eval_strategy", "no"])  # a Trainer without dev data
     tokenizer, model = load_model(glue_args)
     trainer = RefactorTrainer(model=model, args=train_args, method="lora+", method_options={"ratio": 4.0})
     optimizer = trainer.create_optimizer()
@@ -172,3 +173,72 @@ def test_checkpointing_reads_the_flag_of_either_transformers_generation():
     assert checkpointing(SimpleNamespace(gradient_checkpointing=True)) is True
     assert checkpointing(SimpleNamespace(gradient_checkpointing=False)) is False
     assert checkpointing(SimpleNamespace(activation_checkpointing=True, gradient_checkpointing=False)) is True
+
+
+def _dev_accuracy(model, n=32):
+    """Accuracy of `model` on the run's dev subset (TINY: 32 RTE pairs, 64 tokens), batch by batch."""
+    from transformers import AutoTokenizer
+
+    from reflora_diffusion.llm.glue import load_glue
+
+    dev = load_glue("rte", GLUE, splits=["validation"], max_eval_samples=n)["validation"]
+    tok = AutoTokenizer.from_pretrained(MINILM)
+    right = 0
+    with torch.no_grad():
+        for i in range(0, n, 8):
+            rows = dev[i:i + 8]
+            enc = tok(rows["text_a"], rows["text_b"], truncation=True, max_length=64, padding=True,
+                      return_tensors="pt")
+            right += int((model(**enc).logits.argmax(-1) == torch.tensor(rows["label"])).sum())
+    return right / n
+
+
+def test_pooler_is_trained_saved_and_reloads_for_evaluation(tmp_path):
+    """MiniLM's pooler is untrained (bias 0): GLUE trains it next to the classifier and the adapter carries it."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    glue_run(tmp_path, "--method", "reflora", "--max_steps", "4", "--refactor_warmup_steps", "2")
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    pooler = {k: v for k, v in weights.items() if ".pooler." in k}
+    assert sorted(k.rsplit(".", 1)[-1] for k in pooler) == ["bias", "weight"]
+    base = AutoModelForSequenceClassification.from_pretrained(MINILM, num_labels=2)
+    assert float(base.bert.pooler.dense.bias.detach().abs().max()) == 0.0  # the untrained pooler of this checkpoint
+    bias = next(v for k, v in pooler.items() if k.endswith("bias"))
+    assert float(bias.abs().max()) > 1e-5  # moved by training
+    weight = next(v for k, v in pooler.items() if k.endswith("weight"))
+    assert not torch.equal(weight, base.bert.pooler.dense.weight.detach())
+    # The saved folder loads for evaluation and reproduces the run's final dev accuracy.
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    assert torch.equal(reloaded.base_model.model.bert.pooler.modules_to_save["default"].dense.bias, bias)
+    final = json.load(open(tmp_path / "results.json"))["final"]
+    assert _dev_accuracy(reloaded) == pytest.approx(final["eval_accuracy"])
+
+
+def test_train_pooler_false_keeps_the_old_frozen_pooler(tmp_path):
+    glue_args, _ = parse_args(["--model_name_or_path", MINILM, "--output_dir", str(tmp_path), *TINY,
+                               "--train_pooler", "false"])
+    _, model = load_model(glue_args)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any("pooler" in n for n in trainable) and any("classifier" in n for n in trainable)
+    glue_args, _ = parse_args(["--model_name_or_path", MINILM, "--output_dir", str(tmp_path), *TINY])
+    _, model = load_model(glue_args)
+    assert {n for n, p in model.named_parameters() if p.requires_grad and "pooler" in n} == {
+        "base_model.model.bert.pooler.modules_to_save.default.dense.weight",
+        "base_model.model.bert.pooler.modules_to_save.default.dense.bias"}
+
+
+def test_dev_loss_is_logged_at_every_logging_step(tmp_path):
+    """GLUE evaluates on dev at every logging step by default; the app reads those losses from events.jsonl."""
+    from reflora_diffusion.app.runs import EventLog
+
+    glue_run(tmp_path, "--method", "lora", "--max_steps", "6")
+    log = EventLog(tmp_path / "events.jsonl").update()
+    assert log.steps == [2, 4, 6] and log.eval_steps == [2, 4, 6]
+    assert all(0.0 < v < 5.0 for v in log.eval_losses) and len(set(log.eval_losses)) == 3
+    results = json.load(open(tmp_path / "results.json"))
+    assert [e["step"] for e in results["evals"]] == [2, 4, 6]  # the last one is the final evaluation, not redone
+    assert results["final"]["eval_loss"] == pytest.approx(log.eval_losses[-1])
+    # --eval_steps thins the curve; --eval_strategy no evaluates once, after training
+    glue_run(tmp_path / "thin", "--method", "lora", "--max_steps", "6", "--eval_steps", "4")
+    assert EventLog(tmp_path / "thin" / "events.jsonl").update().eval_steps == [4, 6]

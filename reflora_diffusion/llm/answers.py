@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["DATASETS", "extract_answer", "check_dataset", "accuracy"]
+__all__ = ["DATASETS", "extract_answer", "check_dataset", "accuracy", "parse_options"]
 
 # dataset -> the answer words its prompts ask for (LLM-Adapters' regex alternatives, in the same order)
 DATASETS = {
@@ -42,3 +42,33 @@ def accuracy(predictions: list[str], labels: list[str]) -> dict:
     total = len(labels)
     return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total,
             "unparsed": sum(p == "" for p in predictions)}
+
+
+_OPTION = re.compile(r"\b(Answer|Solution|Ending|Option)(\d+):\s*")
+
+
+def parse_options(dataset: str, instruction: str) -> tuple[str, dict[str, str]] | None:
+    """(question, {answer word: option text}) from an LLM-Adapters prompt, or None when it has no such options.
+
+    BoolQ's options are its answer words ("true", "false"). The others list "Answer1: ... Answer2: ..." (or
+    Solution/Ending/Option) after the question, then "Answer format: ..."; the question is the text after the
+    prompt's lead-in ("Please choose the correct answer to the question: ") up to the first option.
+    """
+    words = DATASETS[check_dataset(dataset)]
+    body = instruction.split("\n\nAnswer format:")[0]
+    if dataset == "boolq":
+        question = body.split("question:", 1)[-1].strip()
+        return question, {w: w for w in words}
+    marks = list(_OPTION.finditer(body))
+    if not marks:
+        return None
+    head = body[:marks[0].start()]
+    question = head.split(": ", 1)[-1].strip()
+    options = {}
+    for m, nxt in zip(marks, marks[1:] + [None]):
+        word = f"{m.group(1).lower()}{m.group(2)}"
+        text = body[m.end():nxt.start() if nxt else len(body)].strip()
+        if word not in words or not text:
+            return None
+        options[word] = text
+    return (question, options) if len(options) >= 2 else None

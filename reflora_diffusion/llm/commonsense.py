@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from reflora_diffusion.logs import get_logger
 
-from .answers import DATASETS, accuracy, check_dataset, extract_answer
+from .answers import DATASETS, accuracy, check_dataset, extract_answer, parse_options
 from .prompts import RESPONSE_MARKER, eval_prompt, tokenize_example
 
-__all__ = ["load_records", "find_test_file", "resolve_datasets", "generate", "evaluate_dataset",
+__all__ = ["load_records", "find_test_file", "resolve_datasets", "generate", "score_options", "evaluate_dataset",
            "evaluate_datasets", "tokenize_records", "average_accuracy"]
 
 REQUIRED_KEYS = ("instruction", "output", "answer")
@@ -100,6 +100,45 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, num
     return [t.split(RESPONSE_MARKER)[-1].strip() for t in texts]
 
 
+OPTION_CONTEXT = "Question: {question}\nAnswer:"
+
+
+@torch.no_grad()
+def score_options(model, tokenizer, question: str, options: dict[str, str]) -> dict[str, float]:
+    """{answer word: log p(" " + option text | "Question: <question>\nAnswer:")}, the sum over the option's tokens.
+
+    Context and option are tokenized apart and joined (the option's tokens are exactly its own); all options of
+    one question go through the model in one right-padded batch."""
+    context = tokenizer(OPTION_CONTEXT.format(question=question))["input_ids"]
+    words = list(options)
+    conts = [tokenizer(" " + options[w], add_special_tokens=False)["input_ids"] for w in words]
+    seqs = [context + c for c in conts]
+    width = max(len(x) for x in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([x + [pad] * (width - len(x)) for x in seqs], device=model.device)
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], device=model.device)
+    logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    scores = {}
+    for row, (word, cont) in enumerate(zip(words, conts)):
+        positions = torch.arange(len(context) - 1, len(context) + len(cont) - 1, device=model.device)
+        targets = torch.tensor(cont, device=model.device)
+        scores[word] = float(logprobs[row, positions, targets].sum())
+    return scores
+
+
+def _option_row(model, tokenizer, dataset: str, record: dict) -> dict:
+    """The option-scoring fields of a prediction row: {} when the prompt has no options to score."""
+    parsed = parse_options(dataset, record["instruction"])
+    if parsed is None:
+        return {}
+    question, options = parsed
+    scores = score_options(model, tokenizer, question, options)
+    # per character as well (lm-evaluation-harness' acc_norm): long options are not penalised for their length
+    norm = {w: v / max(len(" " + options[w]), 1) for w, v in scores.items()}
+    return {"option_logprobs": scores, "option_pred": max(scores, key=scores.get),
+            "option_pred_norm": max(norm, key=norm.get)}
+
+
 def _read_predictions(path: str) -> dict[int, dict]:
     done = {}
     if os.path.isfile(path):
@@ -115,12 +154,16 @@ def _read_predictions(path: str) -> dict[int, dict]:
 
 def evaluate_dataset(model, tokenizer, records: list[dict], dataset: str, predictions_path: str,
                      batch_size: int = 8, max_new_tokens: int = 32, num_beams: int = 1,
-                     resume: bool = False, on_batch=None) -> dict:
+                     resume: bool = False, on_batch=None, score: bool = True) -> dict:
     """Accuracy of `model` on `records`, one JSON line per prediction appended to `predictions_path` as it goes.
 
     With `resume`, examples already in the file are not generated again. Examples are batched by prompt
     length (less padding); each line carries its index in `records`. `on_batch(metrics)` is called after
     every batch with the running (partial) metrics.
+
+    With `score` (multiple-choice sets), each option's text is also scored by its log-likelihood given the
+    question (`score_options`): the row gets `option_pred` (the likeliest option's answer word) and the metrics
+    `option_accuracy` / `option_accuracy_norm` (per-character log-likelihood) beside the generated answer's.
     """
     check_dataset(dataset)
     if not resume and os.path.exists(predictions_path):
@@ -144,6 +187,8 @@ def evaluate_dataset(model, tokenizer, records: list[dict], dataset: str, predic
                     pred = extract_answer(dataset, output)
                     row = {"index": i, "instruction": records[i]["instruction"], "answer": records[i]["answer"],
                            "output_pred": output, "pred": pred, "flag": pred == records[i]["answer"] and pred != ""}
+                    if score:
+                        row.update(_option_row(model, tokenizer, dataset, records[i]))
                     done[i] = row
                     f.write(json.dumps(row) + "\n")
                 f.flush()
@@ -158,6 +203,11 @@ def _metrics(done: dict[int, dict], complete: bool) -> dict:
     rows = list(done.values())
     m = accuracy([r["pred"] for r in rows], [r["answer"] for r in rows])
     m["complete"] = complete
+    scored = [r for r in rows if "option_pred" in r]
+    if scored:  # option scoring: accuracy over the examples scored (all of them, unless resumed from an old file)
+        m["option_accuracy"] = sum(r["option_pred"] == r["answer"] for r in scored) / len(scored)
+        m["option_accuracy_norm"] = sum(r["option_pred_norm"] == r["answer"] for r in scored) / len(scored)
+        m["option_scored"] = len(scored)
     return m
 
 
@@ -169,7 +219,8 @@ def average_accuracy(datasets: dict[str, dict]) -> float | None:
 
 def evaluate_datasets(model, tokenizer, test_files: dict[str, str], output_dir: str, results: dict,
                       write_results, max_samples: int | None = None, batch_size: int = 8,
-                      max_new_tokens: int = 32, num_beams: int = 1, resume: bool = False) -> dict:
+                      max_new_tokens: int = 32, num_beams: int = 1, resume: bool = False,
+                      score_options: bool = True) -> dict:
     """Evaluate on each test file; `results["datasets"]` and `results["average"]` are updated and
     `write_results(results)` called after every batch, so a crash loses nothing computed."""
     results.setdefault("datasets", {})
@@ -183,7 +234,7 @@ def evaluate_datasets(model, tokenizer, test_files: dict[str, str], output_dir: 
             write_results(results)
 
         metrics = evaluate_dataset(model, tokenizer, records, name, pred_path, batch_size, max_new_tokens,
-                                   num_beams, resume=resume, on_batch=on_batch)
+                                   num_beams, resume=resume, on_batch=on_batch, score=score_options)
         on_batch(metrics)
         get_logger(__name__).info(f"{name}: accuracy {metrics['accuracy']:.4f} ({metrics['correct']}/"
                                   f"{metrics['total']}, {metrics['unparsed']} without an answer)")

@@ -28,6 +28,8 @@ __all__ = ["TrainArguments", "CommonsenseTrainingArguments", "EvalArguments", "p
            "parse_eval_args", "run_train", "run_eval", "save_adapter"]
 
 PAPER_TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
+SCORE_HELP = ("also score each option's text by its log-likelihood given the question (option_accuracy in "
+              "results.json, beside the generated answer's accuracy)")
 
 
 @dataclass
@@ -40,6 +42,10 @@ class TrainArguments(MethodArguments, QuantArguments):
     train_on_inputs: bool = field(default=False, metadata={"help": "also train on prompt tokens (LLM-Adapters' "
                                                                     "default); default: loss on the response only"})
     max_train_samples: int | None = None
+    eval_holdout: int = field(default=64, metadata={"help": "hold out this many training records (a fixed random "
+                                                            "pick, the same for every method and seed; at most "
+                                                            "a tenth of the file) and log their LM loss on the "
+                                                            "answer at every logging step (eval_loss); 0: none"})
     lora_r: int = 32
     lora_alpha: float = 64
     lora_dropout: float = 0.05
@@ -59,6 +65,7 @@ class TrainArguments(MethodArguments, QuantArguments):
     eval_batch_size: int = 8
     max_new_tokens: int = 32
     num_beams: int = field(default=1, metadata={"help": "1 = greedy (LLM-Adapters' scripts use 4)"})
+    score_options: bool = field(default=True, metadata={"help": SCORE_HELP})
 
     def __post_init__(self):
         super().__post_init__()
@@ -76,6 +83,8 @@ class CommonsenseTrainingArguments(TrainingArguments):
     logging_steps: float = 10
     save_steps: float = 1000
     save_total_limit: int | None = 3
+    # The held-out loss (--eval_holdout) at every logging step; eval_steps defaults to logging_steps.
+    eval_strategy: str = "steps"
 
 
 @dataclass
@@ -92,6 +101,7 @@ class EvalArguments:
     batch_size: int = 8
     max_new_tokens: int = 32
     num_beams: int = field(default=1, metadata={"help": "1 = greedy (LLM-Adapters' scripts use 4)"})
+    score_options: bool = field(default=True, metadata={"help": SCORE_HELP})
     dtype: str | None = None
     resume: bool = field(default=True, metadata={"help": "keep predictions of an earlier, interrupted run with "
                                                          "the same settings in the same --output_dir"})
@@ -127,6 +137,21 @@ def _model_card(args: TrainArguments, train_args, stats: dict) -> str:
             "Prompt: the LLM-Adapters template (`reflora_diffusion.llm.prompts.eval_prompt`).\n")
 
 
+def split_holdout(records: list, n: int, seed: int = 0) -> tuple[list, list]:
+    """(training records, held-out records): min(n, len // 10) records picked at random with a fixed seed (the same
+    for every method and training seed), the rest in their order."""
+    import random
+
+    k = min(max(n, 0), len(records) // 10)
+    picked = set(random.Random(seed).sample(range(len(records)), k))
+    return [r for i, r in enumerate(records) if i not in picked], [records[i] for i in sorted(picked)]
+
+
+def _last_eval_loss(trainer) -> float | None:
+    losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    return losses[-1] if losses else None
+
+
 def run_train(args: TrainArguments, train_args) -> dict:
     """LoRA fine-tuning with a core method, then (optionally) evaluation; returns results.json's content."""
     from transformers import DataCollatorForSeq2Seq, set_seed
@@ -143,12 +168,19 @@ def run_train(args: TrainArguments, train_args) -> dict:
         # Check every input before the (slow) model load.
         files = [f.strip() for f in args.train_file.split(",") if f.strip()]
         records = [r for f in files for r in load_records(f)]
+        records, held_out = split_holdout(records, args.eval_holdout)
         records = records[:args.max_train_samples] if args.max_train_samples else records
+        if not held_out:
+            from transformers.trainer_utils import IntervalStrategy
+
+            train_args.eval_strategy = IntervalStrategy.NO  # nothing to evaluate during training
         test_files = resolve_datasets(args.eval_datasets, args.data_dir) if args.eval_datasets else {}
         set_seed(train_args.seed)
         model, tokenizer = load_causal_lm(args.model_name_or_path, args.gguf_file, args.dtype, quantization(args))
         model = prepare_quantized(model, args, checkpointing(train_args))
         features, truncated = tokenize_records(tokenizer, records, args.cutoff_len, args.train_on_inputs)
+        # The held-out loss is the loss the run trains (the answer's tokens, or all with --train_on_inputs).
+        held_out_features = tokenize_records(tokenizer, held_out, args.cutoff_len, args.train_on_inputs)[0]
         if truncated:
             get_logger(__name__).warning(f"{truncated} of {len(features)} prompts were cut to fit --cutoff_len "
                                          f"{args.cutoff_len}")
@@ -162,7 +194,7 @@ def run_train(args: TrainArguments, train_args) -> dict:
         model.config.use_cache = False
         tokenizer.padding_side = "right"  # training: right padding keeps the positions of real tokens at 0..n-1
         trainer = RefactorTrainer(
-            model=model, args=train_args, train_dataset=features,
+            model=model, args=train_args, train_dataset=features, eval_dataset=held_out_features or None,
             data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, padding=True),
             method=args.method, method_options=args.method_options(),
             run_log=log)
@@ -170,10 +202,14 @@ def run_train(args: TrainArguments, train_args) -> dict:
         train_out = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
         seconds = time.time() - started
         steps = trainer.state.global_step
+        if held_out_features and not any("eval_loss" in h and h.get("step") == steps
+                                         for h in trainer.state.log_history):
+            trainer.evaluate()  # the held-out loss of the final weights (every rank: a collective under FSDP)
         results = {"model": args.model_name_or_path, "gguf_file": args.gguf_file, "method": args.method,
                    "train": {"train_loss": train_out.training_loss, "steps": steps, "train_seconds": seconds,
                              "it_per_s": steps / seconds if seconds else None, "examples": len(features),
-                             "truncated": truncated, "refactor": trainer.refactorer.stats()},
+                             "truncated": truncated, "refactor": trainer.refactorer.stats(),
+                             "held_out": len(held_out), "eval_loss": _last_eval_loss(trainer)},
                    "distributed": trainer.distributed()}
         save_adapter(model, trainer.refactorer, out)  # every rank (a gather under FSDP2); the main one writes
         if test_files and trainer.refactorer.shard_group() is not None:
@@ -190,7 +226,8 @@ def run_train(args: TrainArguments, train_args) -> dict:
                 model.config.use_cache = True
                 evaluate_datasets(model, tokenizer, test_files, out, results,
                                   lambda r: write_json_atomic(results_path, r), args.eval_max_samples,
-                                  args.eval_batch_size, args.max_new_tokens, args.num_beams)
+                                  args.eval_batch_size, args.max_new_tokens, args.num_beams,
+                                  score_options=args.score_options)
             log.set_status(state="done", step=steps, max_steps=trainer.state.max_steps)
         return results
 
@@ -231,6 +268,7 @@ def run_eval(args: EvalArguments) -> dict:
             # merged: generation runs at the base model's speed
             model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
         evaluate_datasets(model, tokenizer, test_files, out, results, lambda r: write_json_atomic(results_path, r),
-                          args.max_samples, args.batch_size, args.max_new_tokens, args.num_beams, resume=resume)
+                          args.max_samples, args.batch_size, args.max_new_tokens, args.num_beams, resume=resume,
+                          score_options=args.score_options)
         log.set_status(state="done")
         return results

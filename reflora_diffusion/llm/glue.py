@@ -231,6 +231,10 @@ class GlueArguments(MethodArguments, QuantArguments):
                                                                         "default: q/k/v, attention output, "
                                                                         "intermediate"})
     cls_dropout: float | None = field(default=None, metadata={"help": "classifier-head dropout"})
+    train_pooler: bool = field(default=True, metadata={"help": "train the model's pooler (BERT: the dense + tanh "
+                                                                "over [CLS]; DeBERTa: ContextPooler) in full next "
+                                                                "to the classifier; false: keep it frozen (the "
+                                                                "old behaviour)"})
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
 
@@ -248,6 +252,9 @@ class GlueTrainingArguments(TrainingArguments):
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 64
     logging_steps: float = 10
+    # Dev loss and metrics at every logging step (eval_steps defaults to logging_steps): the held-out curve next
+    # to the training loss. --eval_steps N thins it, --eval_strategy no evaluates once, after training.
+    eval_strategy: str = "steps"
     save_strategy: str = "no"
 
 
@@ -283,6 +290,17 @@ def default_targets(model, paper: bool = False) -> list[str]:
     return family + [FFN_OUTPUT] if paper else family
 
 
+def pooler_names(model) -> list[str] | None:
+    """["pooler"] when the model has a pooler with weights (BERT's BertPooler, DeBERTa's ContextPooler), else None.
+
+    The classifier reads the pooler's output, but a pooler is often untrained: sentence-transformers checkpoints
+    (all-MiniLM-L6-v2: trained with mean pooling, its pooler bias is exactly 0) and DeBERTaV3 (no pooler in the
+    checkpoint: initialised at random). Left frozen, the head sees a random projection of [CLS]."""
+    found = any(n.rsplit(".", 1)[-1] == "pooler" and any(True for _ in m.parameters())
+                for n, m in model.named_modules())
+    return ["pooler"] if found else None
+
+
 def load_model(args: GlueArguments, gradient_checkpointing: bool = False):
     """Tokenizer and LoRA-wrapped AutoModelForSequenceClassification for the task (classifier head trained)."""
     from peft import TaskType
@@ -307,8 +325,10 @@ def load_model(args: GlueArguments, gradient_checkpointing: bool = False):
     else:
         targets = args.target_modules.split(",")
     # TaskType.SEQ_CLS makes peft train the new head ("classifier" / "score") in full: modules_to_save.
+    # The pooler the head reads joins it (--train_pooler): it may be untrained in the checkpoint (see pooler_names).
     model = add_lora(model, [t.strip() for t in targets], r=args.lora_r, alpha=args.lora_alpha,
-                     dropout=args.lora_dropout, task_type=TaskType.SEQ_CLS)
+                     dropout=args.lora_dropout, task_type=TaskType.SEQ_CLS,
+                     modules_to_save=pooler_names(model) if args.train_pooler else None)
     return tokenizer, model
 
 
