@@ -75,7 +75,8 @@ def run_cell(args, task, method, optim, lr, seed) -> dict:
                  "--lr_scheduler_type", "linear", "--warmup_steps", "0.1", "--weight_decay", "0.01",
                  "--max_length", str(MAX_LENGTH[task]), "--lora_r", "8", "--lora_alpha", "8", "--target_modules", "paper",
                  "--optim", hf_optim, "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "10",
-                 "--disable_tqdm", "true", "--report_to", "none", "--dataloader_pin_memory", "false", "--log_level", "error"]
+                 "--disable_tqdm", "true", "--report_to", "none", "--dataloader_pin_memory", "false", "--log_level", "error",
+                 "--train_pooler", "false"]  # the committed cells froze the pooler (the trainer's old default)
         if optim_args:
             flags += ["--optim_args", optim_args]
         if args.max_steps:
