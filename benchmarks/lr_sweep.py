@@ -112,7 +112,7 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
     return report
 
 
-def plot(cells: list[dict], report: dict, path: Path) -> None:
+def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,7 +167,7 @@ def main(argv=None) -> None:
     report = summarize(cells, args.tolerance)
     out.with_suffix(".json").write_text(json.dumps({"steps": args.steps, "tolerance": args.tolerance,
                                                     "cells": len(cells), "methods": report}, indent=1) + "\n")
-    plot(cells, report, out.with_suffix(".png"))
+    plot(report, out.with_suffix(".png"))
     print(json.dumps(report, indent=1))
 
 

@@ -245,7 +245,12 @@ def _ours(entry: Path) -> bool:
     if name == "events.jsonl":
         return entry.is_file() and _is_event_log(entry)
     if name in (ADAPTER_FILE, KOHYA_FILE):
-        return entry.is_file() and "reflora_info" in _safetensors_metadata(entry)
+        from reflora_diffusion.export.factors import read_metadata
+
+        try:
+            return entry.is_file() and "reflora_info" in read_metadata(entry)
+        except Exception:  # noqa: BLE001 - not a safetensors file: not ours
+            return False
     if name == "README.md":
         from reflora_diffusion.export.run import CARD_MARK
 
@@ -275,16 +280,6 @@ def _is_event_log(path: Path) -> bool:
             if n < len(lines) - 1:  # only the last line may be cut (a crash mid-write)
                 return False
     return True
-
-
-def _safetensors_metadata(path: Path) -> dict:
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:  # noqa: BLE001 - not a safetensors file: not ours
-        return {}
 
 
 def foreign_entries(run_dir: str | os.PathLike) -> list[str]:

@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     from reflora_diffusion.logs import show_info
 
     show_info()
+    cfg = None
     try:
         cfg = parse_args(argv)
         run_dir = train(cfg)
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not disk_full(e):
             raise
-        folder = cfg.output_dir if "cfg" in locals() else "the output folder"
+        folder = cfg.output_dir if cfg is not None else "the output folder"
         print(f"error: no space left on the disk of {folder!r}; free space, then continue with "
               "--resume_from_checkpoint latest", file=sys.stderr)
         return 2

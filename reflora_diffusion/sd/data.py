@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import io
 import json
 import re
 import warnings
@@ -86,9 +87,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
         import numpy as np
 
         a = np.asarray(im, dtype=np.float64)
-        top = 1.0 if im.mode == "F" and a.max(initial=0) <= 1.0 else 255.0 if a.max(initial=0) <= 255 else 65535.0
-        if a.max(initial=0) > 65535:  # 32-bit data: its own range
-            top = float(a.max())
+        peak = float(a.max(initial=0))
+        # the value range the data was written in: 0..1 floats, 8 bits, 16 bits, else (32-bit data) its own
+        top = 1.0 if im.mode == "F" and peak <= 1.0 else 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
         gray = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, "L").convert("RGB")
     if im.mode == "P" and "transparency" in im.info or im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -158,21 +159,15 @@ def read_captions(folder: Path, images: list[Path], image_column: str, caption_c
     table: dict[str, str] = {}
     jsonl, csv_path = folder / "metadata.jsonl", folder / "metadata.csv"
     rows = []
-    for source in (jsonl, csv_path):
-        try:
-            source.is_file() and source.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise DataError(f"{source} is not UTF-8 text; save it as UTF-8") from None
     if jsonl.is_file():
-        for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_read_utf8(jsonl).splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:
                     raise DataError(f"{jsonl}: line {n} is not valid JSON") from None
     elif csv_path.is_file():
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(_read_utf8(csv_path), newline="")))
     source = jsonl if jsonl.is_file() else csv_path
     for n, row in enumerate(rows, 1):
         if image_column not in row or caption_column not in row:
@@ -184,7 +179,7 @@ def read_captions(folder: Path, images: list[Path], image_column: str, caption_c
         sidecars = [p.with_suffix(s) for s in CAPTION_SUFFIXES if p.with_suffix(s).is_file()]
         key = p.relative_to(folder).as_posix() if p.is_relative_to(folder) else p.name
         key = key if key in table else p.name  # (a bare file name also names an image in a subfolder)
-        text = _read_caption(sidecars[0]) if sidecars and key not in table else None
+        text = _read_utf8(sidecars[0]).strip() if sidecars and key not in table else None
         if text == "":  # an empty sidecar says nothing: the folder's caption stands (as kohya does)
             empty.append(sidecars[0].name)
         if key in table:
@@ -203,9 +198,9 @@ def read_captions(folder: Path, images: list[Path], image_column: str, caption_c
     return captions
 
 
-def _read_caption(path: Path) -> str:
+def _read_utf8(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8").strip()
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DataError(f"caption file {str(path)!r} is not UTF-8 text; save it as UTF-8 or remove it") from None
 

@@ -397,9 +397,12 @@ class SDTrainer:
         else:
             mean, std = self._latent_dist(batch["pixel_values"])
         eps = self._randn(n_inst, mean.shape[0], *mean.shape[1:])
-        vae = self.c.vae.config  # SD3/FLUX VAEs shift their latents too
-        latents = ((mean + std * eps.to(mean.dtype)).float() - (vae.shift_factor or 0.0)) * vae.scaling_factor
-        return latents.to(self.weight_dtype)
+        return self._scaled(mean + std * eps.to(mean.dtype))
+
+    def _scaled(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents in the denoiser's space: shifted (SD3/FLUX VAEs) and scaled, in the weight dtype."""
+        vae = self.c.vae.config
+        return ((latents.float() - (vae.shift_factor or 0.0)) * vae.scaling_factor).to(self.weight_dtype)
 
     # ------------------------------------------------------------------ the held-out loss
     def _build_eval_set(self) -> list[dict]:
@@ -422,13 +425,11 @@ class SDTrainer:
             steps = quantiles.float().repeat_interleave(m)  # u of the flow's timestep density
         else:
             steps = (quantiles * self.c.noise_scheduler.config.num_train_timesteps).long().repeat_interleave(m)
-        vae = self.c.vae.config
         out = []
         for i, image in enumerate(images.images):
             (w, h) = images.targets[i]
             pixels, top_left = crop(image, 0, 0, (w, h))
-            mean, _ = self._latent_dist(pixels[None])
-            latents = ((mean.float() - (vae.shift_factor or 0.0)) * vae.scaling_factor).to(self.weight_dtype)
+            latents = self._scaled(self._latent_dist(pixels[None])[0])  # the posterior mean: no sampling
             g = torch.Generator().manual_seed(cfg.eval_seed * 1_000_003 + i)
             noise = torch.randn((k * m, *latents.shape[1:]), generator=g).to(latents.device, latents.dtype)
             out.append({"latents": latents, "noise": noise, "steps": steps.to(latents.device),
@@ -800,9 +801,8 @@ class SDTrainer:
             self.export(self.run_dir)
             from reflora_diffusion.export import write_model_card
 
-            # the run folder is ours (checked at start); the card names the options a resume changed
-            write_model_card(self.run_dir, overwrite=True,
-                             info={"changed_on_resume": self.cfg.changed_on_resume} if self.cfg.changed_on_resume else None)
+            # the run folder is ours (checked at start); the card reads what a resume changed from config.json
+            write_model_card(self.run_dir, overwrite=True)
         self.log.set_status(state="done", step=self.global_step)
         acc.end_training()
 
