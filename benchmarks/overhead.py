@@ -52,10 +52,12 @@ def median_time(fn, reps: int, warmup: int = 1) -> float:
 
 
 def persistent_bytes(ref: Refactorer) -> int:
-    """Bytes of tensors the Refactorer holds between steps (its own state, not the model's)."""
+    """Bytes of tensors the Refactorer holds between steps (its own state, not the model's). Its plan and context
+    hold references to the model's and the optimizer's tensors only (no copies) and are left out; chain links are
+    copies and count."""
     seen, total = set(), 0
-    stack = [v for k, v in vars(ref).items() if k not in ("model", "pairs", "_buckets", "optimizer")]
-    stack.append(vars(ref.method))
+    stack = [v for k, v in vars(ref).items() if k not in ("model", "pairs", "_plan", "context", "optimizer", "links")]
+    stack += [vars(ref.method), ref.links.links]
     while stack:
         obj = stack.pop()
         if isinstance(obj, torch.Tensor) and id(obj) not in seen:

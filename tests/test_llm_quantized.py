@@ -105,7 +105,7 @@ def test_reflora_s_rescales_bitsandbytes_states():
     s = nb / na
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every key is known: no "not rescaled" warning
-        ref.method.post_step(ref)
+        ref.method.post_step(ref._context())
     for i, pair in enumerate(pairs):
         for param, lin, quad in ((pair.A, s[i] ** -0.5, 1 / s[i]), (pair.B, s[i] ** 0.5, s[i])):
             old, new = before[id(param)], opt.state[param]

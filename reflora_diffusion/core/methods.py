@@ -1,6 +1,7 @@
-"""The LoRA methods as transformations around an optimizer step (METHODS.md sections 2 and 3).
+"""The LoRA methods as transformations around an optimizer step (docs/methods.md sections 2 and 3).
 
-A method sees the Refactorer (pairs, step count, optimizer) and may
+A method sees a ``plan.Context`` (the pairs and their batched plan, the optimizer, the step count, the chain links)
+and may
 - ``setup``: change the optimizer once when attached (LoRA+ parameter groups, a chain's first link);
 - ``pre_step``: transform gradients after they are final and before the optimizer reads them;
 - ``finish_step``: change the step the optimizer has just taken (RefLoRA's apply_to="update");
@@ -10,16 +11,15 @@ A method sees the Refactorer (pairs, step count, optimizer) and may
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
 from . import linalg
+from .linalg import _identity_where
+from .plan import (LINEAR_STATE, QUADRATIC_STATE, UNSCALED_STATE, Context, _all_finite, _copy_rows,
+                   _matrices)
 from .sharding import local
-
-if TYPE_CHECKING:
-    from .refactorer import Refactorer
 
 
 class Method:
@@ -37,22 +37,22 @@ class Method:
         for key, default in self.options.items():
             setattr(self, key, options.get(key, default))
 
-    def setup(self, ref: Refactorer) -> None:
+    def setup(self, ctx: Context) -> None:
         pass
 
-    def pre_step(self, ref: Refactorer) -> None:
+    def pre_step(self, ctx: Context) -> None:
         pass
 
-    def post_step(self, ref: Refactorer) -> None:
+    def post_step(self, ctx: Context) -> None:
         pass
 
-    def finish_step(self, ref: Refactorer) -> None:
+    def finish_step(self, ctx: Context) -> None:
         """After every optimizer step, before ``post_step`` (whether or not the method acts next)."""
 
     def state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict, ref: Refactorer) -> None:
+    def load_state_dict(self, state: dict, ctx: Context) -> None:
         pass
 
 
@@ -69,12 +69,12 @@ class Preconditioned(Method):
     def preconditioner(self) -> Callable:
         raise NotImplementedError
 
-    def pre_step(self, ref: Refactorer) -> None:
-        ref.precondition_gradients(self.preconditioner())
+    def pre_step(self, ctx: Context) -> None:
+        ctx.precondition(self.preconditioner())
 
 
 class RefLoRA(Preconditioned):
-    """Full RefLoRA (METHODS.md 2). ``apply_to`` says where S* acts, which matters only with an adaptive optimizer
+    """Full RefLoRA (docs/methods.md 2). ``apply_to`` says where S* acts, which matters only with an adaptive optimizer
     (for plain gradient steps all three are the same first-order step, Theorem 3):
 
     - "gradient" (the paper's and the default): G_A <- S*^-1 G_A, G_B <- G_B S* before the optimizer reads them;
@@ -99,85 +99,75 @@ class RefLoRA(Preconditioned):
         self._before: list | None = None
 
     def preconditioner(self):
+        # Theorem 3: S* = (A A^T)^-1 # (B^T B); G_A <- S*^-1 G_A, G_B <- G_B S*
         return lambda AAt, BtB: linalg.geometric_mean(AAt, BtB, normalize=self.normalize)
 
-    def pre_step(self, ref: Refactorer) -> None:
+    def pre_step(self, ctx: Context) -> None:
         if self.apply_to == "gradient":
-            ref.precondition_gradients(self.preconditioner())
+            ctx.precondition(self.preconditioner())
         elif self.apply_to == "update":
-            self._whole_factors(ref)
-            self._before = [(p.A.detach().clone(), p.B.detach().clone()) for p in ref.pairs]
-        elif ref.step_count == 0:  # "factors", no previous step to balance after: balance now, gradients along
-            self._balance(ref, with_grads=True)
+            ctx.whole_factors(f"reflora apply_to={self.apply_to!r}")
+            self._before = [(p.A.detach().clone(), p.B.detach().clone()) for p in ctx.pairs]
+        elif ctx.step == 0:  # "factors", no previous step to balance after: balance now, gradients along
+            self._balance(ctx, with_grads=True)
 
-    def post_step(self, ref: Refactorer) -> None:
+    def post_step(self, ctx: Context) -> None:
         if self.apply_to == "factors":
-            self._balance(ref)
+            self._balance(ctx)
 
-    def finish_step(self, ref: Refactorer) -> None:
+    def finish_step(self, ctx: Context) -> None:
         """"update": replace the step the optimizer just took by its preconditioned form."""
         if self._before is None:
             return
         before, self._before = self._before, None
-        moved, grads = [], []
-        for pair, (a0, b0) in zip(ref.pairs, before):
+        grads = []
+        for pair, (a0, b0) in zip(ctx.pairs, before):
             if pair.A.grad is None or pair.B.grad is None:  # not stepped (frozen this step)
                 continue
             grads.append((pair, pair.A.grad, pair.B.grad))
             pair.A.grad, pair.B.grad = pair.A.detach() - a0, pair.B.detach() - b0  # the step, read as a "gradient"
             pair.A.copy_(a0)
             pair.B.copy_(b0)
-            moved.append(pair)
-        ref.precondition_gradients(self.preconditioner())  # S* of the factors before the step
+        ctx.precondition(self.preconditioner())  # S* of the factors before the step
         for pair, ga, gb in grads:
             pair.A.add_(pair.A.grad)
             pair.B.add_(pair.B.grad)
             pair.A.grad, pair.B.grad = ga, gb
 
-    def _whole_factors(self, ref: Refactorer) -> None:
-        if ref.shard_group() is not None:
-            raise ValueError(f"reflora apply_to={self.apply_to!r} needs whole factors on each process; use DDP, or "
-                             "apply_to='gradient' (the default) with FSDP2")
-
-    def _balance(self, ref: Refactorer, with_grads: bool = False) -> None:
-        self._whole_factors(ref)
-        pairs = ref.pairs
-        cdt = torch.float64 if pairs[0].A.dtype == torch.float64 else torch.float32
-        As = [p.a_matrix(p.A.detach()).to(cdt) for p in pairs]
-        Bs = [p.b_matrix(p.B.detach()).to(cdt) for p in pairs]
-        by_rank: dict[int, list[int]] = {}
-        for i, p in enumerate(pairs):
-            by_rank.setdefault(p.rank, []).append(i)
-        state = ref.optimizer.state
-        for idx in by_rank.values():
-            AAt = torch.stack([As[i] @ As[i].T for i in idx])
-            BtB = torch.stack([Bs[i].T @ Bs[i] for i in idx])
-            finite = torch.isfinite(AAt).all(dim=(-2, -1)) & torch.isfinite(BtB).all(dim=(-2, -1))
+    @torch.no_grad()
+    def _balance(self, ctx: Context, with_grads: bool = False) -> None:
+        """A <- P A, B <- B P^-1 (P = S*^1/2) per bucket, the optimizer's moments and (step 0) gradients along."""
+        ctx.whole_factors(f"reflora apply_to={self.apply_to!r}")
+        plan = ctx.plan
+        for rank_group in plan.rank_groups:
+            mats = [b.factors() for b in rank_group.buckets]
+            AAt = torch.cat([torch.bmm(A, A.mT) for A, _ in mats])
+            BtB = torch.cat([torch.bmm(B.mT, B) for _, B in mats])
+            finite = _all_finite(AAt) & _all_finite(BtB)
             _, S, ok = linalg.geometric_mean(AAt, BtB)
             ok = ok & finite
-            ref.count(ok, finite)
+            ctx.count(ok, finite)
             w, v = torch.linalg.eigh(S.double())
             root = w.clamp_min(0).sqrt()
-            P = (v * root[:, None, :]) @ v.transpose(-1, -2)  # S*^1/2 (identity where not ok)
-            P_inv = (v / root[:, None, :]) @ v.transpose(-1, -2)
-            for j in ok.nonzero()[:, 0].tolist():
-                pair = pairs[idx[j]]
-                pa, pa_inv = P[j].to(device=pair.A.device, dtype=cdt), P_inv[j].to(device=pair.A.device, dtype=cdt)
-                # (factor, left-multiplied?, the factor's map, the gradient's map)
-                for param, left, f_map, g_map in ((pair.A, True, pa, pa_inv), (pair.B, False, pa_inv, pa)):
-                    st = state.get(param, {})
-                    todo = [(param.data, f_map, 1)] + [(st.get(k), g_map, 1) for k in _LINEAR_STATE]
-                    todo += [(st.get(k), g_map, 2) for k in _QUADRATIC_STATE]
-                    if with_grads:
-                        todo.append((param.grad, g_map, 1))
-                    for t, M, power in todo:
-                        if t is None or not t.is_floating_point() or t.shape != param.shape:
-                            continue
-                        M = M.square() if power == 2 else M
-                        mat = pair.a_matrix(t) if left else pair.b_matrix(t)
-                        new = M @ mat.to(cdt) if left else mat.to(cdt) @ M
-                        t.copy_(new.view_as(t))
-        ref.warn_unknown_state(_LINEAR_STATE + _QUADRATIC_STATE + _UNSCALED_STATE)
+            P = _identity_where(ok, (v * root[:, None, :]) @ v.mT)  # S*^1/2 (identity where not ok)
+            P_inv = _identity_where(ok, (v / root[:, None, :]) @ v.mT)
+            start = 0
+            for bucket, (A, B) in zip(rank_group.buckets, mats):
+                sel = slice(start, start + len(bucket.pairs))
+                start += len(bucket.pairs)
+                pa, pa_inv = P[sel].to(bucket.cdt), P_inv[sel].to(bucket.cdt)
+                _copy_rows(bucket.A, torch.bmm(pa, A))
+                _copy_rows(bucket.B, torch.bmm(B, pa_inv))
+                # what scales like the gradient (G_A -> P^-1 G_A, G_B -> G_B P) and like its square, entrywise
+                for params, left, g_map in ((bucket.A, True, pa_inv), (bucket.B, False, pa)):
+                    todo = [(ts, g_map) for ts in plan.state_of(params, LINEAR_STATE).values()]
+                    todo += [(ts, g_map.square()) for ts in plan.state_of(params, QUADRATIC_STATE).values()]
+                    if with_grads and all(p.grad is not None for p in params):
+                        todo.append(([p.grad for p in params], g_map))
+                    for ts, M in todo:
+                        X = _matrices(ts, bucket.cdt)
+                        _copy_rows(ts, torch.bmm(M, X) if left else torch.bmm(X, M))
+        ctx.warn_state(LINEAR_STATE + QUADRATIC_STATE + UNSCALED_STATE)
 
 
 class ScaledGD(Preconditioned):
@@ -209,14 +199,6 @@ class NoRAPlus(Preconditioned):
         return lambda AAt, BtB: linalg.normalized_scaled_gd(AAt, BtB, self.delta)
 
 
-# Optimizer state that is linear in the gradient (scales like G) and quadratic in it (scales like G^2): torch's
-# Adam/AdamW/SGD, and bitsandbytes' optimizers (state1 / state2; their 8-bit blockwise states are uint8 codes times
-# a per-block absmax1 / absmax2, so scaling the absmax scales the state exactly; qmap is the shared code book).
-_LINEAR_STATE = ("exp_avg", "momentum_buffer", "state1", "absmax1")
-_QUADRATIC_STATE = ("exp_avg_sq", "max_exp_avg_sq", "state2", "absmax2")
-_UNSCALED_STATE = ("step", "qmap1", "qmap2")
-
-
 class RefLoRAS(Method):
     """RefLoRA-S (Theorem 5): rescale A <- pA, B <- B/p with p^2 = ||B||_F / ||A||_F so that ||A|| = ||B||.
 
@@ -229,50 +211,35 @@ class RefLoRAS(Method):
     name = "reflora-s"
     uses_warmup = True
 
-    def pre_step(self, ref: Refactorer) -> None:
-        if ref.step_count == 0:  # no previous step to rescale after: rescale now, the gradients along
-            self._balance(ref, with_grads=True)
+    def pre_step(self, ctx: Context) -> None:
+        if ctx.step == 0:  # no previous step to rescale after: rescale now, the gradients along
+            self._balance(ctx, with_grads=True)
 
-    def post_step(self, ref: Refactorer) -> None:
-        self._balance(ref)
+    def post_step(self, ctx: Context) -> None:
+        self._balance(ctx)
 
-    def _balance(self, ref: Refactorer, with_grads: bool = False) -> None:
+    @torch.no_grad()
+    def _balance(self, ctx: Context, with_grads: bool = False) -> None:
         # Whole-factor norms (one all-reduce under FSDP2), then every rank rescales its own shards.
-        na, nb = ref.factor_norms()
+        plan = ctx.plan
+        na, nb = plan.factor_norms()
         s = nb / na
         ok = torch.isfinite(s) & (s > 0)
-        ref.count(ok, torch.isfinite(na) & torch.isfinite(nb))
+        ctx.count(ok, torch.isfinite(na) & torch.isfinite(nb))
         s = torch.where(ok, s, torch.ones_like(s))
         p = s.sqrt()
         # One host read of the per-layer scales (float32 values, exact as Python floats): with plain numbers as
         # the scale list, one multi-tensor call per (device, dtype) scales every factor and moment (fused kernels
-        # on CUDA) instead of one kernel per tensor, which a list of 0-dim tensors costs.
-        p_list, s_list, inv_p, inv_s = torch.stack((p, s, 1.0 / p, 1.0 / s)).tolist()  # one transfer
-        groups: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
-
-        def scale(t: torch.Tensor | None, f: float) -> None:
-            if t is not None and t.is_floating_point():  # (8-bit codes scale through their absmax)
-                t = local(t)
-                tensors, factors = groups[(t.device, t.dtype)]
-                tensors.append(t)
-                factors.append(f)
-
-        # the factors, and what scales like the gradient (by 1/p for A, p for B) and like its square (1/p^2, p^2)
-        state = ref.optimizer.state
-        for i, pair in enumerate(ref.pairs):
-            for param, own, linear, quadratic in ((pair.A, p_list[i], inv_p[i], inv_s[i]),
-                                                  (pair.B, inv_p[i], p_list[i], s_list[i])):
-                scale(param.detach(), own)
-                st = state.get(param, {})
-                for k in _LINEAR_STATE:
-                    scale(st.get(k), linear)
-                for k in _QUADRATIC_STATE:
-                    scale(st.get(k), quadratic)
-                if with_grads:
-                    scale(param.grad, linear)
-        for tensors, factors in groups.values():
-            torch._foreach_mul_(tensors, factors)
-        ref.warn_unknown_state(_LINEAR_STATE + _QUADRATIC_STATE + _UNSCALED_STATE)
+        # on CUDA) instead of one kernel per tensor, which a list of 0-dim tensors costs. Rows: Plan.scaling_lists.
+        values = torch.cat((p, 1.0 / p, s, 1.0 / s)).tolist()
+        for tensors, rows in plan.scaling_lists(ctx.warn_state):
+            torch._foreach_mul_(tensors, [values[r] for r in rows])
+        if with_grads:  # G_A by 1/p, G_B by p
+            n = len(plan.pairs)
+            grads = [(local(t.grad), values[n + i if k == 0 else i])
+                     for k, ts in enumerate((plan.A, plan.B)) for i, t in enumerate(ts) if t.grad is not None]
+            for g, f in grads:
+                g.mul_(f)
 
 
 class LoRAPlus(Method):
@@ -284,9 +251,9 @@ class LoRAPlus(Method):
     name = "lora+"
     options = {"ratio": 16.0}
 
-    def setup(self, ref: Refactorer) -> None:
-        opt = ref.optimizer
-        b_ids = {id(p.B) for p in ref.pairs}
+    def setup(self, ctx: Context) -> None:
+        opt = ctx.optimizer
+        b_ids = {id(p.B) for p in ctx.pairs}
         for group in list(opt.param_groups):
             moved = [p for p in group["params"] if id(p) in b_ids]
             if not moved:
@@ -320,21 +287,21 @@ class Chain(Method):
     def draw_trained(self, n: int) -> list[bool]:
         return [True] * n  # COLA trains both factors; "True" means B starts at zero
 
-    def setup(self, ref: Refactorer) -> None:
-        self.trains_b = self.draw_trained(len(ref.pairs))
+    def setup(self, ctx: Context) -> None:
+        self.trains_b = self.draw_trained(len(ctx.pairs))
         if any(not t for t in self.trains_b):
-            self._reinit(ref)  # a link that trains A must start with A = 0 and B random
+            self._reinit(ctx)  # a link that trains A must start with A = 0 and B random
 
-    def post_step(self, ref: Refactorer) -> None:
-        if ref.step_count % self.chain_every != 0:  # step_count already counts this step
+    def post_step(self, ctx: Context) -> None:
+        if ctx.step % self.chain_every != 0:  # step_count already counts this step
             return
-        ref.merge_into_base()
+        ctx.links.merge()
         self.links += 1
-        self.trains_b = self.draw_trained(len(ref.pairs))
-        self._reinit(ref)
-        for pair in ref.pairs:
-            ref.optimizer.state.pop(pair.A, None)
-            ref.optimizer.state.pop(pair.B, None)
+        self.trains_b = self.draw_trained(len(ctx.pairs))
+        self._reinit(ctx)
+        for pair in ctx.pairs:
+            ctx.optimizer.state.pop(pair.A, None)
+            ctx.optimizer.state.pop(pair.B, None)
 
     def _random_like(self, t: torch.Tensor) -> torch.Tensor:
         # peft's default A init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
@@ -344,8 +311,8 @@ class Chain(Method):
         return ((2 * u - 1) * bound).to(device=t.device, dtype=t.dtype)
 
     @torch.no_grad()
-    def _reinit(self, ref: Refactorer) -> None:
-        for pair, trains_b in zip(ref.pairs, self.trains_b):
+    def _reinit(self, ctx: Context) -> None:
+        for pair, trains_b in zip(ctx.pairs, self.trains_b):
             if trains_b:  # random A (frozen in RAC-LoRA), B = 0 (trained)
                 pair.A.copy_(self._random_like(pair.A))
                 pair.B.zero_()
@@ -356,7 +323,7 @@ class Chain(Method):
     def state_dict(self) -> dict:
         return {"links": self.links, "trains_b": list(self.trains_b), "rng": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict, ref: Refactorer) -> None:
+    def load_state_dict(self, state: dict, ctx: Context) -> None:
         self.links = int(state["links"])
         self.trains_b = [bool(t) for t in state["trains_b"]]
         self.generator.set_state(state["rng"])
@@ -380,8 +347,8 @@ class RACLoRA(Chain):
     def draw_trained(self, n: int) -> list[bool]:
         return (torch.rand(n, generator=self.generator) < float(self.p)).tolist()
 
-    def pre_step(self, ref: Refactorer) -> None:
-        for pair, trains_b in zip(ref.pairs, self.trains_b):
+    def pre_step(self, ctx: Context) -> None:
+        for pair, trains_b in zip(ctx.pairs, self.trains_b):
             (pair.A if trains_b else pair.B).grad = None  # the frozen factor: the optimizer skips it
 
 
