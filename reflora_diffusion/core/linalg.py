@@ -17,14 +17,20 @@ import torch
 RANK_TOL = 1e-6
 
 
+def finite(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise isfinite in two ops (x * 0 is 0 exactly for finite x, NaN for inf and NaN); torch.isfinite
+    dispatches four, and the hook runs a dozen of these per step."""
+    return (x * 0) == 0
+
+
 def _eigh(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """eigh of a stack of symmetric matrices; returns (eigenvalues clamped at the floor, vectors, ok mask)."""
-    finite = torch.isfinite(sym).all(dim=(-2, -1))
-    sym = torch.where(finite[:, None, None], sym, torch.eye(sym.shape[-1], dtype=sym.dtype, device=sym.device))
+    fin = finite(sym).all(dim=(-2, -1))
+    sym = torch.where(fin[:, None, None], sym, torch.eye(sym.shape[-1], dtype=sym.dtype, device=sym.device))
     sym = 0.5 * (sym + sym.transpose(-1, -2))
     w, v = torch.linalg.eigh(sym)
     top = w[:, -1:]
-    ok = finite & (top[:, 0] > 0) & (w[:, 0] > RANK_TOL * top[:, 0])
+    ok = fin & (top[:, 0] > 0) & (w[:, 0] > RANK_TOL * top[:, 0])
     floor = (RANK_TOL * top).clamp_min(torch.finfo(w.dtype).tiny)
     return torch.maximum(w, floor), v, ok
 
@@ -45,13 +51,13 @@ def _geometric_mean_eigh(AAt: torch.Tensor, BtB: torch.Tensor):
     """Two eighs in the input's dtype: (S*^-1, S*, ok, log det S*); the reference (float64) path."""
     wa, va, ok_a = _eigh(AAt)
     a = wa.sqrt()
-    K = va.transpose(-1, -2) @ BtB @ va * (a[:, :, None] * a[:, None, :])  # (M^T M) with M = B V_A diag(a)
+    K = torch.bmm(torch.bmm(va.mT, BtB), va) * (a[:, :, None] * a[:, None, :])  # (M^T M) with M = B V_A diag(a)
     wm, vm, ok_m = _eigh(K)
     m = wm.sqrt()
-    left = va / a[:, None, :] @ vm  # V_A diag(1/a) V_M
-    S = (left * m[:, None, :]) @ left.transpose(-1, -2)
-    right = va * a[:, None, :] @ vm  # V_A diag(a) V_M
-    S_inv = (right / m[:, None, :]) @ right.transpose(-1, -2)
+    left = torch.bmm(va / a[:, None, :], vm)  # V_A diag(1/a) V_M
+    S = torch.bmm(left * m[:, None, :], left.mT)
+    right = torch.bmm(va * a[:, None, :], vm)  # V_A diag(a) V_M
+    S_inv = torch.bmm(right / m[:, None, :], right.mT)
     logdet = m.log().sum(-1) - 2 * a.log().sum(-1)  # det S* = prod(m) / prod(a)^2
     return S_inv, S, ok_a & ok_m, logdet
 
@@ -63,20 +69,20 @@ def _geometric_mean_cholesky(AAt: torch.Tensor, BtB: torch.Tensor):
         S* = L^-T V diag(m) V^T L^-1,    S*^-1 = L V diag(1/m) V^T L^T.
     """
     eye = torch.eye(AAt.shape[-1], dtype=AAt.dtype, device=AAt.device)
-    finite = torch.isfinite(AAt).all(dim=(-2, -1)) & torch.isfinite(BtB).all(dim=(-2, -1))
-    X = torch.where(finite[:, None, None], AAt, eye)
+    fin = finite(AAt).all(dim=(-2, -1)) & finite(BtB).all(dim=(-2, -1))
+    X = torch.where(fin[:, None, None], AAt, eye)
     L, info = torch.linalg.cholesky_ex(0.5 * (X + X.transpose(-1, -2)))
-    K = L.transpose(-1, -2) @ torch.where(finite[:, None, None], BtB, eye) @ L
+    K = torch.bmm(torch.bmm(L.mT, torch.where(fin[:, None, None], BtB, eye)), L)
     wm, vm = torch.linalg.eigh(0.5 * (K + K.transpose(-1, -2)))
     m = wm.clamp_min(torch.finfo(wm.dtype).tiny).sqrt()
     left = torch.linalg.solve_triangular(L.transpose(-1, -2), vm, upper=True)  # L^-T V
-    right = L @ vm
-    S = (left * m[:, None, :]) @ left.transpose(-1, -2)
-    S_inv = (right / m[:, None, :]) @ right.transpose(-1, -2)
+    right = torch.bmm(L, vm)
+    S = torch.bmm(left * m[:, None, :], left.mT)
+    S_inv = torch.bmm(right / m[:, None, :], right.mT)
     # cond(A A^T) <= ||A A^T||_F ||(A A^T)^-1||_F = ||A A^T||_F ||L^-T V||_F^2
     cond_a = torch.linalg.matrix_norm(X) * left.square().sum(dim=(-2, -1))
-    ok = (finite & (info == 0) & (cond_a < FAST_COND) & (wm[:, 0] * FAST_COND > wm[:, -1])
-          & torch.isfinite(S).all(dim=(-2, -1)) & torch.isfinite(S_inv).all(dim=(-2, -1)))
+    ok = (fin & (info == 0) & (cond_a < FAST_COND) & (wm[:, 0] * FAST_COND > wm[:, -1])
+          & finite(S).all(dim=(-2, -1)) & finite(S_inv).all(dim=(-2, -1)))
     logdet = m.log().sum(-1) - 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     return S_inv, S, ok, logdet
 
@@ -112,7 +118,7 @@ def geometric_mean(AAt: torch.Tensor, BtB: torch.Tensor, normalize: bool = False
     if normalize:
         c = torch.exp(logdet / S.shape[-1])[:, None, None]
         S, S_inv = S / c, S_inv * c
-    ok = ok & torch.isfinite(S).all(dim=(-2, -1)) & torch.isfinite(S_inv).all(dim=(-2, -1))
+    ok = ok & finite(S).all(dim=(-2, -1)) & finite(S_inv).all(dim=(-2, -1))
     return _identity_where(ok, S_inv), _identity_where(ok, S), ok
 
 
@@ -122,9 +128,9 @@ def _inverse(gram: torch.Tensor, delta: float = 0.0) -> tuple[torch.Tensor, torc
         gram = gram + delta * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     w, v, ok = _eigh(gram)
     if delta:  # the damping makes the matrix definite; only non-finite input is refused
-        ok = torch.isfinite(w).all(-1) & (w[:, 0] > 0)
-    inv = (v / w[:, None, :]) @ v.transpose(-1, -2)
-    ok = ok & torch.isfinite(inv).all(dim=(-2, -1))
+        ok = finite(w).all(-1) & (w[:, 0] > 0)
+    inv = torch.bmm(v / w[:, None, :], v.mT)
+    ok = ok & finite(inv).all(dim=(-2, -1))
     return _identity_where(ok, inv), ok
 
 

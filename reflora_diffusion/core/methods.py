@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from . import linalg
-from .linalg import _identity_where
+from .linalg import _identity_where, finite
 from .plan import (LINEAR_STATE, QUADRATIC_STATE, UNSCALED_STATE, Context, _all_finite, _copy_rows,
                    _matrices)
 from .sharding import local
@@ -224,8 +224,8 @@ class RefLoRAS(Method):
         plan = ctx.plan
         na, nb = plan.factor_norms()
         s = nb / na
-        ok = torch.isfinite(s) & (s > 0)
-        ctx.count(ok, torch.isfinite(na) & torch.isfinite(nb))
+        ok = finite(s) & (s > 0)
+        ctx.count(ok, finite(na) & finite(nb))
         s = torch.where(ok, s, torch.ones_like(s))
         p = s.sqrt()
         # One host read of the per-layer scales (float32 values, exact as Python floats): with plain numbers as

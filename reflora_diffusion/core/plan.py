@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .linalg import _identity_where
+from .linalg import _identity_where, finite
 from .pairs import LoraPair
 from .sharding import all_sum, gather_rows, local, local_rows, shard_group
 
@@ -34,7 +34,7 @@ UNSCALED_STATE = ("step", "qmap1", "qmap2")
 
 def _all_finite(stack: torch.Tensor) -> torch.Tensor:
     """Per-matrix finiteness of a (n, rows, cols) stack."""
-    return torch.isfinite(stack).all(dim=(-2, -1))
+    return finite(stack).all(dim=(-2, -1))
 
 
 def _matrices(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -98,9 +98,8 @@ class Bucket:
             A, B = self.factors()
             GA, GB = _matrices(grads_a, self.cdt), _matrices(grads_b, self.cdt)
             # gradients checked through their norms (one pass; a norm that overflows float32 counts as non-finite)
-            norms = torch.stack((torch.linalg.vector_norm(GA, dim=(-2, -1)), torch.linalg.vector_norm(GB, dim=(-2, -1))))
-            finite = torch.isfinite(norms).all(0)
-            return Batch(torch.bmm(A, A.mT), torch.bmm(B.mT, B), finite, GA, GB, grads_a, grads_b)
+            ok = finite(torch.linalg.vector_norm(GA, dim=(-2, -1)) + torch.linalg.vector_norm(GB, dim=(-2, -1)))
+            return Batch(torch.bmm(A, A.mT), torch.bmm(B.mT, B), ok, GA, GB, grads_a, grads_b)
         # FSDP2: one all-gather of the rows of A and G_A with the partial B_i^T B_i and ||G_B,i||^2 of every rank
         grads_a, grads_b = [local(g) for g in grads_a], [local(g) for g in grads_b]
         A = _matrices([local(t.detach()) for t in self.A], self.cdt)
@@ -110,8 +109,8 @@ class Bucket:
         whole, summed = gather_rows(torch.stack([A, GA], dim=1), self.rank, partial, self.group)
         A, GA = whole[:, 0], whole[:, 1]
         BtB = summed[:, :-1].view(-1, self.rank, self.rank)
-        finite = _all_finite(GA) & torch.isfinite(summed[:, -1])
-        return Batch(A @ A.mT, BtB, finite, GA, GB, grads_a, grads_b)
+        ok = _all_finite(GA) & finite(summed[:, -1])
+        return Batch(A @ A.mT, BtB, ok, GA, GB, grads_a, grads_b)
 
     def apply(self, batch: Batch, P_A: torch.Tensor, P_B: torch.Tensor, finite: torch.Tensor) -> None:
         """G_A <- P_A G_A, G_B <- G_B P_B; a layer whose factors or gradients are not finite keeps its gradients
@@ -191,17 +190,17 @@ class Plan:
             cat = (lambda ts: ts[0]) if len(parts) == 1 else torch.cat
             AAt = cat([batch.AAt for _, batch in parts])
             BtB = cat([batch.BtB for _, batch in parts])
-            finite = cat([batch.finite for _, batch in parts]) & _all_finite(AAt) & _all_finite(BtB)
+            fin = cat([batch.finite for _, batch in parts]) & _all_finite(AAt) & _all_finite(BtB)
             P_A, P_B, ok = preconditioner(AAt, BtB)
-            ok = ok & finite
-            count(ok, finite)
+            ok = ok & fin
+            count(ok, fin)
             P_A, P_B = _identity_where(ok, P_A.to(AAt.dtype)), _identity_where(ok, P_B.to(AAt.dtype))
             start = 0
             for bucket, batch in parts:
                 n = len(batch.grads_a)
                 sel = slice(start, start + n)
                 start += n
-                bucket.apply(batch, P_A[sel], P_B[sel], finite[sel])
+                bucket.apply(batch, P_A[sel], P_B[sel], fin[sel])
 
     # ------------------------------------------------------------------ norms and rescaling (RefLoRA-S)
     def factor_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
