@@ -140,9 +140,9 @@ class RefLoRA(Preconditioned):
         ctx.whole_factors(f"reflora apply_to={self.apply_to!r}")
         plan = ctx.plan
         for rank_group in plan.rank_groups:
-            mats = [b.factors() for b in rank_group.buckets]
-            AAt = torch.cat([torch.bmm(A, A.mT) for A, _ in mats])
-            BtB = torch.cat([torch.bmm(B.mT, B) for _, B in mats])
+            grams = [b.grams() for b in rank_group.buckets]
+            AAt = torch.cat([g[0] for g in grams])
+            BtB = torch.cat([g[1] for g in grams])
             finite = _all_finite(AAt) & _all_finite(BtB)
             _, S, ok = linalg.geometric_mean(AAt, BtB)
             ok = ok & finite
@@ -152,7 +152,7 @@ class RefLoRA(Preconditioned):
             P = _identity_where(ok, (v * root[:, None, :]) @ v.mT)  # S*^1/2 (identity where not ok)
             P_inv = _identity_where(ok, (v / root[:, None, :]) @ v.mT)
             start = 0
-            for bucket, (A, B) in zip(rank_group.buckets, mats):
+            for bucket, (_, _, A, B) in zip(rank_group.buckets, grams):
                 sel = slice(start, start + len(bucket.pairs))
                 start += len(bucket.pairs)
                 pa, pa_inv = P[sel].to(bucket.cdt), P_inv[sel].to(bucket.cdt)

@@ -88,6 +88,11 @@ class Bucket:
         """(A, B) stacked as (n, r, d_in), (n, d_out, r) whole matrices (not for sharded factors)."""
         return _matrices(self.A, dtype or self.cdt), _matrices(self.B, dtype or self.cdt)
 
+    def grams(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A A^T, B^T B, A, B) of whole factors, stacked (A, B as in ``factors``)."""
+        A, B = self.factors(dtype)
+        return torch.bmm(A, A.mT), torch.bmm(B.mT, B), A, B
+
     def gather(self) -> Batch | None:
         """Grams, gradient finiteness and stacked gradients; None when a layer has no gradient this step."""
         grads_a = [p.grad for p in self.A]
@@ -95,11 +100,11 @@ class Bucket:
         if any(g is None for g in grads_a) or any(g is None for g in grads_b):
             return None  # (a layer without a gradient this step: the whole bucket is left to the optimizer)
         if self.group is None:
-            A, B = self.factors()
+            AAt, BtB, _, _ = self.grams()
             GA, GB = _matrices(grads_a, self.cdt), _matrices(grads_b, self.cdt)
             # gradients checked through their norms (one pass; a norm that overflows float32 counts as non-finite)
             ok = finite(torch.linalg.vector_norm(GA, dim=(-2, -1)) + torch.linalg.vector_norm(GB, dim=(-2, -1)))
-            return Batch(torch.bmm(A, A.mT), torch.bmm(B.mT, B), ok, GA, GB, grads_a, grads_b)
+            return Batch(AAt, BtB, ok, GA, GB, grads_a, grads_b)
         # FSDP2: one all-gather of the rows of A and G_A with the partial B_i^T B_i and ||G_B,i||^2 of every rank
         grads_a, grads_b = [local(g) for g in grads_a], [local(g) for g in grads_b]
         A = _matrices([local(t.detach()) for t in self.A], self.cdt)

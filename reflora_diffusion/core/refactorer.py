@@ -282,8 +282,8 @@ class Refactorer:
 
         spreads, scales = [], []
         for bucket in plan.buckets:
-            A, B = bucket.factors(torch.float64)
-            _, S, ok = geometric_mean(A @ A.mT, B.mT @ B)
+            AAt, BtB, _, _ = bucket.grams(torch.float64)
+            _, S, ok = geometric_mean(AAt, BtB)
             w = torch.linalg.eigvalsh(S[ok])
             spreads.append(w[:, -1] / w[:, 0])
             scales.append(w.log().mean(-1).exp())
