@@ -31,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 DOG = REPO.parent / "shared" / "data" / "dreambooth" / "dog"
@@ -51,6 +52,7 @@ def split_subject(folder: Path, work: Path) -> tuple[Path, Path]:
 def run_cell(method: str, lr: float, seed: int, args, train: Path, held: Path) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
+    import method_variants
     from reflora_diffusion.rundir import read_events
     from reflora_diffusion.sd.config import make_config
     from reflora_diffusion.sd.train import SDTrainer
@@ -59,9 +61,10 @@ def run_cell(method: str, lr: float, seed: int, args, train: Path, held: Path) -
     GradientState._reset_state()
     out = Path(tempfile.mkdtemp(prefix="lr-sweep-"))
     try:
-        cfg = make_config(dict(
+        core, options = method_variants.split(method)  # e.g. reflora@factors: RefLoRA with apply_to="factors"
+        cfg = make_config(dict(**options,
             pretrained_model_name_or_path="tiny-emoji", instance_data_dir=str(train), instance_prompt=args.prompt,
-            eval_data_dir=str(held), eval_loss_every=max(1, args.steps // 4), method=method, rank=args.rank,
+            eval_data_dir=str(held), eval_loss_every=max(1, args.steps // 4), method=core, rank=args.rank,
             lora_conv=True, snr_gamma=5.0, learning_rate=lr, max_train_steps=args.steps, seed=seed,
             checkpointing_steps=10**9, output_dir=str(out)))
         t0 = time.perf_counter()
@@ -134,7 +137,7 @@ def plot(report: dict, path: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["lora", "reflora", "reflora-s"])
-    p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2])
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--rank", type=int, default=16)
