@@ -22,6 +22,7 @@ from reflora_diffusion.app.serve import quiet_idle_queue
 from reflora_diffusion.app.views import (RUN_COLUMNS, AppViews, bucket_summary, default_job, default_resolution,
                                          method_choices)
 from reflora_diffusion.core import METHODS
+from reflora_diffusion.presets import PRESETS
 from reflora_diffusion.sd.buckets import default_bucket_options
 
 POLL_SECONDS = 2.0
@@ -48,7 +49,7 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
             with gr.Tab("Train", id="train"):
                 with gr.Row():
                     with gr.Column():
-                        base = gr.Dropdown(["tiny-emoji", "tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux",
+                        base = gr.Dropdown([*sorted(PRESETS, key=lambda p: p != "tiny-emoji"),  # the pretrained one first
                                             "stable-diffusion-v1-5/stable-diffusion-v1-5",
                                             "stabilityai/stable-diffusion-xl-base-1.0"],
                                            value=job["pretrained_model_name_or_path"],

@@ -27,15 +27,14 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from reflora_diffusion.families import FAMILIES, family_of
+
 PRESETS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-emoji")
 # Presets that ship as pretrained weights inside the package (read in place, never built).
 SHIPPED = {"tiny-emoji": Path(__file__).parent / "assets" / "tiny-emoji"}
-# Model families by pipeline: what the trainer, the sampler and the exporters switch on.
-PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-             "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
-FLOW_FAMILIES = ("sd3", "flux")  # rectified-flow transformers (FlowMatchEulerDiscreteScheduler)
-# FluxPipeline's default latent size (its transformer config has no sample_size): 128 x 8 = 1024 px.
-FLUX_SAMPLE_SIZE = 128
+# Model families (reflora_diffusion.families): what the trainer, the sampler and the exporters switch on.
+PIPELINES = {name: f.pipeline for name, f in FAMILIES.items()}
+FLOW_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.flow)
 # Bump when a preset's architecture or weights change so old caches are not reused.
 PRESET_VERSION = 1
 # Image size the presets are made for: UNet sample_size (32) * VAE scale factor (2).
@@ -93,27 +92,8 @@ def _file_lock(path: Path):
 
 
 def model_family(folder_or_id: str) -> str:
-    """"sd", "sdxl", "sd3" or "flux" for a preset name, local folder or hub id (from model_index.json)."""
-    name = str(folder_or_id)
-    if name in PRESETS:
-        return {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux", "tiny-emoji": "sd"}[name]
-    index = Path(name) / "model_index.json"
-    if not index.is_file():
-        try:  # hub id: read its model_index.json (cached or downloaded; fails offline if never fetched)
-            from huggingface_hub import hf_hub_download
-
-            index = Path(hf_hub_download(name, "model_index.json"))
-        except Exception:
-            low = name.lower()
-            return ("flux" if "flux" in low else "sd3" if "stable-diffusion-3" in low or "sd3" in low
-                    else "sdxl" if "xl" in low else "sd")
-    info = json.loads(index.read_text())
-    cls = info.get("_class_name", "")
-    if cls.startswith("Flux"):
-        return "flux"
-    if cls.startswith("StableDiffusion3"):
-        return "sd3"
-    return "sdxl" if "XL" in cls or "text_encoder_2" in info else "sd"
+    """"sd", "sdxl", "sd3" or "flux" for a preset name, local folder or hub id (``families.family_of``)."""
+    return family_of(folder_or_id).name
 
 
 def is_sdxl(folder_or_id: str) -> bool:
@@ -125,7 +105,7 @@ def pipeline_class(family: str):
     """The diffusers pipeline class of a model family."""
     import diffusers
 
-    return getattr(diffusers, PIPELINES[family])
+    return getattr(diffusers, FAMILIES[family].pipeline)
 
 
 def _read_config(folder_or_id: str, subfolder: str, revision=None) -> dict:
@@ -143,12 +123,10 @@ def native_resolution(folder_or_id: str, revision=None) -> int:
     SD 1.5 512, SDXL 1024, SD3.5 1024; FLUX has no sample_size: FluxPipeline's default 128 x 8 = 1024,
     tiny-flux 256). Reads two small config files, so a trainer can size its data before loading weights."""
     path = resolve_pretrained(folder_or_id)
-    flow = model_family(path) in FLOW_FAMILIES
-    denoiser = _read_config(path, "transformer" if flow else "unet", revision)
+    family = family_of(path)
+    denoiser = _read_config(path, family.denoiser_folder, revision)
     vae = _read_config(path, "vae", revision)
-    sample = denoiser.get("sample_size", FLUX_SAMPLE_SIZE)
-    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    return int(sample) * 2 ** (len(vae["block_out_channels"]) - 1)
+    return family.sample_size(denoiser) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def pixel_multiple(folder_or_id: str, revision=None) -> int:
@@ -156,14 +134,9 @@ def pixel_multiple(folder_or_id: str, revision=None) -> int:
     denoiser's (SD/SDXL UNet: 2^(down blocks - 1); SD3: the transformer's patch size; FLUX: its 2x2 packing).
     SD 1.5 and SDXL: 64; SD3 and FLUX: 16."""
     path = resolve_pretrained(folder_or_id)
-    family = model_family(path)
+    family = family_of(path)
     vae = 2 ** (len(_read_config(path, "vae", revision)["block_out_channels"]) - 1)
-    if family == "flux":
-        return vae * 2
-    denoiser = _read_config(path, "transformer" if family in FLOW_FAMILIES else "unet", revision)
-    if family == "sd3":
-        return vae * int(denoiser.get("patch_size", 2))
-    return vae * 2 ** (len(denoiser["down_block_types"]) - 1)
+    return family.pixel_multiple(vae, _read_config(path, family.denoiser_folder, revision))
 
 
 def build_preset(name: str, folder: str | os.PathLike) -> None:

@@ -96,6 +96,7 @@ def test_cli_defaults_are_private(monkeypatch):
     with pytest.raises(SystemExit, match="--auth must look like user:password"):
         app.parse_auth("nocolon")
     assert views.default_resolution("tiny") == 64 and views.default_resolution("stabilityai/sdxl-base") == 1024
+    assert views.default_resolution("tiny-flux") == 256  # its own config (FluxPipeline's default latent size)
 
 
 def test_build_demo_endpoints(tmp_path):

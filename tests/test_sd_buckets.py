@@ -13,7 +13,7 @@ from reflora_diffusion.sd.buckets import Buckets, bucket_counts, default_bucket_
 from reflora_diffusion.sd.config import ConfigError, make_config
 from reflora_diffusion.sd.data import (BucketBatchSampler, CaptionAugment, DataError, ImageCaptionSet, build_dataset,
                                        check_data_dirs, collate)
-from reflora_diffusion.sd.models import sdxl_time_ids
+from reflora_diffusion.families.sdxl import time_ids as sdxl_time_ids
 from reflora_diffusion.sd.train import SDTrainer
 from test_sd_train import DOG, _offline_single_thread, losses, make_trainer, train  # noqa: F401 (autouse fixture)
 
@@ -308,8 +308,6 @@ def test_mixed_aspect_kohya_folder_trains_with_buckets_and_resumes_exactly(tmp_p
 
 
 def test_sdxl_trains_with_the_buckets_size_conditioning(tmp_path, monkeypatch):
-    import reflora_diffusion.sd.train as train_module
-
     seen = []
 
     def record(original_sizes, crop_top_lefts, target_sizes):
@@ -317,7 +315,9 @@ def test_sdxl_trains_with_the_buckets_size_conditioning(tmp_path, monkeypatch):
         seen.append(ids)
         return ids
 
-    monkeypatch.setattr(train_module, "sdxl_time_ids", record)
+    import reflora_diffusion.families.sdxl as sdxl_module
+
+    monkeypatch.setattr(sdxl_module, "time_ids", record)
     folder = mixed_folder(tmp_path / "mixed")
     train(tmp_path / "xl", pretrained_model_name_or_path="tiny-sdxl", instance_data_dir=str(folder),
           enable_bucket=True, **SMALL, max_train_steps=3, validation_prompt=[], checkpointing_steps=10)

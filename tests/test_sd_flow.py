@@ -33,13 +33,13 @@ def generate(pipe, seed=0):
 @torch.no_grad()
 def transformer_out(transformer, family):
     """One forward pass of the transformer on fixed random inputs."""
-    from reflora_diffusion.sd import flow
+    from reflora_diffusion import families
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 16, 32, 32, generator=g)
     hidden, pooled = torch.randn(1, 40, 64, generator=g), torch.randn(1, 64 if family == "sd3" else 32, generator=g)
     transformer.eval()
-    return flow.predict(family, transformer, transformer.config, x, torch.tensor([500.0]), hidden, pooled, 3.5)
+    return families.get(family).predict(transformer, transformer.config, x, torch.tensor([500.0]), hidden, pooled, 3.5)
 
 
 def load_lora_quietly(pipe, folder):

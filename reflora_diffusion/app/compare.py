@@ -179,11 +179,12 @@ def load_pipeline(base: str):
     import torch
     from diffusers import DiffusionPipeline
 
-    from reflora_diffusion.presets import model_family, resolve_pretrained
+    from reflora_diffusion.families import family_of
+    from reflora_diffusion.presets import resolve_pretrained
 
     cuda = torch.cuda.is_available()
     # SD3 and FLUX overflow in fp16 (the trainer refuses fp16 for them too): bf16 on a GPU
-    half = torch.bfloat16 if model_family(base) in ("sd3", "flux") else torch.float16
+    half = torch.float16 if family_of(base).fp16 else torch.bfloat16
     pipe = DiffusionPipeline.from_pretrained(resolve_pretrained(base), dtype=half if cuda else torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cuda" if cuda else "cpu")

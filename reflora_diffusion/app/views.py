@@ -55,9 +55,15 @@ def default_job() -> dict:
 
 
 def default_resolution(base: str) -> int:
-    """The size a base model is made for: the tiny presets 64, SDXL 1024, SD 1.x/2.x 512."""
-    base = (base or "").lower()
-    return 64 if base.startswith("tiny") else 1024 if "xl" in base else 512
+    """The size a base model is made for, from its own config (presets.native_resolution: a preset is built on
+    first use; tiny presets 64, tiny-flux 256); a hub id that cannot be read now: its family's (SD 512, else 1024)."""
+    from reflora_diffusion.families import family_of
+    from reflora_diffusion.presets import native_resolution
+
+    try:
+        return native_resolution(base)
+    except Exception:  # noqa: BLE001 - offline hub id, folder being written: fall back to the family's size
+        return family_of(base or "").resolution
 
 
 def bucket_summary(images, resolution, enable_bucket: bool) -> str:

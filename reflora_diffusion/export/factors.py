@@ -50,7 +50,7 @@ class LoraFactors:
 
     @property
     def family(self) -> str:
-        """"sd", "sdxl", "sd3" or "flux" (presets.model_family): which pipeline loads the file."""
+        """"sd", "sdxl", "sd3" or "flux" (a reflora_diffusion.families name): which pipeline loads the file."""
         return self.info.get("family") or ("sdxl" if self.sdxl else "sd")
 
     def common(self, attr: str) -> float:
@@ -160,7 +160,10 @@ def factors_from_models(unet, text_encoder, text_encoder_2, refactorer=None, ada
     layers = collect_factors(unet, text_encoder, text_encoder_2, refactorer, adapter, transformer)
     info = dict(info or {})
     if transformer is not None:
-        info.setdefault("family", "flux" if type(_bare(transformer)).__name__.startswith("Flux") else "sd3")
+        from reflora_diffusion.families import FAMILIES
+
+        cls = type(_bare(transformer)).__name__
+        info.setdefault("family", next(f.name for f in FAMILIES.values() if f.denoiser_class == cls))
         sdxl = False
     if sdxl is None:
         sdxl = text_encoder_2 is not None or (
@@ -223,6 +226,9 @@ def read_diffusers(path: str | Path) -> LoraFactors:
                     alpha = alpha / r**0.5 * r  # rsLoRA scales by alpha / sqrt(r)
             layers[component][name] = Factor(ab["A"].float(), ab["B"].float(), float(alpha))
     info = json.loads(meta.get("reflora_info", "{}"))
-    flows = "transformer" in layers or info.get("family") in ("sd3", "flux")  # SD3 has a text_encoder_2 too
+    from reflora_diffusion.families import FAMILIES
+
+    family = FAMILIES.get(info.get("family", ""))
+    flows = "transformer" in layers or (family is not None and family.flow)  # SD3 has a text_encoder_2 too
     sdxl = not flows and ("text_encoder_2" in layers or bool(info.get("sdxl")))
     return LoraFactors(layers, sdxl, info)

@@ -197,8 +197,11 @@ def kohya_metadata(factors: LoraFactors, name: str) -> dict[str, str]:
 def write_kohya(factors: LoraFactors, path: str | Path, overwrite: bool = False) -> Path:
     """Write factors as one kohya-format .safetensors file; returns its path."""
     path = Path(path)
-    if factors.family == "sd3":
-        raise ExportError(f"kohya export covers SD 1.x, SDXL and FLUX; for SD3 use the diffusers file "
+    from reflora_diffusion import families
+
+    family = families.get(factors.family)
+    if not family.kohya:
+        raise ExportError(f"kohya export covers SD 1.x, SDXL and FLUX; for {family.label} use the diffusers file "
                           f"({WEIGHT_NAME}), which ComfyUI's Load LoRA node reads as is")
     blocks = factors.info.get("unet_blocks")
     tensors: dict[str, torch.Tensor] = {}

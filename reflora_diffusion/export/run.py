@@ -152,10 +152,11 @@ def write_model_card(run_dir: str | Path, factors: LoraFactors | None = None, ko
     method = info.get("method") or "lora"
     rank, alpha = factors.common("rank"), factors.common("alpha")
     parts = ", ".join(f"{c} ({len(layers)} layers)" for c, layers in factors.layers.items())
-    from reflora_diffusion.presets import FLOW_FAMILIES, PIPELINES
+    from reflora_diffusion import families
 
-    pipeline = PIPELINES[factors.family]
-    flows = factors.family in FLOW_FAMILIES
+    family = families.get(factors.family)
+    pipeline = family.pipeline
+    flows = family.flow
     prompt = info.get("prompt") or "a photo of sks dog"
     kohya = Path(kohya_file).name if kohya_file else None
     lora_name = Path(kohya).stem if kohya else run_dir.resolve().name
@@ -166,13 +167,12 @@ def write_model_card(run_dir: str | Path, factors: LoraFactors | None = None, ko
         base_arg = f'resolve_pretrained("{base}")'
     else:
         load, base_arg = "", json.dumps(base)
-    tags = ["lora", "diffusers", "reflora", "text-to-image",
-            {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}[factors.family]]
-    if factors.family == "sd3":  # no kohya layout for SD3: ComfyUI reads the diffusers file
+    tags = ["lora", "diffusers", "reflora", "text-to-image", family.hub_tag]
+    if not family.kohya:  # no kohya layout (SD3): ComfyUI reads the diffusers file
         others = f"""## ComfyUI
 
 Copy `{WEIGHT_NAME}` into `models/loras/` and use a "Load LoRA" node: ComfyUI reads diffusers-format
-SD3 LoRA files as they are. (The kohya export covers SD 1.x, SDXL and FLUX.)
+{family.label} LoRA files as they are. (The kohya export covers SD 1.x, SDXL and FLUX.)
 """
     elif flows:
         others = f"""## ComfyUI / Forge

@@ -2,7 +2,8 @@
 
 Everything loads through `from_pretrained`, so a hub id, a local diffusers folder and the offline presets
 ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", built by `presets.resolve_pretrained`) take the same path.
-The denoiser is the UNet (SD, SDXL) or the transformer (SD3, FLUX; see flow.py for their specifics).
+The denoiser is the UNet (SD, SDXL) or the transformer (SD3, FLUX); what differs per family is in
+reflora_diffusion.families.
 """
 
 from __future__ import annotations
@@ -12,20 +13,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import flow
 from .config import ConfigError
-from reflora_diffusion.presets import FLOW_FAMILIES, model_family, resolve_pretrained
-
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # pipeline names, in order
-N_TEXT_ENCODERS = {"sd": 1, "sdxl": 2, "sd3": 3, "flux": 2}  # SD3: CLIP-L, CLIP-G, T5; FLUX: CLIP, T5
-DENOISERS = {"sd": "UNet2DConditionModel", "sdxl": "UNet2DConditionModel", "sd3": "SD3Transformer2DModel",
-             "flux": "FluxTransformer2DModel"}
+from reflora_diffusion.families import TEXT_ENCODERS, Family, family_of
+from reflora_diffusion.presets import resolve_pretrained
 
 
 @dataclass
 class Components:
     path: str  # local folder or hub id actually loaded
-    family: str  # "sd", "sdxl", "sd3", "flux" (presets.model_family)
+    family: Family  # reflora_diffusion.families
     tokenizers: list
     text_encoders: list[nn.Module]
     vae: nn.Module
@@ -34,15 +30,15 @@ class Components:
 
     @property
     def sdxl(self) -> bool:
-        return self.family == "sdxl"
+        return self.family.name == "sdxl"
 
     @property
     def flow(self) -> bool:
-        return self.family in FLOW_FAMILIES
+        return self.family.flow
 
     @property
     def denoiser_name(self) -> str:
-        return "transformer" if self.flow else "unet"
+        return self.family.denoiser_folder
 
     @property
     def unet(self) -> nn.Module:
@@ -51,7 +47,7 @@ class Components:
     @property
     def lora_text_encoders(self) -> list[nn.Module]:
         """The text encoders --train_text_encoder adapts: all CLIP encoders, never T5."""
-        return self.text_encoders[: flow.LORA_TEXT_ENCODERS.get(self.family, len(self.text_encoders))]
+        return self.text_encoders[: self.family.lora_text_encoders]
 
     @property
     def models(self) -> dict[str, nn.Module]:
@@ -74,28 +70,26 @@ def load_components(cfg) -> Components:
     from transformers import AutoTokenizer
 
     path = resolve_pretrained(cfg.pretrained_model_name_or_path)
-    family = model_family(path)
+    family = family_of(path)
     kw = {"revision": cfg.revision}
     try:
-        encoders = TEXT_ENCODERS[:N_TEXT_ENCODERS[family]]
+        encoders = family.text_encoder_names
         tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=e.replace("text_encoder", "tokenizer"), **kw)
                       for e in encoders]
         text_encoders = [_text_encoder_class(path, e, cfg.revision).from_pretrained(
             path, subfolder=e, variant=cfg.variant, **kw) for e in encoders]
         vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", variant=cfg.variant, **kw)
-        flows = family in FLOW_FAMILIES
-        denoiser = getattr(diffusers, DENOISERS[family]).from_pretrained(
-            path, subfolder="transformer" if flows else "unet", variant=cfg.variant, **kw)
-        scheduler_cls = diffusers.FlowMatchEulerDiscreteScheduler if flows else diffusers.DDPMScheduler
-        noise_scheduler = scheduler_cls.from_pretrained(path, subfolder="scheduler", **kw)
+        denoiser = getattr(diffusers, family.denoiser_class).from_pretrained(
+            path, subfolder=family.denoiser_folder, variant=cfg.variant, **kw)
+        noise_scheduler = family.scheduler_class().from_pretrained(path, subfolder="scheduler", **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load base model {cfg.pretrained_model_name_or_path!r}: "
                           f"{str(e).strip().splitlines()[0]} (use a local diffusers folder, a hub id "
                           "reachable online, or 'tiny')") from None
     if cfg.prediction_type:
         noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
-    if flows:  # T5's training length (--max_sequence_length)
-        tokenizers[-1].model_max_length = cfg.max_sequence_length or flow.DEFAULT_MAX_SEQUENCE_LENGTH[family]
+    if family.default_max_sequence_length:  # T5's training length (--max_sequence_length)
+        tokenizers[-1].model_max_length = cfg.max_sequence_length or family.default_max_sequence_length
     for m in (vae, denoiser, *text_encoders):
         m.requires_grad_(False)
     return Components(path, family, tokenizers, text_encoders, vae, denoiser, noise_scheduler)
@@ -147,13 +141,13 @@ def add_lora(model: nn.Module, targets: list[str], cfg, what: str) -> None:
 def prepare_for_training(components: Components, cfg, weight_dtype: torch.dtype, device) -> None:
     """Add the adapters, place and cast the models, choose the attention kernel."""
     denoiser = components.denoiser
-    targets = cfg.denoiser_targets(flow.default_targets(components.family, denoiser) if components.flow else None)
+    targets = cfg.denoiser_targets(components.family.default_targets(denoiser))
     add_lora(denoiser, targets, cfg, "transformer" if components.flow else "UNet")
     if cfg.train_text_encoder:
         for i, te in enumerate(components.lora_text_encoders):
             add_lora(te, cfg.text_encoder_target_modules, cfg, f"text encoder {i + 1}")
     # Frozen weights in the compute dtype; LoRA parameters stay fp32 so small updates are not rounded away.
-    vae_dtype = torch.float32 if components.sdxl else weight_dtype  # SDXL's VAE overflows in fp16
+    vae_dtype = components.family.vae_dtype(weight_dtype)
     for m in (components.vae, *components.models.values()):  # (T5 too: bf16 on a GPU)
         m.to(device)
         dtype = vae_dtype if m is components.vae else weight_dtype
@@ -184,25 +178,3 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 def tokenize(tokenizers: list, prompts: list[str]) -> list[torch.Tensor]:
     return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                 return_tensors="pt").input_ids for tok in tokenizers]
-
-
-def encode_prompts(text_encoders: list, family: str, input_ids: list[torch.Tensor],
-                   device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(encoder hidden states, pooled embedding or None) as the pipelines compute them."""
-    if family in FLOW_FAMILIES:
-        return flow.encode_prompts(family, text_encoders, input_ids, device)
-    if family == "sd":
-        return text_encoders[0](input_ids[0].to(device))[0], None
-    # SDXL: penultimate hidden states of both encoders concatenated; pooled output of the second.
-    hidden, pooled = [], None
-    for te, ids in zip(text_encoders, input_ids):
-        out = te(ids.to(device), output_hidden_states=True)
-        pooled = out[0]
-        hidden.append(out.hidden_states[-2])
-    return torch.cat(hidden, dim=-1), pooled
-
-
-def sdxl_time_ids(original_sizes, crop_top_lefts, target_sizes) -> torch.Tensor:
-    """SDXL micro-conditioning per sample: original (h, w), crop top-left (y, x), target (h, w)."""
-    return torch.tensor([[*o, *c, *t] for o, c, t in zip(original_sizes, crop_top_lefts, target_sizes)],
-                        dtype=torch.float32)

@@ -14,13 +14,16 @@ import torch
 from .data import IMAGE_EXTENSIONS
 
 
-def build_pipeline(path: str, family: str, models: dict | None = None, dtype=torch.float32, revision=None):
-    """The base pipeline of the model family (presets.model_family) with any of its components (unet or
-    transformer, text_encoder..., vae) replaced by `models`."""
-    from reflora_diffusion.presets import pipeline_class
+def build_pipeline(path: str, family, models: dict | None = None, dtype=torch.float32, revision=None):
+    """The base pipeline of the model family (a ``families.Family`` or its name) with any of its components (unet
+    or transformer, text_encoder..., vae) replaced by `models`."""
+    import diffusers
 
-    cls = pipeline_class(family)
-    extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+    from reflora_diffusion import families
+
+    family = families.get(family) if isinstance(family, str) else family
+    cls = getattr(diffusers, family.pipeline)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
     pipe = cls.from_pretrained(path, revision=revision, **(models or {}), **extra)
     if not models:  # given models keep their own dtypes (LoRA weights stay fp32)
         pipe.to(dtype=dtype)
@@ -76,13 +79,14 @@ def ensure_class_images(cfg, accelerator) -> None:
         if missing > 0:
             from tqdm.auto import tqdm
 
-            from reflora_diffusion.presets import model_family, resolve_pretrained
+            from reflora_diffusion.families import family_of
+            from reflora_diffusion.presets import resolve_pretrained
 
             path = resolve_pretrained(cfg.pretrained_model_name_or_path)
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
             if accelerator.device.type == "cpu":
                 dtype = torch.float32
-            pipe = build_pipeline(path, model_family(path), dtype=dtype, revision=cfg.revision).to(accelerator.device)
+            pipe = build_pipeline(path, family_of(path), dtype=dtype, revision=cfg.revision).to(accelerator.device)
             for start in tqdm(range(0, missing, cfg.sample_batch_size), desc="class images"):
                 n = min(cfg.sample_batch_size, missing - start)
                 g = torch.Generator("cpu").manual_seed(cfg.seed + len(have) + start)

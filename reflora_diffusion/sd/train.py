@@ -36,7 +36,7 @@ from reflora_diffusion.rundir import (TRAINER_STATE, RunLog, check_output_dir, c
 from . import flow
 from .config import ConfigError, SDTrainConfig
 from .data import build_dataloader, build_dataset, check_data_dirs, load_class_images
-from .models import (Components, encode_prompts, load_components, prepare_for_training, sdxl_time_ids, tokenize,
+from .models import (Components, load_components, prepare_for_training, tokenize,
                      trainable_parameters)
 
 LORA_STATE = "{}_lora.safetensors"  # per trained model, inside a checkpoint
@@ -148,7 +148,7 @@ class SDTrainer:
             cfg.seed = broadcast_object_list([random.randint(0, 2**31 - 1)])[0]
         check_data_dirs(cfg)
         self.family = self._resolve_base(cfg)
-        self._check_family(cfg, self.family, self.accelerator.mixed_precision)
+        self.family.check_options(cfg, self.accelerator.mixed_precision)  # one line, before the run folder
         self.dataset = build_dataset(cfg)  # decodes every image: unusable data fails here
         self.max_steps = self._count_steps()
         if cfg.refactor_warmup_steps is None:
@@ -204,12 +204,12 @@ class SDTrainer:
     def _resolve_base(cfg: SDTrainConfig) -> str:
         """Build a preset if needed, record its local folder, default the resolution (and the SD3/FLUX options,
         the bucket bounds) to the model's own; returns the model family."""
-        from reflora_diffusion.presets import (FLOW_FAMILIES, model_family, native_resolution, pixel_multiple,
-                                               resolve_pretrained)
+        from reflora_diffusion.families import family_of
+        from reflora_diffusion.presets import native_resolution, pixel_multiple, resolve_pretrained
 
         try:
             path = resolve_pretrained(cfg.pretrained_model_name_or_path)
-            family = model_family(path)
+            family = family_of(path)
             if cfg.resolution is None:
                 cfg.resolution = native_resolution(path, cfg.revision)
             multiple = pixel_multiple(path, cfg.revision) if cfg.enable_bucket else 8
@@ -220,25 +220,9 @@ class SDTrainer:
         if Path(path).is_dir():
             cfg.base_model_folder = str(Path(path).resolve())
         cfg.resolve_buckets(multiple)
-        if family in FLOW_FAMILIES:
-            cfg.weighting_scheme = cfg.weighting_scheme or flow.DEFAULT_WEIGHTING[family]
-            cfg.max_sequence_length = cfg.max_sequence_length or flow.DEFAULT_MAX_SEQUENCE_LENGTH[family]
+        cfg.weighting_scheme = cfg.weighting_scheme or family.default_weighting
+        cfg.max_sequence_length = cfg.max_sequence_length or family.default_max_sequence_length
         return family
-
-    @staticmethod
-    def _check_family(cfg: SDTrainConfig, family: str, mixed_precision: str) -> None:
-        """Options that the model family cannot use: one-line errors before the run folder is touched."""
-        if family not in flow.DEFAULT_WEIGHTING:
-            return
-        name = {"sd3": "SD3", "flux": "FLUX"}[family]
-        if mixed_precision == "fp16":
-            raise ConfigError(f"--mixed_precision fp16 does not work for {name} (its activations overflow fp16); "
-                              "use --mixed_precision bf16 (or no)")
-        sd_only = [f"--{k}" for k in ("snr_gamma", "prediction_type") if getattr(cfg, k) is not None]
-        sd_only += ["--noise_offset"] if cfg.noise_offset else []
-        if sd_only:
-            raise ConfigError(f"{', '.join(sd_only)} belong to SD/SDXL's DDPM loss; {name} trains by flow matching: "
-                              "use --weighting_scheme (logit_normal, mode, none, sigma_sqrt, cosmap)")
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -324,7 +308,7 @@ class SDTrainer:
         encoders = [self.models.get(k, m) for k, m in self.c.models.items() if k != self.c.denoiser_name]
 
         def encode(texts):
-            return encode_prompts(encoders, self.c.family, tokenize(self.c.tokenizers, texts), self.accelerator.device)
+            return self.c.family.encode_prompts(encoders, tokenize(self.c.tokenizers, texts), self.accelerator.device)
 
         if self.cfg.train_text_encoder:
             return encode(prompts)
@@ -348,7 +332,7 @@ class SDTrainer:
         sets = [self.dataset.instances, self.dataset.classes]
         prompts = {p for s in sets if s is not None for p in s.prompts} | set(self.cfg.validation_prompt)
         prompts |= {b["prompts"][0] for b in self.eval_set or []}
-        if self.c.family == "sd3" or self.cfg.caption_dropout_rate > 0:
+        if self.c.family.negative_prompt_cached() or self.cfg.caption_dropout_rate > 0:
             prompts.add("")  # SD3's negative prompt in validation; a dropped caption
         self._encode_text(sorted(prompts))
         self.c.text_encoders = []
@@ -494,11 +478,7 @@ class SDTrainer:
         sched = self.c.noise_scheduler
         noisy = sched.add_noise(latents, noise, timesteps)
         hidden, pooled = self._encode_text(batch["prompts"])
-        added = None
-        if self.c.sdxl:
-            time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
-            added = {"text_embeds": pooled.to(self.weight_dtype),
-                     "time_ids": time_ids.to(self.accelerator.device, self.weight_dtype)}
+        added = self.c.family.added_cond_kwargs(batch, pooled, self.accelerator.device, self.weight_dtype)
         pred = self.models["unet"](noisy, timesteps, hidden.to(self.weight_dtype), added_cond_kwargs=added,
                                    return_dict=False)[0].float()
         target = (noise if sched.config.prediction_type == "epsilon"
@@ -512,8 +492,8 @@ class SDTrainer:
         sigmas = sigmas.view(-1, 1, 1, 1)
         noisy = ((1.0 - sigmas) * latents.float() + sigmas * noise.float()).to(self.weight_dtype)
         hidden, pooled = self._encode_text(batch["prompts"])
-        pred = flow.predict(self.c.family, self.models[self.c.denoiser_name], self.c.denoiser.config, noisy,
-                            timesteps, hidden.to(self.weight_dtype), pooled.to(self.weight_dtype), self.cfg.guidance_scale)
+        pred = self.c.family.predict(self.models[self.c.denoiser_name], self.c.denoiser.config, noisy, timesteps,
+                                     hidden.to(self.weight_dtype), pooled.to(self.weight_dtype), self.cfg.guidance_scale)
         return pred.float(), (noise - latents).float(), sigmas
 
     def _flow_loss(self, batch: dict) -> torch.Tensor:
@@ -658,9 +638,7 @@ class SDTrainer:
         for m in models.values():
             m.eval()
         if self.c.flow and not self.c.text_encoders:  # unloaded after caching: sample from the cached embeddings
-            from .models import N_TEXT_ENCODERS, TEXT_ENCODERS
-
-            models.update(dict.fromkeys(TEXT_ENCODERS[:N_TEXT_ENCODERS[self.c.family]]))
+            models.update(dict.fromkeys(self.c.family.text_encoder_names))
         with torch.random.fork_rng(devices=[] if acc.device.type == "cpu" else [acc.device]):
             pipe = build_pipeline(self.c.path, self.c.family, {**models, "vae": self.c.vae}, revision=self.cfg.revision)
             with acc.autocast():
@@ -674,16 +652,14 @@ class SDTrainer:
     def _cached_prompt_kwargs(self, prompt: str) -> dict:
         """Pipeline arguments for one validation prompt: the prompt, or its cached embeddings once the text
         encoders are unloaded (with the empty prompt's as SD3's negative)."""
-        extra = {"max_sequence_length": self.cfg.max_sequence_length}
-        if self.c.family == "flux":
-            extra["guidance_scale"] = self.cfg.guidance_scale
+        extra = self.c.family.validation_kwargs(self.cfg)
         if self.c.text_encoders:
             return {"prompt": prompt, **extra}
 
         def embeds(p, prefix=""):
             hidden, pooled = self.text_cache[p]
             return {f"{prefix}prompt_embeds": hidden[None], f"{prefix}pooled_prompt_embeds": pooled[None]}
-        return {**embeds(prompt), **(embeds("", "negative_") if self.c.family == "sd3" else {}), **extra}
+        return {**embeds(prompt), **(embeds("", "negative_") if self.c.family.negative_prompt_cached() else {}), **extra}
 
     # ------------------------------------------------------------------ checkpoints
     def _save_lora_hook(self, models, weights, output_dir) -> None:
@@ -785,9 +761,9 @@ class SDTrainer:
         unwrap = self.accelerator.unwrap_model
         models = {k: unwrap(m) for k, m in self.models.items()}
         info = {"method": self.cfg.method, "base_model": self.cfg.pretrained_model_name_or_path,
-                "steps": self.global_step, "rank": self.cfg.rank, "alpha": self.cfg.alpha, "family": self.c.family}
+                "steps": self.global_step, "rank": self.cfg.rank, "alpha": self.cfg.alpha, "family": self.c.family.name}
         # overwrite: the run folder and its checkpoints are this trainer's own output
-        return export_diffusers(folder, refactorer=self.ref, sdxl=self.c.sdxl, info=info, overwrite=True, **models)
+        return export_diffusers(folder, refactorer=self.ref, info=info, overwrite=True, **models)  # (SDXL: from its UNet)
 
     def finish(self) -> None:
         acc = self.accelerator
