@@ -1,4 +1,4 @@
-"""Built-in offline presets: tiny Stable Diffusion (1.x-style), SDXL, SD3.5 and FLUX.1 pipelines.
+"""Built-in offline presets: tiny Stable Diffusion (1.x-style), SDXL, SD3.5, FLUX.1 and Z-Image pipelines.
 
 The models are made from config with a fixed seed, saved with the pipeline's own `save_pretrained` and
 then used through the same `from_pretrained` path as a hub model, so the whole trainer runs on a CPU in
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from reflora_diffusion.families import FAMILIES, family_of
 
-PRESETS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-emoji")
+PRESETS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-emoji")
 # Presets that ship as pretrained weights inside the package (read in place, never built).
 SHIPPED = {"tiny-emoji": Path(__file__).parent / "assets" / "tiny-emoji"}
 # Model families (reflora_diffusion.families): what the trainer, the sampler and the exporters switch on.
@@ -153,6 +153,8 @@ def build_preset(name: str, folder: str | os.PathLike) -> None:
 
     if name not in PRESETS or name in SHIPPED:
         raise ValueError(f"cannot build preset {name!r}: choose one of {', '.join(p for p in PRESETS if p not in SHIPPED)}")
+    if name == "tiny-zimage":
+        return _build_zimage_preset(folder)
     if model_family(name) in FLOW_FAMILIES:
         return _build_flow_preset(name, folder)
     sdxl = name == "tiny-sdxl"
@@ -268,6 +270,55 @@ def _build_flow_preset(name: str, folder) -> None:
         pipe = FluxPipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=clip(CLIPTextModel),
                             tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer)
     pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _build_zimage_preset(folder) -> None:
+    """tiny-zimage (Z-Image-like: single-stream DiT with noise and context refiners, qk norms, 3-axis RoPE; a Qwen3
+    text encoder behind a chat template; a 16-channel VAE with FLUX's shift/scaling; Z-Image-Turbo's scheduler)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    def seeded(make):
+        torch.manual_seed(SEED)
+        return make()
+
+    tokenizer = make_qwen_tokenizer()
+    text_encoder = seeded(lambda: Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id)))
+    transformer = seeded(lambda: ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=32,  # the text encoder's hidden size
+        axes_dims=[4, 6, 6], axes_lens=[1024, 512, 512],
+    ))  # fmt: skip
+    vae = seeded(lambda: AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32, sample_size=PRESET_RESOLUTION, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.1159, scaling_factor=0.3611,
+    ))  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+# Qwen's chat layout (the part ZImagePipeline uses: one user turn and the assistant's start)
+_QWEN_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                       "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_qwen_tokenizer():
+    """A byte-level Qwen2 tokenizer with no merges (one token per byte) and Qwen's special tokens and chat template."""
+    from transformers import Qwen2Tokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    tok = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(chars)}, merges=[], unk_token=None, bos_token=None,
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=512)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
+    tok.chat_template = _QWEN_CHAT_TEMPLATE
+    return tok
 
 
 # ---- tokenizer: byte-level CLIP BPE with no merges, so any text tokenizes (one token per byte) ----

@@ -168,7 +168,12 @@ def write_model_card(run_dir: str | Path, factors: LoraFactors | None = None, ko
     else:
         load, base_arg = "", json.dumps(base)
     tags = ["lora", "diffusers", "reflora", "text-to-image", family.hub_tag]
-    if not family.kohya:  # no kohya layout (SD3): ComfyUI reads the diffusers file
+    if not family.kohya and not family.comfyui_reads_diffusers:
+        others = f"""## Other tools
+
+No kohya / ComfyUI layout is written for {family.label} LoRA files yet: `{WEIGHT_NAME}` is diffusers' format.
+"""
+    elif not family.kohya:  # no kohya layout (SD3): ComfyUI reads the diffusers file
         others = f"""## ComfyUI
 
 Copy `{WEIGHT_NAME}` into `models/loras/` and use a "Load LoRA" node: ComfyUI reads diffusers-format

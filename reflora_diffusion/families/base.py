@@ -26,6 +26,7 @@ class Family:
     default_max_sequence_length: int | None = None  # flow: T5 tokens in training (the diffusers example's)
     fp16 = True  # fp16 mixed precision works (SD3 and FLUX overflow: bf16)
     kohya = True  # a kohya / A1111 layout exists for its LoRA files
+    comfyui_reads_diffusers = False  # without a kohya layout: whether ComfyUI's Load LoRA reads the diffusers file
     hub_tag = ""  # the model card's tag on the hub
     presets: tuple[str, ...] = ()  # offline presets of this family (presets.py builds them)
     resolution = 512  # the released models' image size (when their config cannot be read)
@@ -69,10 +70,26 @@ class Family:
         return diffusers.FlowMatchEulerDiscreteScheduler if self.flow else diffusers.DDPMScheduler
 
     # ------------------------------------------------------------------ conditioning
+    def encode_text(self, text_encoders: list, tokenizers: list, prompts: list[str], device):
+        """(per-prompt encoder hidden states, pooled embeddings or None) of ``prompts``, as the family's pipeline
+        computes them. The hidden states are indexable per prompt (``batch_embeds`` puts cached ones together)."""
+        return self.encode_prompts(text_encoders, tokenize(tokenizers, prompts), device)
+
     def encode_prompts(self, text_encoders: list, input_ids: list[torch.Tensor],
                        device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(encoder hidden states, pooled embedding or None) as the family's pipeline computes them."""
+        """(encoder hidden states, pooled embedding or None) from token ids (one tensor per tokenizer)."""
         raise NotImplementedError
+
+    def batch_embeds(self, per_prompt: list):
+        """Cached per-prompt hidden states as the denoiser's batch input."""
+        return torch.stack(per_prompt)
+
+    def cached_prompt_kwargs(self, hidden: torch.Tensor, pooled: torch.Tensor | None, prefix: str = "") -> dict:
+        """Pipeline arguments for one prompt's cached embeddings (``prefix``: "negative_")."""
+        out = {f"{prefix}prompt_embeds": hidden[None]}
+        if pooled is not None:
+            out[f"{prefix}pooled_prompt_embeds"] = pooled[None]
+        return out
 
     def validation_kwargs(self, cfg) -> dict:
         """Pipeline arguments the family's validation samples take besides the prompt."""
@@ -85,3 +102,23 @@ class Family:
     # ------------------------------------------------------------------ options it cannot use
     def check_options(self, cfg, mixed_precision: str) -> None:
         """One-line errors (config.ConfigError) for options this family cannot use."""
+        if cfg.train_text_encoder and not self.lora_text_encoders:
+            from reflora_diffusion.sd.config import ConfigError
+
+            raise ConfigError(f"--train_text_encoder: {self.label}'s LoRA loader has no text encoder slot; train the "
+                              "transformer only (drop the flag)")
+
+
+def tokenize(tokenizers: list, prompts: list[str]) -> list[torch.Tensor]:
+    """Token ids per tokenizer, padded to its model_max_length."""
+    return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids for tok in tokenizers]
+
+
+def cast(embeds, dtype: torch.dtype):
+    """Embeddings (a tensor, a list of tensors or None) in ``dtype``."""
+    if embeds is None:
+        return None
+    if isinstance(embeds, (list, tuple)):
+        return [e.to(dtype) for e in embeds]
+    return embeds.to(dtype)

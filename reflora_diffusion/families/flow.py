@@ -21,7 +21,8 @@ class FlowFamily(Family):
     def check_options(self, cfg, mixed_precision: str) -> None:
         from reflora_diffusion.sd.config import ConfigError
 
-        if mixed_precision == "fp16":
+        super().check_options(cfg, mixed_precision)
+        if mixed_precision == "fp16" and not self.fp16:
             raise ConfigError(f"--mixed_precision fp16 does not work for {self.label} (its activations overflow "
                               "fp16); use --mixed_precision bf16 (or no)")
         sd_only = [f"--{k}" for k in ("snr_gamma", "prediction_type") if getattr(cfg, k) is not None]

@@ -19,6 +19,7 @@ class SD3(FlowFamily):
     default_weighting = "logit_normal"
     default_max_sequence_length = 77
     kohya = False  # ComfyUI reads the diffusers file as it is
+    comfyui_reads_diffusers = True
     hub_tag = "sd3"
     presets = ("tiny-sd3",)
     resolution = 1024

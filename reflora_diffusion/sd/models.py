@@ -172,9 +172,3 @@ def prepare_for_training(components: Components, cfg, weight_dtype: torch.dtype,
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
-
-
-# --- conditioning ----------------------------------------------------------------------------------------
-def tokenize(tokenizers: list, prompts: list[str]) -> list[torch.Tensor]:
-    return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                return_tensors="pt").input_ids for tok in tokenizers]

@@ -29,6 +29,7 @@ from torch import nn
 
 from reflora_diffusion.core.options import default_warmup
 from reflora_diffusion.cpu import distributed_cpu_run
+from reflora_diffusion.families.base import cast
 from reflora_diffusion.logs import get_logger
 from reflora_diffusion.rundir import (TRAINER_STATE, RunLog, check_output_dir, checkpoint_dirs, clean_stale_temps,
                                      clear_run, read_json, resume_changes)
@@ -36,8 +37,7 @@ from reflora_diffusion.rundir import (TRAINER_STATE, RunLog, check_output_dir, c
 from . import flow
 from .config import ConfigError, SDTrainConfig
 from .data import build_dataloader, build_dataset, check_data_dirs, load_class_images
-from .models import (Components, load_components, prepare_for_training, tokenize,
-                     trainable_parameters)
+from .models import Components, load_components, prepare_for_training, trainable_parameters
 
 LORA_STATE = "{}_lora.safetensors"  # per trained model, inside a checkpoint
 STOP_GRACE_S = 60.0  # after a SIGTERM, how long the current step may take before the trainer ends anyway
@@ -308,7 +308,7 @@ class SDTrainer:
         encoders = [self.models.get(k, m) for k, m in self.c.models.items() if k != self.c.denoiser_name]
 
         def encode(texts):
-            return self.c.family.encode_prompts(encoders, tokenize(self.c.tokenizers, texts), self.accelerator.device)
+            return self.c.family.encode_text(encoders, self.c.tokenizers, texts, self.accelerator.device)
 
         if self.cfg.train_text_encoder:
             return encode(prompts)
@@ -321,7 +321,7 @@ class SDTrainer:
                 hidden, pooled = encode(new)
             for i, p in enumerate(new):
                 self.text_cache[p] = (hidden[i], None if pooled is None else pooled[i])
-        hidden = torch.stack([self.text_cache[p][0] for p in prompts])
+        hidden = self.c.family.batch_embeds([self.text_cache[p][0] for p in prompts])
         pooled = [self.text_cache[p][1] for p in prompts]
         pooled = None if pooled[0] is None else torch.stack(pooled)
         return hidden, pooled
@@ -493,7 +493,8 @@ class SDTrainer:
         noisy = ((1.0 - sigmas) * latents.float() + sigmas * noise.float()).to(self.weight_dtype)
         hidden, pooled = self._encode_text(batch["prompts"])
         pred = self.c.family.predict(self.models[self.c.denoiser_name], self.c.denoiser.config, noisy, timesteps,
-                                     hidden.to(self.weight_dtype), pooled.to(self.weight_dtype), self.cfg.guidance_scale)
+                                     cast(hidden, self.weight_dtype), cast(pooled, self.weight_dtype),
+                                     self.cfg.guidance_scale)
         return pred.float(), (noise - latents).float(), sigmas
 
     def _flow_loss(self, batch: dict) -> torch.Tensor:
@@ -657,8 +658,7 @@ class SDTrainer:
             return {"prompt": prompt, **extra}
 
         def embeds(p, prefix=""):
-            hidden, pooled = self.text_cache[p]
-            return {f"{prefix}prompt_embeds": hidden[None], f"{prefix}pooled_prompt_embeds": pooled[None]}
+            return self.c.family.cached_prompt_kwargs(*self.text_cache[p], prefix)
         return {**embeds(prompt), **(embeds("", "negative_") if self.c.family.negative_prompt_cached() else {}), **extra}
 
     # ------------------------------------------------------------------ checkpoints
