@@ -1,4 +1,5 @@
-"""Built-in offline presets: tiny Stable Diffusion (1.x-style), SDXL, SD3.5, FLUX.1 and Z-Image pipelines.
+"""Built-in offline presets: tiny Stable Diffusion (1.x-style), SDXL, SD3.5, FLUX.1, FLUX.2 [klein] and Z-Image
+pipelines.
 
 The models are made from config with a fixed seed, saved with the pipeline's own `save_pretrained` and
 then used through the same `from_pretrained` path as a hub model, so the whole trainer runs on a CPU in
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from reflora_diffusion.families import FAMILIES, family_of
 
-PRESETS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-emoji")
+PRESETS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-zimage", "tiny-emoji")
 # Presets that ship as pretrained weights inside the package (read in place, never built).
 SHIPPED = {"tiny-emoji": Path(__file__).parent / "assets" / "tiny-emoji"}
 # Model families (reflora_diffusion.families): what the trainer, the sampler and the exporters switch on.
@@ -155,6 +156,8 @@ def build_preset(name: str, folder: str | os.PathLike) -> None:
         raise ValueError(f"cannot build preset {name!r}: choose one of {', '.join(p for p in PRESETS if p not in SHIPPED)}")
     if name == "tiny-zimage":
         return _build_zimage_preset(folder)
+    if name == "tiny-flux2":
+        return _build_flux2_preset(folder)
     if model_family(name) in FLOW_FAMILIES:
         return _build_flow_preset(name, folder)
     sdxl = name == "tiny-sdxl"
@@ -301,6 +304,45 @@ def _build_zimage_preset(folder) -> None:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                           transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _build_flux2_preset(folder) -> None:
+    """tiny-flux2 (FLUX.2 [klein]-like: 1 double + 2 single blocks, fused qkv+MLP single blocks, 4-axis RoPE, no
+    guidance embedding; a Qwen3 causal LM with 27 layers so that the pipeline's hidden layers 9/18/27 exist; a
+    batch-norm VAE whose running statistics are set, so the latent normalisation is not the identity)."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    def seeded(make):
+        torch.manual_seed(SEED)
+        return make()
+
+    tokenizer = make_qwen_tokenizer()
+    text_encoder = seeded(lambda: Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=27, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id)))
+    vae = seeded(lambda: AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+        sample_size=PRESET_RESOLUTION,
+    ))  # fmt: skip
+    with torch.no_grad():  # statistics of the patchified latents (4 x 8 channels), as a trained VAE has them
+        g = torch.Generator().manual_seed(SEED)
+        vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.running_mean.shape, generator=g))
+        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=g))
+    transformer = seeded(lambda: Flux2Transformer2DModel(
+        patch_size=1, in_channels=32, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=48,  # 3 text-encoder layers x 16
+        timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    ))  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.2's
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # fmt: skip
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=False)
     pipe.save_pretrained(folder, safe_serialization=True)
 
 

@@ -19,6 +19,7 @@ class Family:
     pipeline = ""  # diffusers pipeline class
     denoiser_class = ""  # diffusers model class of the denoiser
     denoiser_folder = "unet"  # its subfolder and pipeline component name ("unet" or "transformer")
+    vae_class = "AutoencoderKL"
     n_text_encoders = 1
     lora_text_encoders = 1  # --train_text_encoder adapts the first N (the CLIP ones; the loaders have no T5 slot)
     flow = False  # rectified flow (FlowMatchEulerDiscreteScheduler) instead of DDPM noise prediction
@@ -60,9 +61,18 @@ class Family:
     def vae_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         return weight_dtype
 
+    def model_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents (float32) in the denoiser's space: shifted (SD3/FLUX VAEs) and scaled."""
+        return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
     def added_cond_kwargs(self, batch: dict, pooled: torch.Tensor | None, device, dtype) -> dict | None:
         """The UNet's added conditioning (SDXL's pooled text and size ids), or None."""
         return None
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline)
 
     def scheduler_class(self):
         import diffusers

@@ -78,7 +78,7 @@ def load_components(cfg) -> Components:
                       for e in encoders]
         text_encoders = [_text_encoder_class(path, e, cfg.revision).from_pretrained(
             path, subfolder=e, variant=cfg.variant, **kw) for e in encoders]
-        vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", variant=cfg.variant, **kw)
+        vae = getattr(diffusers, family.vae_class).from_pretrained(path, subfolder="vae", variant=cfg.variant, **kw)
         denoiser = getattr(diffusers, family.denoiser_class).from_pretrained(
             path, subfolder=family.denoiser_folder, variant=cfg.variant, **kw)
         noise_scheduler = family.scheduler_class().from_pretrained(path, subfolder="scheduler", **kw)

@@ -384,9 +384,9 @@ class SDTrainer:
         return self._scaled(mean + std * eps.to(mean.dtype))
 
     def _scaled(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE latents in the denoiser's space: shifted (SD3/FLUX VAEs) and scaled, in the weight dtype."""
-        vae = self.c.vae.config
-        return ((latents.float() - (vae.shift_factor or 0.0)) * vae.scaling_factor).to(self.weight_dtype)
+        """VAE latents in the denoiser's space (the family's: shift and scale, FLUX.2's patchify and batch norm), in
+        the weight dtype."""
+        return self.c.family.model_latents(self.c.vae, latents.float()).to(self.weight_dtype)
 
     # ------------------------------------------------------------------ the held-out loss
     def _build_eval_set(self) -> list[dict]:
