@@ -1,5 +1,5 @@
-"""Built-in offline presets: tiny Stable Diffusion (1.x-style), SDXL, SD3.5, FLUX.1, FLUX.2 [klein] and Z-Image
-pipelines.
+"""Built-in offline presets: tiny Stable Diffusion (1.x-style), SDXL, SD3.5, FLUX.1, FLUX.2 [klein], Z-Image and
+Qwen-Image pipelines.
 
 The models are made from config with a fixed seed, saved with the pipeline's own `save_pretrained` and
 then used through the same `from_pretrained` path as a hub model, so the whole trainer runs on a CPU in
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from reflora_diffusion.families import FAMILIES, family_of
 
-PRESETS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-zimage", "tiny-emoji")
+PRESETS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-zimage", "tiny-qwenimage", "tiny-emoji")
 # Presets that ship as pretrained weights inside the package (read in place, never built).
 SHIPPED = {"tiny-emoji": Path(__file__).parent / "assets" / "tiny-emoji"}
 # Model families (reflora_diffusion.families): what the trainer, the sampler and the exporters switch on.
@@ -126,8 +126,7 @@ def native_resolution(folder_or_id: str, revision=None) -> int:
     path = resolve_pretrained(folder_or_id)
     family = family_of(path)
     denoiser = _read_config(path, family.denoiser_folder, revision)
-    vae = _read_config(path, "vae", revision)
-    return family.sample_size(denoiser) * 2 ** (len(vae["block_out_channels"]) - 1)
+    return family.sample_size(denoiser) * family.vae_factor(_read_config(path, "vae", revision))
 
 
 def pixel_multiple(folder_or_id: str, revision=None) -> int:
@@ -136,7 +135,7 @@ def pixel_multiple(folder_or_id: str, revision=None) -> int:
     SD 1.5 and SDXL: 64; SD3 and FLUX: 16."""
     path = resolve_pretrained(folder_or_id)
     family = family_of(path)
-    vae = 2 ** (len(_read_config(path, "vae", revision)["block_out_channels"]) - 1)
+    vae = family.vae_factor(_read_config(path, "vae", revision))
     return family.pixel_multiple(vae, _read_config(path, family.denoiser_folder, revision))
 
 
@@ -158,6 +157,8 @@ def build_preset(name: str, folder: str | os.PathLike) -> None:
         return _build_zimage_preset(folder)
     if name == "tiny-flux2":
         return _build_flux2_preset(folder)
+    if name == "tiny-qwenimage":
+        return _build_qwenimage_preset(folder)
     if model_family(name) in FLOW_FAMILIES:
         return _build_flow_preset(name, folder)
     sdxl = name == "tiny-sdxl"
@@ -343,6 +344,44 @@ def _build_flux2_preset(folder) -> None:
     )  # fmt: skip
     pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               transformer=transformer, is_distilled=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _build_qwenimage_preset(folder) -> None:
+    """tiny-qwenimage (Qwen-Image-like: MMDiT with 3-axis scaled RoPE over 2x2-packed latents; a Qwen2.5-VL text
+    encoder with a one-layer vision tower; the causal video VAE with per-channel latent statistics; Qwen-Image's
+    exponential-shift scheduler)."""
+    import torch
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    def seeded(make):
+        torch.manual_seed(SEED)
+        return make()
+
+    tokenizer = make_qwen_tokenizer()
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           fullatt_block_indexes=[0]),
+    )  # fmt: skip
+    text_encoder = seeded(lambda: Qwen2_5_VLForConditionalGeneration(config))
+    transformer = seeded(lambda: QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+    ))  # fmt: skip
+    vae = seeded(lambda: AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2], num_res_blocks=1,
+                                                temperal_downsample=[False]))
+    scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen-Image's
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+        max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+    )  # fmt: skip
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
     pipe.save_pretrained(folder, safe_serialization=True)
 
 

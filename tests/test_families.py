@@ -37,7 +37,7 @@ def test_families_name_real_diffusers_classes_and_consistent_facts():
 
 
 @pytest.mark.parametrize("hub_id,name", [("black-forest-labs/FLUX.1-dev", "flux"), ("Tongyi-MAI/Z-Image-Turbo", "zimage"),
-                                         ("black-forest-labs/FLUX.2-klein-4B", "flux2"),
+                                         ("black-forest-labs/FLUX.2-klein-4B", "flux2"), ("Qwen/Qwen-Image", "qwenimage"),
                                          ("stabilityai/stable-diffusion-3.5-medium", "sd3"),
                                          ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl"),
                                          ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd")])

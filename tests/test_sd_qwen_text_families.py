@@ -1,5 +1,5 @@
-"""Z-Image and FLUX.2 [klein] (both with a Qwen3 text encoder behind a chat template) on the offline tiny-zimage /
-tiny-flux2 presets: the family's prompt encoding against the pipeline's own, flow-matching training with the core's
+"""Z-Image, FLUX.2 [klein] (a Qwen3 text encoder behind a chat template) and Qwen-Image (Qwen2.5-VL behind a system
+prompt) on the offline tiny-zimage / tiny-flux2 / tiny-qwenimage presets: the family's prompt encoding against the pipeline's own, flow-matching training with the core's
 methods, validation from cached embeddings, the held-out loss, and an export that the pipeline's load_lora_weights
 reads and that changes its images."""
 
@@ -21,28 +21,35 @@ from test_export import lora_layer_names
 from test_sd_train import PROMPT, _offline_single_thread, make_trainer, reset_accelerate, train  # noqa: F401
 
 SEQ = 48
-PRESETS = {"tiny-zimage": "zimage", "tiny-flux2": "flux2"}
+PRESETS = {"tiny-zimage": "zimage", "tiny-flux2": "flux2", "tiny-qwenimage": "qwenimage"}
+
+
+def seq(preset):
+    # Qwen-Image's template is ~150 byte tokens of the tiny tokenizer: its default length keeps the prompt
+    return 512 if preset == "tiny-qwenimage" else SEQ
 
 
 def options(preset):
-    return dict(pretrained_model_name_or_path=preset, resolution=64, max_sequence_length=SEQ, validation_steps=4,
-                checkpointing_steps=10)
+    return dict(pretrained_model_name_or_path=preset, resolution=64, max_sequence_length=seq(preset),
+                validation_steps=4, checkpointing_steps=10)
 
 
 def pipeline(preset):
-    return families.family_of(preset).pipeline_class().from_pretrained(resolve_pretrained(preset))
+    pipe = families.family_of(preset).pipeline_class().from_pretrained(resolve_pretrained(preset))
+    pipe.name = preset
+    return pipe
 
 
 def generate(pipe, seed=0):
-    return pipe(prompt=PROMPT, num_inference_steps=2, height=64, width=64, max_sequence_length=SEQ, output_type="np",
-                generator=torch.Generator().manual_seed(seed)).images
+    return pipe(prompt=PROMPT, num_inference_steps=2, height=64, width=64, max_sequence_length=seq(pipe.name),
+                output_type="np", generator=torch.Generator().manual_seed(seed)).images
 
 
 @torch.no_grad()
 def transformer_out(transformer, name):
     """One forward pass through the family's denoiser call on fixed inputs in its latent and text layouts."""
     g = torch.Generator().manual_seed(1)
-    if name == "zimage":  # 16 latent channels; a list of variable-length prompt embeddings
+    if name in ("zimage", "qwenimage"):  # 16 latent channels; a list of variable-length prompt embeddings
         x, hidden = torch.randn(1, 16, 32, 32, generator=g), [torch.randn(7, 32, generator=g)]
     else:  # FLUX.2: 4 x 8 patchified channels; 3 stacked text-encoder layers of 16
         x, hidden = torch.randn(1, 32, 16, 16, generator=g), torch.randn(1, 7, 48, generator=g)
@@ -57,10 +64,14 @@ def test_preset_is_found_loads_and_encodes_prompts_like_its_pipeline(preset):
     assert fam.name == PRESETS[preset]
     assert native_resolution(folder) == 256 and pixel_multiple(folder) == 4  # pipeline default 128 x VAE 2; 2x2
     pipe = pipeline(preset)
-    pipe.tokenizer.model_max_length = SEQ
+    pipe.tokenizer.model_max_length = seq(preset)
     ours, _ = fam.encode_text([pipe.text_encoder], [pipe.tokenizer], [PROMPT, "a b"], "cpu")
     if fam.name == "zimage":  # chat template, hidden_states[-2], each prompt's real tokens only
         theirs = pipe._encode_prompt([PROMPT, "a b"], device="cpu", max_sequence_length=SEQ)
+        assert ours[0].shape[0] != ours[1].shape[0]
+    elif fam.name == "qwenimage":  # system template, last hidden states, the template's head dropped, padded + mask
+        embeds, mask = pipe.encode_prompt([PROMPT, "a b"], device="cpu", max_sequence_length=seq(preset))
+        theirs = [e[m.bool()] for e, m in zip(embeds, mask)]
         assert ours[0].shape[0] != ours[1].shape[0]
     else:  # chat template (thinking off), hidden states of layers 9, 18, 27 side by side
         theirs, _ = pipe.encode_prompt([PROMPT, "a b"], device="cpu", max_sequence_length=SEQ)
@@ -86,7 +97,8 @@ def test_flux2_latents_are_patchified_and_batch_normalised():
 
 
 @pytest.mark.parametrize("preset,method,cache", [("tiny-zimage", "reflora", False), ("tiny-zimage", "reflora-s", True),
-                                                 ("tiny-flux2", "reflora", True), ("tiny-flux2", "reflora-s", False)])
+                                                 ("tiny-flux2", "reflora", True), ("tiny-flux2", "reflora-s", False),
+                                                 ("tiny-qwenimage", "reflora", True), ("tiny-qwenimage", "reflora-s", False)])
 def test_train_export_and_reload_in_the_pipeline(tmp_path, preset, method, cache):
     run = tmp_path / "run"
     name = PRESETS[preset]
@@ -97,7 +109,10 @@ def test_train_export_and_reload_in_the_pipeline(tmp_path, preset, method, cache
     assert [e["step"] for e in evals] == [0, 2, 4] and all(math.isfinite(e["eval_loss"]) for e in evals)
     transformer = trainer.c.denoiser
     trained = {n.removesuffix(".lora_A") for n, _ in transformer.named_modules() if n.endswith(".lora_A")}
-    if name == "zimage":  # attention in the main layers and both refiners
+    if name == "qwenimage":  # joint attention of every block
+        assert {"transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_out.0"} <= trained
+        assert {n.rsplit(".", 1)[-1] for n in trained} <= {"to_q", "to_k", "to_v", "0"}
+    elif name == "zimage":  # attention in the main layers and both refiners
         assert {n.rsplit(".", 1)[-1] for n in trained} <= {"to_q", "to_k", "to_v", "0"}
         assert {"layers.0.attention.to_q", "noise_refiner.0.attention.to_out.0",
                 "context_refiner.0.attention.to_v"} <= trained

@@ -1,4 +1,5 @@
-"""Model families: one object per family (SD 1.x/2.x, SDXL, SD3, FLUX.1, FLUX.2 [klein], Z-Image) that declares its facts.
+"""Model families: one object per family (SD 1.x/2.x, SDXL, SD3, FLUX.1, FLUX.2 [klein], Z-Image,
+Qwen-Image) that declares its facts.
 
     fam = family_of(folder_or_hub_id)     # from model_index.json
     fam = get("flux")                     # by name (exports record it)
@@ -15,13 +16,14 @@ from pathlib import Path
 from .base import TEXT_ENCODERS, Family
 from .flux import Flux
 from .flux2 import Flux2Klein
+from .qwenimage import QwenImage
 from .sd import SD
 from .sd3 import SD3
 from .sdxl import SDXL
 from .zimage import ZImage
 
 # detection order: the most specific first, SD (any other UNet pipeline) last
-FAMILIES: dict[str, Family] = {f.name: f for f in (Flux2Klein(), Flux(), SD3(), ZImage(), SDXL(), SD())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (Flux2Klein(), Flux(), SD3(), ZImage(), QwenImage(), SDXL(), SD())}
 PRESET_FAMILIES = {preset: f for f in FAMILIES.values() for preset in f.presets}
 
 __all__ = ["FAMILIES", "Family", "TEXT_ENCODERS", "family_of", "get"]

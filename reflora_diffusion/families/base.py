@@ -49,6 +49,10 @@ class Family:
         """LoRA targets of the denoiser (None: the UNet's attention default, config.DEFAULT_UNET_TARGETS)."""
         return None
 
+    def vae_factor(self, vae_config: dict) -> int:
+        """The VAE's spatial downsampling."""
+        return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
     def sample_size(self, denoiser_config: dict) -> int:
         """Latent side the denoiser was made for."""
         sample = denoiser_config["sample_size"]
@@ -60,6 +64,11 @@ class Family:
 
     def vae_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         return weight_dtype
+
+    def encode_images(self, vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE posterior of (B, 3, H, W) pixels, as (B, C, h, w) latents."""
+        dist = vae.encode(pixels).latent_dist
+        return dist.mean, dist.std
 
     def model_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents (float32) in the denoiser's space: shifted (SD3/FLUX VAEs) and scaled."""

@@ -46,7 +46,8 @@ class SDTrainConfig(MethodOptions):
     # model
     pretrained_model_name_or_path: str | None = _opt(
         None, "hub id, local diffusers folder, or the offline presets 'tiny' / 'tiny-sdxl' / 'tiny-sd3' / "
-              "'tiny-flux' / 'tiny-flux2' / 'tiny-zimage' / 'tiny-emoji' (pretrained, draws emoji)")
+              "'tiny-flux' / 'tiny-flux2' / 'tiny-zimage' / 'tiny-qwenimage' / 'tiny-emoji' (pretrained, draws "
+              "emoji)")
     revision: str | None = _opt(None, "hub revision of the base model")
     variant: str | None = _opt(None, "weights variant of the base model, e.g. fp16")
     # DreamBooth data

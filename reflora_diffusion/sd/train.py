@@ -342,8 +342,7 @@ class SDTrainer:
     @torch.no_grad()
     def _latent_dist(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         vae = self.c.vae
-        dist = vae.encode(pixel_values.to(self.accelerator.device, vae.dtype)).latent_dist
-        return dist.mean, dist.std
+        return self.c.family.encode_images(vae, pixel_values.to(self.accelerator.device, vae.dtype))
 
     def _cache_latents(self) -> dict[int, tuple]:
         """VAE posterior (mean, std) per dataset index, at epoch 0's crop/flip; samples are still drawn per step."""
