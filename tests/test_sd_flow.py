@@ -148,7 +148,7 @@ def test_train_export_and_reload_in_the_pipeline(tmp_path, name, method, text_en
     again = load_file(str(export_run(run, output=tmp_path / "again")))
     assert again.keys() == keys.keys() and all(torch.equal(again[k], keys[k]) for k in keys)
     if family == "sd3":  # no kohya layout that a loader reads: refused with a pointer to ComfyUI
-        with pytest.raises(ExportError, match="kohya export covers SD 1.x, SDXL and FLUX; for SD3 .* Load LoRA node"):
+        with pytest.raises(ExportError, match="kohya export covers SD 1.x, SDXL, FLUX, Z-Image and Qwen-Image; for SD3 .* Load LoRA node"):
             export_run(run, format="kohya", output=tmp_path / "kohya")
     else:  # sd-scripts' FLUX layout: each (fused) layer adds exactly the trained layers' weight change
         kohya = load_file(str(export_run(run, format="kohya", output=tmp_path / "kohya", name="dog")))

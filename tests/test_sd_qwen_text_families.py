@@ -132,7 +132,8 @@ def test_train_export_and_reload_in_the_pipeline(tmp_path, preset, method, cache
     assert {k.split(".", 1)[0] for k in keys} == {"transformer"}
     card = (run / "README.md").read_text()
     fam = families.get(name)
-    assert fam.pipeline in card and fam.hub_tag in card and "No kohya / ComfyUI layout" in card
+    assert fam.pipeline in card and fam.hub_tag in card
+    assert ("No kohya / ComfyUI layout" in card) == (name == "flux2")
     pipe = pipeline(preset)
     before = generate(pipe)
     with warnings.catch_warnings():
@@ -142,9 +143,23 @@ def test_train_export_and_reload_in_the_pipeline(tmp_path, preset, method, cache
     torch.testing.assert_close(transformer_out(pipe.transformer, name), transformer_out(transformer, name),
                                rtol=1e-4, atol=1e-5)
     assert abs(generate(pipe) - before).max() > 1e-4
-    with pytest.raises(ExportError, match=f"kohya export covers SD 1.x, SDXL and FLUX; for {re.escape(fam.label)}") as e:
-        export_run(run, format="kohya", output=tmp_path / "kohya")
-    assert "\n" not in str(e.value)
+    if name == "flux2":  # FLUX.2's original layout fuses q/k/v: not written yet
+        with pytest.raises(ExportError, match="kohya export covers SD 1.x, SDXL, FLUX, Z-Image and Qwen-Image; for "
+                                              "FLUX.2") as e:
+            export_run(run, format="kohya", output=tmp_path / "kohya")
+        assert "\n" not in str(e.value)
+        return
+    # the original checkpoint's layout, read back through diffusers' own converter: the same weight change
+    path = export_run(run, format="kohya", output=tmp_path / "kohya", name="dog")
+    keys = load_file(str(path))
+    assert all(k.startswith("diffusion_model.") for k in keys) and any(k.endswith(".alpha") for k in keys)
+    again = pipeline(preset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again.load_lora_weights(str(path))
+    assert lora_layer_names(again.transformer) == lora_layer_names(transformer)
+    torch.testing.assert_close(transformer_out(again.transformer, name), transformer_out(transformer, name),
+                               rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

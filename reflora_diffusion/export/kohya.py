@@ -175,7 +175,8 @@ def kohya_metadata(factors: LoraFactors, name: str) -> dict[str, str]:
         "ss_network_module": "networks.lora_flux" if flux else "networks.lora",
         "ss_network_dim": str(factors.common("rank")),
         "ss_network_alpha": str(factors.common("alpha")),
-        "ss_base_model_version": "flux1" if flux else "sdxl_base_v1-0" if factors.sdxl else "sd_v1",
+        "ss_base_model_version": {"flux": "flux1", "sdxl": "sdxl_base_v1-0", "zimage": "z_image",
+                                  "qwenimage": "qwen_image"}.get(factors.family, "sd_v1"),
         "ss_v2": "False",
         "ss_sd_model_name": str(info.get("base_model", "")),
         "ss_steps": str(info.get("steps", "")),
@@ -183,8 +184,8 @@ def kohya_metadata(factors: LoraFactors, name: str) -> dict[str, str]:
         "ss_network_args": json.dumps({"conv_dim": str(conv[0].rank), "conv_alpha": str(conv[0].alpha)}
                                       if conv else {}),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ("flux-1-dev" if flux else "stable-diffusion-xl-v1-base" if factors.sdxl
-                                   else "stable-diffusion-v1") + "/lora",
+        "modelspec.architecture": {"flux": "flux-1-dev", "sdxl": "stable-diffusion-xl-v1-base", "zimage": "z-image",
+                                   "qwenimage": "qwen-image"}.get(factors.family, "stable-diffusion-v1") + "/lora",
         "modelspec.implementation": "https://github.com/huggingface/diffusers",
         "modelspec.title": name,
         "reflora_method": str(info.get("method", "")),
@@ -194,6 +195,18 @@ def kohya_metadata(factors: LoraFactors, name: str) -> dict[str, str]:
     return {k: v for k, v in meta.items() if v != ""}
 
 
+def original_layout_tensors(factors: LoraFactors) -> dict[str, torch.Tensor]:
+    """The transformer's LoRA as "diffusion_model.<module>.lora_down/lora_up/alpha" (the layout of LoRAs made for the
+    original checkpoints, which diffusers' lora_conversion_utils converts for Z-Image and Qwen-Image)."""
+    tensors = {}
+    for name, f in factors.layers.get("transformer", {}).items():
+        key = f"diffusion_model.{name}"
+        tensors[f"{key}.lora_down.weight"] = f.A.contiguous()
+        tensors[f"{key}.lora_up.weight"] = f.B.contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(float(f.alpha))
+    return tensors
+
+
 def write_kohya(factors: LoraFactors, path: str | Path, overwrite: bool = False) -> Path:
     """Write factors as one kohya-format .safetensors file; returns its path."""
     path = Path(path)
@@ -201,8 +214,11 @@ def write_kohya(factors: LoraFactors, path: str | Path, overwrite: bool = False)
 
     family = families.get(factors.family)
     if not family.kohya:
-        raise ExportError(f"kohya export covers SD 1.x, SDXL and FLUX; for {family.label} use the diffusers file "
-                          f"({WEIGHT_NAME}), which ComfyUI's Load LoRA node reads as is")
+        raise ExportError(f"kohya export covers SD 1.x, SDXL, FLUX, Z-Image and Qwen-Image; for {family.label} use "
+                          f"the diffusers file ({WEIGHT_NAME})"
+                          + (", which ComfyUI's Load LoRA node reads as is" if family.comfyui_reads_diffusers else ""))
+    if family.original_layout:
+        return save_safetensors(original_layout_tensors(factors), path, kohya_metadata(factors, path.stem), overwrite)
     blocks = factors.info.get("unet_blocks")
     tensors: dict[str, torch.Tensor] = {}
     for component, layers in factors.layers.items():

@@ -177,7 +177,14 @@ No kohya / ComfyUI layout is written for {family.label} LoRA files yet: `{WEIGHT
         others = f"""## ComfyUI
 
 Copy `{WEIGHT_NAME}` into `models/loras/` and use a "Load LoRA" node: ComfyUI reads diffusers-format
-{family.label} LoRA files as they are. (The kohya export covers SD 1.x, SDXL and FLUX.)
+{family.label} LoRA files as they are. (The kohya export covers SD 1.x, SDXL, FLUX, Z-Image and Qwen-Image.)
+"""
+    elif family.original_layout:
+        others = f"""## Other tools
+
+{f"`{kohya}` in this folder is" if kohya else "`python -m reflora_diffusion.export <this folder> --format kohya --output <folder>` writes"}
+the same LoRA in the layout of LoRAs made for the original {family.label} checkpoint (`diffusion_model.<module>`
+with lora_down / lora_up / alpha), which diffusers' loader reads too.
 """
     elif flows:
         others = f"""## ComfyUI / Forge

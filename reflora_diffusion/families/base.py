@@ -26,7 +26,10 @@ class Family:
     default_weighting: str | None = None  # flow: --weighting_scheme default (the diffusers example's)
     default_max_sequence_length: int | None = None  # flow: T5 tokens in training (the diffusers example's)
     fp16 = True  # fp16 mixed precision works (SD3 and FLUX overflow: bf16)
-    kohya = True  # a kohya / A1111 layout exists for its LoRA files
+    kohya = True  # a kohya / A1111 layout exists for its LoRA files (--format kohya)
+    # --format kohya writes the original-checkpoint layout instead ("diffusion_model.<diffusers module name>" with
+    # lora_down / lora_up / alpha), the one diffusers' lora_conversion_utils reads for this family
+    original_layout = False
     comfyui_reads_diffusers = False  # without a kohya layout: whether ComfyUI's Load LoRA reads the diffusers file
     hub_tag = ""  # the model card's tag on the hub
     presets: tuple[str, ...] = ()  # offline presets of this family (presets.py builds them)

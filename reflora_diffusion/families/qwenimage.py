@@ -33,7 +33,8 @@ class QwenImage(FlowFamily):
     lora_text_encoders = 0  # QwenImagePipeline's LoRA loader has the transformer only
     default_weighting = "none"
     default_max_sequence_length = 512  # QwenImagePipeline's max_sequence_length
-    kohya = False
+    kohya = True  # as the original checkpoint's layout (original_layout), which diffusers' reader takes
+    original_layout = True
     hub_tag = "qwen-image"
     presets = ("tiny-qwenimage",)
     resolution = 1024

@@ -25,7 +25,8 @@ class ZImage(FlowFamily):
     lora_text_encoders = 0  # ZImagePipeline's LoRA loader has the transformer only
     default_weighting = "none"  # the example's default (uniform timesteps)
     default_max_sequence_length = 512
-    kohya = False
+    kohya = True  # as the original checkpoint's layout (original_layout), which diffusers' reader takes
+    original_layout = True
     hub_tag = "z-image"
     presets = ("tiny-zimage",)
     resolution = 1024
