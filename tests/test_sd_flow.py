@@ -249,11 +249,13 @@ def test_caching_unloads_the_text_encoders_with_bf16_and_checkpointing(tmp_path)
     torch.testing.assert_close(pooled, pooled_ref[0])
 
 
-def test_resume_repeats_the_uninterrupted_flux_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("preset", ["tiny-flux", "tiny-zimage", "tiny-qwenimage"])
+def test_resume_repeats_the_uninterrupted_flux_run(tmp_path, monkeypatch, preset):
     """All flow-matching randomness (density draws, noise, VAE samples) comes from the trainer's generator,
-    which a checkpoint holds: a run stopped after a checkpoint and resumed repeats the run exactly."""
-    opts = dict(pretrained_model_name_or_path="tiny-flux", method="reflora", max_train_steps=4, checkpointing_steps=2,
-                train_batch_size=2, validation_prompt=[], max_sequence_length=SEQ)
+    which a checkpoint holds: a run stopped after a checkpoint and resumed repeats the run exactly (also with the
+    list-of-embeddings families)."""
+    opts = dict(pretrained_model_name_or_path=preset, method="reflora", max_train_steps=4, checkpointing_steps=2,
+                train_batch_size=2, validation_prompt=[], max_sequence_length=SEQ, resolution=64)
     train(tmp_path / "full", **opts)
     cfg = json.loads((tmp_path / "full" / "config.json").read_text())
     assert cfg["weighting_scheme"] == "none" and cfg["max_sequence_length"] == SEQ  # FLUX's defaults, recorded

@@ -267,7 +267,7 @@ def test_kohya_repeats_cost_nothing_and_absurd_counts_are_one_line(tmp_path):
 
 
 # --- buckets on every family -------------------------------------------------------------------------------
-@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-zimage", "tiny-qwenimage"])
 def test_buckets_train_on_the_flow_families(tmp_path, preset, caplog):
     from test_sd_buckets import mixed_folder
 
