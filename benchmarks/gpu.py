@@ -55,6 +55,26 @@ SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
 )
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                 num_hidden_layers=2, vocab_size=32000)
+# The image transformers of issue 27's families at real shapes (random weights): Z-Image-Turbo (6B, the class
+# defaults), Qwen-Image (20B, the class defaults), FLUX.2 [klein] 4B-like (5 double + 20 single blocks, width 3072 =
+# 24 heads x 128, text width 3 x 2560: our reading of its config; check it against the hub's before quoting numbers).
+# "latent": the denoiser-space latent at 1024 px (FLUX.2's patchified 2x2), "text": (tokens, width) of its prompt.
+DIT = {"zimage": dict(family="zimage", config={}, latent=(16, 128, 128), text=(128, 2560)),
+       "qwenimage": dict(family="qwenimage", config={}, latent=(16, 128, 128), text=(128, 3584)),
+       "flux2": dict(family="flux2", config=dict(num_layers=5, num_single_layers=20, num_attention_heads=24,
+                                                 joint_attention_dim=7680, guidance_embeds=False),
+                     latent=(128, 64, 64), text=(512, 7680))}
+DIT_TINY = {"zimage": dict(family="zimage", config=dict(dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+                                                        n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6]),
+                           latent=(16, 16, 16), text=(8, 32)),
+            "qwenimage": dict(family="qwenimage", config=dict(num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                                              joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
+                              latent=(16, 16, 16), text=(8, 32)),
+            "flux2": dict(family="flux2", config=dict(in_channels=32, num_layers=1, num_single_layers=2,
+                                                      attention_head_dim=16, num_attention_heads=2,
+                                                      joint_attention_dim=48, timestep_guidance_channels=32,
+                                                      axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False),
+                          latent=(32, 8, 8), text=(8, 48))}
 REAL = {"sd15": dict(config=SD15_UNET, px=512, text=(77, 768)),
         "sdxl": dict(config=SDXL_UNET, px=1024, text=(77, 2048), pooled=1280),
         "llama": dict(config=LLAMA_7B, seq=2048)}
@@ -68,6 +88,8 @@ TINY = {"sd15": dict(config=dict(SD15_UNET, block_out_channels=(32, 64), layers_
                                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")), px=64, text=(8, 64), pooled=32),
         "llama": dict(config=dict(LLAMA_7B, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                   num_key_value_heads=4, vocab_size=256), seq=32)}
+REAL.update(DIT)
+TINY.update(DIT_TINY)
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -78,10 +100,12 @@ def case(model, rank=16, precision="bf16", attention="sdpa", checkpointing=False
 def cases(mode: str, xformers: bool) -> list[dict]:
     if mode == "tiny":
         return [case("sd15", 4, "fp16"), case("sd15", 4, "bf16", checkpointing=True), case("sdxl", 4),
-                case("llama", 4)]
+                case("llama", 4), *[case(m, 4, "fp32") for m in DIT]]
     if mode == "quick":
-        return [case("sd15", 16, "fp16"), case("sd15", 16, "bf16"), case("sdxl", 16), case("llama", 16)]
+        return [case("sd15", 16, "fp16"), case("sd15", 16, "bf16"), case("sdxl", 16), case("llama", 16),
+                *[case(m, 16, "bf16", checkpointing=True) for m in DIT]]
     out = []
+    out += [case(m, r, "bf16", checkpointing=True) for m in DIT for r in (16, 64)]
     for model in ("sd15", "sdxl", "llama"):
         out += [case(model, r) for r in (4, 16, 64)]
         out += [case(model, 16, "fp16"), case(model, 16, checkpointing=True)]
@@ -96,6 +120,8 @@ def build(c: dict, sizes: dict, device: torch.device):
     torch.manual_seed(0)
     size = sizes[c["model"]]
     half = HALF[c["precision"]]
+    if "family" in size:
+        return build_dit(c, size, device)
     with torch.device(device):
         if c["model"] == "llama":
             from transformers import LlamaConfig, LlamaModel
@@ -133,6 +159,34 @@ def build(c: dict, sizes: dict, device: torch.device):
                                       "time_ids": torch.tensor([[size["px"], size["px"], 0, 0, size["px"],
                                                                  size["px"]]], device=device, dtype=half)}
     return model, lambda: model(x, t, encoder_hidden_states=text, **extra).sample.float().pow(2).mean()
+
+
+def build_dit(c: dict, size: dict, device: torch.device):
+    """An image transformer of a reflora_diffusion.families family with that family's default LoRA targets, and a
+    loss through the family's own denoiser call (the trainer's), on a 1024 px latent."""
+    import diffusers
+
+    from reflora_diffusion import families
+
+    fam = families.get(size["family"])
+    half = HALF[c["precision"]]
+    with torch.device(device):
+        model = getattr(diffusers, fam.denoiser_class)(**size["config"])
+    model.requires_grad_(False).to(half)
+    if c["checkpointing"]:
+        model.enable_gradient_checkpointing()
+    model.add_adapter(LoraConfig(r=c["rank"], lora_alpha=c["rank"], target_modules=fam.default_targets(model)))
+    with torch.no_grad():
+        for p in find_lora_pairs(model):
+            p.A.data = p.A.data.float()
+            p.B.data = torch.randn(p.B.shape, device=device) * 1e-3
+    model.train()
+    g = torch.Generator(device).manual_seed(1)
+    x = torch.randn(1, *size["latent"], generator=g, device=device, dtype=half)
+    text = torch.randn(1, *size["text"], generator=g, device=device, dtype=half)
+    hidden = fam.batch_embeds(list(text))  # (a list for the families with per-prompt lengths)
+    t = torch.tensor([500.0], device=device)
+    return model, lambda: fam.predict(model, model.config, x, t, hidden, None, 1.0).float().pow(2).mean()
 
 
 def sync(device: torch.device) -> None:

@@ -32,8 +32,9 @@ def test_gpu_benchmark_tiny_runs_end_to_end(tmp_path):
     assert time.perf_counter() - start < 60
     res = json.loads((tmp_path / "tiny.json").read_text())
     assert res["device"] == "cpu" and res["mode"] == "tiny" and (tmp_path / "tiny.png").stat().st_size > 0
-    assert {r["case"]["model"] for r in res["cases"]} == {"sd15", "sdxl", "llama"}
-    assert {r["case"]["precision"] for r in res["cases"]} == {"fp16", "bf16"}
+    # the UNets and LLaMA, and the image transformers of FLUX.2, Z-Image and Qwen-Image through their families' call
+    assert {r["case"]["model"] for r in res["cases"]} == {"sd15", "sdxl", "llama", "flux2", "zimage", "qwenimage"}
+    assert {r["case"]["precision"] for r in res["cases"]} == {"fp16", "bf16", "fp32"}
     for row in res["cases"]:
         assert row["layers"] > 0 and row["lora"]["its_ratio"] == 1.0
         for m in METHODS:
