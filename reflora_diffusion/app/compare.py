@@ -213,7 +213,7 @@ def generate_grid(runs_dir, names: list[str], prompts: list[str], seeds: list[in
         for prompt in prompts:
             for seed in seeds:
                 g = torch.Generator("cpu").manual_seed(int(seed))
-                images.append(pipe(prompt, num_inference_steps=num_inference_steps, generator=g, **size_kw).images[0])
+                images.append(pipe(prompt=prompt, num_inference_steps=num_inference_steps, generator=g, **size_kw).images[0])
         return images
 
     with torch.inference_mode():

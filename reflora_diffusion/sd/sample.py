@@ -90,7 +90,7 @@ def ensure_class_images(cfg, accelerator) -> None:
             for start in tqdm(range(0, missing, cfg.sample_batch_size), desc="class images"):
                 n = min(cfg.sample_batch_size, missing - start)
                 g = torch.Generator("cpu").manual_seed(cfg.seed + len(have) + start)
-                images = pipe([cfg.class_prompt] * n, generator=g, height=cfg.resolution, width=cfg.resolution,
+                images = pipe(prompt=[cfg.class_prompt] * n, generator=g, height=cfg.resolution, width=cfg.resolution,
                               num_inference_steps=cfg.validation_inference_steps).images
                 for im in images:
                     name = hashlib.sha1(im.tobytes()).hexdigest()[:16]
