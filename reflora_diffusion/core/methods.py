@@ -17,7 +17,7 @@ import torch
 
 from . import linalg
 from .linalg import _identity_where, finite
-from .plan import (LINEAR_STATE, QUADRATIC_STATE, UNSCALED_STATE, Context, _all_finite, _copy_rows,
+from .plan import (LINEAR_STATE, PARAM_STATE, QUADRATIC_STATE, UNSCALED_STATE, Context, _all_finite, _copy_rows,
                    _matrices)
 from .sharding import local
 
@@ -98,6 +98,10 @@ class RefLoRA(Preconditioned):
             raise ValueError(f"apply_to={self.apply_to!r} is unknown; use one of {', '.join(self.APPLY_TO)}.")
         self._before: list | None = None
 
+    def setup(self, ctx: Context) -> None:
+        if self.apply_to == "factors":
+            _refuse_state_change(ctx, "reflora apply_to='factors'", factored=True)
+
     def preconditioner(self):
         # Theorem 3: S* = (A A^T)^-1 # (B^T B); G_A <- S*^-1 G_A, G_B <- G_B S*
         return lambda AAt, BtB: linalg.geometric_mean(AAt, BtB, normalize=self.normalize)
@@ -159,15 +163,36 @@ class RefLoRA(Preconditioned):
                 _copy_rows(bucket.A, torch.bmm(pa, A))
                 _copy_rows(bucket.B, torch.bmm(B, pa_inv))
                 # what scales like the gradient (G_A -> P^-1 G_A, G_B -> G_B P) and like its square, entrywise
-                for params, left, g_map in ((bucket.A, True, pa_inv), (bucket.B, False, pa)):
-                    todo = [(ts, g_map) for ts in plan.state_of(params, LINEAR_STATE).values()]
+                for params, left, g_map, f_map in ((bucket.A, True, pa_inv, pa), (bucket.B, False, pa, pa_inv)):
+                    todo = [(ts, f_map) for ts in plan.state_of(params, PARAM_STATE).values()]
+                    todo += [(ts, g_map) for ts in plan.state_of(params, LINEAR_STATE).values()]
                     todo += [(ts, g_map.square()) for ts in plan.state_of(params, QUADRATIC_STATE).values()]
                     if with_grads and all(p.grad is not None for p in params):
                         todo.append(([p.grad for p in params], g_map))
                     for ts, M in todo:
                         X = _matrices(ts, bucket.cdt)
                         _copy_rows(ts, torch.bmm(M, X) if left else torch.bmm(X, M))
-        ctx.warn_state(LINEAR_STATE + QUADRATIC_STATE + UNSCALED_STATE)
+        ctx.warn_state(LINEAR_STATE + QUADRATIC_STATE + PARAM_STATE + UNSCALED_STATE)
+
+
+def state_change_refusal(what: str, optimizer_name: str, factored: bool) -> str | None:
+    """Why a method that changes the factors' coordinates cannot carry this optimizer's state exactly, or None.
+
+    ``factored``: the change is an r x r matrix (RefLoRA apply_to="factors"), not a per-layer scalar (RefLoRA-S)."""
+    if "Prodigy" in optimizer_name or optimizer_name.lower() == "prodigy":
+        return (f"{what} rescales the factors and their optimizer state, which Prodigy's step-size estimate (sums "
+                "over all parameters) does not follow; use --method reflora (S* on the gradient, which Prodigy reads "
+                "like any gradient) or AdamW / Adafactor / schedule-free AdamW")
+    if factored and optimizer_name.lower() == "adafactor":
+        return (f"{what} maps the optimizer state by r x r matrices, which Adafactor's factored second moment cannot "
+                "carry; use apply_to='gradient' (the default), or reflora-s, with Adafactor")
+    return None
+
+
+def _refuse_state_change(ctx: Context, what: str, factored: bool) -> None:
+    reason = state_change_refusal(what, type(ctx.optimizer).__name__, factored)
+    if reason:
+        raise ValueError(reason)
 
 
 class ScaledGD(Preconditioned):
@@ -210,6 +235,9 @@ class RefLoRAS(Method):
 
     name = "reflora-s"
     uses_warmup = True
+
+    def setup(self, ctx: Context) -> None:
+        _refuse_state_change(ctx, "reflora-s", factored=False)
 
     def pre_step(self, ctx: Context) -> None:
         if ctx.step == 0:  # no previous step to rescale after: rescale now, the gradients along

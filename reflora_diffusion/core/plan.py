@@ -27,9 +27,13 @@ from .sharding import all_sum, gather_rows, local, local_rows, shard_group
 # Optimizer state that is linear in the gradient (scales like G) and quadratic in it (scales like G^2): torch's
 # Adam/AdamW/SGD, and bitsandbytes' optimizers (state1 / state2; their 8-bit blockwise states are uint8 codes times
 # a per-block absmax1 / absmax2, so scaling the absmax scales the state exactly; qmap is the shared code book).
+# Adafactor's factored second moment (row and column means of G^2; V = R C^T / sum R) scales like G^2 under a
+# per-layer scalar as well. Schedule-free AdamW's z is a point of the factor's own space (the training point
+# interpolates it with the averaged one), so it scales like the factor. Adafactor's RMS is recomputed every step.
 LINEAR_STATE = ("exp_avg", "momentum_buffer", "state1", "absmax1")
-QUADRATIC_STATE = ("exp_avg_sq", "max_exp_avg_sq", "state2", "absmax2")
-UNSCALED_STATE = ("step", "qmap1", "qmap2")
+QUADRATIC_STATE = ("exp_avg_sq", "max_exp_avg_sq", "state2", "absmax2", "exp_avg_sq_row", "exp_avg_sq_col")
+PARAM_STATE = ("z",)
+UNSCALED_STATE = ("step", "qmap1", "qmap2", "RMS")
 
 
 def _all_finite(stack: torch.Tensor) -> torch.Tensor:
@@ -244,11 +248,13 @@ class Plan:
             for param, own, linear, quadratic in ((self.A[i], i, n + i, 3 * n + i), (self.B[i], n + i, i, 2 * n + i)):
                 add(param.detach() if self.group is not None else param, own)
                 st = state.get(param, {})
+                for k in PARAM_STATE:
+                    add(st.get(k), own)
                 for k in LINEAR_STATE:
                     add(st.get(k), linear)
                 for k in QUADRATIC_STATE:
                     add(st.get(k), quadratic)
-        warn(LINEAR_STATE + QUADRATIC_STATE + UNSCALED_STATE)
+        warn(LINEAR_STATE + QUADRATIC_STATE + PARAM_STATE + UNSCALED_STATE)
         self._scaling, self._state_key = list(groups.values()), key
         return self._scaling
 

@@ -95,7 +95,8 @@ class SDTrainConfig(MethodOptions):
     lr_num_cycles: int = _opt(1, "cycles of cosine_with_restarts")
     lr_power: float = _opt(1.0, "power of the polynomial scheduler")
     # optimizer
-    optimizer: str = _opt("adamw", "adamw, adamw8bit (bitsandbytes) or any torch.optim class name")
+    optimizer: str = _opt("adamw", "adamw, adamw8bit (bitsandbytes), adafactor, prodigy (prodigyopt; lr ~1.0), "
+                                    "schedulefree_adamw (schedulefree; constant lr) or any torch.optim class name")
     adam_beta1: float = _opt(0.9, "Adam beta1")
     adam_beta2: float = _opt(0.999, "Adam beta2")
     adam_epsilon: float = _opt(1e-8, "Adam epsilon")

@@ -48,24 +48,63 @@ class TrainingError(RuntimeError):
 
 
 # --- building blocks --------------------------------------------------------------------------------------
+def _import(module: str, flag: str, package: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"--optimizer {flag} needs {package}: pip install {package} (or pip install "
+                          "'reflora-diffusion[optimizers]'), or use adamw") from None
+
+
+EXTRA_OPTIMIZERS = ("adamw8bit", "adamw_8bit", "adafactor", "prodigy", "schedulefree_adamw", "adamw_schedulefree")
+
+
+def _torch_optimizers() -> dict:
+    return {n.lower(): c for n, c in vars(torch.optim).items()
+            if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
+
+
+def _check_optimizer_name(cfg: SDTrainConfig) -> None:
+    classes = _torch_optimizers()
+    if cfg.optimizer.lower() not in (*EXTRA_OPTIMIZERS, *classes):
+        raise ConfigError(f"--optimizer {cfg.optimizer!r} is unknown; use adamw, adamw8bit, adafactor, prodigy, "
+                          f"schedulefree_adamw or a torch.optim class ({', '.join(sorted(classes))})")
+
+
+def _check_schedule_free(cfg: SDTrainConfig) -> None:
+    if cfg.optimizer.lower() in ("schedulefree_adamw", "adamw_schedulefree") and cfg.lr_scheduler != "constant":
+        raise ConfigError(f"--optimizer {cfg.optimizer} replaces the learning-rate schedule (--lr_scheduler "
+                          f"{cfg.lr_scheduler}); use --lr_scheduler constant (--lr_warmup_steps is its warm-up)")
+
+
 def make_optimizer(cfg: SDTrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW by default, bitsandbytes' 8-bit AdamW, or any torch.optim class by (case-insensitive) name."""
+    """AdamW by default; bitsandbytes' 8-bit AdamW; Adafactor (transformers', constant lr as LoRA trainers use it);
+    Prodigy (prodigyopt: --learning_rate is its multiplier, 1.0 as usual); schedule-free AdamW (schedulefree: its own
+    warm-up, a constant lr); or any torch.optim class by (case-insensitive) name."""
     import inspect
 
     name = cfg.optimizer.lower()
     adam = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon, "weight_decay": cfg.adam_weight_decay}
     if name in ("adamw8bit", "adamw_8bit"):
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes, "
-                              "or use adamw") from None
+        bnb = _import("bitsandbytes", cfg.optimizer, "bitsandbytes")
         return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, **adam)
-    classes = {n.lower(): c for n, c in vars(torch.optim).items()
-               if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
-    if name not in classes:
-        raise ConfigError(f"--optimizer {cfg.optimizer!r} is unknown; use adamw, adamw8bit or a torch.optim class "
-                          f"({', '.join(sorted(classes))})")
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=cfg.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=cfg.adam_weight_decay)
+    if name == "prodigy":
+        prodigyopt = _import("prodigyopt", cfg.optimizer, "prodigyopt")
+        return prodigyopt.Prodigy(groups, lr=cfg.learning_rate, decouple=True, use_bias_correction=True,
+                                  safeguard_warmup=True, **adam)
+    if name in ("schedulefree_adamw", "adamw_schedulefree"):
+        schedulefree = _import("schedulefree", cfg.optimizer, "schedulefree")
+        _check_schedule_free(cfg)
+        return schedulefree.AdamWScheduleFree(groups, lr=cfg.learning_rate, warmup_steps=cfg.lr_warmup_steps, **adam)
+    classes = _torch_optimizers()
+    _check_optimizer_name(cfg)
     cls = classes[name]
     accepted = inspect.signature(cls).parameters
     return cls(groups, lr=cfg.learning_rate, **{k: v for k, v in adam.items() if k in accepted})
@@ -149,6 +188,7 @@ class SDTrainer:
         check_data_dirs(cfg)
         self.family = self._resolve_base(cfg)
         self.family.check_options(cfg, self.accelerator.mixed_precision)  # one line, before the run folder
+        self._check_optimizer_method(cfg)
         self.dataset = build_dataset(cfg)  # decodes every image: unusable data fails here
         self.max_steps = self._count_steps()
         if cfg.refactor_warmup_steps is None:
@@ -224,6 +264,25 @@ class SDTrainer:
         cfg.max_sequence_length = cfg.max_sequence_length or family.default_max_sequence_length
         return family
 
+    @staticmethod
+    def _check_optimizer_method(cfg: SDTrainConfig) -> None:
+        """Method and optimizer pairs whose optimizer state the method cannot carry (the core refuses them at
+        attach; here before the run folder is touched)."""
+        from reflora_diffusion.core.methods import state_change_refusal
+
+        _check_optimizer_name(cfg)
+        package = {"prodigy": "prodigyopt", "schedulefree_adamw": "schedulefree", "adamw_schedulefree": "schedulefree",
+                   "adamw8bit": "bitsandbytes", "adamw_8bit": "bitsandbytes"}.get(cfg.optimizer.lower())
+        if package:
+            _import(package, cfg.optimizer, package)
+        _check_schedule_free(cfg)
+        factors = cfg.method == "reflora" and cfg.reflora_apply_to == "factors"
+        if cfg.method == "reflora-s" or factors:
+            what = "--method reflora-s" if not factors else "--reflora_apply_to factors"
+            reason = state_change_refusal(what, cfg.optimizer, factored=factors)
+            if reason:
+                raise ConfigError(f"--optimizer {cfg.optimizer}: {reason}")
+
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
         with self.log.reporting():
@@ -267,6 +326,8 @@ class SDTrainer:
             raise ConfigError(f"--method {cfg.method}: {e}") from None
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if hasattr(optimizer, "train") and isinstance(optimizer.param_groups[0].get("train_mode"), bool):
+            optimizer.train()  # schedule-free: training mode (evaluation_weights switches for samples and exports)
         self.ref.attach(optimizer)  # before the scheduler: lora+ adds a parameter group
 
         dataloader = build_dataloader(self.dataset, cfg, acc.num_processes)
@@ -420,10 +481,30 @@ class SDTrainer:
                         "crop_top_lefts": [top_left] * m, "target_sizes": [(h, w)] * m})
         return out
 
+    @contextlib.contextmanager
+    def evaluation_weights(self):
+        """Schedule-free optimizers train at one point and evaluate at another (their average): the held-out loss,
+        samples and exports use the evaluation point (``optimizer.eval()``), training goes on at the training point.
+        Other optimizers: nothing changes."""
+        opt = getattr(self, "optimizer", None)
+        opt = getattr(opt, "optimizer", opt)  # accelerate's wrapper
+        switch = opt is not None and isinstance(opt.param_groups[0].get("train_mode"), bool) and hasattr(opt, "eval")
+        if switch:
+            opt.eval()
+        try:
+            yield
+        finally:
+            if switch:
+                opt.train()
+
     @torch.no_grad()
     def eval_loss(self) -> float:
         """The unweighted denoising loss (epsilon, v or flow target) over the eval set, at its fixed noise and
         timesteps, with the current weights; one forward pass per image and timestep."""
+        with self.evaluation_weights():
+            return self._eval_loss()
+
+    def _eval_loss(self) -> float:
         for m in self.models.values():
             m.eval()
         total, m = 0.0, self.cfg.eval_noises
@@ -629,6 +710,10 @@ class SDTrainer:
     # ------------------------------------------------------------------ sampling
     def validate(self) -> None:
         """Validation images with fixed seeds; the training RNG streams are left untouched."""
+        with self.evaluation_weights():
+            self._validate()
+
+    def _validate(self) -> None:
         if not self.is_main:
             return
         from .sample import build_pipeline, save_validation_samples
@@ -755,6 +840,10 @@ class SDTrainer:
     # ------------------------------------------------------------------ the end
     def export(self, folder: Path) -> Path:
         """pytorch_lora_weights.safetensors (diffusers format) of the current weights into `folder`."""
+        with self.evaluation_weights():
+            return self._export(folder)
+
+    def _export(self, folder: Path) -> Path:
         from reflora_diffusion.export import export_diffusers
 
         unwrap = self.accelerator.unwrap_model
