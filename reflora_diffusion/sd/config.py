@@ -36,6 +36,9 @@ def _opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+BASE_PRECISIONS = ("no", "int8", "fp8", "nf4")
+
+
 @dataclass
 class SDTrainConfig(MethodOptions):
     """Every option; the core's method options (method, refactor_warmup_steps, ...) come from MethodOptions."""
@@ -114,6 +117,10 @@ class SDTrainConfig(MethodOptions):
     text_encoder_target_modules: list[str] = _opt(DEFAULT_TEXT_TARGETS, "text-encoder layers to adapt")
     # speed and memory
     mixed_precision: str | None = _opt(None, "no, fp16 or bf16 (default: accelerate's config)")
+    base_model_precision: str = _opt("no", "the frozen denoiser's weights: no (the compute dtype), int8 (torchao int8 "
+                                           "weight-only, CPU and GPU, with --mixed_precision bf16), fp8 (torchao "
+                                           "float8 weight-only, CUDA compute capability >= 8.9), nf4 (bitsandbytes "
+                                           "4-bit, CUDA); LoRA factors stay float32")
     gradient_checkpointing: bool = _opt(False, "trade compute for memory in the UNet/text encoder")
     enable_xformers_memory_efficient_attention: bool = _opt(False, "use xformers attention (PyTorch SDPA "
                                                             "is the default)")
@@ -270,6 +277,9 @@ class SDTrainConfig(MethodOptions):
             raise ConfigError(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ConfigError(f"--mixed_precision must be no, fp16 or bf16 (got {self.mixed_precision!r})")
+        if self.base_model_precision not in BASE_PRECISIONS:
+            raise ConfigError(f"--base_model_precision must be one of {', '.join(BASE_PRECISIONS)} "
+                              f"(got {self.base_model_precision!r})")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise ConfigError(f"--prediction_type must be epsilon or v_prediction (got {self.prediction_type!r})")
         if self.lr_warmup_steps < 0:

@@ -63,7 +63,37 @@ def _text_encoder_class(path: str, subfolder: str, revision):
     return getattr(transformers, config.architectures[0])
 
 
-def load_components(cfg) -> Components:
+def quantization_config(cfg, weight_dtype: torch.dtype, device: torch.device):
+    """diffusers' quantization config for --base_model_precision, or None; one-line errors where it cannot run."""
+    import importlib.util
+
+    precision = cfg.base_model_precision
+    if precision == "no":
+        return None
+    flag = f"--base_model_precision {precision}"
+    if precision in ("int8", "fp8"):
+        if importlib.util.find_spec("torchao") is None:
+            raise ConfigError(f"{flag} needs torchao: pip install torchao (or 'reflora-diffusion[quantization]')")
+        if weight_dtype != torch.bfloat16:
+            raise ConfigError(f"{flag} (torchao) computes in bf16: add --mixed_precision bf16")
+        if precision == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
+            raise ConfigError(f"{flag} needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper); use "
+                              "--base_model_precision int8 here")
+        from diffusers import TorchAoConfig
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig() if precision == "int8" else Float8WeightOnlyConfig())
+    if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{flag} needs bitsandbytes and a CUDA GPU: pip install bitsandbytes, or use "
+                          "--base_model_precision int8")
+    if weight_dtype == torch.float32:
+        raise ConfigError(f"{flag} computes in the mixed-precision dtype: add --mixed_precision bf16 (or fp16)")
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=weight_dtype)
+
+
+def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device=torch.device("cpu")) -> Components:
     """Tokenizers, text encoders, VAE, denoiser and the training scheduler (DDPM, or flow matching for SD3 and
     FLUX); all frozen."""
     import diffusers
@@ -79,8 +109,10 @@ def load_components(cfg) -> Components:
         text_encoders = [_text_encoder_class(path, e, cfg.revision).from_pretrained(
             path, subfolder=e, variant=cfg.variant, **kw) for e in encoders]
         vae = getattr(diffusers, family.vae_class).from_pretrained(path, subfolder="vae", variant=cfg.variant, **kw)
+        quant = quantization_config(cfg, weight_dtype, device)
+        quant_kw = {"quantization_config": quant, "torch_dtype": weight_dtype} if quant is not None else {}
         denoiser = getattr(diffusers, family.denoiser_class).from_pretrained(
-            path, subfolder=family.denoiser_folder, variant=cfg.variant, **kw)
+            path, subfolder=family.denoiser_folder, variant=cfg.variant, **kw, **quant_kw)
         noise_scheduler = family.scheduler_class().from_pretrained(path, subfolder="scheduler", **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load base model {cfg.pretrained_model_name_or_path!r}: "
@@ -149,6 +181,10 @@ def prepare_for_training(components: Components, cfg, weight_dtype: torch.dtype,
     # Frozen weights in the compute dtype; LoRA parameters stay fp32 so small updates are not rounded away.
     vae_dtype = components.family.vae_dtype(weight_dtype)
     for m in (components.vae, *components.models.values()):  # (T5 too: bf16 on a GPU)
+        if getattr(m, "is_quantized", False):  # loaded in its compute dtype; bitsandbytes places itself
+            if cfg.base_model_precision != "nf4":
+                m.to(device)
+            continue
         m.to(device)
         dtype = vae_dtype if m is components.vae else weight_dtype
         if dtype != torch.float32:  # (diffusers warns on a no-op dtype cast)
@@ -168,6 +204,14 @@ def prepare_for_training(components: Components, cfg, weight_dtype: torch.dtype,
             raise ConfigError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers, "
                               "or drop the flag (PyTorch SDPA attention is used by default)")
         denoiser.enable_xformers_memory_efficient_attention()
+
+
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor occupies: a quantized tensor subclass (torchao) through its inner tensors (codes, scales)."""
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(stored_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -37,7 +37,7 @@ from reflora_diffusion.rundir import (TRAINER_STATE, RunLog, check_output_dir, c
 from . import flow
 from .config import ConfigError, SDTrainConfig
 from .data import build_dataloader, build_dataset, check_data_dirs, load_class_images
-from .models import Components, load_components, prepare_for_training, trainable_parameters
+from .models import Components, load_components, prepare_for_training, stored_bytes, trainable_parameters
 
 LORA_STATE = "{}_lora.safetensors"  # per trained model, inside a checkpoint
 STOP_GRACE_S = 60.0  # after a SIGTERM, how long the current step may take before the trainer ends anyway
@@ -189,6 +189,11 @@ class SDTrainer:
         self.family = self._resolve_base(cfg)
         self.family.check_options(cfg, self.accelerator.mixed_precision)  # one line, before the run folder
         self._check_optimizer_method(cfg)
+        if cfg.base_model_precision != "no":  # its backend, device and dtype, before the run folder too
+            from .models import quantization_config
+
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
+            quantization_config(cfg, dtype, self.accelerator.device)
         self.dataset = build_dataset(cfg)  # decodes every image: unusable data fails here
         self.max_steps = self._count_steps()
         if cfg.refactor_warmup_steps is None:
@@ -270,6 +275,10 @@ class SDTrainer:
         attach; here before the run folder is touched)."""
         from reflora_diffusion.core.methods import state_change_refusal
 
+        if cfg.base_model_precision != "no" and (cfg.method in ("cola", "rac-lora") or cfg.reinit):
+            raise ConfigError(f"--base_model_precision {cfg.base_model_precision}: --method {cfg.method}"
+                              f"{' --reinit' if cfg.reinit else ''} merges LoRA links into the base weights, which "
+                              "a quantized base cannot take; use --base_model_precision no, or another method")
         _check_optimizer_name(cfg)
         package = {"prodigy": "prodigyopt", "schedulefree_adamw": "schedulefree", "adamw_schedulefree": "schedulefree",
                    "adamw8bit": "bitsandbytes", "adamw_8bit": "bitsandbytes"}.get(cfg.optimizer.lower())
@@ -302,8 +311,15 @@ class SDTrainer:
             ensure_class_images(cfg, acc)
             self.dataset.classes = load_class_images(cfg)
         set_seed(cfg.seed)  # same on every process: identical LoRA init everywhere
-        self.c: Components = load_components(cfg)
+        self.c: Components = load_components(cfg, self.weight_dtype, acc.device)
         prepare_for_training(self.c, cfg, self.weight_dtype, acc.device)
+        if cfg.base_model_precision != "no":
+            frozen = [p for p in self.c.denoiser.parameters() if not p.requires_grad]
+            stored = sum(stored_bytes(p) for p in frozen)
+            get_logger(__name__).info(
+                f"base model precision {cfg.base_model_precision}: the frozen {self.c.denoiser_name} takes "
+                f"{stored / 2**20:.1f} MiB ({sum(p.numel() for p in frozen) * 2 / 2**20:.1f} MiB in bf16)")
+            self.log.event(step=0, base_model_precision=cfg.base_model_precision, base_weight_bytes=stored)
 
         # Trained models: the UNet/transformer, and the (CLIP) text encoders with --train_text_encoder.
         self.trained = {self.c.denoiser_name: self.c.denoiser}
