@@ -127,6 +127,9 @@ class SDTrainConfig(MethodOptions):
     cache_latents: bool = _opt(False, "encode images (and prompts, when the text encoder is frozen) once; "
                                "crop/flip are then drawn once; SD3/FLUX then also unload the frozen text "
                                "encoders (T5) after encoding every training and validation prompt")
+    cache_dir: str | None = _opt(None, "keep the cached latents and prompt embeddings on disk in this folder, shared "
+                                       "by runs and methods (keyed by base model, data, resolution and prompt: a "
+                                       "change is a new entry); implies --cache_latents")
     dataloader_num_workers: int = _opt(0, "data loading worker processes")
     # loss
     snr_gamma: float | None = _opt(None, "min-SNR weighting gamma (5.0 is the paper's choice)")
@@ -213,6 +216,8 @@ class SDTrainConfig(MethodOptions):
                               f"--max_bucket_reso {hi}")
 
     def validate(self) -> "SDTrainConfig":
+        if self.cache_dir:
+            self.cache_latents = True  # the disk cache keeps what --cache_latents computes
         if not self.pretrained_model_name_or_path:
             raise ConfigError("--pretrained_model_name_or_path is required (a hub id, a local folder, or 'tiny')")
         if not self.output_dir:

@@ -365,6 +365,7 @@ class SDTrainer:
         self.noise_gen = torch.Generator(device=acc.device).manual_seed(cfg.seed)
         self.global_step, self.skipped_steps = 0, 0
         self.text_cache: dict[str, tuple] = {}
+        self.disk_cache = self._open_disk_cache() if cfg.cache_dir else None
         self.eval_set = self._build_eval_set() if cfg.eval_loss_every else None
         self.latent_cache = self._cache_latents() if cfg.cache_latents else None
         if cfg.cache_latents and self.c.flow and not cfg.train_text_encoder and not cfg.shuffle_caption:
@@ -375,6 +376,9 @@ class SDTrainer:
             if cfg.resume_from_checkpoint == "latest":
                 get_logger(__name__).info(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting a new run")
             self.log.truncate_after(0)  # a fresh run in a reused folder starts a fresh event log
+        if self.disk_cache is not None:
+            get_logger(__name__).info(f"--cache_dir {cfg.cache_dir}: {self.disk_cache.hits} entries read, "
+                                      f"{self.disk_cache.misses} encoded and written")
         if cfg.report_to != "none":
             acc.init_trackers("reflora-sd", config={k: str(v) if isinstance(v, list) else v
                                                    for k, v in cfg.to_dict().items() if v is not None})
@@ -393,11 +397,22 @@ class SDTrainer:
             with torch.no_grad():
                 return encode(prompts)
         new = sorted(set(prompts) - set(self.text_cache))
+        if new and self.disk_cache is not None:  # entries other runs (or methods) wrote
+            for p in list(new):
+                entry = self.disk_cache.load(self._text_entry(p))
+                if entry is not None:
+                    device = self.accelerator.device
+                    self.text_cache[p] = (entry["hidden"].to(device), entry["pooled"].to(device) if "pooled" in entry
+                                          else None)
+                    new.remove(p)
         if new:
             with torch.no_grad():
                 hidden, pooled = encode(new)
             for i, p in enumerate(new):
                 self.text_cache[p] = (hidden[i], None if pooled is None else pooled[i])
+                if self.disk_cache is not None and self.is_main:
+                    self.disk_cache.save(self._text_entry(p), {"hidden": hidden[i],
+                                                               **({} if pooled is None else {"pooled": pooled[i]})})
         hidden = self.c.family.batch_embeds([self.text_cache[p][0] for p in prompts])
         pooled = [self.text_cache[p][1] for p in prompts]
         pooled = None if pooled[0] is None else torch.stack(pooled)
@@ -427,10 +442,31 @@ class SDTrainer:
 
         from .data import collate
 
-        cache = {}
+        cache, disk = {}, self.disk_cache
         for i in tqdm(range(len(self.dataset)), desc="caching latents", disable=not self.is_main):
-            cache[i] = self._latent_dist(collate([self.dataset[(0, i)]])["pixel_values"])
+            pixels = collate([self.dataset[(0, i)]])["pixel_values"]
+            path = disk.path("latents", pixels, str(self.c.vae.dtype)) if disk is not None else None
+            entry = disk.load(path) if disk is not None else None
+            if entry is not None:
+                cache[i] = (entry["mean"].to(self.accelerator.device), entry["std"].to(self.accelerator.device))
+                continue
+            cache[i] = self._latent_dist(pixels)
+            if disk is not None and self.is_main:
+                disk.save(path, {"mean": cache[i][0], "std": cache[i][1]})
         return cache
+
+    def _open_disk_cache(self):
+        """--cache_dir: entries keyed by the base model's VAE and text encoders (disk_cache.py)."""
+        from .disk_cache import DiskCache, model_identity
+
+        c, cfg = self.c, self.cfg
+        parts = [c.family.name, str(self.weight_dtype), model_identity(c.path, cfg.revision, "vae", dict(c.vae.config))]
+        parts += [model_identity(c.path, cfg.revision, name, encoder.config.to_dict())
+                  for name, encoder in zip(c.family.text_encoder_names, c.text_encoders)]
+        return DiskCache(cfg.cache_dir, "\n".join(parts))
+
+    def _text_entry(self, prompt: str):
+        return self.disk_cache.path("text", prompt, [t.model_max_length for t in self.c.tokenizers])
 
     def _shared(self, n_inst: int, n_rows: int, make) -> torch.Tensor:
         """Random rows for this process's samples, cut from draws for the whole global batch.
