@@ -117,6 +117,9 @@ class SDTrainConfig(MethodOptions):
     text_encoder_target_modules: list[str] = _opt(DEFAULT_TEXT_TARGETS, "text-encoder layers to adapt")
     # speed and memory
     mixed_precision: str | None = _opt(None, "no, fp16 or bf16 (default: accelerate's config)")
+    memory_preset: str | None = _opt(None, "24gb, 16gb or 12gb: gradient checkpointing, caching, bf16, 8-bit AdamW "
+                                           "and a quantized base as the family needs them (sd/memory.py); options "
+                                           "given on the command line are kept")
     base_model_precision: str = _opt("no", "the frozen denoiser's weights: no (the compute dtype), int8 (torchao int8 "
                                            "weight-only, CPU and GPU, with --mixed_precision bf16), fp8 (torchao "
                                            "float8 weight-only, CUDA compute capability >= 8.9), nf4 (bitsandbytes "
@@ -282,6 +285,8 @@ class SDTrainConfig(MethodOptions):
             raise ConfigError(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ConfigError(f"--mixed_precision must be no, fp16 or bf16 (got {self.mixed_precision!r})")
+        if self.memory_preset not in (None, "24gb", "16gb", "12gb"):
+            raise ConfigError(f"--memory_preset must be 24gb, 16gb or 12gb (got {self.memory_preset!r})")
         if self.base_model_precision not in BASE_PRECISIONS:
             raise ConfigError(f"--base_model_precision must be one of {', '.join(BASE_PRECISIONS)} "
                               f"(got {self.base_model_precision!r})")

@@ -160,6 +160,7 @@ class SDTrainer:
 
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
+        preset_line = self._apply_memory_preset(cfg)  # before the Accelerator: it may set the mixed precision
         self.accelerator = Accelerator(
             cpu=distributed_cpu_run(),
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -171,6 +172,8 @@ class SDTrainer:
                                                 logging_dir=str(self.run_dir / "logs")),
         )
         self.is_main = self.accelerator.is_main_process
+        if preset_line:
+            get_logger(__name__).info(preset_line)
         if self.accelerator.device.type == "cpu":
             from reflora_diffusion.cpu import configure_cpu_threads
 
@@ -268,6 +271,22 @@ class SDTrainer:
         cfg.weighting_scheme = cfg.weighting_scheme or family.default_weighting
         cfg.max_sequence_length = cfg.max_sequence_length or family.default_max_sequence_length
         return family
+
+    @staticmethod
+    def _apply_memory_preset(cfg: SDTrainConfig) -> str | None:
+        if not cfg.memory_preset:
+            return None
+        from reflora_diffusion.families import family_of
+        from reflora_diffusion.presets import resolve_pretrained
+
+        from .memory import apply_memory_preset
+
+        try:
+            family = family_of(resolve_pretrained(cfg.pretrained_model_name_or_path)).name
+        except Exception as e:  # noqa: BLE001 - the same one line _resolve_base gives
+            raise ConfigError(f"cannot load base model {cfg.pretrained_model_name_or_path!r}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        return apply_memory_preset(cfg, family)
 
     @staticmethod
     def _check_optimizer_method(cfg: SDTrainConfig) -> None:
