@@ -1,4 +1,4 @@
-"""The run folder, one owner for the SD trainer, the LLM trainers and the app (layout in DESIGN.md):
+"""The run folder, one owner for the SD trainer, the LLM trainers and the app (layout in docs/design.md):
 config.json, status.json (its only writer: RunLog for a trainer, with a context manager that ends a run as
 done / failed / cancelled, and start_status / update_status for the app), events.jsonl
 (writer and reader), checkpoint listing, stale-temporary cleanup, and the checks that keep a new run from

@@ -1,4 +1,4 @@
-"""The facts of METHODS.md section 2, checked on random and adversarial matrices."""
+"""The facts of docs/methods.md section 2, checked on random and adversarial matrices."""
 
 import pytest
 import torch

@@ -119,7 +119,7 @@ def test_factorization_consistency_theorem_6(method, consistent):
 
 
 def test_reflora_sgd_step_matches_closed_form():
-    """-eta s^2 (B S^-1 B^T G + G A^T S A) from METHODS.md section 1, with S = S*."""
+    """-eta s^2 (B S^-1 B^T G + G A^T S A) from docs/methods.md section 1, with S = S*."""
     from reflora_diffusion.core import geometric_mean
     model = lora_model(targets=("fc2",), dtype=torch.float64)
     (pair,) = find_lora_pairs(model)

@@ -1,4 +1,4 @@
-"""Batched r x r algebra for the LoRA methods (METHODS.md sections 2 and 3).
+"""Batched r x r algebra for the LoRA methods (docs/methods.md sections 2 and 3).
 
 Every function takes stacks of Gram matrices ``AAt = A A^T`` and ``BtB = B^T B`` shaped (n, r, r) and
 returns a pair of r x r preconditioners ``(P_A, P_B)`` and a validity mask: the gradient update is

@@ -1,6 +1,6 @@
 """Finding the (A, B) factor pairs of peft LoRA layers.
 
-Orientation is peft's (METHODS.md): ``A`` is r x d_in, ``B`` is d_out x r and the adapter adds
+Orientation is peft's (docs/methods.md): ``A`` is r x d_in, ``B`` is d_out x r and the adapter adds
 ``scaling * B @ A``. Conv factors are viewed as matrices: A as r x (C_in * k * k), B as C_out x r.
 """
 

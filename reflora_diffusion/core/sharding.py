@@ -1,7 +1,7 @@
 """LoRA factors sharded by FSDP2 (``fully_shard``): DTensor parameters split on dim 0 over one process group.
 
 FSDP2 shards every parameter on dim 0, like ``torch.chunk``: A (r x d_in) by rows of r, B (d_out x r) by rows of
-d_out. What the core needs from the other ranks (METHODS.md 2):
+d_out. What the core needs from the other ranks (docs/methods.md section 2):
 
 - B^T B = sum over the row shards of B_i^T B_i: a partial r x r per rank, summed;
 - A A^T mixes rows of different ranks, and so does the new G_A = P_A G_A: the rows of A and G_A are gathered

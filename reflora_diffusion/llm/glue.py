@@ -366,7 +366,7 @@ def _clean(v):
 
 
 def run(glue_args: GlueArguments, train_args) -> dict:
-    """Train and evaluate one GLUE task; returns the final metrics. Writes the run folder (DESIGN.md)."""
+    """Train and evaluate one GLUE task; returns the final metrics. Writes the run folder (docs/design.md)."""
     from transformers import DataCollatorWithPadding, set_seed
 
     out = train_args.output_dir

@@ -133,7 +133,7 @@ class EventsCallback(TrainerCallback):
 
 
 class RefactorTrainer(Trainer):
-    """`transformers.Trainer` whose optimizer runs a core method (METHODS.md) and whose checkpoints carry its state."""
+    """`transformers.Trainer` whose optimizer runs a core method (docs/methods.md) and whose checkpoints carry its state."""
 
     def __init__(self, *args, method: str = "reflora", method_options: dict | None = None,
                  run_log: RunLog | None = None, **kwargs):
