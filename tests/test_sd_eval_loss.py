@@ -5,7 +5,7 @@ import pytest
 
 from reflora_diffusion.rundir import read_events
 from reflora_diffusion.sd.config import ConfigError, make_config
-from test_sd_train import BASE, _offline_single_thread, train  # noqa: F401 (autouse fixture)
+from sd_helpers import BASE, train
 
 EVAL = dict(validation_prompt=[], checkpointing_steps=1000, max_train_steps=4, eval_loss_every=2, eval_timesteps=3,
             eval_noises=2, learning_rate=1e-3)
@@ -35,7 +35,7 @@ def test_eval_loss_is_logged_and_paired_across_methods_and_seeds(tmp_path, prese
 def test_eval_data_dir_and_bad_values(tmp_path):
     import shutil
 
-    from test_sd_train import DOG
+    from sd_helpers import DOG
 
     held_out = tmp_path / "held"
     held_out.mkdir()

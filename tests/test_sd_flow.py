@@ -1,7 +1,7 @@
 """SD3/SD3.5 and FLUX.1 on the offline tiny-sd3 / tiny-flux presets: flow-matching training with the core's
 methods, export that the pipelines' own load_lora_weights read, and the family-specific options.
 
-Single-threaded and in-process like test_sd_train.py (whose helpers are reused).
+Single-threaded and in-process (tests/conftest.py, tests/sd_helpers.py).
 """
 
 import json
@@ -19,7 +19,7 @@ from reflora_diffusion.sd.config import ConfigError, make_config
 from reflora_diffusion.sd.train import SDTrainer
 
 from test_export import _Records, lora_layer_names
-from test_sd_train import BASE, PROMPT, _offline_single_thread, make_trainer, reset_accelerate, train  # noqa: F401
+from sd_helpers import BASE, PROMPT, make_trainer, reset_accelerate, train
 
 FLOW = dict(max_sequence_length=32, validation_steps=4, checkpointing_steps=10)
 SEQ = 32  # T5 tokens in these tests (the char-level tiny tokenizer spends one per character)

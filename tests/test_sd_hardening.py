@@ -15,7 +15,7 @@ from PIL import Image
 
 from reflora_diffusion.sd.config import make_config
 from reflora_diffusion.presets import native_resolution
-from test_sd_train import BASE, DOG, PROMPT, REPO, make_trainer, run_cli, train
+from sd_helpers import BASE, DOG, PROMPT, REPO, make_trainer, run_cli, train
 
 FAST = dict(validation_prompt=[], checkpointing_steps=1000)
 

@@ -6,7 +6,7 @@ import pytest
 from reflora_diffusion.sd.config import ConfigError
 from reflora_diffusion.sd.memory import preset_options
 
-from test_sd_train import _offline_single_thread, make_trainer, reset_accelerate  # noqa: F401
+from sd_helpers import make_trainer
 
 
 def test_rungs_add_up_and_large_families_get_a_quantized_base():

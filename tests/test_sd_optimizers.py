@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from reflora_diffusion.rundir import read_events
 from reflora_diffusion.sd.config import ConfigError
 
-from test_sd_train import _offline_single_thread, make_trainer, reset_accelerate, train  # noqa: F401
+from sd_helpers import make_trainer, train
 
 
 @pytest.mark.parametrize("optimizer,method,lr", [("adafactor", "reflora-s", 1e-3), ("adafactor", "reflora", 1e-3),

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from reflora_diffusion.rundir import read_events
 from reflora_diffusion.sd.config import ConfigError
 
-from test_sd_train import _offline_single_thread, make_trainer, reset_accelerate, train  # noqa: F401
+from sd_helpers import make_trainer, train
 
 FLOW = dict(max_sequence_length=32, validation_steps=4, checkpointing_steps=10, mixed_precision="bf16")
 

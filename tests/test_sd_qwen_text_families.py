@@ -18,7 +18,7 @@ from reflora_diffusion.rundir import read_events
 from reflora_diffusion.sd.config import ConfigError
 
 from test_export import lora_layer_names
-from test_sd_train import PROMPT, _offline_single_thread, make_trainer, reset_accelerate, train  # noqa: F401
+from sd_helpers import PROMPT, make_trainer, train
 
 SEQ = 48
 PRESETS = {"tiny-zimage": "zimage", "tiny-flux2": "flux2", "tiny-qwenimage": "qwenimage"}

@@ -13,7 +13,7 @@ from PIL import Image
 
 from reflora_diffusion.sd.config import make_config
 from reflora_diffusion.sd.data import DataError, build_dataset, load_resized, read_captions, to_rgb, train_folders
-from test_sd_train import BASE, DOG, PROMPT, _offline_single_thread, run_cli, train  # noqa: F401 (autouse fixture)
+from sd_helpers import BASE, DOG, PROMPT, run_cli, train
 
 FAST = dict(validation_prompt=[], checkpointing_steps=1000, max_train_steps=2)
 CLI = ["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(DOG), "--instance_prompt", PROMPT,
@@ -307,7 +307,7 @@ def test_default_buckets_follow_the_resolution(tmp_path, caplog):
 
 
 def test_the_refactoring_warm_up_follows_the_run_length(tmp_path):
-    from test_sd_train import make_trainer
+    from sd_helpers import make_trainer
 
     base = {**FAST, "method": "reflora", "refactor_warmup_steps": None}
     for steps, warmup in ((30, 3), (600, 60), (5000, 100)):

@@ -16,49 +16,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from reflora_diffusion.sd.config import make_config
 from reflora_diffusion.rundir import read_events
 from reflora_diffusion.sd.train import SDTrainer
 
-REPO = Path(__file__).resolve().parents[1]
-DOG = (REPO / ".." / "shared" / "data" / "dreambooth" / "dog").resolve()
-PROMPT = "a photo of sks dog"
-BASE = dict(pretrained_model_name_or_path="tiny", instance_data_dir=str(DOG), instance_prompt=PROMPT,
-            resolution=64, rank=4, seed=0, max_train_steps=4, refactor_warmup_steps=2, checkpointing_steps=2,
-            validation_prompt=[PROMPT], validation_steps=2, num_validation_images=1, validation_inference_steps=2)
-
-
-@pytest.fixture(autouse=True)
-def _offline_single_thread(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def make_trainer(out: Path, **overrides) -> SDTrainer:
-    reset_accelerate()
-    trainer = SDTrainer(make_config({**BASE, "output_dir": str(out), **overrides}))
-    trainer.setup()
-    return trainer
-
-
-def train(out: Path, **overrides) -> SDTrainer:
-    trainer = make_trainer(out, **overrides)
-    trainer.train()
-    return trainer
-
-
-def losses(run: Path) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in read_events(run) if "loss" in e}
+from sd_helpers import BASE, DOG, PROMPT, REPO, losses, make_trainer, run_cli, train  # noqa: F401
 
 
 def unet_inputs(sdxl: bool, seed: int = 1):
@@ -263,15 +224,6 @@ def test_nan_loss_steps_are_skipped_then_training_stops(tmp_path, monkeypatch):
 
 
 # --- bad input through the command line ------------------------------------------------------------------
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    from reflora_diffusion.sd.cli import main
-
-    reset_accelerate()
-    code = main(args)
-    lines = capsys.readouterr().err.strip().splitlines()  # progress bars and library notices come first
-    return code, lines[-1] if lines else ""
-
-
 def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     common = ["--pretrained_model_name_or_path", "tiny", "--resolution", "64", "--max_train_steps", "1",
               "--output_dir", str(tmp_path / "out")]

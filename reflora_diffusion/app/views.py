@@ -68,7 +68,8 @@ def default_resolution(base: str) -> int:
 
 def bucket_summary(images, resolution, enable_bucket: bool) -> str:
     """The uploaded images per aspect-ratio bucket, as the trainer will form them (empty when buckets are off)."""
-    from reflora_diffusion.sd.buckets import bucket_counts, default_bucket_options
+    from reflora_diffusion.sd.buckets import default_bucket_options
+    from reflora_diffusion.sd.data import bucket_counts
 
     if not enable_bucket or not images or not resolution:
         return ""

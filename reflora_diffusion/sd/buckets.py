@@ -9,10 +9,9 @@ is its own size rounded down to the step. Larger images use the predefined bucke
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
+from collections import Counter
 
 
 @dataclass(frozen=True)
@@ -52,21 +51,6 @@ class Buckets:
 
     def _round_down(self, side: int) -> int:
         return min(self.max_reso, max(self.step, side - side % self.step))
-
-
-def bucket_counts(images, resolution: int, min_bucket_reso: int = 256, max_bucket_reso: int = 1024,
-                  bucket_reso_steps: int = 64, bucket_no_upscale: bool = False) -> dict[tuple[int, int], int]:
-    """How many images go to each bucket (width, height); `images` are file paths or (width, height) sizes.
-    Files are read for their header only (EXIF rotation counted); unreadable ones are left out."""
-    from .data import image_size
-
-    buckets = Buckets(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale)
-    counts = Counter()
-    for item in images:
-        size = image_size(Path(item)) if isinstance(item, (str, Path)) else tuple(item)
-        if size is not None:
-            counts[buckets.select(*size)] += 1
-    return dict(sorted(counts.items()))
 
 
 def default_bucket_options(resolution: int, multiple: int = 8) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from .buckets import Buckets
+from .buckets import Buckets, describe
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # Files that sit beside images by design: not worth a warning.
@@ -75,6 +75,19 @@ def image_size(path: Path) -> tuple[int, int] | None:
             return _upright_size(im)
     except Exception:  # noqa: BLE001 - PIL raises many types for bad files
         return None
+
+
+def bucket_counts(images, resolution: int, min_bucket_reso: int = 256, max_bucket_reso: int = 1024,
+                  bucket_reso_steps: int = 64, bucket_no_upscale: bool = False) -> dict[tuple[int, int], int]:
+    """How many images go to each bucket (width, height); `images` are file paths or (width, height) sizes.
+    Files are read for their header only (EXIF rotation counted); unreadable ones are left out."""
+    buckets = Buckets(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale)
+    counts = Counter()
+    for item in images:
+        size = image_size(Path(item)) if isinstance(item, (str, Path)) else tuple(item)
+        if size is not None:
+            counts[buckets.select(*size)] += 1
+    return dict(sorted(counts.items()))
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -486,8 +499,6 @@ def build_dataset(cfg) -> TrainDataset:
     dataset = TrainDataset(instances, crop, None, captions, repeats)
     if buckets is not None:
         from reflora_diffusion.logs import get_logger
-
-        from .buckets import describe
 
         get_logger(__name__).info(describe(buckets, instances.targets))
     return dataset

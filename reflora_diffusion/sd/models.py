@@ -161,7 +161,7 @@ def check_targets(model: nn.Module, targets: list[str], rank: int, what: str) ->
                                   f"{min(dims)}); use --rank {min(dims)} or less, or leave {target!r} out")
 
 
-def add_lora(model: nn.Module, targets: list[str], cfg, what: str) -> None:
+def add_lora_adapter(model: nn.Module, targets: list[str], cfg, what: str) -> None:
     """Add a peft LoRA adapter ("default") to `model` in place (diffusers' add_adapter / transformers')."""
     from peft import LoraConfig
 
@@ -174,10 +174,10 @@ def prepare_for_training(components: Components, cfg, weight_dtype: torch.dtype,
     """Add the adapters, place and cast the models, choose the attention kernel."""
     denoiser = components.denoiser
     targets = cfg.denoiser_targets(components.family.default_targets(denoiser))
-    add_lora(denoiser, targets, cfg, "transformer" if components.flow else "UNet")
+    add_lora_adapter(denoiser, targets, cfg, "transformer" if components.flow else "UNet")
     if cfg.train_text_encoder:
         for i, te in enumerate(components.lora_text_encoders):
-            add_lora(te, cfg.text_encoder_target_modules, cfg, f"text encoder {i + 1}")
+            add_lora_adapter(te, cfg.text_encoder_target_modules, cfg, f"text encoder {i + 1}")
     # Frozen weights in the compute dtype; LoRA parameters stay fp32 so small updates are not rounded away.
     vae_dtype = components.family.vae_dtype(weight_dtype)
     for m in (components.vae, *components.models.values()):  # (T5 too: bf16 on a GPU)
