@@ -97,6 +97,17 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
         good = [lr for lr, m in means.items() if m <= means[best_lr] * (1 + tolerance)]
         entry = {"best_lr": best_lr, "best_eval_loss": means[best_lr], "mean_eval_loss_by_lr": means,
                  "good_band": [min(good), max(good)], "band_width": max(good) / min(good), "seeds": len(rates[best_lr])}
+        # the held-out loss at 25 / 50 / 100 % of the run at the best rate, the lowest it reached at any eval point
+        # (early stopping), and the training loss at the end: on a few photos the held-out loss rises as a run
+        # memorises its training images, so the end alone rewards what learns least
+        cs = list(rates[best_lr].values())
+        steps = sorted(int(k) for k in cs[0]["eval_loss"])
+        entry["eval_loss_at"] = {str(k): statistics.fmean(c["eval_loss"][str(k)] for c in cs) for k in steps if k}
+        entry["lowest_eval_loss_by_lr"] = {lr: statistics.fmean(min(v for k, v in c["eval_loss"].items() if k != "0")
+                                                                for c in seeds.values())
+                                           for lr, seeds in rates.items()}
+        entry["final_train_loss_by_lr"] = {lr: statistics.fmean(c["final_train_loss"] for c in seeds.values())
+                                           for lr, seeds in rates.items()}
         if lora_best is not None:
             target = statistics.fmean(final(c) for c in lora_best.values())
             reached = []
@@ -121,15 +132,18 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for method, entry in report.items():
-        rates = sorted(entry["mean_eval_loss_by_lr"])
-        ax.plot(rates, [entry["mean_eval_loss_by_lr"][r] for r in rates], marker="o", label=method)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("held-out loss at the end (mean over seeds)")
-    ax.set_title("tiny-emoji DreamBooth: held-out loss vs learning rate")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    panels = (("mean_eval_loss_by_lr", "held-out loss at the end"), ("lowest_eval_loss_by_lr", "lowest held-out loss"),
+              ("final_train_loss_by_lr", "training loss at the end"))
+    for ax, (key, title) in zip(axes, panels):
+        for method, entry in report.items():
+            rates = sorted(entry[key])
+            ax.plot(rates, [entry[key][r] for r in rates], marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(f"{title} (mean over seeds)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("tiny-emoji DreamBooth (dog photos, one held out): learning-rate sweep", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
