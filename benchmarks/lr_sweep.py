@@ -50,15 +50,11 @@ def split_subject(folder: Path, work: Path) -> tuple[Path, Path]:
 
 
 def run_cell(method: str, lr: float, seed: int, args, train: Path, held: Path) -> dict:
-    from accelerate.state import AcceleratorState, GradientState
-
     import method_variants
     from reflora_diffusion.rundir import read_events
     from reflora_diffusion.sd.config import make_config
     from reflora_diffusion.sd.train import SDTrainer
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # one process runs many trainers
-    GradientState._reset_state()
     out = Path(tempfile.mkdtemp(prefix="lr-sweep-"))
     try:
         core, options = method_variants.split(method)  # e.g. reflora@factors: RefLoRA with apply_to="factors"
@@ -68,7 +64,7 @@ def run_cell(method: str, lr: float, seed: int, args, train: Path, held: Path) -
             lora_conv=True, snr_gamma=5.0, learning_rate=lr, max_train_steps=args.steps, seed=seed,
             checkpointing_steps=10**9, output_dir=str(out)))
         t0 = time.perf_counter()
-        trainer = SDTrainer(cfg)
+        trainer = SDTrainer.in_process(cfg)
         trainer.setup()
         trainer.train()
         events = read_events(out)

@@ -46,10 +46,6 @@ DATA = REPO / ".." / "shared" / "data" / "dreambooth"
 
 
 def make_trainer(out: Path, method: str, args) -> SDTrainer:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # one process runs many trainers
-    GradientState._reset_state()
     method, *flags = method.split(":")  # variants such as "reflora:normalize" or "reflora:reinit"
     options = {"chain_every": args.steps // 4} if method in ("rac-lora", "cola") else {}
     options.update({{"normalize": "reflora_normalize"}.get(flag, flag): True for flag in flags})
@@ -60,7 +56,7 @@ def make_trainer(out: Path, method: str, args) -> SDTrainer:
         train_batch_size=args.batch_size, cache_latents=True, random_flip=True, seed=args.seed,
         lora_conv=args.lora_conv, snr_gamma=args.snr_gamma, eval_loss_every=args.eval_loss_every,
         checkpointing_steps=10**9, output_dir=str(out), **options))
-    trainer = SDTrainer(cfg)
+    trainer = SDTrainer.in_process(cfg)
     trainer.setup()
     return trainer
 

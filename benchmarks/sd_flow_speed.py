@@ -40,10 +40,6 @@ DATA = REPO / ".." / "shared" / "data" / "dreambooth"
 
 
 def make_trainer(out: Path, preset: str, method: str, args) -> SDTrainer:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # one process runs many trainers
-    GradientState._reset_state()
     cfg = make_config(dict(
         pretrained_model_name_or_path=preset, instance_data_dir=str((DATA / "dog").resolve()),
         instance_prompt="a photo of sks dog", resolution=args.resolution, rank=args.rank, method=method,
@@ -51,7 +47,7 @@ def make_trainer(out: Path, preset: str, method: str, args) -> SDTrainer:
         max_sequence_length=args.max_sequence_length, seed=0, checkpointing_steps=10**9, output_dir=str(out),
         mixed_precision="bf16" if torch.cuda.is_available() else "no",
         gradient_checkpointing=args.gradient_checkpointing))
-    trainer = SDTrainer(cfg)
+    trainer = SDTrainer.in_process(cfg)
     trainer.setup()
     return trainer
 

@@ -131,14 +131,10 @@ def evaluate(pipe, data, args, splits_=("val", "test")) -> tuple[dict, dict]:
 
 def run_one(method: str, lr: float, seed: int, train_dir: Path, data: dict, args, root: Path) -> dict:
     """Train one adapter (in process) and evaluate it every `eval_every` steps (test split) and at the end (both)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from reflora_diffusion.sd.config import make_config
     from reflora_diffusion.sd.sample import build_pipeline
     from reflora_diffusion.sd.train import SDTrainer
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # one process runs many trainers
-    GradientState._reset_state()
     run_dir = root / "runs" / f"{method}_lr{lr:g}_s{seed}"
     core, options = method_variants.split(method)  # e.g. reflora@factors (issue 9's RefLoRA variants)
     cfg = make_config(dict(
@@ -148,7 +144,7 @@ def run_one(method: str, lr: float, seed: int, train_dir: Path, data: dict, args
         train_batch_size=args.batch_size, cache_latents=True, seed=seed, checkpointing_steps=10**9,
         validation_prompt=["(evaluation hook)"], validation_steps=args.eval_every or 10**9, output_dir=str(run_dir),
         overwrite_output_dir=True))
-    trainer = SDTrainer(cfg)
+    trainer = SDTrainer.in_process(cfg)
     trainer.setup()
     evals, timing = {}, {"eval_s": 0.0}
     keep_images = {}

@@ -16,7 +16,7 @@ BASE = dict(pretrained_model_name_or_path="tiny", instance_data_dir=str(DOG), in
 
 
 def reset_accelerate():
-    """Runs are in-process: accelerate's singletons are reset between them."""
+    """Runs are in-process: accelerate's singletons are reset between them (SDTrainer.in_process does it too)."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -24,8 +24,7 @@ def reset_accelerate():
 
 
 def make_trainer(out: Path, **overrides) -> SDTrainer:
-    reset_accelerate()
-    trainer = SDTrainer(make_config({**BASE, "output_dir": str(out), **overrides}))
+    trainer = SDTrainer.in_process(make_config({**BASE, "output_dir": str(out), **overrides}))
     trainer.setup()
     return trainer
 

@@ -154,6 +154,16 @@ def checkpoint_step(path: Path) -> int:
 
 # --- the trainer ----------------------------------------------------------------------------------------
 class SDTrainer:
+    @classmethod
+    def in_process(cls, cfg: SDTrainConfig) -> "SDTrainer":
+        """A trainer for a process that runs several in turn (benchmarks, tests, a notebook): accelerate's
+        process-wide state is reset first, so each gets its own mixed precision and accumulation."""
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        return cls(cfg)
+
     def __init__(self, cfg: SDTrainConfig):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
