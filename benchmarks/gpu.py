@@ -59,12 +59,22 @@ LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=3
 # defaults), Qwen-Image (20B, the class defaults), FLUX.2 [klein] 4B-like (5 double + 20 single blocks, width 3072 =
 # 24 heads x 128, text width 3 x 2560: our reading of its config; check it against the hub's before quoting numbers).
 # "latent": the denoiser-space latent at 1024 px (FLUX.2's patchified 2x2), "text": (tokens, width) of its prompt.
-DIT = {"zimage": dict(family="zimage", config={}, latent=(16, 128, 128), text=(128, 2560)),
+DIT = {"flux1": dict(family="flux", config=dict(in_channels=64, num_layers=19, num_single_layers=38,
+                                                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                                pooled_projection_dim=768, guidance_embeds=True,
+                                                axes_dims_rope=(16, 56, 56)),  # FLUX.1-dev's transformer config
+                     latent=(16, 128, 128), text=(512, 4096), pooled=768),
+       "zimage": dict(family="zimage", config={}, latent=(16, 128, 128), text=(128, 2560)),
        "qwenimage": dict(family="qwenimage", config={}, latent=(16, 128, 128), text=(128, 3584)),
        "flux2": dict(family="flux2", config=dict(num_layers=5, num_single_layers=20, num_attention_heads=24,
                                                  joint_attention_dim=7680, guidance_embeds=False),
                      latent=(128, 64, 64), text=(512, 7680))}
-DIT_TINY = {"zimage": dict(family="zimage", config=dict(dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+DIT_TINY = {"flux1": dict(family="flux", config=dict(in_channels=64, num_layers=1, num_single_layers=2,
+                                                     attention_head_dim=16, num_attention_heads=2,
+                                                     joint_attention_dim=64, pooled_projection_dim=32,
+                                                     guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+                          latent=(16, 16, 16), text=(8, 64), pooled=32),
+            "zimage": dict(family="zimage", config=dict(dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
                                                         n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6]),
                            latent=(16, 16, 16), text=(8, 32)),
             "qwenimage": dict(family="qwenimage", config=dict(num_layers=2, attention_head_dim=16, num_attention_heads=2,
@@ -93,19 +103,23 @@ TINY.update(DIT_TINY)
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def case(model, rank=16, precision="bf16", attention="sdpa", checkpointing=False):
-    return dict(model=model, rank=rank, precision=precision, attention=attention, checkpointing=checkpointing)
+def case(model, rank=16, precision="bf16", attention="sdpa", checkpointing=False, base="no"):
+    """base: the frozen weights' storage (--base_model_precision): no, or int8 (torchao weight-only)."""
+    return dict(model=model, rank=rank, precision=precision, attention=attention, checkpointing=checkpointing,
+                base=base)
 
 
 def cases(mode: str, xformers: bool) -> list[dict]:
     if mode == "tiny":
         return [case("sd15", 4, "fp16"), case("sd15", 4, "bf16", checkpointing=True), case("sdxl", 4),
-                case("llama", 4), *[case(m, 4, "fp32") for m in DIT]]
+                case("llama", 4), *[case(m, 4, "fp32") for m in DIT], case("flux1", 4, "bf16", base="int8")]
     if mode == "quick":
         return [case("sd15", 16, "fp16"), case("sd15", 16, "bf16"), case("sdxl", 16), case("llama", 16),
-                *[case(m, 16, "bf16", checkpointing=True) for m in DIT]]
+                *[case(m, 16, "bf16", checkpointing=True) for m in DIT],
+                *[case(m, 16, "bf16", checkpointing=True, base="int8") for m in ("flux1", "qwenimage")]]
     out = []
     out += [case(m, r, "bf16", checkpointing=True) for m in DIT for r in (16, 64)]
+    out += [case(m, 16, "bf16", checkpointing=True, base="int8") for m in DIT]
     for model in ("sd15", "sdxl", "llama"):
         out += [case(model, r) for r in (4, 16, 64)]
         out += [case(model, 16, "fp16"), case(model, 16, checkpointing=True)]
@@ -173,6 +187,9 @@ def build_dit(c: dict, size: dict, device: torch.device):
     with torch.device(device):
         model = getattr(diffusers, fam.denoiser_class)(**size["config"])
     model.requires_grad_(False).to(half)
+    if c.get("base", "no") == "int8":  # the trainer's --base_model_precision int8: torchao weight-only, LoRA on top
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        quantize_(model, Int8WeightOnlyConfig())
     if c["checkpointing"]:
         model.enable_gradient_checkpointing()
     model.add_adapter(LoraConfig(r=c["rank"], lora_alpha=c["rank"], target_modules=fam.default_targets(model)))
@@ -185,8 +202,9 @@ def build_dit(c: dict, size: dict, device: torch.device):
     x = torch.randn(1, *size["latent"], generator=g, device=device, dtype=half)
     text = torch.randn(1, *size["text"], generator=g, device=device, dtype=half)
     hidden = fam.batch_embeds(list(text))  # (a list for the families with per-prompt lengths)
+    pooled = torch.randn(1, size["pooled"], generator=g, device=device, dtype=half) if "pooled" in size else None
     t = torch.tensor([500.0], device=device)
-    return model, lambda: fam.predict(model, model.config, x, t, hidden, None, 1.0).float().pow(2).mean()
+    return model, lambda: fam.predict(model, model.config, x, t, hidden, pooled, 3.5).float().pow(2).mean()
 
 
 def sync(device: torch.device) -> None:
@@ -461,7 +479,7 @@ def targets(results: dict) -> dict | None:
 
 def label(c: dict) -> str:
     return (f"{c['model']} r{c['rank']} {c['precision']}" + (" xf" if c["attention"] == "xformers" else "")
-            + (" ckpt" if c["checkpointing"] else ""))
+            + (" ckpt" if c["checkpointing"] else "") + (f" base {c['base']}" if c.get("base", "no") != "no" else ""))
 
 
 def plot(results: dict, path: Path) -> None:

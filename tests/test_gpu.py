@@ -33,7 +33,9 @@ def test_gpu_benchmark_tiny_runs_end_to_end(tmp_path):
     res = json.loads((tmp_path / "tiny.json").read_text())
     assert res["device"] == "cpu" and res["mode"] == "tiny" and (tmp_path / "tiny.png").stat().st_size > 0
     # the UNets and LLaMA, and the image transformers of FLUX.2, Z-Image and Qwen-Image through their families' call
-    assert {r["case"]["model"] for r in res["cases"]} == {"sd15", "sdxl", "llama", "flux2", "zimage", "qwenimage"}
+    assert {r["case"]["model"] for r in res["cases"]} == {"sd15", "sdxl", "llama", "flux1", "flux2", "zimage",
+                                                         "qwenimage"}
+    assert any(r["case"]["base"] == "int8" for r in res["cases"])  # a quantized base (torchao runs on the CPU)
     assert {r["case"]["precision"] for r in res["cases"]} == {"fp16", "bf16", "fp32"}
     for row in res["cases"]:
         assert row["layers"] > 0 and row["lora"]["its_ratio"] == 1.0
