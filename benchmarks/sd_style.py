@@ -152,11 +152,11 @@ def run_one(method: str, lr: float, seed: int, train_dir: Path, data: dict, args
     def hook():  # replaces the trainer's validation sampling: called every `eval_every` steps and at the end
         t0 = time.time()
         acc = trainer.accelerator
-        unet = acc.unwrap_model(trainer.c.denoiser)
-        models = {k: acc.unwrap_model(m) for k, m in trainer.c.models.items()}
+        unet = acc.unwrap_model(trainer.components.denoiser)
+        models = {k: acc.unwrap_model(m) for k, m in trainer.components.models.items()}
         unet.eval()
         with torch.random.fork_rng(devices=[]):
-            pipe = with_dpm(build_pipeline(trainer.c.path, trainer.c.family, {**models, "vae": trainer.c.vae}))
+            pipe = with_dpm(build_pipeline(trainer.components.path, trainer.components.family, {**models, "vae": trainer.components.vae}))
             final = trainer.global_step >= trainer.max_steps
             m, imgs = evaluate(pipe, data, args, ("val", "test") if final else ("test",))
         unet.train()

@@ -103,7 +103,7 @@ def test_train_export_and_reload_in_the_pipeline(tmp_path, name, method, text_en
     steps = [e for e in read_events(run) if "loss" in e]
     assert [e["step"] for e in steps] == [1, 2, 3, 4] and all(math.isfinite(e["loss"]) for e in steps)
     # default targets: SD3 joint attention (+ SD3.5's second attention); FLUX attention, MLPs, single blocks
-    transformer = trainer.c.denoiser
+    transformer = trainer.components.denoiser
     trained = {n.removesuffix(".lora_A") for n, _ in transformer.named_modules() if n.endswith(".lora_A")}
     if family == "sd3":
         assert {"transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.to_add_out",
@@ -203,7 +203,7 @@ def test_weighting_scheme_and_density_reach_the_loss(tmp_path):
     assert json.loads((tmp_path / "w" / "config.json").read_text())["weighting_scheme"] == "logit_normal"
     batch = next(iter(trainer.dataloader))
     seen = []
-    trainer.c.denoiser.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["timestep"].clone()),
+    trainer.components.denoiser.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["timestep"].clone()),
                                                  with_kwargs=True)
 
     def step(**options):
@@ -233,11 +233,11 @@ def test_caching_unloads_the_text_encoders_with_bf16_and_checkpointing(tmp_path)
                     mixed_precision="bf16", gradient_checkpointing=True, max_train_steps=2, validation_steps=2,
                     **{k: v for k, v in FLOW.items() if k != "validation_steps"})
     assert all(math.isfinite(e["loss"]) for e in read_events(tmp_path / "c") if "loss" in e)
-    transformer = trainer.c.denoiser
+    transformer = trainer.components.denoiser
     assert transformer.gradient_checkpointing
     assert {p.dtype for p in transformer.parameters() if p.requires_grad} == {torch.float32}  # LoRA stays fp32
     assert {p.dtype for p in transformer.parameters() if not p.requires_grad} == {torch.bfloat16}
-    assert trainer.c.text_encoders == [] and set(trainer.text_cache) == {PROMPT}
+    assert trainer.components.text_encoders == [] and set(trainer.text_cache) == {PROMPT}
     hidden, pooled = trainer.text_cache[PROMPT]
     assert hidden.shape == (SEQ, 64) and pooled.shape == (32,)  # T5 tokens x d_model; CLIP's pooled output
     assert (tmp_path / "c" / "samples" / "step_2" / "0.png").is_file()  # validation from cached embeddings

@@ -21,7 +21,7 @@ def test_int8_base_trains_and_exports_the_keys_of_a_full_precision_run(tmp_path,
 
     run = tmp_path / "q"
     trainer = train(run, pretrained_model_name_or_path=preset, method=method, base_model_precision="int8", **FLOW)
-    denoiser = trainer.c.denoiser
+    denoiser = trainer.components.denoiser
     assert any(isinstance(p, Int8Tensor) for p in denoiser.parameters())
     assert all(not isinstance(p, Int8Tensor) for p in denoiser.parameters() if p.requires_grad)  # LoRA: float32
     events = read_events(run)
@@ -29,7 +29,7 @@ def test_int8_base_trains_and_exports_the_keys_of_a_full_precision_run(tmp_path,
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     stored = next(e for e in events if "base_weight_bytes" in e)
     full = train(tmp_path / "full", pretrained_model_name_or_path=preset, method=method, **FLOW)
-    frozen = [p for p in full.c.denoiser.parameters() if not p.requires_grad]
+    frozen = [p for p in full.components.denoiser.parameters() if not p.requires_grad]
     assert stored["base_weight_bytes"] < 0.75 * sum(p.numel() for p in frozen) * 2  # vs the same weights in bf16
     last = [e for e in events if "refactor" in e][-1]["refactor"]
     assert last["skipped_nonfinite"] == 0 and (last["refactored"] == last["layers"] or method == "reflora-s")

@@ -107,7 +107,7 @@ def test_train_export_and_reload_in_the_pipeline(tmp_path, preset, method, cache
     assert [e["step"] for e in steps] == [1, 2, 3, 4] and all(math.isfinite(e["loss"]) for e in steps)
     evals = [e for e in read_events(run) if "eval_loss" in e]
     assert [e["step"] for e in evals] == [0, 2, 4] and all(math.isfinite(e["eval_loss"]) for e in evals)
-    transformer = trainer.c.denoiser
+    transformer = trainer.components.denoiser
     trained = {n.removesuffix(".lora_A") for n, _ in transformer.named_modules() if n.endswith(".lora_A")}
     if name == "qwenimage":  # joint attention of every block
         assert {"transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_out.0"} <= trained
@@ -125,7 +125,7 @@ def test_train_export_and_reload_in_the_pipeline(tmp_path, preset, method, cache
     else:
         assert last["balance_max"] == pytest.approx(1.0, rel=1e-4)
     if cache:  # frozen text encoder unloaded after caching; validation sampled from the cached embeddings
-        assert trainer.c.text_encoders == []
+        assert trainer.components.text_encoders == []
     assert (run / "samples" / "step_4" / "0.png").is_file()
 
     keys = load_file(str(run / "pytorch_lora_weights.safetensors"))

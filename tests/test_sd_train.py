@@ -95,7 +95,7 @@ def test_run_folder_is_complete(tmp_path, method):
     # The exported file loads into the base pipeline with no missing/unused keys (diffusers warns on
     # those) and reproduces the trained UNet.
     pipe = load_pipeline_with_lora(run, sdxl=False)
-    torch.testing.assert_close(unet_out(pipe.unet, False), unet_out(trainer.c.unet, False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unet_out(pipe.unet, False), unet_out(trainer.components.unet, False), rtol=1e-5, atol=1e-5)
 
     if method == "reflora":  # the on-demand kohya export of the same run goes through diffusers' kohya loader
         from reflora_diffusion.export.run import export_run
@@ -103,24 +103,24 @@ def test_run_folder_is_complete(tmp_path, method):
         kohya = export_run(run, format="kohya", output=tmp_path / "kohya")
         assert "lora_unet_" in next(iter(load_file(str(kohya))))
         pipe = load_pipeline_with_lora(kohya.parent, sdxl=False, weight_name=kohya.name)
-        torch.testing.assert_close(unet_out(pipe.unet, False), unet_out(trainer.c.unet, False), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(unet_out(pipe.unet, False), unet_out(trainer.components.unet, False), rtol=1e-5, atol=1e-5)
 
 
 def test_sdxl_with_both_text_encoders(tmp_path):
     run = tmp_path / "xl"
     trainer = train(run, pretrained_model_name_or_path="tiny-sdxl", method="reflora", max_train_steps=3,
                     train_text_encoder=True, lora_alpha=8, validation_steps=3, checkpointing_steps=10)
-    assert trainer.c.sdxl and json.loads((run / "status.json").read_text())["state"] == "done"
+    assert trainer.components.sdxl and json.loads((run / "status.json").read_text())["state"] == "done"
     assert all(math.isfinite(v) for v in losses(run).values())
     # both text encoders were trained: B moved away from its zero init (SDXL reads the penultimate layer
     # of encoder 1, so its last layer gets no gradient, as in diffusers' SDXL script)
-    for te in trainer.c.text_encoders:
+    for te in trainer.components.text_encoders:
         bs = [p for n, p in te.named_parameters() if "lora_B" in n and ".layers.0." in n]
         assert len(bs) == 4 and all(p.abs().max() > 0 for p in bs)
     pipe = load_pipeline_with_lora(run, sdxl=True)
-    torch.testing.assert_close(unet_out(pipe.unet, True), unet_out(trainer.c.unet, True), rtol=1e-5, atol=1e-5)
-    ids = trainer.c.tokenizers[1]([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    for mine, theirs in zip(trainer.c.text_encoders, (pipe.text_encoder, pipe.text_encoder_2)):
+    torch.testing.assert_close(unet_out(pipe.unet, True), unet_out(trainer.components.unet, True), rtol=1e-5, atol=1e-5)
+    ids = trainer.components.tokenizers[1]([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    for mine, theirs in zip(trainer.components.text_encoders, (pipe.text_encoder, pipe.text_encoder_2)):
         mine.eval()
         with torch.no_grad():
             torch.testing.assert_close(theirs(ids, output_hidden_states=True).hidden_states[-2],
@@ -133,18 +133,18 @@ def test_text_encoder_conv_and_loss_options(tmp_path):
     trainer = train(run, method="reflora", train_text_encoder=True, lora_conv=True, prediction_type="v_prediction",
                     snr_gamma=5.0, noise_offset=0.05, gradient_accumulation_steps=2, train_batch_size=2,
                     cache_latents=True, validation_prompt=[], checkpointing_steps=10, text_encoder_lr=5e-5)
-    assert trainer.c.noise_scheduler.config.prediction_type == "v_prediction"
+    assert trainer.components.noise_scheduler.config.prediction_type == "v_prediction"
     assert all(math.isfinite(v) for v in losses(run).values()) and len(losses(run)) == 4
     assert len(trainer.latent_cache) == 5 and len(trainer.text_cache) == 0  # text encoder trained: not cached
-    conv = [n for n, _ in trainer.c.unet.named_modules() if n.endswith("resnets.0.conv1.lora_A.default")]
+    conv = [n for n, _ in trainer.components.unet.named_modules() if n.endswith("resnets.0.conv1.lora_A.default")]
     assert conv, "conv layers were not adapted"
     assert trainer.optimizer.param_groups[1]["lr"] == pytest.approx(5e-5)
     pipe = load_pipeline_with_lora(run, sdxl=False)
-    torch.testing.assert_close(unet_out(pipe.unet, False), unet_out(trainer.c.unet, False), rtol=1e-5, atol=1e-5)
-    ids = trainer.c.tokenizers[0]([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    trainer.c.text_encoders[0].eval()
+    torch.testing.assert_close(unet_out(pipe.unet, False), unet_out(trainer.components.unet, False), rtol=1e-5, atol=1e-5)
+    ids = trainer.components.tokenizers[0]([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    trainer.components.text_encoders[0].eval()
     with torch.no_grad():
-        torch.testing.assert_close(pipe.text_encoder(ids)[0], trainer.c.text_encoders[0](ids)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pipe.text_encoder(ids)[0], trainer.components.text_encoders[0](ids)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_prior_preservation_generates_missing_class_images(tmp_path):
@@ -209,12 +209,12 @@ def test_nan_loss_steps_are_skipped_then_training_stops(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SDTrainer, "loss", nan_on_second_call)
     trainer = make_trainer(tmp_path / "once", validation_prompt=[], checkpointing_steps=10)
-    before = {n: p.detach().clone() for n, p in trainer.c.unet.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trainer.components.unet.named_parameters() if p.requires_grad}
     trainer.train()
     events = [e for e in read_events(tmp_path / "once") if "loss" in e]
     assert events[1]["loss"] is None and events[1]["skipped"] is True and events[-1]["skipped_steps"] == 1
     assert trainer.ref.step_count == 3  # 4 steps, one skipped: the optimizer (and the core) ran 3 times
-    assert any(not torch.equal(before[n], p) for n, p in trainer.c.unet.named_parameters() if p.requires_grad)
+    assert any(not torch.equal(before[n], p) for n, p in trainer.components.unet.named_parameters() if p.requires_grad)
 
     monkeypatch.setattr(SDTrainer, "loss", lambda self, batch: original(self, batch) * float("inf"))
     with pytest.raises(TrainingError, match="NaN/inf for 3 steps in a row"):
@@ -297,8 +297,8 @@ def test_other_torch_optimizer_and_method_options(tmp_path):
 def test_bf16_keeps_lora_weights_in_fp32(tmp_path):
     trainer = train(tmp_path / "bf16", mixed_precision="bf16", gradient_checkpointing=True, method="reflora",
                     max_train_steps=3, refactor_warmup_steps=1, validation_prompt=[], checkpointing_steps=10)
-    dtypes = {p.dtype for p in trainer.c.unet.parameters() if p.requires_grad}
-    frozen = {p.dtype for p in trainer.c.unet.parameters() if not p.requires_grad}
+    dtypes = {p.dtype for p in trainer.components.unet.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in trainer.components.unet.parameters() if not p.requires_grad}
     assert dtypes == {torch.float32} and frozen == {torch.bfloat16}
     assert all(math.isfinite(v) for v in losses(tmp_path / "bf16").values())
     assert trainer.ref.stats()["refactored"] == 32  # the core's r x r algebra runs on the fp32 factors
@@ -342,4 +342,4 @@ def test_reinit_refactors_from_the_first_step_and_exports_exactly(tmp_path):
     assert steps[0]["refactor"]["refactored"] == steps[0]["refactor"]["layers"]  # no warm-up needed
     # the export (rank 2r: the compensated init A0, -B0 plus the trained pair) reproduces the trained UNet
     pipe = load_pipeline_with_lora(run, sdxl=False)
-    torch.testing.assert_close(unet_out(pipe.unet, False), unet_out(trainer.c.unet, False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unet_out(pipe.unet, False), unet_out(trainer.components.unet, False), rtol=1e-5, atol=1e-5)

@@ -340,24 +340,24 @@ class SDTrainer:
             ensure_class_images(cfg, acc)
             self.dataset.classes = load_class_images(cfg)
         set_seed(cfg.seed)  # same on every process: identical LoRA init everywhere
-        self.c: Components = load_components(cfg, self.weight_dtype, acc.device)
-        prepare_for_training(self.c, cfg, self.weight_dtype, acc.device)
+        self.components: Components = load_components(cfg, self.weight_dtype, acc.device)
+        prepare_for_training(self.components, cfg, self.weight_dtype, acc.device)
         if cfg.base_model_precision != "no":
-            frozen = [p for p in self.c.denoiser.parameters() if not p.requires_grad]
+            frozen = [p for p in self.components.denoiser.parameters() if not p.requires_grad]
             stored = sum(stored_bytes(p) for p in frozen)
             get_logger(__name__).info(
-                f"base model precision {cfg.base_model_precision}: the frozen {self.c.denoiser_name} takes "
+                f"base model precision {cfg.base_model_precision}: the frozen {self.components.denoiser_name} takes "
                 f"{stored / 2**20:.1f} MiB ({sum(p.numel() for p in frozen) * 2 / 2**20:.1f} MiB in bf16)")
             self.log.event(step=0, base_model_precision=cfg.base_model_precision, base_weight_bytes=stored)
 
         # Trained models: the UNet/transformer, and the (CLIP) text encoders with --train_text_encoder.
-        self.trained = {self.c.denoiser_name: self.c.denoiser}
+        self.trained = {self.components.denoiser_name: self.components.denoiser}
         if cfg.train_text_encoder:
-            adapted = self.c.lora_text_encoders  # the CLIP encoders (T5 never)
-            self.trained.update({k: m for k, m in self.c.models.items() if any(m is t for t in adapted)})
+            adapted = self.components.lora_text_encoders  # the CLIP encoders (T5 never)
+            self.trained.update({k: m for k, m in self.components.models.items() if any(m is t for t in adapted)})
         te_lr = cfg.text_encoder_lr or cfg.learning_rate
         groups = [{"params": trainable_parameters(m),
-                   "lr": cfg.learning_rate if k == self.c.denoiser_name else te_lr}
+                   "lr": cfg.learning_rate if k == self.components.denoiser_name else te_lr}
                   for k, m in self.trained.items()]
         if cfg.scale_lr:
             factor = cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
@@ -397,7 +397,7 @@ class SDTrainer:
         self.disk_cache = self._open_disk_cache() if cfg.cache_dir else None
         self.eval_set = self._build_eval_set() if cfg.eval_loss_every else None
         self.latent_cache = self._cache_latents() if cfg.cache_latents else None
-        if cfg.cache_latents and self.c.flow and not cfg.train_text_encoder and not cfg.shuffle_caption:
+        if cfg.cache_latents and self.components.flow and not cfg.train_text_encoder and not cfg.shuffle_caption:
             self._cache_prompts_and_unload()  # (shuffled tags make too many prompts to encode up front)
         if resume_dir is not None:
             self._load_checkpoint(resume_dir)
@@ -415,10 +415,10 @@ class SDTrainer:
     # ------------------------------------------------------------------ conditioning
     def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompt embeddings; cached per prompt when the text encoders are frozen and --cache_latents is on."""
-        encoders = [self.models.get(k, m) for k, m in self.c.models.items() if k != self.c.denoiser_name]
+        encoders = [self.models.get(k, m) for k, m in self.components.models.items() if k != self.components.denoiser_name]
 
         def encode(texts):
-            return self.c.family.encode_text(encoders, self.c.tokenizers, texts, self.accelerator.device)
+            return self.components.family.encode_text(encoders, self.components.tokenizers, texts, self.accelerator.device)
 
         if self.cfg.train_text_encoder:
             return encode(prompts)
@@ -442,7 +442,7 @@ class SDTrainer:
                 if self.disk_cache is not None and self.is_main:
                     self.disk_cache.save(self._text_entry(p), {"hidden": hidden[i],
                                                                **({} if pooled is None else {"pooled": pooled[i]})})
-        hidden = self.c.family.batch_embeds([self.text_cache[p][0] for p in prompts])
+        hidden = self.components.family.batch_embeds([self.text_cache[p][0] for p in prompts])
         pooled = [self.text_cache[p][1] for p in prompts]
         pooled = None if pooled[0] is None else torch.stack(pooled)
         return hidden, pooled
@@ -453,17 +453,17 @@ class SDTrainer:
         sets = [self.dataset.instances, self.dataset.classes]
         prompts = {p for s in sets if s is not None for p in s.prompts} | set(self.cfg.validation_prompt)
         prompts |= {b["prompts"][0] for b in self.eval_set or []}
-        if self.c.family.negative_prompt_cached() or self.cfg.caption_dropout_rate > 0:
+        if self.components.family.negative_prompt_cached() or self.cfg.caption_dropout_rate > 0:
             prompts.add("")  # SD3's negative prompt in validation; a dropped caption
         self._encode_text(sorted(prompts))
-        self.c.text_encoders = []
+        self.components.text_encoders = []
         if self.accelerator.device.type == "cuda":
             torch.cuda.empty_cache()
 
     @torch.no_grad()
     def _latent_dist(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vae = self.c.vae
-        return self.c.family.encode_images(vae, pixel_values.to(self.accelerator.device, vae.dtype))
+        vae = self.components.vae
+        return self.components.family.encode_images(vae, pixel_values.to(self.accelerator.device, vae.dtype))
 
     def _cache_latents(self) -> dict[int, tuple]:
         """VAE posterior (mean, std) per dataset index, at epoch 0's crop/flip; samples are still drawn per step."""
@@ -474,7 +474,7 @@ class SDTrainer:
         cache, disk = {}, self.disk_cache
         for i in tqdm(range(len(self.dataset)), desc="caching latents", disable=not self.is_main):
             pixels = collate([self.dataset[(0, i)]])["pixel_values"]
-            path = disk.path("latents", pixels, str(self.c.vae.dtype)) if disk is not None else None
+            path = disk.path("latents", pixels, str(self.components.vae.dtype)) if disk is not None else None
             entry = disk.load(path) if disk is not None else None
             if entry is not None:
                 cache[i] = (entry["mean"].to(self.accelerator.device), entry["std"].to(self.accelerator.device))
@@ -488,14 +488,14 @@ class SDTrainer:
         """--cache_dir: entries keyed by the base model's VAE and text encoders (disk_cache.py)."""
         from .disk_cache import DiskCache, model_identity
 
-        c, cfg = self.c, self.cfg
+        c, cfg = self.components, self.cfg
         parts = [c.family.name, str(self.weight_dtype), model_identity(c.path, cfg.revision, "vae", dict(c.vae.config))]
         parts += [model_identity(c.path, cfg.revision, name, encoder.config.to_dict())
                   for name, encoder in zip(c.family.text_encoder_names, c.text_encoders)]
         return DiskCache(cfg.cache_dir, "\n".join(parts))
 
     def _text_entry(self, prompt: str):
-        return self.disk_cache.path("text", prompt, [t.model_max_length for t in self.c.tokenizers])
+        return self.disk_cache.path("text", prompt, [t.model_max_length for t in self.components.tokenizers])
 
     def _shared(self, n_inst: int, n_rows: int, make) -> torch.Tensor:
         """Random rows for this process's samples, cut from draws for the whole global batch.
@@ -527,7 +527,7 @@ class SDTrainer:
     def _scaled(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents in the denoiser's space (the family's: shift and scale, FLUX.2's patchify and batch norm), in
         the weight dtype."""
-        return self.c.family.model_latents(self.c.vae, latents.float()).to(self.weight_dtype)
+        return self.components.family.model_latents(self.components.vae, latents.float()).to(self.weight_dtype)
 
     # ------------------------------------------------------------------ the held-out loss
     def _build_eval_set(self) -> list[dict]:
@@ -546,10 +546,10 @@ class SDTrainer:
         crop = Crop(cfg.resolution, center_crop=True, random_flip=False, seed=0)
         k, m = cfg.eval_timesteps, cfg.eval_noises
         quantiles = (torch.arange(k, dtype=torch.float64) + 0.5) / k
-        if self.c.flow:
+        if self.components.flow:
             steps = quantiles.float().repeat_interleave(m)  # u of the flow's timestep density
         else:
-            steps = (quantiles * self.c.noise_scheduler.config.num_train_timesteps).long().repeat_interleave(m)
+            steps = (quantiles * self.components.noise_scheduler.config.num_train_timesteps).long().repeat_interleave(m)
         out = []
         for i, image in enumerate(images.images):
             (w, h) = images.targets[i]
@@ -593,7 +593,7 @@ class SDTrainer:
             for j in range(0, len(item["steps"]), m):
                 latents = item["latents"].expand(m, *item["latents"].shape[1:])
                 noise, steps = item["noise"][j:j + m], item["steps"][j:j + m]
-                if self.c.flow:
+                if self.components.flow:
                     pred, target, _ = self._flow_prediction(latents, noise, steps, item)
                 else:
                     pred, target = self._unet_prediction(latents, noise, steps, item)
@@ -608,9 +608,9 @@ class SDTrainer:
 
     # ------------------------------------------------------------------ one micro-batch
     def loss(self, batch: dict) -> torch.Tensor:
-        if self.c.flow:
+        if self.components.flow:
             return self._flow_loss(batch)
-        cfg, sched = self.cfg, self.c.noise_scheduler
+        cfg, sched = self.cfg, self.components.noise_scheduler
         latents = self._latents(batch)
         n_inst, n = len(batch["index"]), latents.shape[0]
         noise = self._randn(n_inst, n, *latents.shape[1:])
@@ -636,10 +636,10 @@ class SDTrainer:
 
     def _unet_prediction(self, latents, noise, timesteps, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """SD/SDXL: the UNet's prediction for latents noised at `timesteps`, and its target (epsilon or v)."""
-        sched = self.c.noise_scheduler
+        sched = self.components.noise_scheduler
         noisy = sched.add_noise(latents, noise, timesteps)
         hidden, pooled = self._encode_text(batch["prompts"])
-        added = self.c.family.added_cond_kwargs(batch, pooled, self.accelerator.device, self.weight_dtype)
+        added = self.components.family.added_cond_kwargs(batch, pooled, self.accelerator.device, self.weight_dtype)
         pred = self.models["unet"](noisy, timesteps, hidden.to(self.weight_dtype), added_cond_kwargs=added,
                                    return_dict=False)[0].float()
         target = (noise if sched.config.prediction_type == "epsilon"
@@ -649,11 +649,11 @@ class SDTrainer:
     def _flow_prediction(self, latents, noise, u, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """SD3/FLUX: x_t = (1 - sigma) x_0 + sigma noise at density draws u; (prediction, target noise - x_0,
         sigmas)."""
-        timesteps, sigmas = flow.timesteps_and_sigmas(self.c.noise_scheduler, u)
+        timesteps, sigmas = flow.timesteps_and_sigmas(self.components.noise_scheduler, u)
         sigmas = sigmas.view(-1, 1, 1, 1)
         noisy = ((1.0 - sigmas) * latents.float() + sigmas * noise.float()).to(self.weight_dtype)
         hidden, pooled = self._encode_text(batch["prompts"])
-        pred = self.c.family.predict(self.models[self.c.denoiser_name], self.c.denoiser.config, noisy, timesteps,
+        pred = self.components.family.predict(self.models[self.components.denoiser_name], self.components.denoiser.config, noisy, timesteps,
                                      cast(hidden, self.weight_dtype), cast(pooled, self.weight_dtype),
                                      self.cfg.guidance_scale)
         return pred.float(), (noise - latents).float(), sigmas
@@ -800,16 +800,16 @@ class SDTrainer:
         from .sample import build_pipeline, save_validation_samples
 
         acc = self.accelerator
-        models = {k: acc.unwrap_model(m) for k, m in self.c.models.items()}
+        models = {k: acc.unwrap_model(m) for k, m in self.components.models.items()}
         for m in models.values():
             m.eval()
-        if self.c.flow and not self.c.text_encoders:  # unloaded after caching: sample from the cached embeddings
-            models.update(dict.fromkeys(self.c.family.text_encoder_names))
+        if self.components.flow and not self.components.text_encoders:  # unloaded after caching: sample from the cached embeddings
+            models.update(dict.fromkeys(self.components.family.text_encoder_names))
         with torch.random.fork_rng(devices=[] if acc.device.type == "cpu" else [acc.device]):
-            pipe = build_pipeline(self.c.path, self.c.family, {**models, "vae": self.c.vae}, revision=self.cfg.revision)
+            pipe = build_pipeline(self.components.path, self.components.family, {**models, "vae": self.components.vae}, revision=self.cfg.revision)
             with acc.autocast():
                 paths = save_validation_samples(pipe, self.cfg, self.global_step, self.run_dir, acc.device,
-                                                self._cached_prompt_kwargs if self.c.flow else None)
+                                                self._cached_prompt_kwargs if self.components.flow else None)
         del pipe
         for k in self.trained:
             models[k].train()
@@ -818,13 +818,13 @@ class SDTrainer:
     def _cached_prompt_kwargs(self, prompt: str) -> dict:
         """Pipeline arguments for one validation prompt: the prompt, or its cached embeddings once the text
         encoders are unloaded (with the empty prompt's as SD3's negative)."""
-        extra = self.c.family.validation_kwargs(self.cfg)
-        if self.c.text_encoders:
+        extra = self.components.family.validation_kwargs(self.cfg)
+        if self.components.text_encoders:
             return {"prompt": prompt, **extra}
 
         def embeds(p, prefix=""):
-            return self.c.family.cached_prompt_kwargs(*self.text_cache[p], prefix)
-        return {**embeds(prompt), **(embeds("", "negative_") if self.c.family.negative_prompt_cached() else {}), **extra}
+            return self.components.family.cached_prompt_kwargs(*self.text_cache[p], prefix)
+        return {**embeds(prompt), **(embeds("", "negative_") if self.components.family.negative_prompt_cached() else {}), **extra}
 
     # ------------------------------------------------------------------ checkpoints
     def _save_lora_hook(self, models, weights, output_dir) -> None:
@@ -930,7 +930,7 @@ class SDTrainer:
         unwrap = self.accelerator.unwrap_model
         models = {k: unwrap(m) for k, m in self.models.items()}
         info = {"method": self.cfg.method, "base_model": self.cfg.pretrained_model_name_or_path,
-                "steps": self.global_step, "rank": self.cfg.rank, "alpha": self.cfg.alpha, "family": self.c.family.name}
+                "steps": self.global_step, "rank": self.cfg.rank, "alpha": self.cfg.alpha, "family": self.components.family.name}
         # overwrite: the run folder and its checkpoints are this trainer's own output
         return export_diffusers(folder, refactorer=self.ref, info=info, overwrite=True, **models)  # (SDXL: from its UNet)
 
