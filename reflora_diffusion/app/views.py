@@ -300,3 +300,23 @@ class AppViews:
             return None, None, f"**Not exported:** {e}"
         card = str(result["card"]) if result["card"] else None
         return str(result["file"]), card, downloads.info_markdown(result["info"])
+
+
+def form_options(base, data_dir, captions, instance_prompt, class_prompt, with_prior_preservation,
+         validation_prompt, method, rank, alpha, steps, lr, resolution, seed, precision, train_text_encoder,
+         warmup_steps, validation_steps, checkpointing_steps, enable_bucket=False, lora_conv=False,
+         snr_gamma=None) -> dict:
+    """The form as train/sd.py options (same names as its CLI flags)."""
+    from reflora_diffusion.sd.buckets import default_bucket_options
+
+    data = ({"train_data_dir": data_dir} if captions and data_dir else
+            {"instance_data_dir": data_dir, "instance_prompt": instance_prompt})
+    return {"pretrained_model_name_or_path": base, **data, "class_prompt": class_prompt,
+            "with_prior_preservation": with_prior_preservation, "validation_prompt": validation_prompt,
+            "method": method, "rank": rank, "lora_alpha": alpha, "max_train_steps": steps,
+            "learning_rate": lr, "resolution": resolution, "seed": seed,
+            "mixed_precision": None if precision == "default" else precision,
+            "train_text_encoder": train_text_encoder, "refactor_warmup_steps": warmup_steps,
+            "validation_steps": validation_steps, "checkpointing_steps": checkpointing_steps,
+            "lora_conv": bool(lora_conv), "snr_gamma": snr_gamma,
+            **({"enable_bucket": True, **default_bucket_options(int(resolution))} if enable_bucket else {})}
