@@ -28,7 +28,6 @@ import json
 import math
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -36,7 +35,6 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import ATTN_TARGETS, SD15_UNET, persistent_bytes  # noqa: E402
 
 from reflora_diffusion.core import Refactorer, find_lora_pairs, linalg  # noqa: E402

@@ -108,7 +108,7 @@ def grid(seeds: int, iters: int, d: int, out: Path) -> dict:
                         cells[f"{opt_name}|lr{lr:g}|r{rank}|k{kappa:g}|{method}"] = {
                             "optimizer": opt_name, "lr": lr, "rank": rank, "kappa": kappa, "method": method,
                             "diverged": sum(not math.isfinite(v) or v > 1e6 for v in finals),
-                            "median_iters_to_threshold": _median([h for h in hits if h is not None]),
+                            "median_iters_to_threshold": median([h for h in hits if h is not None]),
                             "reached_threshold": sum(h is not None for h in hits),
                             "mean_log10_final": float(log_curves[:, -1].mean()),
                             "mean_log10_curve": [round(float(v), 3) for v in log_curves.mean(0)[::max(1, iters // 60)]],
@@ -125,7 +125,7 @@ def grid(seeds: int, iters: int, d: int, out: Path) -> dict:
     return results
 
 
-def _median(xs):
+def median(xs):
     xs = sorted(xs)
     return None if not xs else xs[len(xs) // 2]
 

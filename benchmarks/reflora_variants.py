@@ -23,17 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from matrix_factorization import THRESHOLD, _median, first_below, run, target  # noqa: E402
+from matrix_factorization import THRESHOLD, median, first_below, run, target  # noqa: E402
 
 VARIANTS = {  # name -> (core method, options)
     "lora": ("lora", {}),
@@ -74,7 +71,7 @@ def study(seeds: int, iters: int, d: int, rank: int, kappa: float, warmup: int) 
                     "mean_log10_at": {f"{q}%": round(float(logs[:, max(0, iters * q // 100 - 1)].mean()), 3)
                                       for q in (10, 25, 50, 100)},
                     "reached_threshold": sum(h is not None for h in hits),
-                    "median_iters_to_threshold": _median([h for h in hits if h is not None]),
+                    "median_iters_to_threshold": median([h for h in hits if h is not None]),
                     "diverged": sum(not math.isfinite(c[-1]) or c[-1] > 1e6 for c in curves),
                     "mean_log10_curve": [round(float(v), 3) for v in logs.mean(0)],
                     "seconds": round(time.time() - t0, 2),

@@ -9,7 +9,7 @@ generator), equal steps. Two phases:
 
     python benchmarks/sd_dreambooth.py                 # ~10 min on 2 shared CPU cores
     python benchmarks/sd_dreambooth.py --steps 100 --methods lora reflora reflora-s
-    python benchmarks/sd_dreambooth.py --methods lora reflora reflora:normalize reflora:reinit   # core options
+    python benchmarks/sd_dreambooth.py --methods lora reflora reflora@normalize reflora@reinit   # core options
     python benchmarks/sd_dreambooth.py --base tiny-emoji --methods lora reflora reflora-s --steps 600 --rank 16 \
         --lr 3e-3 --lora_conv --snr_gamma 5 --warmup 60 --batch_size 1 --eval_loss_every 100 --timing_rounds 2 \
         --out benchmarks/results/sd_dreambooth_emoji       # the quick start's recipe on the emoji base, with a grid
@@ -26,13 +26,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -41,14 +39,16 @@ from reflora_diffusion.sd.config import make_config  # noqa: E402
 from reflora_diffusion.rundir import read_events  # noqa: E402
 from reflora_diffusion.sd.train import SDTrainer  # noqa: E402
 
+import method_variants  # noqa: E402  (benchmarks/, the script's own folder)
+
 ALL_METHODS = ["lora", "reflora", "reflora-s", "lora+", "scaledgd", "preclora", "nora+", "rac-lora", "cola"]
 DATA = REPO / ".." / "shared" / "data" / "dreambooth"
 
 
 def make_trainer(out: Path, method: str, args) -> SDTrainer:
-    method, *flags = method.split(":")  # variants such as "reflora:normalize" or "reflora:reinit"
-    options = {"chain_every": args.steps // 4} if method in ("rac-lora", "cola") else {}
-    options.update({{"normalize": "reflora_normalize"}.get(flag, flag): True for flag in flags})
+    method, options = method_variants.split(method)  # e.g. "reflora@normalize", "reflora-s@reinit"
+    if method in ("rac-lora", "cola"):
+        options["chain_every"] = args.steps // 4
     cfg = make_config(dict(
         pretrained_model_name_or_path=args.base, instance_data_dir=str((DATA / args.subject).resolve()),
         instance_prompt=instance_prompt(args), resolution=64, rank=args.rank, lora_alpha=args.rank,

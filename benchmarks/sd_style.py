@@ -33,13 +33,10 @@ import os
 import random
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import method_variants  # noqa: E402
@@ -49,7 +46,6 @@ import torch  # noqa: E402
 from reflora_diffusion.rundir import read_events  # noqa: E402
 from reflora_diffusion.sd import emoji_data  # noqa: E402
 
-sys.path.insert(0, str(REPO / "benchmarks"))
 from emoji_base_quality import save_grid, to32  # noqa: E402  (the same 32x32 pixel space as the base quality figures)
 
 RESULTS = REPO / "benchmarks" / "results"
