@@ -18,8 +18,6 @@ import math
 import os
 import random
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -38,9 +36,9 @@ from . import flow
 from .config import ConfigError, SDTrainConfig
 from .data import build_dataloader, build_dataset, check_data_dirs, load_class_images
 from .models import Components, load_components, prepare_for_training, stored_bytes, trainable_parameters
+from .stop import StopRequest, stop_on_sigterm
 
 LORA_STATE = "{}_lora.safetensors"  # per trained model, inside a checkpoint
-STOP_GRACE_S = 60.0  # after a SIGTERM, how long the current step may take before the trainer ends anyway
 
 
 class TrainingError(RuntimeError):
@@ -959,67 +957,9 @@ def disk_full(error: BaseException) -> bool:
     return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
 
 
-class StopRequest(threading.Event):
-    """Set by the first SIGTERM: the loop stops after the current step, with a checkpoint. A second SIGTERM
-    interrupts at once; a step that does not end within `grace` seconds is ended by the watchdog."""
-
-    def __init__(self):
-        super().__init__()
-        self.watchdog: threading.Timer | None = None
-
-
-@contextlib.contextmanager
-def _stop_on_sigterm(trainer: "SDTrainer"):
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed from the main thread (e.g. a test calling train())
-        return
-    grace = float(os.environ.get("REFLORA_STOP_GRACE_S", STOP_GRACE_S))
-
-    def hard_stop():
-        trainer.log.set_status(state="cancelled", error=f"stopped by SIGTERM: step {trainer.global_step + 1} did "
-                                                        f"not end within {grace:g} s")
-        os._exit(130)
-
-    def on_sigterm(signum, frame):
-        if trainer.stop.is_set():
-            raise KeyboardInterrupt("stopped by a second SIGTERM")
-        trainer.stop.set()
-        trainer.stop.watchdog = threading.Timer(grace, hard_stop)
-        trainer.stop.watchdog.daemon = True
-        trainer.stop.watchdog.start()
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    _die_with_launcher()
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if trainer.stop.watchdog is not None:
-            trainer.stop.watchdog.cancel()
-
-
-def _die_with_launcher() -> None:
-    """`accelerate launch` (one process) runs the trainer as a child and does not pass SIGTERM on: ask the
-    kernel for a SIGTERM when that launcher dies, so stopping the launcher stops the trainer (Linux)."""
-    try:
-        import ctypes
-
-        import psutil
-
-        parent = psutil.Process().parent()
-        if parent is None or not any("accelerate" in part for part in parent.cmdline()[:3]):
-            return
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent.pid:  # the launcher died before the request took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-    except Exception:  # noqa: BLE001 - not Linux, no psutil: the launcher's SIGTERM stays the only path
-        pass
-
-
 def train(cfg: SDTrainConfig) -> Path:
     """Run a training job to completion; status.json says running/done/failed/cancelled throughout."""
     trainer = SDTrainer(cfg)
-    with _stop_on_sigterm(trainer):
+    with stop_on_sigterm(trainer):
         trainer.setup()
         return trainer.train()
