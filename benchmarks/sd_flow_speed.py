@@ -98,9 +98,7 @@ def _malloc_trim() -> None:
 
 
 def step(trainer: SDTrainer, batch) -> None:
-    trainer.accelerator.backward(trainer.loss(batch))
-    trainer.optimizer.step()  # the method's hooks run in here
-    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.step(batch)  # the trainer's own step: loss, backward, clipping, the optimizer (the method's hooks), scheduler
 
 
 def measure(trainers: dict, rounds: int, steps: int) -> dict:

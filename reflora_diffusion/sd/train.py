@@ -683,13 +683,12 @@ class SDTrainer:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
-        params = [p for m in self.trained.values() for p in trainable_parameters(m)]
         self.log.set_status(state="running", step=self.global_step, max_steps=self.max_steps)
         self.bar = bar = tqdm(total=self.max_steps, initial=self.global_step, desc=f"{cfg.method} r={cfg.rank}",
                               disable=not self.is_main)
         first_epoch = self.global_step // self.steps_per_epoch
         skip_batches = (self.global_step % self.steps_per_epoch) * cfg.gradient_accumulation_steps
-        window_loss, window_n, bad_streak = torch.zeros((), device=acc.device), 0, 0
+        bad_streak = 0
         t_log, since_log = time.perf_counter(), []  # step losses since the last events.jsonl line
         for m in self.models.values():
             m.train()
@@ -703,27 +702,10 @@ class SDTrainer:
                 loader = acc.skip_first_batches(self.dataloader, skip_batches)
                 loader.set_epoch(epoch)
             for batch in loader:
-                with acc.accumulate(*self.models.values()):
-                    loss = self.loss(batch)
-                    acc.backward(loss)  # also when NaN: every process runs the same collective ops
-                    window_loss += loss.detach()
-                    window_n += 1
-                    if not acc.sync_gradients:
-                        continue
-                    # One collective per optimizer step: every process's mean loss of this window and
-                    # whether it was asked to stop (so all processes stop after the same step).
-                    flag = torch.ones((), device=acc.device) if self.stop.is_set() else torch.zeros((), device=acc.device)
-                    gathered = acc.gather(torch.stack([window_loss / window_n, flag]).float())
-                    losses, stop_now = gathered[0::2], bool(gathered[1::2].any())
-                    ok = bool(torch.isfinite(losses).all())
-                    if ok and cfg.max_grad_norm > 0:
-                        ok = bool(torch.isfinite(acc.clip_grad_norm_(params, cfg.max_grad_norm)))
-                    if ok:
-                        self.optimizer.step()  # the core's method runs inside (step hooks)
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                window_loss.zero_()
-                window_n = 0
+                done = self.step(batch)
+                if done is None:
+                    continue  # inside a gradient-accumulation window
+                losses, ok, stop_now = done
                 self.global_step += 1
                 since_log.append(float(losses.mean()) if ok else float("nan"))
                 bar.update(1)
@@ -760,6 +742,38 @@ class SDTrainer:
         bar.close()
         self.finish()
         return self.run_dir
+
+    def step(self, batch: dict) -> tuple[torch.Tensor, bool, bool] | None:
+        """One micro-batch: loss and backward; at the end of an accumulation window the optimizer step (the core's
+        method runs inside it), clipped, and skipped when the loss or the gradients are not finite, then the
+        scheduler. Returns None inside a window, else (every process's mean loss of the window, whether the
+        optimizer stepped, whether any process was asked to stop). The loop and the benchmarks call this."""
+        cfg, acc = self.cfg, self.accelerator
+        if getattr(self, "_window", None) is None:
+            self._window = [torch.zeros((), device=acc.device), 0]
+            self._params = [p for m in self.trained.values() for p in trainable_parameters(m)]
+        with acc.accumulate(*self.models.values()):
+            loss = self.loss(batch)
+            acc.backward(loss)  # also when NaN: every process runs the same collective ops
+            self._window[0] += loss.detach()
+            self._window[1] += 1
+            if not acc.sync_gradients:
+                return None
+            # One collective per optimizer step: every process's mean loss of this window and whether it was asked
+            # to stop (so all processes stop after the same step).
+            flag = torch.ones((), device=acc.device) if self.stop.is_set() else torch.zeros((), device=acc.device)
+            gathered = acc.gather(torch.stack([self._window[0] / self._window[1], flag]).float())
+            losses, stop_now = gathered[0::2], bool(gathered[1::2].any())
+            ok = bool(torch.isfinite(losses).all())
+            if ok and cfg.max_grad_norm > 0:
+                ok = bool(torch.isfinite(acc.clip_grad_norm_(self._params, cfg.max_grad_norm)))
+            if ok:
+                self.optimizer.step()  # the core's method runs inside (step hooks)
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._window[0].zero_()
+        self._window[1] = 0
+        return losses, ok, stop_now
 
     def _stop_at_step_boundary(self) -> None:
         """A requested stop (SIGTERM): keep the work done so far as a checkpoint, then end as cancelled."""
