@@ -13,11 +13,17 @@ from reflora_diffusion.sd.config import ConfigError
 from sd_helpers import make_trainer, train
 
 
-@pytest.mark.parametrize("optimizer,method,lr", [("adafactor", "reflora-s", 1e-3), ("adafactor", "reflora", 1e-3),
-                                                 ("prodigy", "reflora", 1.0), ("schedulefree_adamw", "reflora-s", 1e-3)])
-def test_each_optimizer_trains_with_the_methods_it_can_run(tmp_path, optimizer, method, lr):
+FLOW = dict(max_sequence_length=32, validation_prompt=[])
+
+
+@pytest.mark.parametrize("optimizer,method,lr,base", [
+    ("adafactor", "reflora-s", 1e-3, "tiny-sd3"), ("adafactor", "reflora", 1e-3, "tiny-flux"),
+    ("prodigy", "reflora", 1.0, "tiny-sd3"), ("prodigy", "reflora", 1.0, "tiny"),
+    ("schedulefree_adamw", "reflora-s", 1e-3, "tiny"), ("schedulefree_adamw", "reflora", 1e-3, "tiny-flux")])
+def test_each_optimizer_trains_with_the_methods_it_can_run(tmp_path, optimizer, method, lr, base):
     run = tmp_path / "run"
-    trainer = train(run, optimizer=optimizer, method=method, learning_rate=lr, eval_loss_every=2)
+    extra = {} if base == "tiny" else {"pretrained_model_name_or_path": base, **FLOW}
+    trainer = train(run, optimizer=optimizer, method=method, learning_rate=lr, eval_loss_every=2, **extra)
     inner = trainer.optimizer.optimizer
     assert type(inner).__name__ == {"adafactor": "Adafactor", "prodigy": "Prodigy",
                                     "schedulefree_adamw": "AdamWScheduleFree"}[optimizer]
@@ -32,9 +38,10 @@ def test_each_optimizer_trains_with_the_methods_it_can_run(tmp_path, optimizer, 
         assert last["refactored"] == last["layers"]
     if optimizer == "schedulefree_adamw":  # the export holds the averaged (evaluation) point, not the training one
         exported = load_file(str(run / "pytorch_lora_weights.safetensors"))
-        unet = trainer.accelerator.unwrap_model(trainer.models["unet"])
-        name, layer = next((n, m) for n, m in unet.named_modules() if n.endswith("to_q") and hasattr(m, "lora_A"))
-        key = next(k for k in exported if k.startswith(f"unet.{name}.lora_A"))
+        component = trainer.components.denoiser_name
+        denoiser = trainer.accelerator.unwrap_model(trainer.models[component])
+        name, layer = next((n, m) for n, m in denoiser.named_modules() if n.endswith("to_q") and hasattr(m, "lora_A"))
+        key = next(k for k in exported if k.startswith(f"{component}.{name}.lora_A"))
         train_point = layer.lora_A["default"].weight.detach().clone()
         with trainer.evaluation_weights():
             eval_point = layer.lora_A["default"].weight.detach().clone()
