@@ -139,9 +139,28 @@ def pixel_multiple(folder_or_id: str, revision=None) -> int:
     return family.pixel_multiple(vae, _read_config(path, family.denoiser_folder, revision))
 
 
+def _seeded(make):
+    """make() with the presets' fixed seed: every component's random weights are the same on every machine."""
+    import torch
+
+    torch.manual_seed(SEED)
+    return make()
+
+
+def _flow_vae(shift_factor: float, scaling_factor: float):
+    """The flow presets' 16-channel VAE (no quant convs, like SD3's and FLUX.1's), with the real shift/scaling."""
+    from diffusers import AutoencoderKL
+
+    return _seeded(lambda: AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32, sample_size=PRESET_RESOLUTION, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=shift_factor, scaling_factor=scaling_factor,
+    ))  # fmt: skip
+
+
 def build_preset(name: str, folder: str | os.PathLike) -> None:
     """Make the preset's components from config (seeded) and save the full pipeline into `folder`."""
-    import torch
     from diffusers import (
         AutoencoderKL,
         DDPMScheduler,
@@ -163,11 +182,7 @@ def build_preset(name: str, folder: str | os.PathLike) -> None:
         return _build_flow_preset(name, folder)
     sdxl = name == "tiny-sdxl"
 
-    def seeded(make):
-        torch.manual_seed(SEED)
-        return make()
-
-    vae = seeded(lambda: AutoencoderKL(
+    vae = _seeded(lambda: AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         norm_num_groups=32, sample_size=PRESET_RESOLUTION,
@@ -179,21 +194,21 @@ def build_preset(name: str, folder: str | os.PathLike) -> None:
     tokenizer = make_tokenizer()
 
     if not sdxl:
-        unet = seeded(lambda: UNet2DConditionModel(
+        unet = _seeded(lambda: UNet2DConditionModel(
             # attention at full latent resolution like SD 1.x; one resnet per block keeps a step ~0.1 s
             sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=4, norm_num_groups=32,
         ))  # fmt: skip
-        text_encoder = seeded(lambda: CLIPTextModel(_clip_config()))
+        text_encoder = _seeded(lambda: CLIPTextModel(_clip_config()))
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )  # fmt: skip
     else:
         time_dim, proj_dim = 8, 32
-        unet = seeded(lambda: UNet2DConditionModel(
+        unet = _seeded(lambda: UNet2DConditionModel(
             sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -203,8 +218,8 @@ def build_preset(name: str, folder: str | os.PathLike) -> None:
             # 6 micro-conditioning numbers (original size, crop, target size) + pooled text embedding
             projection_class_embeddings_input_dim=6 * time_dim + proj_dim, norm_num_groups=32,
         ))  # fmt: skip
-        text_encoder = seeded(lambda: CLIPTextModel(_clip_config()))
-        text_encoder_2 = seeded(lambda: CLIPTextModelWithProjection(_clip_config(projection_dim=proj_dim)))
+        text_encoder = _seeded(lambda: CLIPTextModel(_clip_config()))
+        text_encoder_2 = _seeded(lambda: CLIPTextModelWithProjection(_clip_config(projection_dim=proj_dim)))
         pipe = StableDiffusionXLPipeline(
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
             tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
@@ -225,31 +240,21 @@ def _clip_config(**extra):
 def _build_flow_preset(name: str, folder) -> None:
     """tiny-sd3 (SD3.5-medium-like: dual attention, qk RMS norm) and tiny-flux (FLUX.1-dev-like: guidance
     embedding), with 16-channel VAEs (no quant convs, the real shift/scaling factors) and a tiny T5."""
-    import torch
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    def seeded(make):
-        torch.manual_seed(SEED)
-        return make()
-
     def clip(cls, **extra):
-        return seeded(lambda: cls(_clip_config(**extra)))
+        return _seeded(lambda: cls(_clip_config(**extra)))
 
-    t5 = seeded(lambda: T5EncoderModel(T5Config(
+    t5 = _seeded(lambda: T5EncoderModel(T5Config(
         vocab_size=len(_t5_vocab()), d_model=64, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1)))
     sd3 = name == "tiny-sd3"
-    vae = seeded(lambda: AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=32, sample_size=PRESET_RESOLUTION, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609 if sd3 else 0.1159, scaling_factor=1.5305 if sd3 else 0.3611,
-    ))  # fmt: skip
+    vae = _flow_vae(0.0609, 1.5305) if sd3 else _flow_vae(0.1159, 0.3611)
     tokenizer, t5_tokenizer = make_tokenizer(), make_t5_tokenizer()
     if sd3:
-        transformer = seeded(lambda: SD3Transformer2DModel(
+        transformer = _seeded(lambda: SD3Transformer2DModel(
             sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
             num_attention_heads=4, joint_attention_dim=64,  # T5's d_model (CLIP-L + CLIP-G are padded to it)
             caption_projection_dim=32, pooled_projection_dim=64,  # both CLIPs' pooled projections
@@ -262,7 +267,7 @@ def _build_flow_preset(name: str, folder) -> None:
             text_encoder_3=t5, tokenizer_3=t5_tokenizer,
         )  # fmt: skip
     else:
-        transformer = seeded(lambda: FluxTransformer2DModel(
+        transformer = _seeded(lambda: FluxTransformer2DModel(
             patch_size=1, in_channels=64,  # 16 latent channels packed 2 x 2
             num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
@@ -279,29 +284,19 @@ def _build_flow_preset(name: str, folder) -> None:
 def _build_zimage_preset(folder) -> None:
     """tiny-zimage (Z-Image-like: single-stream DiT with noise and context refiners, qk norms, 3-axis RoPE; a Qwen3
     text encoder behind a chat template; a 16-channel VAE with FLUX's shift/scaling; Z-Image-Turbo's scheduler)."""
-    import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    def seeded(make):
-        torch.manual_seed(SEED)
-        return make()
-
     tokenizer = make_qwen_tokenizer()
-    text_encoder = seeded(lambda: Qwen3Model(Qwen3Config(
+    text_encoder = _seeded(lambda: Qwen3Model(Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id)))
-    transformer = seeded(lambda: ZImageTransformer2DModel(
+    transformer = _seeded(lambda: ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
         n_heads=2, n_kv_heads=2, cap_feat_dim=32,  # the text encoder's hidden size
         axes_dims=[4, 6, 6], axes_lens=[1024, 512, 512],
     ))  # fmt: skip
-    vae = seeded(lambda: AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=32, sample_size=PRESET_RESOLUTION, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.1159, scaling_factor=0.3611,
-    ))  # fmt: skip
+    vae = _flow_vae(0.1159, 0.3611)  # FLUX.1's factors
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                           transformer=transformer)
@@ -316,15 +311,11 @@ def _build_flux2_preset(folder) -> None:
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    def seeded(make):
-        torch.manual_seed(SEED)
-        return make()
-
     tokenizer = make_qwen_tokenizer()
-    text_encoder = seeded(lambda: Qwen3ForCausalLM(Qwen3Config(
+    text_encoder = _seeded(lambda: Qwen3ForCausalLM(Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=27, num_attention_heads=2,
         num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id)))
-    vae = seeded(lambda: AutoencoderKLFlux2(
+    vae = _seeded(lambda: AutoencoderKLFlux2(
         in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
         sample_size=PRESET_RESOLUTION,
@@ -333,7 +324,7 @@ def _build_flux2_preset(folder) -> None:
         g = torch.Generator().manual_seed(SEED)
         vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.running_mean.shape, generator=g))
         vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=g))
-    transformer = seeded(lambda: Flux2Transformer2DModel(
+    transformer = _seeded(lambda: Flux2Transformer2DModel(
         patch_size=1, in_channels=32, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=48,  # 3 text-encoder layers x 16
         timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
@@ -351,14 +342,9 @@ def _build_qwenimage_preset(folder) -> None:
     """tiny-qwenimage (Qwen-Image-like: MMDiT with 3-axis scaled RoPE over 2x2-packed latents; a Qwen2.5-VL text
     encoder with a one-layer vision tower; the causal video VAE with per-channel latent statistics; Qwen-Image's
     exponential-shift scheduler)."""
-    import torch
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
                            QwenImageTransformer2DModel)
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    def seeded(make):
-        torch.manual_seed(SEED)
-        return make()
 
     tokenizer = make_qwen_tokenizer()
     config = Qwen2_5_VLConfig(
@@ -369,12 +355,12 @@ def _build_qwenimage_preset(folder) -> None:
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
                            fullatt_block_indexes=[0]),
     )  # fmt: skip
-    text_encoder = seeded(lambda: Qwen2_5_VLForConditionalGeneration(config))
-    transformer = seeded(lambda: QwenImageTransformer2DModel(
+    text_encoder = _seeded(lambda: Qwen2_5_VLForConditionalGeneration(config))
+    transformer = _seeded(lambda: QwenImageTransformer2DModel(
         patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
     ))  # fmt: skip
-    vae = seeded(lambda: AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2], num_res_blocks=1,
+    vae = _seeded(lambda: AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2], num_res_blocks=1,
                                                 temperal_downsample=[False]))
     scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen-Image's
         shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
