@@ -127,6 +127,16 @@ def cases(mode: str, xformers: bool) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- models and one training step
+def add_full_rank_lora(model, rank: int, targets, device: torch.device) -> None:
+    """LoRA of ``rank`` on ``targets`` with full-rank float32 factors (as after the warm-up), in training mode."""
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+    with torch.no_grad():
+        for p in find_lora_pairs(model):
+            p.A.data = p.A.data.float()
+            p.B.data = torch.randn(p.B.shape, device=device) * 1e-3
+    model.train()
+
+
 def build(c: dict, sizes: dict, device: torch.device):
     """(model, batch function) with LoRA of rank c["rank"], full-rank factors (as after the warm-up)."""
     torch.manual_seed(0)
@@ -151,12 +161,7 @@ def build(c: dict, sizes: dict, device: torch.device):
             model.enable_gradient_checkpointing()
     if c["attention"] == "xformers":
         model.enable_xformers_memory_efficient_attention()
-    model.add_adapter(LoraConfig(r=c["rank"], lora_alpha=c["rank"], target_modules=targets))
-    with torch.no_grad():
-        for p in find_lora_pairs(model):
-            p.A.data = p.A.data.float()
-            p.B.data = torch.randn(p.B.shape, device=device) * 1e-3
-    model.train()
+    add_full_rank_lora(model, c["rank"], targets, device)
     g = torch.Generator(device).manual_seed(1)
     if c["model"] == "llama":
         ids = torch.randint(0, size["config"]["vocab_size"], (1, size["seq"]), generator=g, device=device)
@@ -190,12 +195,7 @@ def build_dit(c: dict, size: dict, device: torch.device):
         quantize_(model, Int8WeightOnlyConfig())
     if c["checkpointing"]:
         model.enable_gradient_checkpointing()
-    model.add_adapter(LoraConfig(r=c["rank"], lora_alpha=c["rank"], target_modules=fam.default_targets(model)))
-    with torch.no_grad():
-        for p in find_lora_pairs(model):
-            p.A.data = p.A.data.float()
-            p.B.data = torch.randn(p.B.shape, device=device) * 1e-3
-    model.train()
+    add_full_rank_lora(model, c["rank"], fam.default_targets(model), device)
     g = torch.Generator(device).manual_seed(1)
     x = torch.randn(1, *size["latent"], generator=g, device=device, dtype=half)
     text = torch.randn(1, *size["text"], generator=g, device=device, dtype=half)

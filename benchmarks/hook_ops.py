@@ -41,19 +41,9 @@ from reflora_diffusion.core import Refactorer, find_lora_pairs
 METHODS = ["reflora", "reflora-s", "scaledgd", "preclora", "nora+", "reflora@factors"]
 # data-dependent ops: the host waits for the device to know the answer
 HOST_READ_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal")
-SD15 = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-SDXL = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816)
-ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+from gpu import SDXL_UNET as SDXL  # noqa: E402  (benchmarks/: the UNet configs live once)
+from overhead import ATTN_TARGETS, SD15_UNET as SD15  # noqa: E402
+
 
 
 class OpCounter(TorchDispatchMode):
@@ -97,7 +87,7 @@ def attention_shapes(config: dict) -> list[tuple[int, int]]:
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
     return [(m.in_features, m.out_features) for n, m in unet.named_modules()
-            if isinstance(m, nn.Linear) and n.endswith(ATTN)]
+            if isinstance(m, nn.Linear) and n.endswith(tuple(ATTN_TARGETS))]
 
 
 class Layers(nn.Module):
