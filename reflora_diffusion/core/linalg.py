@@ -62,8 +62,8 @@ def _geometric_mean_eigh(AAt: torch.Tensor, BtB: torch.Tensor):
     return S_inv, S, ok_a & ok_m, logdet
 
 
-def _geometric_mean_cholesky(AAt: torch.Tensor, BtB: torch.Tensor):
-    """One Cholesky and one eigh: (S*^-1, S*, ok, log det S*), ok only for well-conditioned layers.
+def _geometric_mean_cholesky(AAt: torch.Tensor, BtB: torch.Tensor, logdet: bool = False):
+    """One Cholesky and one eigh: (S*^-1, S*, ok, log det S* or None), ok only for well-conditioned layers.
 
     With A A^T = L L^T and K = L^T B^T B L = V diag(m^2) V^T (congruence invariance of the geometric mean):
         S* = L^-T V diag(m) V^T L^-1,    S*^-1 = L V diag(1/m) V^T L^T.
@@ -83,8 +83,9 @@ def _geometric_mean_cholesky(AAt: torch.Tensor, BtB: torch.Tensor):
     cond_a = torch.linalg.matrix_norm(X) * left.square().sum(dim=(-2, -1))
     ok = (fin & (info == 0) & (cond_a < FAST_COND) & (wm[:, 0] * FAST_COND > wm[:, -1])
           & finite(S).all(dim=(-2, -1)) & finite(S_inv).all(dim=(-2, -1)))
-    logdet = m.log().sum(-1) - 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    return S_inv, S, ok, logdet
+    if not logdet:
+        return S_inv, S, ok, None
+    return S_inv, S, ok, m.log().sum(-1) - 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
 
 
 def geometric_mean(AAt: torch.Tensor, BtB: torch.Tensor, normalize: bool = False
@@ -110,11 +111,14 @@ def geometric_mean(AAt: torch.Tensor, BtB: torch.Tensor, normalize: bool = False
     if AAt.dtype == torch.float64:
         S_inv, S, ok, logdet = _geometric_mean_eigh(AAt, BtB)
     else:
-        S_inv, S, ok, logdet = _geometric_mean_cholesky(AAt, BtB)
+        S_inv, S, ok, logdet = _geometric_mean_cholesky(AAt, BtB, logdet=normalize)
         redo = (~ok).nonzero()[:, 0]
         if redo.numel():
             ref = _geometric_mean_eigh(AAt[redo].double(), BtB[redo].double())
-            S_inv, S, ok, logdet = (t.index_put((redo,), r.to(t.dtype)) for t, r in zip((S_inv, S, ok, logdet), ref))
+            S_inv, S, ok, logdet = (t if t is None else t.index_put((redo,), r.to(t.dtype))
+                                    for t, r in zip((S_inv, S, ok, logdet), ref))
+        elif not normalize:  # every layer took the certified float32 path: finite, and ok everywhere already
+            return S_inv, S, ok
     if normalize:
         c = torch.exp(logdet / S.shape[-1])[:, None, None]
         S, S_inv = S / c, S_inv * c

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .linalg import _identity_where, finite
+from .linalg import finite
 from .pairs import LoraPair
 from .sharding import all_sum, gather_rows, local, local_rows, shard_group
 
@@ -66,7 +66,7 @@ class Batch:
 
     AAt: torch.Tensor
     BtB: torch.Tensor
-    finite: torch.Tensor
+    finite: torch.Tensor | None  # sharded buckets only (Plan.precondition checks whole ones in one pass)
     GA: torch.Tensor  # whole rows (also when sharded: the all-gather brings every rank's rows)
     GB: torch.Tensor  # this rank's rows
     grads_a: list[torch.Tensor]
@@ -98,17 +98,15 @@ class Bucket:
         return torch.bmm(A, A.mT), torch.bmm(B.mT, B), A, B
 
     def gather(self) -> Batch | None:
-        """Grams, gradient finiteness and stacked gradients; None when a layer has no gradient this step."""
+        """Grams and stacked gradients (and, sharded, gradient finiteness; whole factors get theirs in one pass over
+        every bucket from ``Plan.precondition``); None when a layer has no gradient this step."""
         grads_a = [p.grad for p in self.A]
         grads_b = [p.grad for p in self.B]
         if any(g is None for g in grads_a) or any(g is None for g in grads_b):
             return None  # (a layer without a gradient this step: the whole bucket is left to the optimizer)
         if self.group is None:
             AAt, BtB, _, _ = self.grams()
-            GA, GB = _matrices(grads_a, self.cdt), _matrices(grads_b, self.cdt)
-            # gradients checked through their norms (one pass; a norm that overflows float32 counts as non-finite)
-            ok = finite(torch.linalg.vector_norm(GA, dim=(-2, -1)) + torch.linalg.vector_norm(GB, dim=(-2, -1)))
-            return Batch(AAt, BtB, ok, GA, GB, grads_a, grads_b)
+            return Batch(AAt, BtB, None, _matrices(grads_a, self.cdt), _matrices(grads_b, self.cdt), grads_a, grads_b)
         # FSDP2: one all-gather of the rows of A and G_A with the partial B_i^T B_i and ||G_B,i||^2 of every rank
         grads_a, grads_b = [local(g) for g in grads_a], [local(g) for g in grads_b]
         A = _matrices([local(t.detach()) for t in self.A], self.cdt)
@@ -121,16 +119,16 @@ class Bucket:
         ok = _all_finite(GA) & finite(summed[:, -1])
         return Batch(A @ A.mT, BtB, ok, GA, GB, grads_a, grads_b)
 
-    def apply(self, batch: Batch, P_A: torch.Tensor, P_B: torch.Tensor, finite: torch.Tensor) -> None:
-        """G_A <- P_A G_A, G_B <- G_B P_B; a layer whose factors or gradients are not finite keeps its gradients
-        exactly (a matmul would smear one NaN over a whole column). Sharded, each rank writes its rows of G_A."""
+    def apply(self, batch: Batch, P_A: torch.Tensor, P_B: torch.Tensor, keep: torch.Tensor) -> None:
+        """G_A <- P_A G_A, G_B <- G_B P_B; a layer marked in ``keep`` (n, 1, 1) keeps its gradients exactly (its
+        factors or gradients are not finite, where a matmul would smear one NaN over a whole column, or its
+        preconditioner is not valid). Sharded, each rank writes its rows of G_A."""
         GA, GB = batch.GA, batch.GB
         if self.group is not None:
             mine = local_rows(self.rank, self.group)
             P_A, GA_mine = P_A[:, mine], GA[:, mine]
         else:
             GA_mine = GA
-        keep = ~finite[:, None, None]
         _copy_rows(batch.grads_a, torch.where(keep, GA_mine, torch.bmm(P_A, GA)))
         _copy_rows(batch.grads_b, torch.where(keep, GB, torch.bmm(GB, P_B)))
 
@@ -199,17 +197,22 @@ class Plan:
             cat = (lambda ts: ts[0]) if len(parts) == 1 else torch.cat
             AAt = cat([batch.AAt for _, batch in parts])
             BtB = cat([batch.BtB for _, batch in parts])
-            fin = cat([batch.finite for _, batch in parts]) & _all_finite(AAt) & _all_finite(BtB)
+            if self.group is None:  # every gradient's norm in one multi-tensor op (overflow counts as non-finite)
+                grads = [g for _, b in parts for g in b.grads_a] + [g for _, b in parts for g in b.grads_b]
+                norms = torch.stack(torch._foreach_norm(grads, 2, dtype=AAt.dtype))
+                grads_ok = finite(norms[:len(AAt)] + norms[len(AAt):])
+            else:
+                grads_ok = cat([batch.finite for _, batch in parts])
+            fin = grads_ok & _all_finite(AAt) & _all_finite(BtB)
             P_A, P_B, ok = preconditioner(AAt, BtB)
             ok = ok & fin
             count(ok, fin)
-            P_A, P_B = _identity_where(ok, P_A.to(AAt.dtype)), _identity_where(ok, P_B.to(AAt.dtype))
-            start = 0
-            for bucket, batch in parts:
-                n = len(batch.grads_a)
-                sel = slice(start, start + n)
-                start += n
-                bucket.apply(batch, P_A[sel], P_B[sel], fin[sel])
+            # one split per tensor, not a slice per bucket; invalid layers keep their gradients (not P = I: exact)
+            sizes = [len(batch.grads_a) for _, batch in parts]
+            keeps = (~ok)[:, None, None].split(sizes)
+            P_As, P_Bs = P_A.to(AAt.dtype).split(sizes), P_B.to(AAt.dtype).split(sizes)
+            for (bucket, batch), P_A, P_B, keep in zip(parts, P_As, P_Bs, keeps):
+                bucket.apply(batch, P_A, P_B, keep)
 
     # ------------------------------------------------------------------ norms and rescaling (RefLoRA-S)
     def factor_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
