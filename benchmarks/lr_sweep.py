@@ -1,12 +1,14 @@
 """Which method wins once each one's learning rate is tuned? LoRA vs RefLoRA vs RefLoRA-S over a grid of rates.
 
-Issue 26's study, part 1 (tiny-emoji DreamBooth; the GLUE and SmolLM2 parts come later): every cell is one
+Issue 26's study, part 1 (tiny-emoji: a DreamBooth subject, and with --data style the Twemoji style): every cell is one
 (method, lr, seed) run of the SD trainer with equal steps, paired data order and LoRA init (the seed), and the
 held-out loss at fixed noise and timesteps (`--eval_loss_every`) as the primary metric: the same noise for every
-method and run, on photos the run never trains on (subject: the first N-1 photos train, the last is held out).
+method and run, on images the run never trains on (subject: the first N-1 photos train, the last is held out;
+style: 120 Twemoji train, 40 other emoji are held out, each captioned '<name> in sks style').
 
     python benchmarks/lr_sweep.py --steps 600 --seeds 0 1 2 3 4       # 3 methods x 4 rates x 5 seeds, hours
     python benchmarks/lr_sweep.py --steps 8 --methods lora --lrs 1e-3 --seeds 0 --out /tmp/sweep   # smoke test
+    python benchmarks/lr_sweep.py --data style --steps 600     # the Twemoji style: 120 emoji train, 40 held out
 
 Cells are resumable: each finished cell is a JSON file under `<out>/cells/` and is skipped on the next start,
 so the sweep can run in the background across sessions (give it OMP_NUM_THREADS / --threads its share).
@@ -46,6 +48,23 @@ def split_subject(folder: Path, work: Path) -> tuple[Path, Path]:
     return train, held
 
 
+def split_style(work: Path, n_train: int = 120, n_test: int = 40) -> tuple[Path, Path]:
+    """(train folder, held-out folder) for the Twemoji style: sd_style's seeded split of the emoji both styles
+    draw, captioned '<name> in sks style'; the held-out emoji are ones the run never sees."""
+    import sd_style
+
+    data = sd_style.splits(argparse.Namespace(n_train=n_train, n_val=0, n_test=n_test, split_seed=0))
+    return (sd_style.make_train_folder(data, work, "sks", "train", "train"),
+            sd_style.make_train_folder(data, work, "sks", "test", "held_out"))
+
+
+def data_options(args, train: Path) -> dict:
+    """The subject trains on one prompt (DreamBooth); the style on each emoji's caption (metadata.jsonl)."""
+    if args.data == "style":
+        return {"train_data_dir": str(train), "cache_latents": True}
+    return {"instance_data_dir": str(train), "instance_prompt": args.prompt}
+
+
 def run_cell(method: str, lr: float, seed: int, args, train: Path, held: Path) -> dict:
     import method_variants
     from reflora_diffusion.rundir import read_events
@@ -56,7 +75,7 @@ def run_cell(method: str, lr: float, seed: int, args, train: Path, held: Path) -
     try:
         core, options = method_variants.split(method)  # e.g. reflora@factors: RefLoRA with apply_to="factors"
         cfg = make_config(dict(**options,
-            pretrained_model_name_or_path="tiny-emoji", instance_data_dir=str(train), instance_prompt=args.prompt,
+            pretrained_model_name_or_path="tiny-emoji", **data_options(args, train),
             eval_data_dir=str(held), eval_loss_every=max(1, args.steps // 4), method=core, rank=args.rank,
             lora_conv=True, snr_gamma=5.0, learning_rate=lr, max_train_steps=args.steps, seed=seed,
             checkpointing_steps=10**9, output_dir=str(out)))
@@ -119,7 +138,11 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
     return report
 
 
-def plot(report: dict, path: Path) -> None:
+TITLES = {"dog": "tiny-emoji DreamBooth (dog photos, one held out): learning-rate sweep",
+          "style": "tiny-emoji Twemoji style (120 emoji train, 40 other emoji held out): learning-rate sweep"}
+
+
+def plot(report: dict, path: Path, data: str = "dog") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,7 +159,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xlabel("learning rate")
         ax.set_title(f"{title} (mean over seeds)", fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle("tiny-emoji DreamBooth (dog photos, one held out): learning-rate sweep", fontsize=10)
+    fig.suptitle(TITLES[data], fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -149,19 +172,21 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--prompt", default="a photo of sks dog")
+    p.add_argument("--data", choices=["dog", "style"], default="dog",
+                   help="dog: DreamBooth subject (4 photos train, 1 held out); style: Twemoji (120 train, 40 held out)")
     p.add_argument("--tolerance", type=float, default=0.05, help="good band: within this fraction of the best")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "lr_sweep"))
+    p.add_argument("--out", default=None, help="default: benchmarks/results/lr_sweep (dog) or lr_sweep_style")
     args = p.parse_args(argv)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out or REPO / "benchmarks" / "results" / ("lr_sweep_style" if args.data == "style" else "lr_sweep"))
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
-        train, held = split_subject(DOG, Path(work))
+        train, held = split_style(Path(work)) if args.data == "style" else split_subject(DOG, Path(work))
         for seed in args.seeds:  # seed-major: a partial sweep already pairs every method and rate
             for lr in args.lrs:
                 for method in args.methods:
@@ -175,9 +200,9 @@ def main(argv=None) -> None:
                     print(json.dumps(result), flush=True)
     cells = [json.loads(c.read_text()) for c in sorted(cells_dir.glob(f"*-n{args.steps}.json"))]
     report = summarize(cells, args.tolerance)
-    out.with_suffix(".json").write_text(json.dumps({"steps": args.steps, "tolerance": args.tolerance,
+    out.with_suffix(".json").write_text(json.dumps({"data": args.data, "steps": args.steps, "tolerance": args.tolerance,
                                                     "cells": len(cells), "methods": report}, indent=1) + "\n")
-    plot(report, out.with_suffix(".png"))
+    plot(report, out.with_suffix(".png"), args.data)
     print(json.dumps(report, indent=1))
 
 

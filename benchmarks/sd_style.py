@@ -72,16 +72,16 @@ def splits(args) -> dict:
     out["twitter"] = {k: tw_px[[tw_index[c] for c in out[k]]] for k in ("train", "val", "test")}
     out["google"] = {k: go_px[[go_index[c] for c in out[k]]] for k in ("val", "test")}
     out["folder"] = emoji_data.prepare("twitter")
-    out["tw_rows"] = [tw_index[c] for c in out["train"]]
+    out["tw_rows"] = {k: [tw_index[c] for c in out[k]] for k in ("train", "val", "test")}
     return out
 
 
-def make_train_folder(data: dict, root: Path, token: str) -> Path:
-    """<root>/data: the training Twemoji with metadata.jsonl captions '<name> in <token> style'."""
-    folder = root / "data"
+def make_train_folder(data: dict, root: Path, token: str, split: str = "train", name: str = "data") -> Path:
+    """<root>/<name>: the Twemoji of ``split`` with metadata.jsonl captions '<name> in <token> style'."""
+    folder = root / name
     rows = [json.loads(x) for x in (data["folder"] / "metadata.jsonl").read_text().splitlines() if x]
     lines = []
-    for i in data["tw_rows"]:
+    for i in data["tw_rows"][split]:
         lines.append(json.dumps({"file_name": Path(rows[i]["file_name"]).name,
                                  "text": f"{rows[i]['text']} in {token} style"}))
     text = "\n".join(lines) + "\n"
@@ -89,7 +89,7 @@ def make_train_folder(data: dict, root: Path, token: str) -> Path:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    for i in data["tw_rows"]:  # flat: the trainer looks for images in the folder itself
+    for i in data["tw_rows"][split]:  # flat: the trainer looks for images in the folder itself
         shutil.copy(data["folder"] / rows[i]["file_name"], folder / Path(rows[i]["file_name"]).name)
     (folder / "metadata.jsonl").write_text(text)
     return folder
