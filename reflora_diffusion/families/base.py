@@ -34,6 +34,7 @@ class Family:
     hub_tag = ""  # the model card's tag on the hub
     presets: tuple[str, ...] = ()  # offline presets of this family (presets.py builds them)
     resolution = 512  # the released models' image size (when their config cannot be read)
+    block_lists: tuple[str, ...] = ()  # the denoiser's transformer block lists, in order (--offload_blocks)
 
     @property
     def text_encoder_names(self) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ SAMPLE_SIZE = 128
 class Flux(FlowFamily):
     name = "flux"
     label = "FLUX"
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
     pipeline = "FluxPipeline"
     denoiser_class = "FluxTransformer2DModel"
     n_text_encoders = 2  # CLIP, T5

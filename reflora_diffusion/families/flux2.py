@@ -21,6 +21,7 @@ HIDDEN_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers
 class Flux2Klein(FlowFamily):
     name = "flux2"
     label = "FLUX.2 [klein]"
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
     pipeline = "Flux2KleinPipeline"
     denoiser_class = "Flux2Transformer2DModel"
     vae_class = "AutoencoderKLFlux2"  # with the batch-norm statistics of its patchified latents

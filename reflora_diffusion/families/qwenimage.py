@@ -26,6 +26,7 @@ TOKENIZER_MAX_LENGTH = 1024  # QwenImagePipeline.tokenizer_max_length
 class QwenImage(FlowFamily):
     name = "qwenimage"
     label = "Qwen-Image"
+    block_lists = ("transformer_blocks",)
     pipeline = "QwenImagePipeline"
     denoiser_class = "QwenImageTransformer2DModel"
     vae_class = "AutoencoderKLQwenImage"

@@ -12,6 +12,7 @@ from .flow import ATTENTION, FlowFamily
 class SD3(FlowFamily):
     name = "sd3"
     label = "SD3"
+    block_lists = ("transformer_blocks",)
     pipeline = "StableDiffusion3Pipeline"
     denoiser_class = "SD3Transformer2DModel"
     n_text_encoders = 3  # CLIP-L, CLIP-G, T5

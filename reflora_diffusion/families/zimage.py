@@ -19,6 +19,7 @@ SAMPLE_SIZE = 128  # ZImagePipeline's default 1024 px at the VAE's factor 8 (its
 class ZImage(FlowFamily):
     name = "zimage"
     label = "Z-Image"
+    block_lists = ("layers",)
     pipeline = "ZImagePipeline"
     denoiser_class = "ZImageTransformer2DModel"
     n_text_encoders = 1  # Qwen3

@@ -125,6 +125,9 @@ class SDTrainConfig(MethodOptions):
                                            "float8 weight-only, CUDA compute capability >= 8.9), nf4 (bitsandbytes "
                                            "4-bit, CUDA); LoRA factors stay float32")
     gradient_checkpointing: bool = _opt(False, "trade compute for memory in the UNet/text encoder")
+    offload_blocks: int = _opt(0, "keep the frozen weights of the transformer's last N blocks in CPU memory and copy "
+                                  "each block to the GPU only while it runs (-1: all blocks; needs "
+                                  "--gradient_checkpointing; one GPU; not with a quantized base)")
     enable_xformers_memory_efficient_attention: bool = _opt(False, "use xformers attention (PyTorch SDPA "
                                                             "is the default)")
     cache_latents: bool = _opt(False, "encode images (and prompts, when the text encoder is frozen) once; "
@@ -290,6 +293,8 @@ class SDTrainConfig(MethodOptions):
         if self.base_model_precision not in BASE_PRECISIONS:
             raise ConfigError(f"--base_model_precision must be one of {', '.join(BASE_PRECISIONS)} "
                               f"(got {self.base_model_precision!r})")
+        if self.offload_blocks < -1:
+            raise ConfigError(f"--offload_blocks must be a block count, or -1 for all (got {self.offload_blocks})")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise ConfigError(f"--prediction_type must be epsilon or v_prediction (got {self.prediction_type!r})")
         if self.lr_warmup_steps < 0:

@@ -27,6 +27,7 @@ class Components:
     vae: nn.Module
     denoiser: nn.Module  # UNet or transformer
     noise_scheduler: object
+    block_swap: object = None  # offload.BlockSwap with --offload_blocks
 
     @property
     def sdxl(self) -> bool:
@@ -180,20 +181,27 @@ def prepare_for_training(components: Components, cfg, weight_dtype: torch.dtype,
             add_lora_adapter(te, cfg.text_encoder_target_modules, cfg, f"text encoder {i + 1}")
     # Frozen weights in the compute dtype; LoRA parameters stay fp32 so small updates are not rounded away.
     vae_dtype = components.family.vae_dtype(weight_dtype)
+    swapped = cfg.offload_blocks != 0
     for m in (components.vae, *components.models.values()):  # (T5 too: bf16 on a GPU)
         if getattr(m, "is_quantized", False):  # loaded in its compute dtype; bitsandbytes places itself
             if cfg.base_model_precision != "nf4":
                 m.to(device)
             continue
-        m.to(device)
+        if not (swapped and m is denoiser):  # (cast on the host first: it is placed block by block below)
+            m.to(device)
         dtype = vae_dtype if m is components.vae else weight_dtype
         if dtype != torch.float32:  # (diffusers warns on a no-op dtype cast)
             m.to(dtype=dtype)
     from diffusers.training_utils import cast_training_params
 
     cast_training_params(list(components.models.values()), torch.float32)
+    if swapped:  # also turns on the denoiser's checkpointing (recomputing each block to its end)
+        from .offload import attach_block_swap
+
+        components.block_swap = attach_block_swap(denoiser, components.family, cfg.offload_blocks, device)
     if cfg.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
+        if not swapped:
+            denoiser.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
             for te in components.lora_text_encoders:
                 te.gradient_checkpointing_enable()

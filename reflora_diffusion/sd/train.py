@@ -36,6 +36,7 @@ from . import flow
 from .config import ConfigError, SDTrainConfig
 from .data import build_dataloader, build_dataset, check_data_dirs, load_class_images
 from .models import Components, load_components, prepare_for_training, stored_bytes, trainable_parameters
+from .offload import check_offload
 from .stop import StopRequest, stop_on_sigterm
 
 LORA_STATE = "{}_lora.safetensors"  # per trained model, inside a checkpoint
@@ -200,6 +201,7 @@ class SDTrainer:
         self.family = self._resolve_base(cfg)
         self.family.check_options(cfg, self.accelerator.mixed_precision)  # one line, before the run folder
         self._check_optimizer_method(cfg)
+        check_offload(cfg, self.family, self.accelerator.num_processes)
         if cfg.base_model_precision != "no":  # its backend, device and dtype, before the run folder too
             from .models import quantization_config
 
@@ -381,7 +383,10 @@ class SDTrainer:
                                      num_training_steps=self.max_steps * acc.num_processes,
                                      num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
         names = list(self.trained)
-        prepared = acc.prepare(*self.trained.values(), optimizer, dataloader, lr_scheduler)
+        # a swapped denoiser is placed by its BlockSwap (accelerate's model.to(device) would onload every block)
+        placement = [self.components.block_swap is None or m is not self.components.denoiser
+                     for m in self.trained.values()] + [True] * 3
+        prepared = acc.prepare(*self.trained.values(), optimizer, dataloader, lr_scheduler, device_placement=placement)
         self.models = dict(zip(names, prepared[:len(names)]))
         self.optimizer, self.dataloader, self.lr_scheduler = prepared[len(names):]
         self.steps_per_epoch = math.ceil(len(self.dataloader) / cfg.gradient_accumulation_steps)
