@@ -101,23 +101,27 @@ TINY.update(DIT_TINY)
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def case(model, rank=16, precision="bf16", attention="sdpa", checkpointing=False, base="no"):
-    """base: the frozen weights' storage (--base_model_precision): no, or int8 (torchao weight-only)."""
+def case(model, rank=16, precision="bf16", attention="sdpa", checkpointing=False, base="no", offload=False):
+    """base: the frozen weights' storage (--base_model_precision): no, or int8 (torchao weight-only); offload: every
+    transformer block's frozen weights on the host, onloaded while the block runs (--offload_blocks -1)."""
     return dict(model=model, rank=rank, precision=precision, attention=attention, checkpointing=checkpointing,
-                base=base)
+                base=base, **({"offload": True} if offload else {}))
 
 
 def cases(mode: str, xformers: bool) -> list[dict]:
     if mode == "tiny":
         return [case("sd15", 4, "fp16"), case("sd15", 4, "bf16", checkpointing=True), case("sdxl", 4),
-                case("llama", 4), *[case(m, 4, "fp32") for m in DIT], case("flux1", 4, "bf16", base="int8")]
+                case("llama", 4), *[case(m, 4, "fp32") for m in DIT], case("flux1", 4, "bf16", base="int8"),
+                case("flux1", 4, "fp32", checkpointing=True, offload=True)]
     if mode == "quick":
         return [case("sd15", 16, "fp16"), case("sd15", 16, "bf16"), case("sdxl", 16), case("llama", 16),
                 *[case(m, 16, "bf16", checkpointing=True) for m in DIT],
-                *[case(m, 16, "bf16", checkpointing=True, base="int8") for m in ("flux1", "qwenimage")]]
+                *[case(m, 16, "bf16", checkpointing=True, base="int8") for m in ("flux1", "qwenimage")],
+                *[case(m, 16, "bf16", checkpointing=True, offload=True) for m in ("flux1", "qwenimage")]]
     out = []
     out += [case(m, r, "bf16", checkpointing=True) for m in DIT for r in (16, 64)]
     out += [case(m, 16, "bf16", checkpointing=True, base="int8") for m in DIT]
+    out += [case(m, 16, "bf16", checkpointing=True, offload=True) for m in DIT]
     for model in ("sd15", "sdxl", "llama"):
         out += [case(model, r) for r in (4, 16, 64)]
         out += [case(model, 16, "fp16"), case(model, 16, checkpointing=True)]
@@ -187,7 +191,8 @@ def build_dit(c: dict, size: dict, device: torch.device):
 
     fam = families.get(size["family"])
     half = HALF[c["precision"]]
-    with torch.device(device):
+    offload = c.get("offload", False)
+    with torch.device("cpu" if offload else device):  # (offloaded: built on the host, placed by the block swap)
         model = getattr(diffusers, fam.denoiser_class)(**size["config"])
     model.requires_grad_(False).to(half)
     if c.get("base", "no") == "int8":  # the trainer's --base_model_precision int8: torchao weight-only, LoRA on top
@@ -196,6 +201,9 @@ def build_dit(c: dict, size: dict, device: torch.device):
     if c["checkpointing"]:
         model.enable_gradient_checkpointing()
     add_full_rank_lora(model, c["rank"], fam.default_targets(model), device)
+    if offload:  # the trainer's --offload_blocks -1 (it turns on checkpointing without early stop)
+        from reflora_diffusion.sd.offload import attach_block_swap
+        attach_block_swap(model, fam, -1, device)
     g = torch.Generator(device).manual_seed(1)
     x = torch.randn(1, *size["latent"], generator=g, device=device, dtype=half)
     text = torch.randn(1, *size["text"], generator=g, device=device, dtype=half)
@@ -477,7 +485,8 @@ def targets(results: dict) -> dict | None:
 
 def label(c: dict) -> str:
     return (f"{c['model']} r{c['rank']} {c['precision']}" + (" xf" if c["attention"] == "xformers" else "")
-            + (" ckpt" if c["checkpointing"] else "") + (f" base {c['base']}" if c.get("base", "no") != "no" else ""))
+            + (" ckpt" if c["checkpointing"] else "") + (f" base {c['base']}" if c.get("base", "no") != "no" else "")
+            + (" offload" if c.get("offload") else ""))
 
 
 def plot(results: dict, path: Path) -> None:

@@ -36,6 +36,7 @@ def test_gpu_benchmark_tiny_runs_end_to_end(tmp_path):
     assert {r["case"]["model"] for r in res["cases"]} == {"sd15", "sdxl", "llama", "flux1", "flux2", "zimage",
                                                          "qwenimage"}
     assert any(r["case"]["base"] == "int8" for r in res["cases"])  # a quantized base (torchao runs on the CPU)
+    assert any(r["case"].get("offload") for r in res["cases"])  # the block swap (--offload_blocks -1)
     assert {r["case"]["precision"] for r in res["cases"]} == {"fp16", "bf16", "fp32"}
     for row in res["cases"]:
         assert row["layers"] > 0 and row["lora"]["its_ratio"] == 1.0
