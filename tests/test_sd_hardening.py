@@ -232,3 +232,14 @@ def test_clearing_a_run_never_leaves_the_folder_without_config_and_status(tmp_pa
     clear_run(run)
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "status.json", "train.log"]
     assert read_json(run / "status.json") == {"state": "queued"}
+
+
+def test_help_lists_every_option():
+    """`python train/sd.py --help` prints (a literal % in a help text once made argparse crash there)."""
+    from reflora_diffusion.sd.config import FIELDS
+
+    out = subprocess.run([sys.executable, str(REPO / "train" / "sd.py"), "--help"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-400:]
+    assert all(f"--{name}" in out.stdout for name in FIELDS)
+    assert "10 % of the run" in " ".join(out.stdout.split())

@@ -405,6 +405,9 @@ def build_parser():
     parser = Parser(SDTrainConfig, description="LoRA / RefLoRA training for Stable Diffusion, SDXL, SD3.5 and FLUX.1 "
                                                "(reflora_diffusion.sd)")
     parser.add_argument("--config", help="JSON or YAML file with the same option names; flags override it")
+    for action in parser._actions:  # argparse formats help with %: a literal "10 %" would break --help
+        if action.help and "%" in action.help:
+            action.help = action.help.replace("%", "%%")
     return parser
 
 
