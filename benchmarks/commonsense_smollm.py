@@ -10,7 +10,7 @@ on one GPU; hours on this CPU). Each (method, seed) is one file under `<out>_cel
 stopped run resumes where it stopped; the report gives mean +- std over seeds and LoRA-paired differences.
 
 Trains on a fixed slice of the ARC-Easy + BoolQ + OpenBookQA train files (the same examples, order, init and
-seed for every method) through the real `llm/commonsense.py train` path, evaluates every method on the same
+seed for every method) through the real `train/commonsense.py train` path, evaluates every method on the same
 fixed slices of all test sets in the data folder, and writes benchmarks/results/commonsense_smollm.json + .png:
 accuracy per test set and average, training-loss curves, it/s and its ratio to LoRA's.
 """

@@ -1,49 +1,7 @@
-"""Commonsense reasoning (LLM-Adapters format): LoRA fine-tuning with a core method, and evaluation.
+"""Moved to train/commonsense.py, next to the other trainers' entry points; this path still runs it (same flags)."""
 
-    python llm/commonsense.py train --model_name_or_path <id|folder> [--gguf_file F] \
-        --train_file ../shared/data/commonsense/boolq/train.json --method reflora --output_dir runs/cs \
-        [--max_steps 100] [--eval_datasets all --eval_max_samples 50]      # + any TrainingArguments flag
-    python llm/commonsense.py eval --model_name_or_path <id|folder> [--gguf_file F] [--adapter runs/cs] \
-        --dataset boolq --data_dir ../shared/data/commonsense --max_samples 20 --output_dir runs/eval
-
-Each run writes <output_dir>/results.json (accuracy per dataset and their average; training figures).
-"""
-
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-
-USAGE = "usage: python llm/commonsense.py {train,eval} [flags]   (--help after the subcommand lists the flags)"
-
-
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__.strip() + "\n\n" + USAGE)
-        return
-    if not argv or argv[0] not in ("train", "eval"):
-        sys.exit(USAGE)
-    from reflora_diffusion.llm.commonsense_run import parse_eval_args, parse_train_args, run_eval, run_train
-    from reflora_diffusion.llm.trainer import leave_distributed
-    from reflora_diffusion.logs import show_info
-
-    show_info()
-
-    command, rest = argv[0], argv[1:]
-    try:
-        if command == "train":
-            run_train(*parse_train_args(rest))
-        else:
-            run_eval(parse_eval_args(rest))
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: one line, exit code 130 (as the SD trainer)
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    leave_distributed()
-
+import runpy
+from pathlib import Path
 
 if __name__ == "__main__":
-    main()
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "train" / "commonsense.py"), run_name="__main__")

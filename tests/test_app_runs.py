@@ -166,7 +166,7 @@ def llm_run(root, name, config, status, results=None):
 
 
 def test_llm_run_folders_show_task_model_and_metric(tmp_path):
-    """Folders of llm/glue.py and llm/commonsense.py (train and eval) are not SD runs "?" at step 0/0."""
+    """Folders of train/glue.py and train/commonsense.py (train and eval) are not SD runs "?" at step 0/0."""
     llm_run(tmp_path, "sst2", {"task_name": "sst2", "model_name_or_path": "microsoft/deberta-v3-base",
                                "method": "reflora", "lora_r": 8, "max_steps": -1},
             {"step": 300, "max_steps": 300},

@@ -177,7 +177,7 @@ def test_bad_data_files(tmp_path):
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("cs_cli", os.path.join(ROOT, "llm", "commonsense.py"))
+    spec = importlib.util.spec_from_file_location("cs_cli", os.path.join(ROOT, "train", "commonsense.py"))
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     cases = [
@@ -258,7 +258,7 @@ def test_partial_results_survive_a_crash_and_resume(tokenizer, tmp_path, monkeyp
 
 
 def test_cli_help_exits_0_and_lists_the_subcommands():
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "llm", "commonsense.py"), "--help"],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train", "commonsense.py"), "--help"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "usage: python llm/commonsense.py {train,eval}" in result.stdout and "results.json" in result.stdout
+    assert "usage: python train/commonsense.py {train,eval}" in result.stdout and "results.json" in result.stdout

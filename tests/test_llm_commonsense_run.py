@@ -18,7 +18,7 @@ from reflora_diffusion.llm.models import smollm2_dense_folder, smollm2_gguf_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data", "commonsense")
-CLI = os.path.join(ROOT, "llm", "commonsense.py")
+CLI = os.path.join(ROOT, "train", "commonsense.py")
 needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data/commonsense not present")
 
 

@@ -202,7 +202,7 @@ def test_label_outside_label_set(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "llm", "glue.py"), "--model_name_or_path", "m",
+    cmd = [sys.executable, os.path.join(ROOT, "train", "glue.py"), "--model_name_or_path", "m",
            "--output_dir", str(tmp_path / "o")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     bad_task = subprocess.run(cmd + ["--task_name", "wnlii"], capture_output=True, text=True, env=env)

@@ -1,5 +1,5 @@
 """Read run folders for the app: those of `train/sd.py` (whoever started it) and of the LLM trainers
-(`llm/glue.py`, `llm/commonsense.py` train and eval), told apart by their config.json keys.
+(`train/glue.py`, `train/commonsense.py` train and eval), told apart by their config.json keys.
 
 Everything the app shows or serves goes through `safe_path`, so a run name or a file parameter can
 never point outside the runs directory. Reading never changes a run folder; a "running" run whose
@@ -143,8 +143,8 @@ def event_log(run_dir: Path) -> EventLog:
 
 
 # What trained in a run folder, told apart by config.json's keys (each trainer writes its own options there):
-# SD "sd" (train/sd.py), "glue" (llm/glue.py), "commonsense" (llm/commonsense.py train) and
-# "commonsense-eval" (llm/commonsense.py eval: a base model, maybe with an adapter, on test sets; no training).
+# SD "sd" (train/sd.py), "glue" (train/glue.py), "commonsense" (train/commonsense.py train) and
+# "commonsense-eval" (train/commonsense.py eval: a base model, maybe with an adapter, on test sets; no training).
 TASK_NAMES = {"sd": "SD", "glue": "GLUE", "commonsense": "commonsense", "commonsense-eval": "commonsense eval"}
 
 

@@ -4,7 +4,7 @@
     path = find_test_file("../shared/data/commonsense", "boolq")
     metrics = evaluate_dataset(model, tokenizer, records, "boolq", "runs/x/predictions/boolq.jsonl")
 
-The command line (`llm/commonsense.py train|eval`) runs `run_train` / `run_eval` from `commonsense_run.py`.
+The command line (`train/commonsense.py train|eval`) runs `run_train` / `run_eval` from `commonsense_run.py`.
 """
 
 from __future__ import annotations

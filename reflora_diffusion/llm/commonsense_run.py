@@ -1,4 +1,4 @@
-"""`llm/commonsense.py train|eval`: arguments, the training run and the evaluation run, each writing a run folder.
+"""`train/commonsense.py train|eval`: arguments, the training run and the evaluation run, each writing a run folder.
 
     <output_dir>/config.json, status.json, results.json      always
     <output_dir>/predictions/<dataset>.jsonl                  one line per evaluated example
@@ -214,7 +214,7 @@ def run_train(args: TrainArguments, train_args) -> dict:
         save_adapter(model, trainer.refactorer, out)  # every rank (a gather under FSDP2); the main one writes
         if test_files and trainer.refactorer.shard_group() is not None:
             get_logger(__name__).warning("--eval_datasets is skipped under FSDP (sharded weights); evaluate the saved "
-                                         "adapter with `llm/commonsense.py eval --adapter <output_dir>`")
+                                         "adapter with `train/commonsense.py eval --adapter <output_dir>`")
             test_files = {}
         if is_main:
             with open(os.path.join(out, "README.md"), "w") as f:

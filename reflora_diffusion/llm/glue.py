@@ -1,4 +1,4 @@
-"""GLUE fine-tuning with LoRA and a core method: tasks, data, presets, model and the run (entry: llm/glue.py).
+"""GLUE fine-tuning with LoRA and a core method: tasks, data, presets, model and the run (entry: train/glue.py).
 
 Data flow: GlueArguments + GlueTrainingArguments -> load_glue (TSV folder or hub) -> tokenize -> model + add_lora
 -> RefactorTrainer (core attached) -> train -> evaluate -> results.json / events.jsonl / status.json.
