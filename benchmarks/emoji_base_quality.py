@@ -13,7 +13,7 @@
 
 Writes benchmarks/results/emoji_base_quality.json and .png (sample grid: prompt's training image above,
 tiny-emoji's image, then tiny's). Needs the Noto emoji (fetched with npm on first use, see
-reflora_diffusion/sd/emoji_data.py).
+reflora_diffusion/emoji/data.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from reflora_diffusion.sd import emoji_data  # noqa: E402
+from reflora_diffusion.emoji import data as emoji_data  # noqa: E402
 from reflora_diffusion.presets import resolve_pretrained  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"

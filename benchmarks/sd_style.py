@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from reflora_diffusion.rundir import read_events  # noqa: E402
-from reflora_diffusion.sd import emoji_data  # noqa: E402
+from reflora_diffusion.emoji import data as emoji_data  # noqa: E402
 
 from emoji_base_quality import save_grid, to32  # noqa: E402  (the same 32x32 pixel space as the base quality figures)
 

@@ -14,7 +14,7 @@ and scaling factors) at a few channels.
 
 `tiny-emoji` is different: a pretrained SD 1.x-architecture pipeline (64 px, ~27 MB of safetensors) that
 draws emoji from their names ("blue heart", "dog face", "flag of egypt"). It ships with the package in
-`assets/tiny-emoji/` (made by `python -m reflora_diffusion.sd.pretrain_emoji`, see docs/sd.md) and is
+`assets/tiny-emoji/` (made by `python -m reflora_diffusion.emoji.pretrain`, see docs/sd.md) and is
 returned from there, nothing is built.
 """
 
@@ -61,7 +61,7 @@ def resolve_pretrained(name_or_path: str) -> str:
         if not (folder / "model_index.json").is_file():
             raise FileNotFoundError(
                 f"the {name!r} preset's weights are missing from {folder}: reinstall reflora-diffusion, or "
-                "remake them with `python -m reflora_diffusion.sd.pretrain_emoji` (docs/sd.md)")
+                "remake them with `python -m reflora_diffusion.emoji.pretrain` (docs/sd.md)")
         return str(folder)
     folder = cache_dir() / f"{name}-v{PRESET_VERSION}"
     if (folder / "model_index.json").is_file():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from reflora_diffusion.sd import emoji_data
+from reflora_diffusion.emoji import data as emoji_data
 from reflora_diffusion.presets import is_sdxl, resolve_pretrained
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -106,7 +106,7 @@ def test_pretraining_is_seeded_and_resumes_to_the_same_weights(tmp_path, monkeyp
     from PIL import Image
     from safetensors.torch import load_file
 
-    from reflora_diffusion.sd import pretrain_emoji
+    from reflora_diffusion.emoji import pretrain as pretrain_emoji
 
     rows = [json.loads(line) for line in (FIXTURES / "metadata.jsonl").read_text().splitlines()]
     pixels = np.stack([np.asarray(Image.open(FIXTURES / r["file_name"]).convert("RGB")) for r in rows])
@@ -139,3 +139,18 @@ def test_pretraining_is_seeded_and_resumes_to_the_same_weights(tmp_path, monkeyp
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "resumed" / "pipeline")
     assert pipe.tokenizer.tokenize("flag of egypt") == ["flag</w>", "of</w>", "egypt</w>"]
     assert not (tmp_path / "resumed" / "checkpoints" / "unet-state.safetensors").exists()  # removed when done
+
+
+@pytest.mark.parametrize("old, new", [("reflora_diffusion.sd.pretrain_emoji", "reflora_diffusion.emoji.pretrain"),
+                                      ("reflora_diffusion.sd.emoji_data", "reflora_diffusion.emoji.data")])
+def test_the_old_module_paths_still_run(old, new):
+    """The emoji data and pretraining left the SD trainer's package; `python -m` on the old names still runs them."""
+    import re
+    import subprocess
+    import sys
+
+    outs = [subprocess.run([sys.executable, "-m", m, "--help"], capture_output=True, text=True, timeout=120)
+            for m in (old, new)]
+    assert outs[0].returncode == outs[1].returncode == 0
+    flags = [sorted(set(re.findall(r"--\w+", o.stdout))) for o in outs]
+    assert flags[0] == flags[1] and len(flags[0]) > 1
