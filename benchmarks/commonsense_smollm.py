@@ -24,8 +24,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import common
+
+ROOT = str(common.REPO)
 
 TRAIN_TASKS = ("ARC-Easy", "boolq", "openbookqa")
 PAPER = {  # RefLoRA paper, commonsense table at r=32: average accuracy (%)
@@ -163,10 +164,7 @@ def summarize(cells: dict) -> dict:
 
 
 def plot(report: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     methods = list(report["methods"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
@@ -193,7 +191,7 @@ def plot(report: dict, path: str) -> None:
     ax2.set_ylabel(f"accuracy % (first {report['config']['eval_samples']} of each test set)")
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    common.save_figure(fig, path)
 
 
 RUN_KEYS = ("train_per_task", "steps", "batch_size", "learning_rate", "lr_warmup_steps", "cutoff_len", "lora_r",
@@ -229,15 +227,11 @@ def main(argv=None):
                 first = build_train_file(args.data_dir, args.train_per_task, seed, train_file)
                 cell = run_method(method, args, model_dir, train_file, work, seed)
             cell |= {"setup": setup, "first_train_examples": first}
-            with open(path + ".tmp", "w") as f:
-                json.dump(cell, f, indent=1)
-            os.replace(path + ".tmp", path)  # a finished cell, never a half-written one
+            common.write_json(path, cell)  # a finished cell, never a half-written one
             cells.setdefault(method, {})[str(seed)] = cell
     report = {"config": vars(args) | {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"},
               "methods": summarize(cells), "paper_reflora_average": PAPER}
-    with open(args.out + ".json.tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(args.out + ".json.tmp", args.out + ".json")
+    common.write_json(args.out + ".json", report)
     plot(report, args.out + ".png")
 
     names = list(next(iter(report["methods"].values()))["datasets"])

@@ -21,8 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DOG = ROOT.parent / "shared" / "data" / "dreambooth" / "dog"
+import common
+
+ROOT = common.REPO
+DOG = common.DREAMBOOTH / "dog"
 SETTINGS = {  # name -> environment
     "torch default": {},
     "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
@@ -69,11 +71,8 @@ def main(argv=None) -> dict:
                                            for load, row in base.items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_threads.json").write_text(json.dumps(results, indent=2) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    common.write_json(out / "cpu_threads.json", results, indent=2)
+    plt = common.pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = list(SETTINGS)
@@ -85,7 +84,7 @@ def main(argv=None) -> dict:
     ax.set_title(f"tiny SD LoRA step on {results['cores']} cores")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "cpu_threads.png", dpi=120)
+    common.save_figure(fig, out / "cpu_threads.png", dpi=120)
     return results
 
 

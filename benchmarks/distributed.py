@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -146,10 +147,7 @@ def free_port() -> int:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.25
@@ -173,7 +171,7 @@ def plot(report: dict, path: Path) -> None:
     ax2.set_ylabel("bytes per optimizer step")
     ax2.set_title("communication per step")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    common.save_figure(fig, path, dpi=120)
 
 
 def main() -> None:
@@ -208,7 +206,7 @@ def main() -> None:
                 "refactored": r["refactored"], "layers": r["layers"], "balance_max": r["balance_max"]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "distributed.json").write_text(json.dumps(report, indent=2) + "\n")
+    common.write_json(out / "distributed.json", report, indent=2)
     plot(report, out / "distributed.png")
     print(json.dumps(report["runs"], indent=1))
 

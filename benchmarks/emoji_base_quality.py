@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import common
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -34,7 +32,7 @@ import torch  # noqa: E402
 from reflora_diffusion.emoji import data as emoji_data  # noqa: E402
 from reflora_diffusion.presets import resolve_pretrained  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = common.RESULTS
 COLOURS = {  # expected ordering of the mean (R, G, B) of the drawn pixels
     "red": lambda r, g, b: r > g and r > b,
     "blue": lambda r, g, b: b > r and b > g,
@@ -143,10 +141,7 @@ ANIMAL_WORDS = {"dog", "cat", "cow", "pig", "horse", "tiger", "lion", "mouse", "
 def save_grid(path: Path, rows: list[np.ndarray], labels: list[str], titles: list[str] | None = None,
               suptitle: str | None = None) -> None:
     """Rows of images, one label per row; optional column titles (first row) and a figure title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     n = len(rows[0])
     fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.9, len(rows) * 1.0 + (0.6 if suptitle else 0.4)))
@@ -163,8 +158,7 @@ def save_grid(path: Path, rows: list[np.ndarray], labels: list[str], titles: lis
     if suptitle:
         fig.suptitle(suptitle, fontsize=8)
     fig.tight_layout(pad=0.2, rect=(0, 0, 1, 0.97) if suptitle else None)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> None:
@@ -202,7 +196,7 @@ def main(argv=None) -> None:
         "results": results,
         "prompts": [captions[i] for i in sample_idx],
     }
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    common.write_json(out.with_suffix(".json"), report)
     show = list(range(0, args.prompts, max(1, args.prompts // 16)))[:16]
     grid = [pixels[[sample_idx[i] for i in show]] / 255.0] + [samples[m][show] for m in args.models]
     save_grid(out.with_suffix(".png"), grid, ["training image"] + args.models)

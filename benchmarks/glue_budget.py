@@ -32,16 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import common
 
-import method_variants  # noqa: E402
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = common.REPO
 
 # Epochs per task at batch 32: ~550-620 optimizer steps each (RTE 78 steps/epoch, MRPC 115, STS-B 180, CoLA 268).
 EPOCHS = {"rte": 8, "mrpc": 5, "stsb": 3, "cola": 2}
 MAX_LENGTH = {"rte": 128, "mrpc": 128, "stsb": 128, "cola": 64}
 METHODS = ["lora", "reflora", "reflora-s"]
-# RefLoRA variants (issue 9, part 2) are method@variant names (benchmarks/method_variants.py), e.g. reflora@factors
+# RefLoRA variants (issue 9, part 2) are method@variant names (common.split_method), e.g. reflora@factors
 OPTIMIZERS = {  # name -> (TrainingArguments optim, optim_args, lr grid)
     "adamw": ("adamw_torch", None, [1e-3, 3e-4, 3e-3]),
     "sgdm": ("sgd", "momentum=0.9", [3e-2, 1e-2, 1e-1]),
@@ -67,9 +66,9 @@ def run_cell(args, task, method, optim, lr, seed) -> dict:
     hf_optim, optim_args, _ = OPTIMIZERS[optim]
     with tempfile.TemporaryDirectory() as work:
         out = os.path.join(work, "run")
-        core, options = method_variants.split(method)  # e.g. reflora@update: RefLoRA with apply_to="update"
+        core, options = common.split_method(method)  # e.g. reflora@update: RefLoRA with apply_to="update"
         flags = ["--task_name", task, "--model_name_or_path", args.model, "--data_dir", args.data_dir,
-                 "--method", core, *method_variants.flags(options), "--output_dir", out, "--seed", str(seed), "--num_train_epochs", str(EPOCHS[task]),
+                 "--method", core, *common.option_flags(options), "--output_dir", out, "--seed", str(seed), "--num_train_epochs", str(EPOCHS[task]),
                  "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64", "--learning_rate", str(lr),
                  "--lr_scheduler_type", "linear", "--warmup_steps", "0.1", "--weight_decay", "0.01",
                  "--max_length", str(MAX_LENGTH[task]), "--lora_r", "8", "--lora_alpha", "8", "--target_modules", "paper",
@@ -127,9 +126,7 @@ def cmd_run(args) -> None:
     for i, cell in enumerate(todo, 1):
         t0 = time.time()
         record = run_cell(args, *cell)
-        tmp = cells / f".{cell_name(*cell)}.json.tmp"
-        tmp.write_text(json.dumps(record) + "\n")
-        os.replace(tmp, cells / f"{cell_name(*cell)}.json")
+        common.write_json(cells / f"{cell_name(*cell)}.json", record, indent=None)
         print(f"[{i}/{len(todo)}] {cell_name(*cell)}: {record['main_metric']} {record['metric']:.4f} "
               f"({time.time() - t0:.0f} s)", flush=True)
 
@@ -205,7 +202,7 @@ def cmd_report(args) -> dict:
                                  f"{mean:.4f} vs {best['lora'][1]:.4f} (n={n_min}{note})")
                 t["verdict"][optim] = lines
     out = Path(args.out)
-    (out.parent / f"{out.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    common.write_json(out.parent / f"{out.name}.json", report, indent=2)
     (out.parent / f"{out.name}.md").write_text(markdown_table(report))
     _plot(report, out.parent / f"{out.name}.png")
     for task, t in report["tasks"].items():
@@ -250,10 +247,7 @@ def markdown_table(report: dict) -> str:
 
 
 def _plot(report, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     tasks = list(report["tasks"])
     if not tasks:
@@ -269,7 +263,7 @@ def _plot(report, path: Path) -> None:
         ax.set_title(task)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    common.save_figure(fig, path, dpi=120)
 
 
 def main(argv=None):

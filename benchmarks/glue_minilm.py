@@ -19,9 +19,9 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import common
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(common.REPO)
 TASKS = ["rte", "mrpc", "stsb", "cola"]
 METHODS = ["lora", "reflora", "reflora-s", "lora+", "preclora"]
 
@@ -195,9 +195,7 @@ def curves(runs, args):
 
 
 def plot(table, curve, args, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     n = len(args.tasks)
     fig = plt.figure(figsize=(4.2 * n, 7.5))
@@ -227,8 +225,7 @@ def plot(table, curve, args, path):
     ax.set_title(f"MiniLM-L6, {args.steps} steps x batch {args.batch_size}, r={args.rank}, lr {args.lr}; "
                  "metric x100 (acc. RTE/MRPC, Pearson STS-B, MCC CoLA), mean ± std over seeds", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main():
@@ -248,7 +245,7 @@ def main():
         with open(args.out + ".json") as f:
             result = json.load(f)
         result["throughput"] = throughput(args)
-        _write_json(result, args.out + ".json")
+        common.write_json(args.out + ".json", result)
         print(json.dumps(result["throughput"], indent=1))
         return
     # The three RefLoRA-vs-LoRA methods first, the extra baselines after; results are saved after every run,
@@ -264,7 +261,7 @@ def main():
     if args.part == "all":
         result = json.load(open(args.out + ".json"))
         result["throughput"] = throughput(args)
-        _write_json(result, args.out + ".json")
+        common.write_json(args.out + ".json", result)
         print(json.dumps(result["throughput"], indent=1))
     report(table, args, started, result.get("throughput") if args.part == "all" else None)
 
@@ -276,16 +273,9 @@ def save(runs, args, started, torch_version):
     result = {"config": vars(args), "wall_seconds": time.time() - started, "torch": torch_version,
               "complete": len(runs) == len(args.tasks) * len(args.seeds) * len(args.methods),
               "table": table, "curves": curve, "runs": runs}
-    _write_json(result, args.out + ".json")
+    common.write_json(args.out + ".json", result)
     plot(table, curve, args, args.out + ".png")
     return table
-
-
-def _write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def report(table, args, started, throughput=None):  # noqa: D103

@@ -24,13 +24,13 @@ persistent memory; recorded with pass/fail in the JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import statistics
 import time
 from pathlib import Path
 
+import common
 import torch
 from peft import LoraConfig
 from torch import nn
@@ -490,9 +490,7 @@ def label(c: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     panels = 1 + bool(results["core"])
     fig, axes = plt.subplots(1, panels, figsize=(max(6, 1.1 * len(results["cases"])) + 4 * (panels - 1), 4),
@@ -525,7 +523,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title("SD 1.5 attention LoRA (128 layers)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    common.save_figure(fig, path)
 
 
 def main(argv=None):
@@ -575,7 +573,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or "gpu_" + re.sub(r"[^A-Za-z0-9]+", "_", dev_name).strip("_").lower()
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    common.write_json(out / f"{stem}.json", results)
     plot(results, out / f"{stem}.png")
     if results["targets"]:
         print("targets (SD 1.5 r16):", results["targets"]["pass"],

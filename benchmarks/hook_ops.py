@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import common
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -224,9 +225,7 @@ def verdict(results: dict) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for m, row in results.items():
@@ -243,7 +242,7 @@ def plot(results: dict, path: Path) -> None:
         ax.legend(fontsize=7)
         ax.set_ylim(bottom=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    common.save_figure(fig, path)
 
 
 def main(argv=None):
@@ -258,7 +257,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"torch": torch.__version__, "targets": TARGETS, "results": results, "meets": verdict(results)}
-    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    common.write_json(out / f"{args.name}.json", report)
     plot(results, out / f"{args.name}.png")
     print(json.dumps(report["meets"], indent=1))
 

@@ -23,17 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import common
 
-DOG = REPO.parent / "shared" / "data" / "dreambooth" / "dog"
+DOG = common.DREAMBOOTH / "dog"
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # t(0.975, df)
 
 
@@ -66,22 +64,15 @@ def data_options(args, train: Path) -> dict:
 
 
 def run_cell(method: str, lr: float, seed: int, args, train: Path, held: Path) -> dict:
-    import method_variants
     from reflora_diffusion.rundir import read_events
-    from reflora_diffusion.sd.config import make_config
-    from reflora_diffusion.sd.train import SDTrainer
 
     out = Path(tempfile.mkdtemp(prefix="lr-sweep-"))
     try:
-        core, options = method_variants.split(method)  # e.g. reflora@factors: RefLoRA with apply_to="factors"
-        cfg = make_config(dict(**options,
-            pretrained_model_name_or_path="tiny-emoji", **data_options(args, train),
-            eval_data_dir=str(held), eval_loss_every=max(1, args.steps // 4), method=core, rank=args.rank,
-            lora_conv=True, snr_gamma=5.0, learning_rate=lr, max_train_steps=args.steps, seed=seed,
-            checkpointing_steps=10**9, output_dir=str(out)))
         t0 = time.perf_counter()
-        trainer = SDTrainer.in_process(cfg)
-        trainer.setup()
+        trainer = common.sd_trainer(  # method e.g. reflora@factors: RefLoRA with apply_to="factors"
+            method, out, pretrained_model_name_or_path="tiny-emoji", **data_options(args, train),
+            eval_data_dir=str(held), eval_loss_every=max(1, args.steps // 4), rank=args.rank, lora_conv=True,
+            snr_gamma=5.0, learning_rate=lr, max_train_steps=args.steps, seed=seed, checkpointing_steps=10**9)
         trainer.train()
         events = read_events(out)
     finally:
@@ -143,12 +134,7 @@ TITLES = {"dog": "tiny-emoji DreamBooth (dog photos, one held out): learning-rat
 
 
 def plot(report: dict, path: Path, data: str = "dog") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = common.pyplot().subplots(1, 3, figsize=(14, 3.8))
     panels = (("mean_eval_loss_by_lr", "held-out loss at the end"), ("lowest_eval_loss_by_lr", "lowest held-out loss"),
               ("final_train_loss_by_lr", "training loss at the end"))
     for ax, (key, title) in zip(axes, panels):
@@ -161,7 +147,7 @@ def plot(report: dict, path: Path, data: str = "dog") -> None:
         ax.legend(fontsize=7)
     fig.suptitle(TITLES[data], fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> None:
@@ -182,7 +168,7 @@ def main(argv=None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out or REPO / "benchmarks" / "results" / ("lr_sweep_style" if args.data == "style" else "lr_sweep"))
+    out = Path(args.out or common.RESULTS / ("lr_sweep_style" if args.data == "style" else "lr_sweep"))
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
@@ -190,18 +176,14 @@ def main(argv=None) -> None:
         for seed in args.seeds:  # seed-major: a partial sweep already pairs every method and rate
             for lr in args.lrs:
                 for method in args.methods:
-                    cell = cells_dir / f"{method}-lr{lr:g}-s{seed}-n{args.steps}.json"
-                    if cell.is_file():
-                        continue
-                    result = run_cell(method, lr, seed, args, train, held)
-                    tmp = cell.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(result, indent=1) + "\n")
-                    os.replace(tmp, cell)
-                    print(json.dumps(result), flush=True)
+                    result, new = common.cell(cells_dir / f"{method}-lr{lr:g}-s{seed}-n{args.steps}.json",
+                                              lambda: run_cell(method, lr, seed, args, train, held))
+                    if new:
+                        print(json.dumps(result), flush=True)
     cells = [json.loads(c.read_text()) for c in sorted(cells_dir.glob(f"*-n{args.steps}.json"))]
     report = summarize(cells, args.tolerance)
-    out.with_suffix(".json").write_text(json.dumps({"data": args.data, "steps": args.steps, "tolerance": args.tolerance,
-                                                    "cells": len(cells), "methods": report}, indent=1) + "\n")
+    common.write_json(out.with_suffix(".json"), {"data": args.data, "steps": args.steps, "tolerance": args.tolerance,
+                                                 "cells": len(cells), "methods": report})
     plot(report, out.with_suffix(".png"), args.data)
     print(json.dumps(report, indent=1))
 

@@ -16,10 +16,10 @@ and writes matrix_factorization_grid.json and .png.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
+import common
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -120,7 +120,7 @@ def grid(seeds: int, iters: int, d: int, out: Path) -> dict:
     results = {"setup": {"d": d, "iters": iters, "seeds": seeds, "threshold": THRESHOLD, "sigma_max": 10.0,
                          "init": "A ~ N(0, 1), B = 0", **GRID}, "cells": cells}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "matrix_factorization_grid.json").write_text(json.dumps(results, indent=1, allow_nan=False))
+    common.write_json(out / "matrix_factorization_grid.json", results, allow_nan=False)
     plot_grid(results, out / "matrix_factorization_grid.png")
     return results
 
@@ -132,9 +132,7 @@ def median(xs):
 
 def plot_grid(results: dict, path: Path) -> None:
     """Final mean log10 loss vs lr, one panel per (optimizer, condition number), rank 4."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     opts, kappas = list(GRID["optimizers"]), GRID["kappas"]
     fig, axes = plt.subplots(len(opts), len(kappas), figsize=(4.5 * len(kappas), 3.6 * len(opts)), squeeze=False)
@@ -152,7 +150,7 @@ def plot_grid(results: dict, path: Path) -> None:
             ax.axhline(math.log10(THRESHOLD), color="grey", ls=":", lw=1)
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    common.save_figure(fig, path)
 
 
 def main(argv=None):
@@ -185,16 +183,14 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "matrix_factorization.json").write_text(json.dumps(results, indent=1, allow_nan=False))
+    common.write_json(out / "matrix_factorization.json", results, allow_nan=False)
     plot(results, args.lrs, out / "matrix_factorization.png")
     print(f"wrote {out / 'matrix_factorization.json'} and .png")
     return results
 
 
 def plot(results: dict, lrs: list[float], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, axes = plt.subplots(1, len(lrs), figsize=(6 * len(lrs), 4.5), squeeze=False)
     for ax, lr in zip(axes[0], lrs):
@@ -206,7 +202,7 @@ def plot(results: dict, lrs: list[float], path: Path) -> None:
         ax.set(title=f"matrix factorization, GD lr={lr}", xlabel="iteration", ylabel="loss", ylim=(1e-8, 1e6))
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ the size of every tensor the Refactorer keeps between steps.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
+import common
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -194,15 +194,13 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "overhead.json").write_text(json.dumps(results, indent=1))
+    common.write_json(out / "overhead.json", results)
     plot(results, out / "overhead.png")
     print(f"wrote {out / 'overhead.json'} and .png")
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     methods = [m for m in METHOD_OPTIONS if m != "lora"]
     panels = [(f"SD1.5 UNet r={r}", v["methods"], v["train_step_s"]) for r, v in results["sd15"].items()]
@@ -220,7 +218,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=60)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ import subprocess
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import common
+
+REPO = common.REPO
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -36,7 +37,7 @@ from PIL import Image  # noqa: E402
 
 from reflora_diffusion.sd.sample import nearest_distance  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = common.RESULTS
 
 
 def readme_command(readme: Path = REPO / "README.md") -> list[str]:
@@ -115,12 +116,9 @@ def main(argv=None) -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    common.write_json(out.with_suffix(".json"), report)
     grid([[Image.open(q) for q in photos], before, after]).save(out.with_name(out.name + "_grid.png"))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
     x = np.arange(len(seeds))
@@ -132,7 +130,7 @@ def main(argv=None) -> None:
     ax.set_title(f"quick start: adapter / base = {ratio:.2f} (target <= 0.6)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
+    common.save_figure(fig, out.with_suffix(".png"))
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, list)}, indent=1))
 
 

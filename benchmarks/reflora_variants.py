@@ -21,12 +21,13 @@ Writes reflora_variants.json (every curve, final losses, iterations to 1e-3, the
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import common
+
+ROOT = common.REPO
 
 import torch  # noqa: E402
 
@@ -93,9 +94,7 @@ def best_per_optimizer(cells: dict) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     cells, traces = results["cells"], results["traces"]
     cols = max(len(v) for v in LRS.values())
@@ -126,7 +125,7 @@ def plot(results: dict, path: Path) -> None:
     for j in range(len(LRS), cols):
         axes[len(LRS)][j].axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    common.save_figure(fig, path, dpi=100)
 
 
 def main(argv=None):
@@ -148,7 +147,7 @@ def main(argv=None):
                "best": best_per_optimizer(results["cells"]), **results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "reflora_variants.json").write_text(json.dumps(results, indent=1, allow_nan=False))
+    common.write_json(out / "reflora_variants.json", results, allow_nan=False)
     plot(results, out / "reflora_variants.png")
     for opt_name, best in results["best"].items():
         print(f"best lr per variant, {opt_name}: " + ", ".join(

@@ -23,42 +23,34 @@ in <= 70 % of LoRA's steps; RefLoRA's it/s >= 98 % of LoRA's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import common
 
 import torch  # noqa: E402
 
-from reflora_diffusion.sd.config import make_config  # noqa: E402
 from reflora_diffusion.rundir import read_events  # noqa: E402
 from reflora_diffusion.sd.train import SDTrainer  # noqa: E402
 
-import method_variants  # noqa: E402  (benchmarks/, the script's own folder)
 
 ALL_METHODS = ["lora", "reflora", "reflora-s", "lora+", "scaledgd", "preclora", "nora+", "rac-lora", "cola"]
-DATA = REPO / ".." / "shared" / "data" / "dreambooth"
+DATA = common.DREAMBOOTH
 
 
 def make_trainer(out: Path, method: str, args) -> SDTrainer:
-    method, options = method_variants.split(method)  # e.g. "reflora@normalize", "reflora-s@reinit"
-    if method in ("rac-lora", "cola"):
-        options["chain_every"] = args.steps // 4
-    cfg = make_config(dict(
-        pretrained_model_name_or_path=args.base, instance_data_dir=str((DATA / args.subject).resolve()),
+    """method: a method@variant name, e.g. "reflora@normalize", "reflora-s@reinit"."""
+    chains = {"chain_every": args.steps // 4} if common.split_method(method)[0] in ("rac-lora", "cola") else {}
+    return common.sd_trainer(
+        method, out, pretrained_model_name_or_path=args.base, instance_data_dir=str((DATA / args.subject).resolve()),
         instance_prompt=instance_prompt(args), resolution=64, rank=args.rank, lora_alpha=args.rank,
-        learning_rate=args.lr, method=method, refactor_warmup_steps=args.warmup, max_train_steps=args.steps,
+        learning_rate=args.lr, refactor_warmup_steps=args.warmup, max_train_steps=args.steps,
         train_batch_size=args.batch_size, cache_latents=True, random_flip=True, seed=args.seed,
         lora_conv=args.lora_conv, snr_gamma=args.snr_gamma, eval_loss_every=args.eval_loss_every,
-        checkpointing_steps=10**9, output_dir=str(out), **options))
-    trainer = SDTrainer.in_process(cfg)
-    trainer.setup()
-    return trainer
+        checkpointing_steps=10**9, **chains)
 
 
 def instance_prompt(args) -> str:
@@ -124,7 +116,7 @@ def main(argv=None) -> dict:
     p.add_argument("--timing_rounds", type=int, default=5)
     p.add_argument("--timing_steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sd_dreambooth"))
+    p.add_argument("--out", default=str(common.RESULTS / "sd_dreambooth"))
     args = p.parse_args(argv)
     if "lora" not in args.methods:
         args.methods = ["lora", *args.methods]
@@ -183,7 +175,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_json = out.with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps(report, indent=1))
+    common.write_json(tmp_json, report)
     os.replace(tmp_json, out.with_suffix(".json"))
     plot(smoothed, curves, results, lora_final, args, out.with_suffix(".png"))
     print(f"\n{'method':10s} {'final':>8s} {'steps->LoRA final':>18s} {'ratio':>6s} {'it/s':>6s} {'ratio':>6s}")
@@ -202,10 +194,7 @@ def _check(value, bound, how):
 
 
 def plot(smoothed, raw, results, lora_final, args, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2.2, 1]})
     for m, curve in smoothed.items():
@@ -223,10 +212,7 @@ def plot(smoothed, raw, results, lora_final, args, path: Path) -> None:
     bx.invert_yaxis()
     bx.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

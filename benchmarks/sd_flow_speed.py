@@ -16,7 +16,6 @@ Writes benchmarks/results/sd_flow_speed.json and .png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -24,30 +23,25 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import common
 
 import torch  # noqa: E402
 
-from reflora_diffusion.sd.config import make_config  # noqa: E402
 from reflora_diffusion.sd.train import SDTrainer  # noqa: E402
 
 PRESETS = ["tiny-sd3", "tiny-flux"]
 METHODS = ["lora", "reflora", "reflora-s"]
-DATA = REPO / ".." / "shared" / "data" / "dreambooth"
+DATA = common.DREAMBOOTH
 
 
 def make_trainer(out: Path, preset: str, method: str, args) -> SDTrainer:
-    cfg = make_config(dict(
-        pretrained_model_name_or_path=preset, instance_data_dir=str((DATA / "dog").resolve()),
-        instance_prompt="a photo of sks dog", resolution=args.resolution, rank=args.rank, method=method,
+    return common.sd_trainer(
+        method, out, pretrained_model_name_or_path=preset, instance_data_dir=str((DATA / "dog").resolve()),
+        instance_prompt="a photo of sks dog", resolution=args.resolution, rank=args.rank,
         refactor_warmup_steps=1, max_train_steps=1000, train_batch_size=args.batch_size, cache_latents=True,
-        max_sequence_length=args.max_sequence_length, seed=0, checkpointing_steps=10**9, output_dir=str(out),
+        max_sequence_length=args.max_sequence_length, seed=0, checkpointing_steps=10**9,
         mixed_precision="bf16" if torch.cuda.is_available() else "no",
-        gradient_checkpointing=args.gradient_checkpointing))
-    trainer = SDTrainer.in_process(cfg)
-    trainer.setup()
-    return trainer
+        gradient_checkpointing=args.gradient_checkpointing)
 
 
 class PeakMemory:
@@ -135,7 +129,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sd_flow_speed"))
+    p.add_argument("--out", default=str(common.RESULTS / "sd_flow_speed"))
     args = p.parse_args(argv)
     if "lora" not in args.methods:
         args.methods = ["lora", *args.methods]
@@ -161,7 +155,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_json = out.with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps(report, indent=1))
+    common.write_json(tmp_json, report)
     os.replace(tmp_json, out.with_suffix(".json"))
     plot(results, report["setup"], out.with_suffix(".png"))
     print(f"{'preset':10s} {'method':10s} {'it/s':>7s} {'ratio':>6s} {'peak MiB':>9s} {'ratio':>6s}")
@@ -175,10 +169,7 @@ def main(argv=None) -> dict:
 
 
 def plot(results: dict, setup: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     presets = list(results)
@@ -194,9 +185,7 @@ def plot(results: dict, setup: dict, path: Path) -> None:
     fig.suptitle(f"SD3 / FLUX presets on {setup['device']}, r={setup['rank']}, {setup['resolution']} px, "
                  f"batch {setup['batch_size']}")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

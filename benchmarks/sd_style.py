@@ -29,17 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import statistics
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import method_variants  # noqa: E402
+import common
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -48,7 +44,7 @@ from reflora_diffusion.emoji import data as emoji_data  # noqa: E402
 
 from emoji_base_quality import save_grid, to32  # noqa: E402  (the same 32x32 pixel space as the base quality figures)
 
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = common.RESULTS
 LABELS = {"lora": "LoRA", "reflora": "RefLoRA", "reflora-s": "RefLoRA-S", "lora+": "LoRA+",
           "reflora@factors": "RefLoRA (factors)", "reflora@update": "RefLoRA (update)",
           "reflora@normalize": "RefLoRA (normalize)"}
@@ -127,21 +123,16 @@ def evaluate(pipe, data, args, splits_=("val", "test")) -> tuple[dict, dict]:
 
 def run_one(method: str, lr: float, seed: int, train_dir: Path, data: dict, args, root: Path) -> dict:
     """Train one adapter (in process) and evaluate it every `eval_every` steps (test split) and at the end (both)."""
-    from reflora_diffusion.sd.config import make_config
     from reflora_diffusion.sd.sample import build_pipeline
-    from reflora_diffusion.sd.train import SDTrainer
 
     run_dir = root / "runs" / f"{method}_lr{lr:g}_s{seed}"
-    core, options = method_variants.split(method)  # e.g. reflora@factors (issue 9's RefLoRA variants)
-    cfg = make_config(dict(
-        pretrained_model_name_or_path="tiny-emoji", train_data_dir=str(train_dir), resolution=64,
-        rank=args.rank, lora_alpha=args.rank, learning_rate=lr, method=core, **options,
+    trainer = common.sd_trainer(  # method e.g. reflora@factors
+        method, run_dir, pretrained_model_name_or_path="tiny-emoji", train_data_dir=str(train_dir), resolution=64,
+        rank=args.rank, lora_alpha=args.rank, learning_rate=lr,
         refactor_warmup_steps=max(1, round(args.warmup_frac * args.steps)), max_train_steps=args.steps,
         train_batch_size=args.batch_size, cache_latents=True, seed=seed, checkpointing_steps=10**9,
-        validation_prompt=["(evaluation hook)"], validation_steps=args.eval_every or 10**9, output_dir=str(run_dir),
-        overwrite_output_dir=True))
-    trainer = SDTrainer.in_process(cfg)
-    trainer.setup()
+        validation_prompt=["(evaluation hook)"], validation_steps=args.eval_every or 10**9,
+        overwrite_output_dir=True)
     evals, timing = {}, {"eval_s": 0.0}
     keep_images = {}
 
@@ -262,7 +253,7 @@ def main(argv=None) -> dict:
                     r = json.loads(f.read_text())
                 else:
                     r = run_one(method, lr, seed, train_dir, data, args, root)
-                    f.write_text(json.dumps(r))
+                    common.write_json(f, r, indent=None)
                 runs.append(r)
                 print(f"{method:10s} lr {lr:g} seed {seed}: final loss {statistics.fmean(r['losses'][-15:]):.4f}  "
                       f"val {r['val_to_twemoji']:.3f}  test {r['test_to_twemoji']:.3f} (to Noto "
@@ -315,10 +306,7 @@ def main(argv=None) -> dict:
         "base": base, "best": best, "paired_vs_lora": paired, "per_lr": per_lr, "runs": runs,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out.with_suffix(".json"))
+    common.write_json(out.with_suffix(".json"), report)
     out.with_suffix(".md").write_text(table_md(report))
     plot(report, args, out.with_suffix(".png"))
     grid(report, data, base_test, root, args, out.with_name(out.name + "_grid.png"))
@@ -363,10 +351,7 @@ def smooth(values, window=15):
 
 
 def plot(report, args, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     colours = {"lora": "tab:blue", "reflora": "tab:red", "reflora-s": "tab:green", "lora+": "tab:purple",
                "reflora@factors": "tab:orange", "reflora@update": "tab:brown", "reflora@normalize": "tab:pink"}
@@ -413,10 +398,7 @@ def plot(report, args, path: Path) -> None:
                title="held-out distance vs step (step 0: the base)")
         cx.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def grid(report, data, base_test, root: Path, args, path: Path) -> None:

@@ -1,0 +1,105 @@
+"""What the benchmark scripts share: paths, offline mode, method@variant names, JSON + PNG output written whole or not
+at all, resumable cells, and the in-process SD trainer. (Seeding is one torch.manual_seed / Generator per script.)
+
+Scripts in this folder import it as ``import common`` (Python puts a script's own folder on the path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: presets are built offline, data is local
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DATA = REPO.parent / "shared" / "data"  # the real data sets beside a checkout (DreamBooth photos, GLUE, commonsense)
+DREAMBOOTH = DATA / "dreambooth"
+
+
+# ---------------------------------------------------------------------------- method@variant names
+VARIANTS = {  # variant -> the trainers' option names (core/options.py)
+    "": {},
+    "normalize": {"reflora_normalize": True},  # det S* = 1
+    "update": {"reflora_apply_to": "update"},  # S* on the optimizer's step
+    "factors": {"reflora_apply_to": "factors"},  # balanced factors, optimizer moments carried
+    "reinit": {"reinit": True},  # random full-rank factors at step 0 (base weight compensated), any method
+}
+
+
+def split_method(name: str) -> tuple[str, dict]:
+    """"reflora@factors" -> ("reflora", {"reflora_apply_to": "factors"}); variants combine ("reflora@normalize@reinit");
+    a plain method name has no options. The one spelling every benchmark takes."""
+    method, *variants = name.split("@")
+    options = {}
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise SystemExit(f"error: unknown variant {variant!r} in {name!r}; use one of "
+                             f"{sorted(v for v in VARIANTS if v)}")
+        options.update(VARIANTS[variant])
+    return method, options
+
+
+def option_flags(options: dict) -> list[str]:
+    """The same options as command-line flags."""
+    return [f for k, v in options.items() for f in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
+
+
+# ---------------------------------------------------------------------------- output
+def write_json(path: str | os.PathLike, obj, indent: int | None = 1, allow_nan: bool = True) -> Path:
+    """``obj`` as JSON at ``path``, whole or not at all (a temporary file, then a rename); ``allow_nan=False``
+    refuses NaN / inf, which strict JSON readers reject."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent, allow_nan=allow_nan) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only backend (no display here)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """``fig`` as a PNG at ``path``, whole or not at all; the figure is closed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+    pyplot().close(fig)
+    return path
+
+
+def cell(path: str | os.PathLike, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """A resumable unit of a long benchmark: (the result stored at ``path``, False) when that file exists, else
+    (``compute()``, True) after storing it there whole. Long sweeps are grids of these, run in the background."""
+    path = Path(path)
+    if path.is_file():
+        return json.loads(path.read_text()), False
+    result = compute()
+    write_json(path, result)
+    return result, True
+
+
+# ---------------------------------------------------------------------------- the SD trainer, in process
+def sd_trainer(method: str, output_dir: str | os.PathLike, **options):
+    """An SD trainer, set up in this process (accelerate's state reset), for ``method`` (a method@variant name) and
+    the trainer's own option names."""
+    from reflora_diffusion.sd.config import make_config
+    from reflora_diffusion.sd.train import SDTrainer
+
+    core, variant_options = split_method(method)
+    cfg = make_config(dict(**options, **variant_options, method=core, output_dir=str(output_dir)))
+    trainer = SDTrainer.in_process(cfg)
+    trainer.setup()
+    return trainer
