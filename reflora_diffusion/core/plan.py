@@ -51,13 +51,14 @@ def _matrices(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 
 def _copy_rows(targets: list[torch.Tensor], mats: torch.Tensor) -> None:
-    """targets[i] <- mats[i] (one multi-tensor copy; conv layouts reshaped). The cast comes first: a multi-tensor
-    copy between dtypes falls back to one kernel per tensor on CUDA."""
+    """targets[i] <- mats[i] in one op (``split_with_sizes_copy``, a single fused kernel on CUDA, the one FSDP2
+    uses), without a view per layer; conv layouts reshaped. The cast comes first (the op copies within a dtype;
+    a gradient has its parameter's dtype, so one per bucket)."""
     if mats.dtype != targets[0].dtype:
         mats = mats.to(targets[0].dtype)
-    if targets[0].dim() != mats.dim() - 1:
-        mats = mats.view(mats.shape[0], *targets[0].shape)
-    torch._foreach_copy_(targets, list(mats.unbind()))
+    rows = targets[0].shape[0]
+    torch.split_with_sizes_copy(mats.reshape(len(targets) * rows, *targets[0].shape[1:]), [rows] * len(targets),
+                                out=targets)
 
 
 @dataclass
