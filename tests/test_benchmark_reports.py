@@ -83,3 +83,29 @@ def test_docs_show_the_tables_the_benchmarks_last_wrote(report, doc):
     assert table.count("\n|") >= 3, f"{report} holds no table"
     assert table in (REPO / "docs" / doc).read_text(), (
         f"docs/{doc} does not show benchmarks/results/{report}: paste the report's table into docs/{doc}")
+
+
+def test_common_cells_resume_and_outputs_are_written_whole(tmp_path):
+    """A finished cell is read back instead of recomputed; JSON goes in through a temporary file and a rename, so a
+    crash never leaves a half-written report; method@variant names map to the trainers' options."""
+    import common
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"loss": 0.5}
+
+    first = common.cell(tmp_path / "cells" / "a.json", compute)
+    again = common.cell(tmp_path / "cells" / "a.json", compute)
+    assert first == ({"loss": 0.5}, True) and again == ({"loss": 0.5}, False) and len(calls) == 1
+    assert [p.name for p in (tmp_path / "cells").iterdir()] == ["a.json"]  # no temporary file left
+    with pytest.raises(ValueError):
+        common.write_json(tmp_path / "r.json", {"x": float("nan")}, allow_nan=False)
+    assert not (tmp_path / "r.json").exists()
+    assert common.split_method("reflora@factors@reinit") == ("reflora", {"reflora_apply_to": "factors",
+                                                                          "reinit": True})
+    assert common.option_flags({"reinit": True, "reflora_apply_to": "factors"}) == [
+        "--reinit", "true", "--reflora_apply_to", "factors"]
+    with pytest.raises(SystemExit, match="unknown variant 'fast'"):
+        common.split_method("lora@fast")
