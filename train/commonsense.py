@@ -26,23 +26,10 @@ def main(argv=None):
     if not argv or argv[0] not in ("train", "eval"):
         sys.exit(USAGE)
     from reflora_diffusion.llm.commonsense_run import parse_eval_args, parse_train_args, run_eval, run_train
-    from reflora_diffusion.llm.trainer import leave_distributed
-    from reflora_diffusion.logs import show_info
-
-    show_info()
+    from reflora_diffusion.llm.trainer import run_command
 
     command, rest = argv[0], argv[1:]
-    try:
-        if command == "train":
-            run_train(*parse_train_args(rest))
-        else:
-            run_eval(parse_eval_args(rest))
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: one line, exit code 130 (as the SD trainer)
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    leave_distributed()
+    run_command(lambda: run_train(*parse_train_args(rest)) if command == "train" else run_eval(parse_eval_args(rest)))
 
 
 if __name__ == "__main__":

@@ -13,25 +13,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from reflora_diffusion.llm.glue import parse_args, run  # noqa: E402
-from reflora_diffusion.llm.trainer import leave_distributed  # noqa: E402
+from reflora_diffusion.llm.trainer import run_command  # noqa: E402
 
 
 def main(argv=None):
-    from reflora_diffusion.logs import show_info
-
-    show_info()
-    try:
-        glue_args, train_args = parse_args(argv)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    try:
-        run(glue_args, train_args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: one line, exit code 130 (as the SD trainer)
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    leave_distributed()
+    run_command(lambda: run(*parse_args(argv)))
 
 
 if __name__ == "__main__":

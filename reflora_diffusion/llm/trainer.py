@@ -253,6 +253,25 @@ def _materialize_trainable(model) -> None:
                 module.register_parameter(name, torch.nn.Parameter(torch.empty_like(param, device="cpu")))
 
 
+def run_command(body) -> None:
+    """What an LLM trainer's command line does around ``body()`` (parsing and the run): the library notices, bad
+    input as one line ("error: ...", exit 1, no traceback), Ctrl-C as "interrupted" (exit 130, as the SD trainer),
+    and the end of a multi-process run (``leave_distributed``)."""
+    import sys
+
+    from reflora_diffusion.logs import show_info
+
+    show_info()
+    try:
+        body()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    leave_distributed()
+
+
 def leave_distributed() -> None:
     """End a finished multi-process run: destroy the process group and exit at once (status 0); nothing without
     a process group. Left to the interpreter's teardown, gloo's threads can still hold work objects and abort the
