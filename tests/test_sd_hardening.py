@@ -91,7 +91,7 @@ def test_a_folder_holding_another_run_is_refused_then_replaced_only_on_request(t
     common = ["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(DOG), "--instance_prompt", PROMPT,
               "--resolution", "64", "--max_train_steps", "2", "--output_dir", str(run), "--checkpointing_steps", "1000"]
     code, err = run_cli(common + ["--rank", "8"], capsys)
-    assert code == 2 and "already holds a lora run (rank 4, done at step 4)" in err and "--overwrite_output_dir" in err
+    assert code == 2 and "already holds a reflora-s run (rank 4, done at step 4)" in err and "--overwrite_output_dir" in err
     # nothing was touched: config, adapter, events, checkpoints all as they were
     assert (run / "config.json").read_text() == config
     assert (run / "pytorch_lora_weights.safetensors").read_bytes() == adapter

@@ -43,7 +43,8 @@ BASE_PRECISIONS = ("no", "int8", "fp8", "nf4")
 class SDTrainConfig(MethodOptions):
     """Every option; the core's method options (method, refactor_warmup_steps, ...) come from MethodOptions."""
 
-    method: str = _opt("lora", f"core method: {', '.join(METHODS)}")
+    method: str = _opt("reflora-s", f"core method: {', '.join(METHODS)} (why reflora-s is the default: "
+                                    "docs/refactoring_study.md)")
     refactor_warmup_steps: int | None = _opt(None, "plain LoRA optimizer steps before refactoring starts (peft starts "
                                                    "with B = 0; default: min(100, 10 % of the run))")
     # model
