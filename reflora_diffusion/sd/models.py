@@ -187,11 +187,11 @@ def prepare_for_training(components: Components, cfg, weight_dtype: torch.dtype,
             if cfg.base_model_precision != "nf4":
                 m.to(device)
             continue
-        if not (swapped and m is denoiser):  # (cast on the host first: it is placed block by block below)
-            m.to(device)
         dtype = vae_dtype if m is components.vae else weight_dtype
-        if dtype != torch.float32:  # (diffusers warns on a no-op dtype cast)
-            m.to(dtype=dtype)
+        place = {} if swapped and m is denoiser else {"device": device}  # (swapped: placed block by block below)
+        cast = {"dtype": dtype} if dtype != torch.float32 else {}  # (diffusers warns on a no-op dtype cast)
+        if place or cast:  # one pass, tensor by tensor: a bf16 run never holds the fp32 base on the device
+            m.to(**place, **cast)
     from diffusers.training_utils import cast_training_params
 
     cast_training_params(list(components.models.values()), torch.float32)
