@@ -51,7 +51,6 @@ class BlockSwap:
         pin = self.device.type == "cuda"
         self.blocks: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per block: (tensor, its host copy)
         self.onloads = 0
-        self._handles = []
         for block in blocks:
             frozen = [t for t in (*block.parameters(), *block.buffers()) if not t.requires_grad]
             held = []
@@ -59,21 +58,17 @@ class BlockSwap:
                 host = t.data.to("cpu")
                 held.append((t, host.pin_memory() if pin else host))
             self.blocks.append(held)
-            self._handles.append(block.register_forward_pre_hook(functools.partial(self._onload, held)))
-            self._handles.append(block.register_forward_hook(functools.partial(self._offload, held)))
+            block.register_forward_pre_hook(functools.partial(self._onload, held))
+            block.register_forward_hook(functools.partial(self._offload, held))
         self.swapped = {id(t) for held in self.blocks for t, _ in held}
-        self._offload_all()
-
-    @property
-    def host_bytes(self) -> int:
-        return sum(h.numel() * h.element_size() for held in self.blocks for _, h in held)
+        for held in self.blocks:  # from now on the block's tensors point at the host copies between uses
+            self._offload(held, None, None, None)
 
     def place(self, model: nn.Module) -> None:
         """Move everything of ``model`` but the swapped tensors to the device (instead of ``model.to(device)``)."""
         for t in (*model.parameters(), *model.buffers()):
             if id(t) not in self.swapped and t.device != self.device:
                 t.data = t.data.to(self.device)
-        self._offload_all()
 
     def _onload(self, held, module, args):
         self.onloads += 1
@@ -83,19 +78,6 @@ class BlockSwap:
     def _offload(self, held, module, args, output):
         for t, host in held:
             t.data = host
-
-    def _offload_all(self) -> None:
-        for held in self.blocks:
-            self._offload(held, None, None, None)
-
-    def remove(self) -> None:
-        """Drop the hooks and put every swapped tensor back on the device."""
-        for h in self._handles:
-            h.remove()
-        for held in self.blocks:
-            for t, host in held:
-                t.data = host.to(self.device)
-        self._handles, self.blocks, self.swapped = [], [], set()
 
 
 def check_offload(cfg, family, processes: int) -> None:
@@ -125,9 +107,11 @@ def attach_block_swap(denoiser: nn.Module, family, count: int, device) -> BlockS
     without early stop."""
     blocks = family_blocks(denoiser, family.block_lists)
     chosen = blocks if count < 0 or count >= len(blocks) else blocks[len(blocks) - count:]
-    logging.getLogger(__name__).info(f"--offload_blocks {count}: {len(chosen)} of the {family.label} transformer's "
-                                     f"{len(blocks)} blocks keep their frozen weights in CPU memory")
     denoiser.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_without_early_stop)
     swap = BlockSwap(chosen, device)
     swap.place(denoiser)
+    host = sum(h.numel() * h.element_size() for held in swap.blocks for _, h in held)
+    logging.getLogger(__name__).info(f"--offload_blocks {count}: {len(chosen)} of the {family.label} transformer's "
+                                     f"{len(blocks)} blocks keep their frozen weights in CPU memory "
+                                     f"({host / 2**30:.2f} GiB)")
     return swap
