@@ -196,6 +196,17 @@ def run_smollm_cell(method: str, lr: float, seed: int, args, model_dir: str, tra
             "eval_loss": held, "final_train_loss": losses[-1] if losses else None}
 
 
+def paired_interval(diffs: list[float]) -> dict | None:
+    """Mean of paired differences with a 95 % t interval over seeds (None with one seed)."""
+    if not diffs:
+        return None
+    mean = statistics.fmean(diffs)
+    if len(diffs) == 1:
+        return {"mean": mean, "ci95": None, "n": 1}
+    half = T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(diffs)}
+
+
 def summarize(cells: list[dict], tolerance: float) -> dict:
     """Per method: best rate, band width, steps to LoRA's final held-out loss, paired differences to LoRA."""
     final = lambda c: c["eval_loss"][str(c["steps"])]  # noqa: E731
@@ -236,13 +247,12 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
                 steps = sorted(int(s) for s in c["eval_loss"])
                 reached.append(next((s for s in steps if s > 0 and c["eval_loss"][str(s)] <= target), None))
             entry["steps_to_lora_final"] = reached
-            paired = [final(rates[best_lr][s]) - final(lora_best[s]) for s in rates[best_lr] if s in lora_best]
-            if len(paired) > 1:
-                mean, sd = statistics.fmean(paired), statistics.stdev(paired)
-                half = T95.get(len(paired) - 1, 1.96) * sd / math.sqrt(len(paired))
-                entry["paired_diff_to_lora"] = {"mean": mean, "ci95": [mean - half, mean + half], "n": len(paired)}
-            elif paired:
-                entry["paired_diff_to_lora"] = {"mean": paired[0], "ci95": None, "n": 1}
+            entry["paired_diff_to_lora"] = paired_interval(
+                [final(rates[best_lr][s]) - final(lora_best[s]) for s in rates[best_lr] if s in lora_best])
+            # and at equal rates (what a user who keeps the trainer's rate and switches the method sees)
+            entry["paired_diff_to_lora_by_lr"] = {
+                lr: paired_interval([final(seeds[s]) - final(by["lora"][lr][s]) for s in seeds if s in by["lora"][lr]])
+                for lr, seeds in rates.items() if lr in by["lora"]}
         report[method] = entry
     return report
 
@@ -267,6 +277,8 @@ def plot(report: dict, path: Path, data: str = "dog", title: str | None = None) 
             rates = sorted(entry[key])
             ax.plot(rates, [entry[key][r] for r in rates], marker="o", label=method)
         ax.set_xscale("log")
+        if data == "smollm" and not key.startswith("final_metric"):  # losses over a decade: slow starts and plateaus
+            ax.set_yscale("log")
         ax.set_xlabel("learning rate")
         ax.set_title(f"{name} (mean over seeds)", fontsize=9)
         ax.legend(fontsize=7)

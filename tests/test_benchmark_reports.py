@@ -142,3 +142,7 @@ def test_lr_sweep_summary_picks_each_methods_best_rate_band_and_paired_interval(
     assert ref["lowest_eval_loss_by_lr"][1e-3] == pytest.approx(0.49)
     assert ref["final_metric_by_lr"] == {1e-3: pytest.approx(0.82), 1e-2: pytest.approx(0.81)}
     assert ref["metric_name"] == "accuracy"
+    # at equal rates: 1e-2 pairs RefLoRA's 0.52/0.53/0.54 with LoRA's 0.9 (-0.38, -0.37, -0.36)
+    at_high = ref["paired_diff_to_lora_by_lr"][1e-2]
+    assert at_high["mean"] == pytest.approx(-0.37) and at_high["ci95"] == pytest.approx([-0.37 - half, -0.37 + half])
+    assert ref["paired_diff_to_lora_by_lr"][1e-3]["mean"] == pytest.approx(0.02)
