@@ -116,3 +116,41 @@ def test_parameters_replaced_after_attach_are_followed(monkeypatch):
     assert len(built) == n_before + 1  # rebuilt once, then reused
     stats = ref.stats(sstar=False)
     assert stats["balance_max"] == pytest.approx(1.0, rel=1e-5)  # the new parameters were balanced
+
+
+def test_whole_factors_are_batched_by_side_and_each_layer_still_gets_its_own_preconditioner():
+    """Whole factors are stacked by side (A by its width d_in, B by d_out: SHAPES has 4 A and 3 B shapes, stacked in
+    different layer orders), and every layer still gets its own G_A <- S*^-1 G_A, G_B <- G_B S*. A step where a layer
+    has no gradient takes the bucket path: that layer's bucket is left to the optimizer, every other layer is
+    preconditioned the same way."""
+    from reflora_diffusion.core.linalg import geometric_mean
+    model = hook_ops.lora_layers(SHAPES, rank=4, seed=3)
+    ref = Refactorer(model, method="reflora")
+    opt = torch.optim.SGD([t for p in ref.pairs for t in (p.A, p.B)], lr=1e-2)
+    ref.attach(opt)
+    (group,) = ref._context().plan.rank_groups
+    assert (len(group.a_sides), len(group.b_sides)) == (4, 3) and group.to_b is not None
+
+    def step(missing=None):
+        g = torch.Generator().manual_seed(5)
+        for p in ref.pairs:
+            p.A.grad, p.B.grad = torch.randn(p.A.shape, generator=g), torch.randn(p.B.shape, generator=g)
+        if missing is not None:
+            ref.pairs[missing].B.grad = None
+        before = [(p.A.grad.clone(), None if p.B.grad is None else p.B.grad.clone()) for p in ref.pairs]
+        ref._pre_hook(opt, (), {})
+        return before
+
+    before = step()
+    for p, (ga, gb) in zip(ref.pairs, before):
+        S_inv, S, ok = geometric_mean((p.A @ p.A.T)[None].detach(), (p.B.T @ p.B)[None].detach())
+        assert ok.all()
+        torch.testing.assert_close(p.A.grad, S_inv[0] @ ga, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.B.grad, gb @ S[0], rtol=1e-5, atol=1e-6)
+    preconditioned = [(p.A.grad.clone(), p.B.grad.clone()) for p in ref.pairs]
+    before = step(missing=0)  # layers 0 and 1 share the (32, 32) bucket
+    assert ref.pairs[0].B.grad is None and torch.equal(ref.pairs[0].A.grad, before[0][0])
+    assert torch.equal(ref.pairs[1].A.grad, before[1][0]) and torch.equal(ref.pairs[1].B.grad, before[1][1])
+    for p, (ga, gb) in list(zip(ref.pairs, preconditioned))[2:]:
+        torch.testing.assert_close(p.A.grad, ga, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.B.grad, gb, rtol=1e-5, atol=1e-6)

@@ -19,13 +19,23 @@ RANK_TOL = 1e-6
 
 def finite(x: torch.Tensor) -> torch.Tensor:
     """Elementwise isfinite in two ops (x * 0 is 0 exactly for finite x, NaN for inf and NaN); torch.isfinite
-    dispatches four, and the hook runs a dozen of these per step."""
+    dispatches four."""
     return (x * 0) == 0
+
+
+def finite_rows(*stacks: torch.Tensor) -> torch.Tensor:
+    """Per matrix of (n, rows, cols) stacks: whether every entry of each is finite, in a few ops: a matrix's sum is
+    NaN or inf when an entry is (a sum past the dtype's range counts as non-finite too, as the r x r algebra on it
+    would overflow)."""
+    total = stacks[0].sum(dim=(-2, -1))
+    for s in stacks[1:]:
+        total = total + s.sum(dim=(-2, -1))
+    return finite(total)
 
 
 def _eigh(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """eigh of a stack of symmetric matrices; returns (eigenvalues clamped at the floor, vectors, ok mask)."""
-    fin = finite(sym).all(dim=(-2, -1))
+    fin = finite_rows(sym)
     sym = torch.where(fin[:, None, None], sym, torch.eye(sym.shape[-1], dtype=sym.dtype, device=sym.device))
     sym = 0.5 * (sym + sym.transpose(-1, -2))
     w, v = torch.linalg.eigh(sym)
@@ -67,22 +77,22 @@ def _geometric_mean_cholesky(AAt: torch.Tensor, BtB: torch.Tensor, logdet: bool 
 
     With A A^T = L L^T and K = L^T B^T B L = V diag(m^2) V^T (congruence invariance of the geometric mean):
         S* = L^-T V diag(m) V^T L^-1,    S*^-1 = L V diag(1/m) V^T L^T.
+    Cholesky and eigh read the lower triangle only, so the Grams are not symmetrised first.
     """
     eye = torch.eye(AAt.shape[-1], dtype=AAt.dtype, device=AAt.device)
-    fin = finite(AAt).all(dim=(-2, -1)) & finite(BtB).all(dim=(-2, -1))
+    fin = finite_rows(AAt, BtB)
     X = torch.where(fin[:, None, None], AAt, eye)
-    L, info = torch.linalg.cholesky_ex(0.5 * (X + X.transpose(-1, -2)))
+    L, info = torch.linalg.cholesky_ex(X)
     K = torch.bmm(torch.bmm(L.mT, torch.where(fin[:, None, None], BtB, eye)), L)
-    wm, vm = torch.linalg.eigh(0.5 * (K + K.transpose(-1, -2)))
+    wm, vm = torch.linalg.eigh(K)
     m = wm.clamp_min(torch.finfo(wm.dtype).tiny).sqrt()
     left = torch.linalg.solve_triangular(L.transpose(-1, -2), vm, upper=True)  # L^-T V
     right = torch.bmm(L, vm)
     S = torch.bmm(left * m[:, None, :], left.mT)
     S_inv = torch.bmm(right / m[:, None, :], right.mT)
-    # cond(A A^T) <= ||A A^T||_F ||(A A^T)^-1||_F = ||A A^T||_F ||L^-T V||_F^2
+    # cond(A A^T) <= ||A A^T||_F ||(A A^T)^-1||_F <= ||A A^T||_F tr((A A^T)^-1) = ||A A^T||_F ||L^-T V||_F^2
     cond_a = torch.linalg.matrix_norm(X) * left.square().sum(dim=(-2, -1))
-    ok = (fin & (info == 0) & (cond_a < FAST_COND) & (wm[:, 0] * FAST_COND > wm[:, -1])
-          & finite(S).all(dim=(-2, -1)) & finite(S_inv).all(dim=(-2, -1)))
+    ok = (fin & (info == 0) & (cond_a < FAST_COND) & (wm[:, 0] * FAST_COND > wm[:, -1]) & finite_rows(S, S_inv))
     if not logdet:
         return S_inv, S, ok, None
     return S_inv, S, ok, m.log().sum(-1) - 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
@@ -122,7 +132,7 @@ def geometric_mean(AAt: torch.Tensor, BtB: torch.Tensor, normalize: bool = False
     if normalize:
         c = torch.exp(logdet / S.shape[-1])[:, None, None]
         S, S_inv = S / c, S_inv * c
-    ok = ok & finite(S).all(dim=(-2, -1)) & finite(S_inv).all(dim=(-2, -1))
+    ok = ok & finite_rows(S, S_inv)
     return _identity_where(ok, S_inv), _identity_where(ok, S), ok
 
 
@@ -134,7 +144,7 @@ def _inverse(gram: torch.Tensor, delta: float = 0.0) -> tuple[torch.Tensor, torc
     if delta:  # the damping makes the matrix definite; only non-finite input is refused
         ok = finite(w).all(-1) & (w[:, 0] > 0)
     inv = torch.bmm(v / w[:, None, :], v.mT)
-    ok = ok & finite(inv).all(dim=(-2, -1))
+    ok = ok & finite_rows(inv)
     return _identity_where(ok, inv), ok
 
 

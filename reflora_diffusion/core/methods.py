@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 
 from . import linalg
-from .linalg import _identity_where, finite
-from .plan import (LINEAR_STATE, PARAM_STATE, QUADRATIC_STATE, UNSCALED_STATE, Context, _all_finite, _copy_rows,
+from .linalg import _identity_where, finite, finite_rows
+from .plan import (LINEAR_STATE, PARAM_STATE, QUADRATIC_STATE, UNSCALED_STATE, Context, _copy_rows,
                    _matrices)
 from .sharding import local
 
@@ -147,7 +147,7 @@ class RefLoRA(Preconditioned):
             grams = [b.grams() for b in rank_group.buckets]
             AAt = torch.cat([g[0] for g in grams])
             BtB = torch.cat([g[1] for g in grams])
-            finite = _all_finite(AAt) & _all_finite(BtB)
+            finite = finite_rows(AAt, BtB)
             _, S, ok = linalg.geometric_mean(AAt, BtB)
             ok = ok & finite
             ctx.count(ok, finite)

@@ -2,10 +2,11 @@
 
 A :class:`Plan` is built from the LoRA pairs and the optimizer when the Refactorer first acts and again only when
 the optimizer's parameters change (a Trainer shards or replaces them after ``attach``) or its state is replaced or
-created (``load_state_dict``, the first Adam step). Each step then runs a fixed number of ops per bucket of
-equal-shaped pairs, whatever the number of layers: one stack of each factor and gradient list, batched matmuls,
-one multi-tensor copy back. What grows with the layer count is Python list building only (the gradients are new
-tensors every step).
+created (``load_state_dict``, the first Adam step). Each step then runs a fixed number of ops, whatever the number
+of layers: whole factors are stacked by side (every A of one width together, every B of one width together,
+``Side``), with one Gram, one batched matmul and one multi-tensor copy back per side; FSDP2-sharded factors and a
+step where a layer has no gradient go by bucket of equal-shaped pairs (``Bucket``). What grows with the layer count
+is Python list building only (the gradients are new tensors every step).
 
 This module is also the one home of the Gram / precondition step (``precondition``) for whole and FSDP2-sharded
 factors, on every device; the methods see the plan through :class:`Context`.
@@ -20,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .linalg import finite
+from .linalg import finite, finite_rows
 from .pairs import LoraPair
 from .sharding import all_sum, gather_rows, local, local_rows, shard_group
 
@@ -34,11 +35,6 @@ LINEAR_STATE = ("exp_avg", "momentum_buffer", "state1", "absmax1")
 QUADRATIC_STATE = ("exp_avg_sq", "max_exp_avg_sq", "state2", "absmax2", "exp_avg_sq_row", "exp_avg_sq_col")
 PARAM_STATE = ("z",)
 UNSCALED_STATE = ("step", "qmap1", "qmap2", "RMS")
-
-
-def _all_finite(stack: torch.Tensor) -> torch.Tensor:
-    """Per-matrix finiteness of a (n, rows, cols) stack."""
-    return finite(stack).all(dim=(-2, -1))
 
 
 def _matrices(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -117,28 +113,67 @@ class Bucket:
         whole, summed = gather_rows(torch.stack([A, GA], dim=1), self.rank, partial, self.group)
         A, GA = whole[:, 0], whole[:, 1]
         BtB = summed[:, :-1].view(-1, self.rank, self.rank)
-        ok = _all_finite(GA) & finite(summed[:, -1])
+        ok = finite(GA.sum(dim=(-2, -1)) + summed[:, -1])
         return Batch(A @ A.mT, BtB, ok, GA, GB, grads_a, grads_b)
 
-    def apply(self, batch: Batch, P_A: torch.Tensor, P_B: torch.Tensor, keep: torch.Tensor) -> None:
-        """G_A <- P_A G_A, G_B <- G_B P_B; a layer marked in ``keep`` (n, 1, 1) keeps its gradients exactly (its
-        factors or gradients are not finite, where a matmul would smear one NaN over a whole column, or its
-        preconditioner is not valid). Sharded, each rank writes its rows of G_A."""
+    def apply(self, batch: Batch, P_A: torch.Tensor, P_B: torch.Tensor, ok: torch.Tensor) -> None:
+        """G_A <- P_A G_A, G_B <- G_B P_B for the layers marked in ``ok`` (n, 1, 1); the others keep their gradients
+        exactly (their factors or gradients are not finite, where a matmul would smear one NaN over a whole column,
+        or their preconditioner is not valid). Sharded, each rank writes its rows of G_A."""
         GA, GB = batch.GA, batch.GB
         if self.group is not None:
             mine = local_rows(self.rank, self.group)
             P_A, GA_mine = P_A[:, mine], GA[:, mine]
         else:
             GA_mine = GA
-        _copy_rows(batch.grads_a, torch.where(keep, GA_mine, torch.bmm(P_A, GA)))
-        _copy_rows(batch.grads_b, torch.where(keep, GB, torch.bmm(GB, P_B)))
+        _copy_rows(batch.grads_a, torch.where(ok, torch.bmm(P_A, GA), GA_mine))
+        _copy_rows(batch.grads_b, torch.where(ok, torch.bmm(GB, P_B), GB))
 
 
-@dataclass
+class Side:
+    """The A (or B) factors of a rank group that share one shape, whatever their pairs' other factor: A (r x d_in)
+    is shared by every projection reading width d_in, B (d_out x r) by every one writing d_out (SD 1.5's attention:
+    6 pair shapes, 4 A shapes, 3 B shapes). Whole factors get one stack, one Gram, one batched matmul and one copy
+    back per side, not per pair shape."""
+
+    def __init__(self, factors: list[torch.Tensor], left: bool, cdt: torch.dtype):
+        self.factors, self.left, self.cdt = factors, left, cdt
+
+    def gram(self) -> torch.Tensor:
+        M = _matrices(self.factors, self.cdt)
+        return torch.bmm(M, M.mT) if self.left else torch.bmm(M.mT, M)
+
+    def apply(self, grads: list[torch.Tensor], G: torch.Tensor, P: torch.Tensor, ok: torch.Tensor) -> None:
+        """G_A <- P G_A (left) or G_B <- G_B P for the layers marked in ``ok`` (n, 1, 1); the others keep theirs.
+        ``G``: ``grads`` stacked."""
+        P = P.to(self.cdt)
+        _copy_rows(grads, torch.where(ok, torch.bmm(P, G) if self.left else torch.bmm(G, P), G))
+
+
 class RankGroup:
-    """Buckets of one rank on one device: their r x r problems are solved in one batched call."""
+    """Buckets of one rank on one device: their r x r problems are solved in one batched call. For whole factors the
+    A and B sides are grouped by shape (``Side``); the r x r algebra runs in B-side order, and ``to_b`` / ``to_a``
+    (None when the orders agree) carry the A side's Grams into it and its preconditioners back."""
 
-    buckets: list[Bucket]
+    def __init__(self, buckets: list[Bucket]):
+        self.buckets = buckets
+        pairs = [(p, b.cdt) for b in buckets for p in b.pairs]  # the buckets' order, the bucket path's
+        self.a_sides, a_order = self._sides(pairs, "A")
+        self.b_sides, b_order = self._sides(pairs, "B")
+        self.to_b = self.to_a = None
+        if a_order != b_order:
+            a, b = torch.tensor(a_order), torch.tensor(b_order)
+            self.to_b, self.to_a = a.argsort()[b].to(buckets[0].device), b.argsort()[a].to(buckets[0].device)
+
+    @staticmethod
+    def _sides(pairs: list[tuple[LoraPair, torch.dtype]], name: str) -> tuple[list[Side], list[int]]:
+        """The sides of factor ``name`` ("A" or "B") and the order of the pairs in them."""
+        keyed: dict[tuple, list[int]] = {}
+        for i, (p, _) in enumerate(pairs):
+            t = getattr(p, name)
+            keyed.setdefault((tuple(t.shape), t.dtype), []).append(i)
+        sides = [Side([getattr(pairs[i][0], name) for i in idx], name == "A", pairs[idx[0]][1]) for idx in keyed.values()]
+        return sides, [i for idx in keyed.values() for i in idx]
 
 
 class Plan:
@@ -192,6 +227,8 @@ class Plan:
         batch are unaffected. Under FSDP2 each bucket does one all-gather and the same r x r algebra on every rank.
         """
         for rank_group in self.rank_groups:
+            if self.group is None and self._precondition_sides(rank_group, preconditioner, count):
+                continue
             parts = [(b, batch) for b in rank_group.buckets if (batch := b.gather()) is not None]
             if not parts:
                 continue
@@ -201,19 +238,51 @@ class Plan:
             if self.group is None:  # every gradient's norm in one multi-tensor op (overflow counts as non-finite)
                 grads = [g for _, b in parts for g in b.grads_a] + [g for _, b in parts for g in b.grads_b]
                 norms = torch.stack(torch._foreach_norm(grads, 2, dtype=AAt.dtype))
-                grads_ok = finite(norms[:len(AAt)] + norms[len(AAt):])
+                fin = finite(norms[:len(AAt)] + norms[len(AAt):] + AAt.sum(dim=(-2, -1)) + BtB.sum(dim=(-2, -1)))
             else:
-                grads_ok = cat([batch.finite for _, batch in parts])
-            fin = grads_ok & _all_finite(AAt) & _all_finite(BtB)
+                fin = cat([batch.finite for _, batch in parts]) & finite_rows(AAt, BtB)
             P_A, P_B, ok = preconditioner(AAt, BtB)
             ok = ok & fin
             count(ok, fin)
             # one split per tensor, not a slice per bucket; invalid layers keep their gradients (not P = I: exact)
             sizes = [len(batch.grads_a) for _, batch in parts]
-            keeps = (~ok)[:, None, None].split(sizes)
+            oks = ok[:, None, None].split(sizes)
             P_As, P_Bs = P_A.to(AAt.dtype).split(sizes), P_B.to(AAt.dtype).split(sizes)
-            for (bucket, batch), P_A, P_B, keep in zip(parts, P_As, P_Bs, keeps):
-                bucket.apply(batch, P_A, P_B, keep)
+            for (bucket, batch), P_A, P_B, ok in zip(parts, P_As, P_Bs, oks):
+                bucket.apply(batch, P_A, P_B, ok)
+
+    @staticmethod
+    def _precondition_sides(rank_group: RankGroup, preconditioner: Callable, count: Callable) -> bool:
+        """``precondition`` for whole factors, by side (``Side``); False (nothing done) when a layer has no gradient
+        this step, which the bucket path handles."""
+        grads_a = [[t.grad for t in side.factors] for side in rank_group.a_sides]
+        grads_b = [[t.grad for t in side.factors] for side in rank_group.b_sides]
+        if any(g is None for gs in grads_a + grads_b for g in gs):
+            return False
+        GA = [_matrices(gs, side.cdt) for side, gs in zip(rank_group.a_sides, grads_a)]
+        GB = [_matrices(gs, side.cdt) for side, gs in zip(rank_group.b_sides, grads_b)]
+        AAt = torch.cat([side.gram() for side in rank_group.a_sides])
+        BtB = torch.cat([side.gram() for side in rank_group.b_sides])
+        # finiteness of each layer's Grams and gradients from their sums (a sum past the range counts as non-finite)
+        sums_a = AAt.sum(dim=(-2, -1)) + torch.cat([G.sum(dim=(-2, -1)) for G in GA])
+        sums_b = BtB.sum(dim=(-2, -1)) + torch.cat([G.sum(dim=(-2, -1)) for G in GB])
+        if rank_group.to_b is not None:  # the r x r algebra runs in B-side order
+            AAt, sums_a = AAt[rank_group.to_b], sums_a[rank_group.to_b]
+        fin = finite(sums_a + sums_b)
+        P_A, P_B, ok = preconditioner(AAt, BtB)
+        ok = ok & fin
+        count(ok, fin)
+        ok_b = ok[:, None, None]
+        ok_a = ok_b if rank_group.to_a is None else ok_b[rank_group.to_a]
+        if rank_group.to_a is not None:
+            P_A = P_A[rank_group.to_a]
+        # one split per tensor, not a slice per side; invalid layers keep their gradients (not P = I: exact)
+        for sides, grads, Gs, P, oks in ((rank_group.a_sides, grads_a, GA, P_A, ok_a),
+                                         (rank_group.b_sides, grads_b, GB, P_B, ok_b)):
+            sizes = [len(gs) for gs in grads]
+            for side, gs, G, P_side, ok_side in zip(sides, grads, Gs, P.split(sizes), oks.split(sizes)):
+                side.apply(gs, G, P_side, ok_side)
+        return True
 
     # ------------------------------------------------------------------ norms and rescaling (RefLoRA-S)
     def factor_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
