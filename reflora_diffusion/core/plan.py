@@ -46,6 +46,11 @@ def _matrices(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return stacked if stacked.dtype == dtype else stacked.to(dtype)
 
 
+def gram(M: torch.Tensor, left: bool) -> torch.Tensor:
+    """The r x r Gram of a stack of factors: A A^T for A (left, (n, r, d_in)), B^T B for B ((n, d_out, r))."""
+    return torch.bmm(M, M.mT) if left else torch.bmm(M.mT, M)
+
+
 def _copy_rows(targets: list[torch.Tensor], mats: torch.Tensor) -> None:
     """targets[i] <- mats[i] in one op (``split_with_sizes_copy``, a single fused kernel on CUDA, the one FSDP2
     uses), without a view per layer; conv layouts reshaped. The cast comes first (the op copies within a dtype;
@@ -92,7 +97,7 @@ class Bucket:
     def grams(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A A^T, B^T B, A, B) of whole factors, stacked (A, B as in ``factors``)."""
         A, B = self.factors(dtype)
-        return torch.bmm(A, A.mT), torch.bmm(B.mT, B), A, B
+        return gram(A, True), gram(B, False), A, B
 
     def gather(self) -> Batch | None:
         """Grams and stacked gradients (and, sharded, gradient finiteness; whole factors get theirs in one pass over
@@ -109,12 +114,12 @@ class Bucket:
         A = _matrices([local(t.detach()) for t in self.A], self.cdt)
         B = _matrices([local(t.detach()) for t in self.B], self.cdt)
         GA, GB = _matrices(grads_a, self.cdt), _matrices(grads_b, self.cdt)
-        partial = torch.cat([(B.mT @ B).flatten(1), GB.square().sum((1, 2))[:, None]], dim=1)
+        partial = torch.cat([gram(B, False).flatten(1), GB.square().sum((1, 2))[:, None]], dim=1)
         whole, summed = gather_rows(torch.stack([A, GA], dim=1), self.rank, partial, self.group)
         A, GA = whole[:, 0], whole[:, 1]
         BtB = summed[:, :-1].view(-1, self.rank, self.rank)
         ok = finite(GA.sum(dim=(-2, -1)) + summed[:, -1])
-        return Batch(A @ A.mT, BtB, ok, GA, GB, grads_a, grads_b)
+        return Batch(gram(A, True), BtB, ok, GA, GB, grads_a, grads_b)
 
     def apply(self, batch: Batch, P_A: torch.Tensor, P_B: torch.Tensor, ok: torch.Tensor) -> None:
         """G_A <- P_A G_A, G_B <- G_B P_B for the layers marked in ``ok`` (n, 1, 1); the others keep their gradients
@@ -140,8 +145,7 @@ class Side:
         self.factors, self.left, self.cdt = factors, left, cdt
 
     def gram(self) -> torch.Tensor:
-        M = _matrices(self.factors, self.cdt)
-        return torch.bmm(M, M.mT) if self.left else torch.bmm(M.mT, M)
+        return gram(_matrices(self.factors, self.cdt), self.left)
 
     def apply(self, grads: list[torch.Tensor], G: torch.Tensor, P: torch.Tensor, ok: torch.Tensor) -> None:
         """G_A <- P G_A (left) or G_B <- G_B P for the layers marked in ``ok`` (n, 1, 1); the others keep theirs.
