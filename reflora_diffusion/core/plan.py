@@ -51,6 +51,18 @@ def gram(M: torch.Tensor, left: bool) -> torch.Tensor:
     return torch.bmm(M, M.mT) if left else torch.bmm(M.mT, M)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The r x r algebra's precision for factors of ``dtype``: float64 for float64, else float32 (linalg's docstring)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _precondition_into(grads: list[torch.Tensor], P: torch.Tensor, G: torch.Tensor, ok: torch.Tensor, left: bool,
+                       kept: torch.Tensor | None = None) -> None:
+    """grads <- P G (left) or G P for the layers marked in ``ok`` (n, 1, 1), ``kept`` (default G) for the others:
+    exactly their gradients, where a matmul would smear one NaN over a whole column."""
+    _copy_rows(grads, torch.where(ok, torch.bmm(P, G) if left else torch.bmm(G, P), G if kept is None else kept))
+
+
 def _copy_rows(targets: list[torch.Tensor], mats: torch.Tensor) -> None:
     """targets[i] <- mats[i] in one op (``split_with_sizes_copy``, a single fused kernel on CUDA, the one FSDP2
     uses), without a view per layer; conv layouts reshaped. The cast comes first (the op copies within a dtype;
@@ -84,8 +96,7 @@ class Bucket:
         self.B = [p.B for p in pairs]
         self.rank = pairs[0].rank
         self.dtype, self.device = self.A[0].dtype, self.A[0].device
-        # the r x r algebra's precision: float64 for float64 factors, else float32 (linalg's docstring)
-        self.cdt = torch.float64 if self.dtype == torch.float64 else torch.float32
+        self.cdt = compute_dtype(self.dtype)
 
     def stale(self) -> bool:
         return self.A[0].dtype != self.dtype or self.A[0].device != self.device
@@ -125,14 +136,12 @@ class Bucket:
         """G_A <- P_A G_A, G_B <- G_B P_B for the layers marked in ``ok`` (n, 1, 1); the others keep their gradients
         exactly (their factors or gradients are not finite, where a matmul would smear one NaN over a whole column,
         or their preconditioner is not valid). Sharded, each rank writes its rows of G_A."""
-        GA, GB = batch.GA, batch.GB
+        GA_mine = None
         if self.group is not None:
             mine = local_rows(self.rank, self.group)
-            P_A, GA_mine = P_A[:, mine], GA[:, mine]
-        else:
-            GA_mine = GA
-        _copy_rows(batch.grads_a, torch.where(ok, torch.bmm(P_A, GA), GA_mine))
-        _copy_rows(batch.grads_b, torch.where(ok, torch.bmm(GB, P_B), GB))
+            P_A, GA_mine = P_A[:, mine], batch.GA[:, mine]
+        _precondition_into(batch.grads_a, P_A, batch.GA, ok, True, GA_mine)
+        _precondition_into(batch.grads_b, P_B, batch.GB, ok, False)
 
 
 class Side:
@@ -141,17 +150,11 @@ class Side:
     6 pair shapes, 4 A shapes, 3 B shapes). Whole factors get one stack, one Gram, one batched matmul and one copy
     back per side, not per pair shape."""
 
-    def __init__(self, factors: list[torch.Tensor], left: bool, cdt: torch.dtype):
-        self.factors, self.left, self.cdt = factors, left, cdt
+    def __init__(self, factors: list[torch.Tensor], left: bool):
+        self.factors, self.left, self.cdt = factors, left, compute_dtype(factors[0].dtype)
 
     def gram(self) -> torch.Tensor:
         return gram(_matrices(self.factors, self.cdt), self.left)
-
-    def apply(self, grads: list[torch.Tensor], G: torch.Tensor, P: torch.Tensor, ok: torch.Tensor) -> None:
-        """G_A <- P G_A (left) or G_B <- G_B P for the layers marked in ``ok`` (n, 1, 1); the others keep theirs.
-        ``G``: ``grads`` stacked."""
-        P = P.to(self.cdt)
-        _copy_rows(grads, torch.where(ok, torch.bmm(P, G) if self.left else torch.bmm(G, P), G))
 
 
 class RankGroup:
@@ -161,7 +164,7 @@ class RankGroup:
 
     def __init__(self, buckets: list[Bucket]):
         self.buckets = buckets
-        pairs = [(p, b.cdt) for b in buckets for p in b.pairs]  # the buckets' order, the bucket path's
+        pairs = [p for b in buckets for p in b.pairs]  # the buckets' order, the bucket path's
         self.a_sides, a_order = self._sides(pairs, "A")
         self.b_sides, b_order = self._sides(pairs, "B")
         self.to_b = self.to_a = None
@@ -170,14 +173,44 @@ class RankGroup:
             self.to_b, self.to_a = a.argsort()[b].to(buckets[0].device), b.argsort()[a].to(buckets[0].device)
 
     @staticmethod
-    def _sides(pairs: list[tuple[LoraPair, torch.dtype]], name: str) -> tuple[list[Side], list[int]]:
+    def _sides(pairs: list[LoraPair], name: str) -> tuple[list[Side], list[int]]:
         """The sides of factor ``name`` ("A" or "B") and the order of the pairs in them."""
         keyed: dict[tuple, list[int]] = {}
-        for i, (p, _) in enumerate(pairs):
+        for i, p in enumerate(pairs):
             t = getattr(p, name)
             keyed.setdefault((tuple(t.shape), t.dtype), []).append(i)
-        sides = [Side([getattr(pairs[i][0], name) for i in idx], name == "A", pairs[idx[0]][1]) for idx in keyed.values()]
+        sides = [Side([getattr(pairs[i], name) for i in idx], name == "A") for idx in keyed.values()]
         return sides, [i for idx in keyed.values() for i in idx]
+
+    def precondition_sides(self, preconditioner: Callable, count: Callable) -> bool:
+        """``Plan.precondition`` for whole factors, by side; False (nothing done) when a layer has no gradient this
+        step, which the bucket path handles."""
+        grads_a = [[t.grad for t in side.factors] for side in self.a_sides]
+        grads_b = [[t.grad for t in side.factors] for side in self.b_sides]
+        if any(g is None for gs in grads_a + grads_b for g in gs):
+            return False
+        GA = [_matrices(gs, side.cdt) for side, gs in zip(self.a_sides, grads_a)]
+        GB = [_matrices(gs, side.cdt) for side, gs in zip(self.b_sides, grads_b)]
+        AAt = torch.cat([side.gram() for side in self.a_sides])
+        BtB = torch.cat([side.gram() for side in self.b_sides])
+        # finiteness of each layer's Grams and gradients from their sums (a sum past the range counts as non-finite)
+        sums_a = AAt.sum(dim=(-2, -1)) + torch.cat([G.sum(dim=(-2, -1)) for G in GA])
+        sums_b = BtB.sum(dim=(-2, -1)) + torch.cat([G.sum(dim=(-2, -1)) for G in GB])
+        if self.to_b is not None:  # the r x r algebra runs in B-side order
+            AAt, sums_a = AAt[self.to_b], sums_a[self.to_b]
+        fin = finite(sums_a + sums_b)
+        P_A, P_B, ok = preconditioner(AAt, BtB)
+        ok = ok & fin
+        count(ok, fin)
+        ok_a = ok_b = ok[:, None, None]
+        if self.to_a is not None:  # and back into A-side order
+            P_A, ok_a = P_A[self.to_a], ok_b[self.to_a]
+        # one split per tensor, not a slice per side; invalid layers keep their gradients (not P = I: exact)
+        for sides, grads, Gs, P, oks in ((self.a_sides, grads_a, GA, P_A, ok_a), (self.b_sides, grads_b, GB, P_B, ok_b)):
+            sizes = [len(gs) for gs in grads]
+            for side, gs, G, P_side, ok_side in zip(sides, grads, Gs, P.split(sizes), oks.split(sizes)):
+                _precondition_into(gs, P_side.to(side.cdt), G, ok_side, side.left)
+        return True
 
 
 class Plan:
@@ -231,7 +264,7 @@ class Plan:
         batch are unaffected. Under FSDP2 each bucket does one all-gather and the same r x r algebra on every rank.
         """
         for rank_group in self.rank_groups:
-            if self.group is None and self._precondition_sides(rank_group, preconditioner, count):
+            if self.group is None and rank_group.precondition_sides(preconditioner, count):
                 continue
             parts = [(b, batch) for b in rank_group.buckets if (batch := b.gather()) is not None]
             if not parts:
@@ -254,39 +287,6 @@ class Plan:
             P_As, P_Bs = P_A.to(AAt.dtype).split(sizes), P_B.to(AAt.dtype).split(sizes)
             for (bucket, batch), P_A, P_B, ok in zip(parts, P_As, P_Bs, oks):
                 bucket.apply(batch, P_A, P_B, ok)
-
-    @staticmethod
-    def _precondition_sides(rank_group: RankGroup, preconditioner: Callable, count: Callable) -> bool:
-        """``precondition`` for whole factors, by side (``Side``); False (nothing done) when a layer has no gradient
-        this step, which the bucket path handles."""
-        grads_a = [[t.grad for t in side.factors] for side in rank_group.a_sides]
-        grads_b = [[t.grad for t in side.factors] for side in rank_group.b_sides]
-        if any(g is None for gs in grads_a + grads_b for g in gs):
-            return False
-        GA = [_matrices(gs, side.cdt) for side, gs in zip(rank_group.a_sides, grads_a)]
-        GB = [_matrices(gs, side.cdt) for side, gs in zip(rank_group.b_sides, grads_b)]
-        AAt = torch.cat([side.gram() for side in rank_group.a_sides])
-        BtB = torch.cat([side.gram() for side in rank_group.b_sides])
-        # finiteness of each layer's Grams and gradients from their sums (a sum past the range counts as non-finite)
-        sums_a = AAt.sum(dim=(-2, -1)) + torch.cat([G.sum(dim=(-2, -1)) for G in GA])
-        sums_b = BtB.sum(dim=(-2, -1)) + torch.cat([G.sum(dim=(-2, -1)) for G in GB])
-        if rank_group.to_b is not None:  # the r x r algebra runs in B-side order
-            AAt, sums_a = AAt[rank_group.to_b], sums_a[rank_group.to_b]
-        fin = finite(sums_a + sums_b)
-        P_A, P_B, ok = preconditioner(AAt, BtB)
-        ok = ok & fin
-        count(ok, fin)
-        ok_b = ok[:, None, None]
-        ok_a = ok_b if rank_group.to_a is None else ok_b[rank_group.to_a]
-        if rank_group.to_a is not None:
-            P_A = P_A[rank_group.to_a]
-        # one split per tensor, not a slice per side; invalid layers keep their gradients (not P = I: exact)
-        for sides, grads, Gs, P, oks in ((rank_group.a_sides, grads_a, GA, P_A, ok_a),
-                                         (rank_group.b_sides, grads_b, GB, P_B, ok_b)):
-            sizes = [len(gs) for gs in grads]
-            for side, gs, G, P_side, ok_side in zip(sides, grads, Gs, P.split(sizes), oks.split(sizes)):
-                side.apply(gs, G, P_side, ok_side)
-        return True
 
     # ------------------------------------------------------------------ norms and rescaling (RefLoRA-S)
     def factor_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
