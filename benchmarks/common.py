@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +27,7 @@ VARIANTS = {  # variant -> the trainers' option names (core/options.py)
     "update": {"reflora_apply_to": "update"},  # S* on the optimizer's step
     "factors": {"reflora_apply_to": "factors"},  # balanced factors, optimizer moments carried
     "reinit": {"reinit": True},  # random full-rank factors at step 0 (base weight compensated), any method
+    # "warmupN": refactor after N plain LoRA steps instead of the benchmark's own warm-up (split_method)
 }
 
 
@@ -35,9 +37,12 @@ def split_method(name: str) -> tuple[str, dict]:
     method, *variants = name.split("@")
     options = {}
     for variant in variants:
+        if re.fullmatch(r"warmup\d+", variant):
+            options["refactor_warmup_steps"] = int(variant[len("warmup"):])
+            continue
         if variant not in VARIANTS:
             raise SystemExit(f"error: unknown variant {variant!r} in {name!r}; use one of "
-                             f"{sorted(v for v in VARIANTS if v)}")
+                             f"{sorted(v for v in VARIANTS if v) + ['warmupN']}")
         options.update(VARIANTS[variant])
     return method, options
 
@@ -99,7 +104,7 @@ def sd_trainer(method: str, output_dir: str | os.PathLike, **options):
     from reflora_diffusion.sd.train import SDTrainer
 
     core, variant_options = split_method(method)
-    cfg = make_config(dict(**options, **variant_options, method=core, output_dir=str(output_dir)))
+    cfg = make_config({**options, **variant_options, "method": core, "output_dir": str(output_dir)})  # the variant wins
     trainer = SDTrainer.in_process(cfg)
     trainer.setup()
     return trainer

@@ -123,7 +123,7 @@ def run_glue_cell(method: str, lr: float, seed: int, args, model: str) -> dict:
     out = Path(tempfile.mkdtemp(prefix="lr-sweep-glue-"))
     try:
         flags = ["--task_name", args.data, "--model_name_or_path", model, "--data_dir", str(common.DATA / "glue"),
-                 "--method", core, *common.option_flags(options), "--output_dir", str(out), "--seed", str(seed),
+                 "--method", core, "--output_dir", str(out), "--seed", str(seed),
                  "--max_steps", str(args.steps), "--per_device_train_batch_size", "32",
                  "--per_device_eval_batch_size", "64", "--learning_rate", str(lr), "--lr_scheduler_type", "linear",
                  "--warmup_steps", str(PAPER[args.data]["warmup_steps"]), "--weight_decay", "0.01",
@@ -134,6 +134,7 @@ def run_glue_cell(method: str, lr: float, seed: int, args, model: str) -> dict:
                  "--dataloader_pin_memory", "false", "--log_level", "error"]
         if optim_args:
             flags += ["--optim_args", optim_args]
+        flags += common.option_flags(options)  # last: a variant's warm-up replaces the testbed's
         t0 = time.perf_counter()
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
             run(*parse_args(flags))
@@ -169,14 +170,14 @@ def run_smollm_cell(method: str, lr: float, seed: int, args, model_dir: str, tra
     warmup = max(1, args.steps // 10)
     core, options = common.split_method(method)
     argv = ["--model_name_or_path", model_dir, "--train_file", str(train_file), "--method", core,
-            *common.option_flags(options),
             "--output_dir", str(out), "--max_steps", str(args.steps),
             "--per_device_train_batch_size", str(SMOLLM["batch_size"]), "--learning_rate", str(lr),
             "--warmup_steps", str(warmup), "--refactor_warmup_steps", str(warmup),
             "--cutoff_len", str(SMOLLM["cutoff_len"]), "--lora_r", "32", "--lora_alpha", "64",
             "--lora_top_layers", str(SMOLLM["top_layers"]), "--eval_holdout", str(SMOLLM["holdout"]),
             "--logging_steps", str(every), "--eval_strategy", "steps", "--eval_steps", str(every),
-            "--save_strategy", "no", "--seed", str(seed), "--report_to", "none", "--disable_tqdm", "true"]
+            "--save_strategy", "no", "--seed", str(seed), "--report_to", "none", "--disable_tqdm", "true",
+            *common.option_flags(options)]  # last: a variant's warm-up replaces the sweep's
     if not torch.cuda.is_available():
         argv.append("--use_cpu")
     try:

@@ -109,6 +109,8 @@ def test_common_cells_resume_and_outputs_are_written_whole(tmp_path):
         "--reinit", "true", "--reflora_apply_to", "factors"]
     with pytest.raises(SystemExit, match="unknown variant 'fast'"):
         common.split_method("lora@fast")
+    # a refactoring warm-up of its own (the GLUE testbed's is 100 plain steps)
+    assert common.split_method("reflora@warmup10") == ("reflora", {"refactor_warmup_steps": 10})
 
 
 def test_lr_sweep_summary_picks_each_methods_best_rate_band_and_paired_interval():
