@@ -205,11 +205,20 @@ def paired_interval(diffs: list[float]) -> dict | None:
 
 
 def summarize(cells: list[dict], tolerance: float) -> dict:
-    """Per method: best rate, band width, steps to LoRA's final held-out loss, paired differences to LoRA."""
+    """Per method: best rate, band width, steps to LoRA's final held-out loss, paired differences to LoRA.
+
+    A grid still being filled has seeds that only some methods ran at a rate: each rate's means are taken over the
+    seeds every method run at that rate has (``seeds_by_lr``), so methods are compared on the same seeds."""
     final = lambda c: c["eval_loss"][str(c["steps"])]  # noqa: E731
     by = {}
     for c in cells:
         by.setdefault(c["method"], {}).setdefault(c["lr"], {})[c["seed"]] = c
+    shared: dict[float, set] = {}
+    for rates in by.values():
+        for lr, seeds in rates.items():
+            shared[lr] = shared.get(lr, set(seeds)) & set(seeds)
+    by = {m: {lr: {s: c for s, c in seeds.items() if s in shared[lr]} for lr, seeds in rates.items()}
+          for m, rates in by.items()}
     report = {}
     lora_best = None
     if "lora" in by:
@@ -220,7 +229,8 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
         best_lr = min(means, key=means.get)
         good = [lr for lr, m in means.items() if m <= means[best_lr] * (1 + tolerance)]
         entry = {"best_lr": best_lr, "best_eval_loss": means[best_lr], "mean_eval_loss_by_lr": means,
-                 "good_band": [min(good), max(good)], "band_width": max(good) / min(good), "seeds": len(rates[best_lr])}
+                 "good_band": [min(good), max(good)], "band_width": max(good) / min(good), "seeds": len(rates[best_lr]),
+                 "seeds_by_lr": {lr: sorted(seeds) for lr, seeds in rates.items()}}
         # the held-out loss at 25 / 50 / 100 % of the run at the best rate, the lowest it reached at any eval point
         # (early stopping), and the training loss at the end: on a few photos the held-out loss rises as a run
         # memorises its training images, so the end alone rewards what learns least

@@ -148,3 +148,6 @@ def test_lr_sweep_summary_picks_each_methods_best_rate_band_and_paired_interval(
     at_high = ref["paired_diff_to_lora_by_lr"][1e-2]
     assert at_high["mean"] == pytest.approx(-0.37) and at_high["ci95"] == pytest.approx([-0.37 - half, -0.37 + half])
     assert ref["paired_diff_to_lora_by_lr"][1e-3]["mean"] == pytest.approx(0.02)
+    # a seed only one method has run at a rate stays out of that rate's means (the others have not run it yet)
+    extra = lr_sweep.summarize(cells + [cell("lora", 1e-3, 3, [1.0, 0.8, 0.6, 0.10])], tolerance=0.05)
+    assert extra["lora"]["best_eval_loss"] == pytest.approx(0.51) and extra["lora"]["seeds_by_lr"][1e-3] == [0, 1, 2]
