@@ -144,12 +144,14 @@ def run_glue_cell(method: str, lr: float, seed: int, args, model: str) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     losses = [v for v in losses if v is not None]
     evals = results["evals"]
-    return {"method": method, "lr": lr, "seed": seed, "steps": args.steps, "optim": args.optim,
+    # a diverged run has no finite dev loss (the trainer writes NaN as null) and HF logs its NaN loss as 0.0
+    diverged = not any(e["step"] == args.steps and e.get("eval_loss") is not None for e in evals)
+    return {"method": method, "lr": lr, "seed": seed, "steps": args.steps, "optim": args.optim, "diverged": diverged,
             "seconds": round(time.perf_counter() - t0, 1),
             "eval_loss": {str(e["step"]): e["eval_loss"] for e in evals if e.get("eval_loss") is not None},
             "metric_name": results["main_metric"],
             "metric": {str(e["step"]): main_value(args.data, e) for e in evals},
-            "final_train_loss": statistics.fmean(losses[-5:]) if losses else None}
+            "final_train_loss": statistics.fmean(losses[-5:]) if losses and not diverged else None}
 
 
 # ---- part 3: SmolLM2-135M held-out LM loss (reduced CPU budget) ---------------------------------------------
@@ -194,22 +196,26 @@ def run_smollm_cell(method: str, lr: float, seed: int, args, model_dir: str, tra
 
 
 def paired_interval(diffs: list[float]) -> dict | None:
-    """Mean of paired differences with a 95 % t interval over seeds (None with one seed)."""
+    """Mean of paired differences with a 95 % t interval over seeds (None with one seed); a pair in which a run
+    diverged (no finite held-out loss) is left out and counted."""
+    diverged = sum(not math.isfinite(d) for d in diffs)
+    diffs = [d for d in diffs if math.isfinite(d)]
     if not diffs:
-        return None
+        return {"mean": None, "ci95": None, "n": 0, "diverged": diverged} if diverged else None
     mean = statistics.fmean(diffs)
     if len(diffs) == 1:
-        return {"mean": mean, "ci95": None, "n": 1}
+        return {"mean": mean, "ci95": None, "n": 1, **({"diverged": diverged} if diverged else {})}
     half = T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(diffs)}
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(diffs), **({"diverged": diverged} if diverged else {})}
 
 
 def summarize(cells: list[dict], tolerance: float) -> dict:
     """Per method: best rate, band width, steps to LoRA's final held-out loss, paired differences to LoRA.
 
     A grid still being filled has seeds that only some methods ran at a rate: each rate's means are taken over the
-    seeds every method run at that rate has (``seeds_by_lr``), so methods are compared on the same seeds."""
-    final = lambda c: c["eval_loss"][str(c["steps"])]  # noqa: E731
+    seeds every method run at that rate has (``seeds_by_lr``), so methods are compared on the same seeds; the paired
+    differences to LoRA take every seed the two share."""
+    final = lambda c: c["eval_loss"].get(str(c["steps"]), math.inf)  # noqa: E731  (inf: the run diverged)
     by = {}
     for c in cells:
         by.setdefault(c["method"], {}).setdefault(c["lr"], {})[c["seed"]] = c
@@ -217,8 +223,8 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
     for rates in by.values():
         for lr, seeds in rates.items():
             shared[lr] = shared.get(lr, set(seeds)) & set(seeds)
-    by = {m: {lr: {s: c for s, c in seeds.items() if s in shared[lr]} for lr, seeds in rates.items()}
-          for m, rates in by.items()}
+    paired, by = by, {m: {lr: {s: c for s, c in seeds.items() if s in shared[lr]} for lr, seeds in rates.items()}
+                      for m, rates in by.items()}
     report = {}
     lora_best = None
     if "lora" in by:
@@ -236,13 +242,19 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
         # memorises its training images, so the end alone rewards what learns least
         cs = list(rates[best_lr].values())
         steps = sorted(int(k) for k in cs[0]["eval_loss"])
-        entry["eval_loss_at"] = {str(k): statistics.fmean(c["eval_loss"][str(k)] for c in cs) for k in steps if k}
-        entry["lowest_eval_loss_by_lr"] = {lr: statistics.fmean(min(v for k, v in c["eval_loss"].items() if k != "0")
+        entry["eval_loss_at"] = {str(k): statistics.fmean(c["eval_loss"].get(str(k), math.inf) for c in cs)
+                                 for k in steps if k}
+        entry["lowest_eval_loss_by_lr"] = {lr: statistics.fmean(min((v for k, v in c["eval_loss"].items() if k != "0"),
+                                                                    default=math.inf)
                                                                 for c in seeds.values())
                                            for lr, seeds in rates.items()}
+        # (a diverged run has none: HF's Trainer logs a NaN loss as 0.0 by default)
         entry["final_train_loss_by_lr"] = {lr: statistics.fmean(c["final_train_loss"] for c in seeds.values())
                                            for lr, seeds in rates.items()
-                                           if all(c["final_train_loss"] is not None for c in seeds.values())}
+                                           if all(c["final_train_loss"] is not None and math.isfinite(final(c))
+                                                  for c in seeds.values())}
+        entry["diverged_by_lr"] = {lr: n for lr, seeds in rates.items()
+                                   if (n := sum(not math.isfinite(final(c)) for c in seeds.values()))}
         if "metric" in cs[0]:  # GLUE: the task's own dev metric at the end (higher is better), next to the loss
             entry["metric_name"] = cs[0]["metric_name"]
             entry["final_metric_by_lr"] = {lr: statistics.fmean(c["metric"][str(c["steps"])] for c in seeds.values())
@@ -255,13 +267,26 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
                 reached.append(next((s for s in steps if s > 0 and c["eval_loss"][str(s)] <= target), None))
             entry["steps_to_lora_final"] = reached
             entry["paired_diff_to_lora"] = paired_interval(
-                [final(rates[best_lr][s]) - final(lora_best[s]) for s in rates[best_lr] if s in lora_best])
+                [final(c) - final(paired["lora"][lora_lr][s]) for s, c in paired[method][best_lr].items()
+                 if s in paired["lora"][lora_lr]])
             # and at equal rates (what a user who keeps the trainer's rate and switches the method sees)
             entry["paired_diff_to_lora_by_lr"] = {
-                lr: paired_interval([final(seeds[s]) - final(by["lora"][lr][s]) for s in seeds if s in by["lora"][lr]])
-                for lr, seeds in rates.items() if lr in by["lora"]}
+                lr: paired_interval([final(seeds[s]) - final(paired["lora"][lr][s]) for s in seeds
+                                     if s in paired["lora"][lr]])
+                for lr, seeds in paired[method].items() if lr in paired["lora"]}
         report[method] = entry
     return report
+
+
+def finite_or_none(obj):
+    """The report with a diverged run's infinite losses as null (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite_or_none(v) for v in obj]
+    return obj
 
 
 TITLES = {"dog": "tiny-emoji DreamBooth (dog photos, one held out): learning-rate sweep",
@@ -282,7 +307,9 @@ def plot(report: dict, path: Path, data: str = "dog", title: str | None = None) 
     for ax, (key, name) in zip(axes, panels):
         for method, entry in report.items():
             rates = sorted(entry[key])
-            ax.plot(rates, [entry[key][r] for r in rates], marker="o", label=method)
+            diverged = ", ".join(f"{lr:g}" for lr in sorted(entry.get("diverged_by_lr", {})))
+            ax.plot(rates, [entry[key][r] for r in rates], marker="o",  # (a diverged run's inf is not drawn)
+                    label=method + (f" (diverged at {diverged})" if diverged else ""))
         ax.set_xscale("log")
         if data == "smollm" and not key.startswith("final_metric"):  # losses over a decade: slow starts and plateaus
             ax.set_yscale("log")
@@ -363,9 +390,9 @@ def main(argv=None) -> None:
     cells = [json.loads(c.read_text()) for c in sorted(cells_dir.glob(f"*-n{args.steps}.json"))]
     report = summarize(cells, args.tolerance)
     title = TITLES[args.data] + (f", {args.optim}, {args.steps} steps" if glue else "")
-    common.write_json(out.with_suffix(".json"), {"data": args.data, "steps": args.steps, "tolerance": args.tolerance,
-                                                 **({"optim": args.optim} if glue else {}),
-                                                 "cells": len(cells), "methods": report})
+    common.write_json(out.with_suffix(".json"), finite_or_none(
+        {"data": args.data, "steps": args.steps, "tolerance": args.tolerance, **({"optim": args.optim} if glue else {}),
+         "cells": len(cells), "methods": report}), allow_nan=False)
     plot(report, out.with_suffix(".png"), args.data, title)
     print(json.dumps(report, indent=1))
 

@@ -1,6 +1,7 @@
 """Benchmark scripts' own logic: the commonsense report's statistics, and the DreamBooth grid on tiny-emoji."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -151,3 +152,12 @@ def test_lr_sweep_summary_picks_each_methods_best_rate_band_and_paired_interval(
     # a seed only one method has run at a rate stays out of that rate's means (the others have not run it yet)
     extra = lr_sweep.summarize(cells + [cell("lora", 1e-3, 3, [1.0, 0.8, 0.6, 0.10])], tolerance=0.05)
     assert extra["lora"]["best_eval_loss"] == pytest.approx(0.51) and extra["lora"]["seeds_by_lr"][1e-3] == [0, 1, 2]
+    # a run that diverged (NaN: no held-out loss; HF's Trainer logs its loss as 0.0) is the worst, not a crash or a 0
+    bad = cell("reflora-s", 1e-2, 0, [1.0], 0.32)
+    bad["eval_loss"], bad["final_train_loss"] = {}, 0.0
+    cells_s = [bad] + [cell("reflora-s", 1e-3, s, [1.0, 0.7, 0.6, 0.55], 0.8) for s in range(3)]
+    report = lr_sweep.summarize(cells + cells_s, tolerance=0.05)["reflora-s"]
+    assert report["best_lr"] == 1e-3 and report["diverged_by_lr"] == {1e-2: 1}
+    assert report["mean_eval_loss_by_lr"][1e-2] == math.inf and 1e-2 not in report["final_train_loss_by_lr"]
+    assert report["paired_diff_to_lora_by_lr"][1e-2] == {"mean": None, "ci95": None, "n": 0, "diverged": 1}
+    assert lr_sweep.finite_or_none({"a": [math.inf, 1.0]}) == {"a": [None, 1.0]}
