@@ -144,11 +144,11 @@ def run_glue_cell(method: str, lr: float, seed: int, args, model: str) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     losses = [v for v in losses if v is not None]
     evals = results["evals"]
+    eval_loss = {str(e["step"]): e["eval_loss"] for e in evals if e.get("eval_loss") is not None}
     # a diverged run has no finite dev loss (the trainer writes NaN as null) and HF logs its NaN loss as 0.0
-    diverged = not any(e["step"] == args.steps and e.get("eval_loss") is not None for e in evals)
+    diverged = str(args.steps) not in eval_loss
     return {"method": method, "lr": lr, "seed": seed, "steps": args.steps, "optim": args.optim, "diverged": diverged,
-            "seconds": round(time.perf_counter() - t0, 1),
-            "eval_loss": {str(e["step"]): e["eval_loss"] for e in evals if e.get("eval_loss") is not None},
+            "seconds": round(time.perf_counter() - t0, 1), "eval_loss": eval_loss,
             "metric_name": results["main_metric"],
             "metric": {str(e["step"]): main_value(args.data, e) for e in evals},
             "final_train_loss": statistics.fmean(losses[-5:]) if losses and not diverged else None}
@@ -200,13 +200,14 @@ def paired_interval(diffs: list[float]) -> dict | None:
     diverged (no finite held-out loss) is left out and counted."""
     diverged = sum(not math.isfinite(d) for d in diffs)
     diffs = [d for d in diffs if math.isfinite(d)]
+    extra = {"diverged": diverged} if diverged else {}
     if not diffs:
-        return {"mean": None, "ci95": None, "n": 0, "diverged": diverged} if diverged else None
-    mean = statistics.fmean(diffs)
-    if len(diffs) == 1:
-        return {"mean": mean, "ci95": None, "n": 1, **({"diverged": diverged} if diverged else {})}
-    half = T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(diffs), **({"diverged": diverged} if diverged else {})}
+        return {"mean": None, "ci95": None, "n": 0, **extra} if diverged else None
+    mean, ci95 = statistics.fmean(diffs), None
+    if len(diffs) > 1:
+        half = T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        ci95 = [mean - half, mean + half]
+    return {"mean": mean, "ci95": ci95, "n": len(diffs), **extra}
 
 
 def summarize(cells: list[dict], tolerance: float) -> dict:

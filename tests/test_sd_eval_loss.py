@@ -20,15 +20,14 @@ def test_eval_loss_is_logged_and_paired_across_methods_and_seeds(tmp_path, prese
     runs = {}
     for name, opts in (("lora", {"method": "lora", "seed": 0}), ("reflora", {"method": "reflora", "seed": 1,
                                                                               "refactor_warmup_steps": 1})):
-        train(tmp_path / name, pretrained_model_name_or_path=preset, resolution=64, **{**EVAL, **opts})
+        train(tmp_path / name, pretrained_model_name_or_path=preset, **{**EVAL, **opts})  # (BASE: 64 px)
         runs[name] = eval_losses(tmp_path / name)
         assert list(runs[name]) == [0, 2, 4]
     # at step 0 the adapters change nothing (B = 0): both runs see the same noise, timesteps and weights
     assert runs["lora"][0] == runs["reflora"][0]
     assert runs["lora"][4] != runs["lora"][0]  # training moved it
     # the same run again gives the same numbers (fixed noise, not the training RNG)
-    train(tmp_path / "again", pretrained_model_name_or_path=preset, resolution=64,
-          **{**EVAL, "method": "lora", "seed": 0})
+    train(tmp_path / "again", pretrained_model_name_or_path=preset, **{**EVAL, "method": "lora", "seed": 0})
     assert eval_losses(tmp_path / "again") == runs["lora"]
 
 
