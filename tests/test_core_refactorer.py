@@ -369,6 +369,35 @@ def test_nonfinite_factor_is_left_untouched_and_counted():
     assert not torch.equal(pairs[0].A.grad, grads[0])
 
 
+def test_outcome_counters_add_up_over_actions_and_survive_save_and_load(tmp_path):
+    """Refactored / rank-deficient / non-finite: the last action's figures and the totals over actions, kept on the
+    device between logging steps, and the same after save + load into a fresh Refactorer."""
+    model = lora_model(seed=2, warm=False)  # B = 0: the first action skips both layers as rank-deficient
+    pairs = find_lora_pairs(model)
+    ref = Refactorer(model, method="reflora")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ref.attach(opt)
+    x, y = data()
+    for step in range(3):
+        ((model(x) - y) ** 2).mean().backward()
+        if step == 2:
+            pairs[0].A.grad[0, 0] = float("nan")
+        opt.step()
+        opt.zero_grad()
+        if step == 0:
+            with torch.no_grad():
+                for p in pairs:  # full rank from here on
+                    p.B.normal_(0, 0.3)
+    st = ref.stats(sstar=False)
+    assert (st["refactored"], st["skipped_rank_deficient"], st["skipped_nonfinite"]) == (1, 0, 1)
+    assert st["skipped_total"] == 2 + 0 + 1  # step 0: 2 rank-deficient; step 1: none; step 2: 1 non-finite
+    ref.save(tmp_path)
+    fresh = Refactorer(lora_model(seed=2, warm=False), method="reflora")
+    fresh.load(tmp_path)
+    assert fresh.stats(sstar=False)["skipped_total"] == 3
+    assert fresh.state_dict()["totals"] == {"refactored": 3, "skipped_rank_deficient": 2, "skipped_nonfinite": 1}
+
+
 def test_bf16_parameters_keep_their_dtype_and_follow_float32():
     m32 = lora_model(seed=4)
     m16 = copy.deepcopy(m32).to(torch.bfloat16)

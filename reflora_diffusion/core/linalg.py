@@ -77,21 +77,23 @@ def _geometric_mean_cholesky(AAt: torch.Tensor, BtB: torch.Tensor, logdet: bool 
 
     With A A^T = L L^T and K = L^T B^T B L = V diag(m^2) V^T (congruence invariance of the geometric mean):
         S* = L^-T V diag(m) V^T L^-1,    S*^-1 = L V diag(1/m) V^T L^T.
-    Cholesky and eigh read the lower triangle only, so the Grams are not symmetrised first.
+    Cholesky and eigh read the lower triangle only, so the Grams are not symmetrised first. Only eigh needs finite
+    input (it raises otherwise): a non-finite Gram gives a non-finite K, or a failed Cholesky (info > 0), and such a
+    layer's K is replaced by I; its ok is False either way.
     """
+    L, info = torch.linalg.cholesky_ex(AAt)
+    K = torch.bmm(torch.bmm(L.mT, BtB), L)
+    fin = finite_rows(K)
     eye = torch.eye(AAt.shape[-1], dtype=AAt.dtype, device=AAt.device)
-    fin = finite_rows(AAt, BtB)
-    X = torch.where(fin[:, None, None], AAt, eye)
-    L, info = torch.linalg.cholesky_ex(X)
-    K = torch.bmm(torch.bmm(L.mT, torch.where(fin[:, None, None], BtB, eye)), L)
-    wm, vm = torch.linalg.eigh(K)
+    wm, vm = torch.linalg.eigh(torch.where(fin.view(-1, 1, 1), K, eye))
     m = wm.clamp_min(torch.finfo(wm.dtype).tiny).sqrt()
-    left = torch.linalg.solve_triangular(L.transpose(-1, -2), vm, upper=True)  # L^-T V
+    left = torch.linalg.solve_triangular(L.mT, vm, upper=True)  # L^-T V
     right = torch.bmm(L, vm)
-    S = torch.bmm(left * m[:, None, :], left.mT)
-    S_inv = torch.bmm(right / m[:, None, :], right.mT)
+    m_cols = m.unsqueeze(1)
+    S = torch.bmm(left * m_cols, left.mT)
+    S_inv = torch.bmm(right / m_cols, right.mT)
     # cond(A A^T) <= ||A A^T||_F ||(A A^T)^-1||_F <= ||A A^T||_F tr((A A^T)^-1) = ||A A^T||_F ||L^-T V||_F^2
-    cond_a = torch.linalg.matrix_norm(X) * left.square().sum(dim=(-2, -1))
+    cond_a = torch.linalg.matrix_norm(AAt) * left.square().sum(dim=(-2, -1))
     ok = (fin & (info == 0) & (cond_a < FAST_COND) & (wm[:, 0] * FAST_COND > wm[:, -1]) & finite_rows(S, S_inv))
     if not logdet:
         return S_inv, S, ok, None
@@ -122,8 +124,9 @@ def geometric_mean(AAt: torch.Tensor, BtB: torch.Tensor, normalize: bool = False
         S_inv, S, ok, logdet = _geometric_mean_eigh(AAt, BtB)
     else:
         S_inv, S, ok, logdet = _geometric_mean_cholesky(AAt, BtB, logdet=normalize)
-        redo = (~ok).nonzero()[:, 0]
-        if redo.numel():
+        redo = (~ok).nonzero()  # the one host read: which layers to recompute
+        if len(redo):
+            redo = redo[:, 0]
             ref = _geometric_mean_eigh(AAt[redo].double(), BtB[redo].double())
             S_inv, S, ok, logdet = (t if t is None else t.index_put((redo,), r.to(t.dtype))
                                     for t, r in zip((S_inv, S, ok, logdet), ref))

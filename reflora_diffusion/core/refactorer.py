@@ -200,18 +200,27 @@ class Refactorer:
 
     # ------------------------------------------------------------------ what methods report
     def _reset_counters(self) -> None:
-        self._last = torch.zeros(3, dtype=torch.long)  # refactored, skipped rank-deficient, skipped non-finite
-        self._total = torch.zeros(3, dtype=torch.long)
+        # [layers ok, layers finite] as device counters and the number of layers they count, of the method's last
+        # action and in total (``_outcomes`` turns them into refactored / skipped rank-deficient / non-finite)
+        self._last, self._last_layers = torch.zeros(2, dtype=torch.long), 0
+        self._total, self._total_layers = torch.zeros(2, dtype=torch.long), 0
         self._new_action = False
 
     def count(self, ok: torch.Tensor, finite: torch.Tensor) -> None:
-        """Record the per-layer outcome of a method's action (device counters; no host synchronisation)."""
-        counts = torch.stack((ok, ~ok & finite, ~finite)).sum(1)
+        """Record the per-layer outcome of a method's action: ``ok`` (acted on; implies ``finite``) and ``finite``
+        (factors and gradients finite), as device counters (no host synchronisation)."""
+        counts = torch.stack((ok, finite)).sum(1)
         if self._new_action:  # the first count of a hook call replaces the last action's figures
-            self._last, self._new_action = counts, False
+            self._last, self._last_layers, self._new_action = counts, len(ok), False
         else:
-            self._last = self._last.to(counts.device) + counts
-        self._total = self._total.to(counts.device) + counts
+            self._last, self._last_layers = self._last.to(counts.device) + counts, self._last_layers + len(ok)
+        self._total, self._total_layers = self._total.to(counts.device) + counts, self._total_layers + len(ok)
+
+    @staticmethod
+    def _outcomes(counts: torch.Tensor, layers: int) -> tuple[int, int, int]:
+        """(refactored, skipped rank-deficient, skipped non-finite) from [ok, finite] counters (a host read)."""
+        ok, finite = counts.tolist()
+        return ok, finite - ok, layers - finite
 
     def precondition_gradients(self, preconditioner) -> None:
         """G_A <- P_A G_A, G_B <- G_B P_B with (P_A, P_B, ok) = preconditioner(A A^T, B^T B) (``Plan.precondition``)."""
@@ -254,8 +263,8 @@ class Refactorer:
         na, nb = plan.factor_norms()
         ratio = nb / na
         ratio = ratio[torch.isfinite(ratio)]
-        refactored, deficient, nonfinite = self._last.tolist()
-        total = self._total.tolist()
+        refactored, deficient, nonfinite = self._outcomes(self._last, self._last_layers)
+        total = self._outcomes(self._total, self._total_layers)
         return {
             **(self._sstar_stats(plan) if sstar else {}),
             "method": self.method_name,
@@ -299,7 +308,7 @@ class Refactorer:
         return {
             "method": self.method_name, "step_count": self.step_count,
             "warmup_steps": self.warmup_steps, "interval": self.interval,
-            "totals": {k: v for k, v in zip(_COUNTERS, self._total.cpu().unbind())},
+            "totals": {k: torch.tensor(v) for k, v in zip(_COUNTERS, self._outcomes(self._total, self._total_layers))},
             "method_state": self.method.state_dict(),
             **self.links.state_dict(),
         }
@@ -310,7 +319,9 @@ class Refactorer:
             raise ValueError(f"the saved state is for method {state['method']!r}, this Refactorer runs "
                              f"{self.method_name!r}; resume with --method {state['method']}.")
         self.step_count = int(state["step_count"])
-        self._total = torch.stack([torch.as_tensor(state["totals"][k]).long() for k in _COUNTERS])
+        refactored, deficient, nonfinite = (int(state["totals"][k]) for k in _COUNTERS)
+        self._total = torch.tensor([refactored, refactored + deficient])
+        self._total_layers = refactored + deficient + nonfinite
         self.method.load_state_dict(state["method_state"], self.context)
         self.links.load_state_dict(state)
 
