@@ -312,6 +312,9 @@ def plot(report: dict, path: Path, data: str = "dog", title: str | None = None) 
             ax.plot(rates, [entry[key][r] for r in rates], marker="o",  # (a diverged run's inf is not drawn)
                     label=method + (f" (diverged at {diverged})" if diverged else ""))
         ax.set_xscale("log")
+        measured = sorted({float(r) for entry in report.values() for r in entry[key]})
+        ax.set_xticks(measured, [f"{r:g}" for r in measured])  # the rates run, not log-axis minor labels over each other
+        ax.minorticks_off()
         if data == "smollm" and not key.startswith("final_metric"):  # losses over a decade: slow starts and plateaus
             ax.set_yscale("log")
         ax.set_xlabel("learning rate")
