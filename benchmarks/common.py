@@ -47,6 +47,15 @@ def split_method(name: str) -> tuple[str, dict]:
     return method, options
 
 
+METHOD_NAMES = {"lora": "LoRA", "reflora": "RefLoRA", "reflora-s": "RefLoRA-S", "lora+": "LoRA+"}
+
+
+def method_label(name: str) -> str:
+    """How reports name a method: "reflora@factors" -> "RefLoRA `factors`"."""
+    base, _, variant = name.partition("@")
+    return METHOD_NAMES.get(base, base) + (f" `{variant}`" if variant else "")
+
+
 def option_flags(options: dict) -> list[str]:
     """The same options as command-line flags."""
     return [f for k, v in options.items() for f in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]

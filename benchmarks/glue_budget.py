@@ -215,7 +215,6 @@ def cmd_report(args) -> dict:
     return report
 
 
-METHOD_NAMES = {"lora": "LoRA", "reflora": "RefLoRA", "reflora-s": "RefLoRA-S", "lora+": "LoRA+"}
 METRIC_NAMES = {"cola": "Matthews", "stsb": "Pearson", "mrpc": "accuracy", "rte": "accuracy", "sst2": "accuracy",
                 "qnli": "accuracy", "qqp": "accuracy", "mnli": "accuracy"}
 
@@ -233,8 +232,7 @@ def markdown_table(report: dict) -> str:
         for key in sorted(t["by"], key=order):
             s = t["by"][key]
             method, optim, lr = key.split("|")
-            base, _, variant = method.partition("@")
-            name = METHOD_NAMES.get(base, base) + (f" `{variant}`" if variant else "")
+            name = common.method_label(method)
             values = ", ".join(f"{v:.4f}" for v in s["values"])
             metric = f"{s['mean']:.4f} ± {s['std']:.4f} ({values})" if s["n"] > 1 else f"{s['mean']:.4f} ({values})"
             p = t["paired"].get(key)

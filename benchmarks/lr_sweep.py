@@ -29,7 +29,7 @@ so the sweep can run in the background across sessions (give it OMP_NUM_THREADS 
 Per method the report gives: its best mean held-out loss and the rate there, the width of its good band (the
 rates within --tolerance of its best, as a ratio max/min rate), the step at which it first reaches LoRA's final
 held-out loss (at the eval points), and the paired difference to LoRA at each method's best rate with a 95 %
-confidence interval over seeds. Writes `<out>.json` and `<out>.png`.
+confidence interval over seeds. Writes `<out>.json`, `<out>.png` and `<out>.md` (the tables docs/ quote).
 """
 
 from __future__ import annotations
@@ -279,6 +279,54 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
     return report
 
 
+def markdown_tables(cells: list[dict], report: dict) -> str:
+    """The docs' two tables: each run's final held-out loss by (rate, seed) and method (GLUE: the dev metric
+    beside it), then per rate the means over the seeds every method has there with the paired difference to LoRA
+    over every seed the two share (95 % interval; "one seed" without one)."""
+    methods = list(report)
+    methods.sort(key=lambda m: (m != "lora", m))
+    glue = any("metric" in c for c in cells)
+    by = {(c["lr"], c["seed"], c["method"]): c for c in cells}
+
+    def value(loss, metric):
+        if loss is None or not math.isfinite(loss):
+            return "diverged"
+        return f"{loss:.4f}" + (f" ({metric:.3f})" if glue and metric is not None else "")
+
+    def header(first):
+        return (f"| {first} | " + " | ".join(map(common.method_label, methods)) + " |\n"
+                + "|---" * (len(methods) + 1) + "|\n")
+
+    runs = header("rate, seed")
+    for lr, seed in sorted({(c["lr"], c["seed"]) for c in cells}, key=lambda k: (-k[0], k[1])):
+        row = []
+        for m in methods:
+            c = by.get((lr, seed, m))
+            if c is None:
+                row.append("not run")
+                continue
+            end = str(c["steps"])
+            row.append(value(c["eval_loss"].get(end, math.inf), c.get("metric", {}).get(end)))
+        runs += f"| {lr:g}, {seed} | " + " | ".join(row) + " |\n"
+    means = header("rate (seeds)")
+    for lr in sorted({c["lr"] for c in cells}, reverse=True):
+        seeds = next(r["seeds_by_lr"][lr] for r in report.values() if lr in r["seeds_by_lr"])
+        row = []
+        for m in methods:
+            r = report[m]
+            if lr not in r["mean_eval_loss_by_lr"]:
+                row.append("not run")
+                continue
+            text = value(r["mean_eval_loss_by_lr"][lr], r.get("final_metric_by_lr", {}).get(lr))
+            d = r.get("paired_diff_to_lora_by_lr", {}).get(lr) if m != "lora" else None
+            if d and d["mean"] is not None:
+                text += f"; {d['mean']:+.4f}, " + (f"{d['ci95'][0]:+.4f}..{d['ci95'][1]:+.4f}" if d["ci95"]
+                                                   else "one seed")
+            row.append(text)
+        means += f"| {lr:g} ({', '.join(map(str, seeds))}) | " + " | ".join(row) + " |\n"
+    return runs + "\n" + means
+
+
 def finite_or_none(obj):
     """The report with a diverged run's infinite losses as null (strict JSON)."""
     if isinstance(obj, float):
@@ -325,45 +373,8 @@ def plot(report: dict, path: Path, data: str = "dog", title: str | None = None) 
     common.save_figure(fig, path)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=["lora", "reflora", "reflora-s"])
-    p.add_argument("--lrs", type=float, nargs="+", default=None,
-                   help="default: 1e-4 .. 1e-2 (tiny-emoji); GLUE: GLUE_OPTIMS' four rates of the optimizer")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--steps", type=int, default=None, help="default: 600 (tiny-emoji); GLUE: GLUE_EPOCHS' epochs")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--prompt", default="a photo of sks dog")
-    p.add_argument("--data", choices=["dog", "style", *GLUE_TASKS, "smollm"], default="dog",
-                   help="dog: DreamBooth subject (4 photos train, 1 held out); style: Twemoji (120 train, 40 held "
-                        "out); mrpc / stsb: MiniLM-L6 on the GLUE task (dev set held out); smollm: SmolLM2-135M, "
-                        "held-out answers")
-    p.add_argument("--optim", choices=list(GLUE_OPTIMS), default="adamw", help="GLUE only: AdamW or SGD + momentum")
-    p.add_argument("--tolerance", type=float, default=0.05, help="good band: within this fraction of the best")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None, help="default: benchmarks/results/lr_sweep (dog), lr_sweep_style, "
-                                               "lr_sweep_<task>_<optim> (GLUE)")
-    args = p.parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    glue = args.data in GLUE_TASKS
-    if glue:
-        args.steps = args.steps or glue_steps(args.data, common.DATA / "glue")
-        args.lrs = args.lrs or GLUE_OPTIMS[args.optim][2]
-        default_out = f"lr_sweep_{args.data}_{args.optim}"
-    elif args.data == "smollm":
-        args.steps = args.steps or SMOLLM["steps"]
-        args.lrs = args.lrs or [1e-4, 3e-4, 1e-3, 3e-3]
-        default_out = "lr_sweep_smollm"
-    else:
-        args.steps = args.steps or 600
-        args.lrs = args.lrs or [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
-        default_out = "lr_sweep_style" if args.data == "style" else "lr_sweep"
-    out = Path(args.out or common.RESULTS / default_out)
-    cells_dir = out / "cells"
-    cells_dir.mkdir(parents=True, exist_ok=True)
+def run_cells(args, glue: bool, cells_dir: Path) -> None:
+    """Every (seed, rate, method) cell not on disk yet, each saved as it finishes."""
     with tempfile.TemporaryDirectory() as work:
         if glue:
             import glue_budget
@@ -391,13 +402,64 @@ def main(argv=None) -> None:
                                               lambda: runner(method, lr, seed))
                     if new:
                         print(json.dumps(result), flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=["lora", "reflora", "reflora-s"])
+    p.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help="default: 1e-4 .. 1e-2 (tiny-emoji); GLUE: GLUE_OPTIMS' four rates of the optimizer")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--steps", type=int, default=None, help="default: 600 (tiny-emoji); GLUE: GLUE_EPOCHS' epochs")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--prompt", default="a photo of sks dog")
+    p.add_argument("--data", choices=["dog", "style", *GLUE_TASKS, "smollm"], default="dog",
+                   help="dog: DreamBooth subject (4 photos train, 1 held out); style: Twemoji (120 train, 40 held "
+                        "out); mrpc / stsb: MiniLM-L6 on the GLUE task (dev set held out); smollm: SmolLM2-135M, "
+                        "held-out answers")
+    p.add_argument("--optim", choices=list(GLUE_OPTIMS), default="adamw", help="GLUE only: AdamW or SGD + momentum")
+    p.add_argument("--tolerance", type=float, default=0.05, help="good band: within this fraction of the best")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: rebuild the JSON, PNG and tables from the cells already on disk")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/lr_sweep (dog), lr_sweep_style, "
+                                               "lr_sweep_<task>_<optim> (GLUE)")
+    args = p.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    glue = args.data in GLUE_TASKS
+    if glue:
+        args.steps = args.steps or glue_steps(args.data, common.DATA / "glue")
+        args.lrs = args.lrs or GLUE_OPTIMS[args.optim][2]
+        default_out = f"lr_sweep_{args.data}_{args.optim}"
+    elif args.data == "smollm":
+        args.steps = args.steps or SMOLLM["steps"]
+        args.lrs = args.lrs or [1e-4, 3e-4, 1e-3, 3e-3]
+        default_out = "lr_sweep_smollm"
+    else:
+        args.steps = args.steps or 600
+        args.lrs = args.lrs or [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+        default_out = "lr_sweep_style" if args.data == "style" else "lr_sweep"
+    out = Path(args.out or common.RESULTS / default_out)
+    cells_dir = out / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        run_cells(args, glue, cells_dir)
     cells = [json.loads(c.read_text()) for c in sorted(cells_dir.glob(f"*-n{args.steps}.json"))]
+    if not cells:
+        raise SystemExit(f"error: no runs in {cells_dir} for {args.steps} steps; run the sweep without --report first")
     report = summarize(cells, args.tolerance)
     title = TITLES[args.data] + (f", {args.optim}, {args.steps} steps" if glue else "")
     common.write_json(out.with_suffix(".json"), finite_or_none(
         {"data": args.data, "steps": args.steps, "tolerance": args.tolerance, **({"optim": args.optim} if glue else {}),
          "cells": len(cells), "methods": report}), allow_nan=False)
     plot(report, out.with_suffix(".png"), args.data, title)
+    out.with_suffix(".md").write_text(
+        f"# {title}\n\nEach run's final held-out loss{' (dev metric beside it)' if glue else ''}; then per rate the "
+        "mean over the seeds every method has there and the paired difference to LoRA over every seed the two "
+        "share, with its 95 % interval.\n\n" + markdown_tables(cells, report))
     print(json.dumps(report, indent=1))
 
 

@@ -161,3 +161,31 @@ def test_lr_sweep_summary_picks_each_methods_best_rate_band_and_paired_interval(
     assert report["mean_eval_loss_by_lr"][1e-2] == math.inf and 1e-2 not in report["final_train_loss_by_lr"]
     assert report["paired_diff_to_lora_by_lr"][1e-2] == {"mean": None, "ci95": None, "n": 0, "diverged": 1}
     assert lr_sweep.finite_or_none({"a": [math.inf, 1.0]}) == {"a": [None, 1.0]}
+
+
+def test_lr_sweep_markdown_tables_quote_each_run_and_the_paired_means():
+    import lr_sweep
+
+    def cell(method, lr, seed, loss, metric):
+        return {"method": method, "lr": lr, "seed": seed, "steps": 100, "final_train_loss": 0.1,
+                "eval_loss": {"50": 1.0, "100": loss} if loss is not None else {}, "metric_name": "accuracy",
+                "metric": {"100": metric}}
+
+    cells = [cell("lora", 1e-3, s, 0.50 + 0.01 * s, 0.80) for s in range(3)]
+    cells += [cell("reflora", 1e-3, s, 0.51 + 0.02 * s, 0.82) for s in range(2)]  # seed 2 not run yet
+    cells += [cell("lora", 1e-2, 0, 0.90, 0.70), cell("reflora", 1e-2, 0, None, 0.68)]  # diverged
+    text = lr_sweep.markdown_tables(cells, lr_sweep.summarize(cells, tolerance=0.05))
+    runs, means = text.split("\n\n")
+    lines = runs.splitlines()
+    assert lines[0] == "| rate, seed | LoRA | RefLoRA |"  # LoRA first, then the others
+    assert lines[2] == "| 0.01, 0 | 0.9000 (0.700) | diverged |"  # highest rate first
+    assert lines[3] == "| 0.001, 0 | 0.5000 (0.800) | 0.5100 (0.820) |"
+    assert lines[5] == "| 0.001, 2 | 0.5200 (0.800) | not run |"
+    # means over the seeds both have (0, 1); paired differences 0.01 and 0.02: mean 0.015, t(0.975, 1) = 12.71
+    half = lr_sweep.T95[1] * (0.01 / 2 ** 0.5) / 2 ** 0.5  # stdev of (0.01, 0.02) over sqrt(2)
+    rows = means.splitlines()
+    assert rows[0] == "| rate (seeds) | LoRA | RefLoRA |"
+    head, interval = rows[3].rstrip(" |").rsplit(", ", 1)
+    assert head == "| 0.001 (0, 1) | 0.5050 (0.800) | 0.5200 (0.820); +0.0150"
+    assert [float(x) for x in interval.split("..")] == pytest.approx([0.015 - half, 0.015 + half], abs=1e-4)
+    assert rows[2] == "| 0.01 (0) | 0.9000 (0.700) | diverged |"  # a diverged pair has no difference to quote
