@@ -62,15 +62,20 @@ def option_flags(options: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- output
-def write_json(path: str | os.PathLike, obj, indent: int | None = 1, allow_nan: bool = True) -> Path:
-    """``obj`` as JSON at ``path``, whole or not at all (a temporary file, then a rename); ``allow_nan=False``
-    refuses NaN / inf, which strict JSON readers reject."""
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """``text`` at ``path``, whole or not at all (a temporary file, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent, allow_nan=allow_nan) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = 1, allow_nan: bool = True) -> Path:
+    """``obj`` as JSON at ``path``, whole or not at all; ``allow_nan=False`` refuses NaN / inf, which strict JSON
+    readers reject."""
+    return write_text(path, json.dumps(obj, indent=indent, allow_nan=allow_nan) + "\n")
 
 
 def pyplot():

@@ -203,7 +203,7 @@ def cmd_report(args) -> dict:
                 t["verdict"][optim] = lines
     out = Path(args.out)
     common.write_json(out.parent / f"{out.name}.json", report, indent=2)
-    (out.parent / f"{out.name}.md").write_text(markdown_table(report))
+    common.write_text(out.parent / f"{out.name}.md", markdown_table(report))
     _plot(report, out.parent / f"{out.name}.png")
     for task, t in report["tasks"].items():
         print(f"{task} (baseline {t['baseline']:.3f})")

@@ -283,13 +283,12 @@ def markdown_tables(cells: list[dict], report: dict) -> str:
     """The docs' two tables: each run's final held-out loss by (rate, seed) and method (GLUE: the dev metric
     beside it), then per rate the means over the seeds every method has there with the paired difference to LoRA
     over every seed the two share (95 % interval; "one seed" without one)."""
-    methods = list(report)
-    methods.sort(key=lambda m: (m != "lora", m))
+    methods = sorted(report, key=lambda m: (m != "lora", m))
     glue = any("metric" in c for c in cells)
     by = {(c["lr"], c["seed"], c["method"]): c for c in cells}
 
     def value(loss, metric):
-        if loss is None or not math.isfinite(loss):
+        if not math.isfinite(loss):
             return "diverged"
         return f"{loss:.4f}" + (f" ({metric:.3f})" if glue and metric is not None else "")
 
@@ -456,7 +455,7 @@ def main(argv=None) -> None:
         {"data": args.data, "steps": args.steps, "tolerance": args.tolerance, **({"optim": args.optim} if glue else {}),
          "cells": len(cells), "methods": report}), allow_nan=False)
     plot(report, out.with_suffix(".png"), args.data, title)
-    out.with_suffix(".md").write_text(
+    common.write_text(out.with_suffix(".md"),
         f"# {title}\n\nEach run's final held-out loss{' (dev metric beside it)' if glue else ''}; then per rate the "
         "mean over the seeds every method has there and the paired difference to LoRA over every seed the two "
         "share, with its 95 % interval.\n\n" + markdown_tables(cells, report))

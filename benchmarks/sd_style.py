@@ -307,7 +307,7 @@ def main(argv=None) -> dict:
     }
     out = Path(args.out)
     common.write_json(out.with_suffix(".json"), report)
-    out.with_suffix(".md").write_text(table_md(report))
+    common.write_text(out.with_suffix(".md"), table_md(report))
     plot(report, args, out.with_suffix(".png"))
     grid(report, data, base_test, root, args, out.with_name(out.name + "_grid.png"))
 

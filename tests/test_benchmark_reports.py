@@ -189,3 +189,21 @@ def test_lr_sweep_markdown_tables_quote_each_run_and_the_paired_means():
     assert head == "| 0.001 (0, 1) | 0.5050 (0.800) | 0.5200 (0.820); +0.0150"
     assert [float(x) for x in interval.split("..")] == pytest.approx([0.015 - half, 0.015 + half], abs=1e-4)
     assert rows[2] == "| 0.01 (0) | 0.9000 (0.700) | diverged |"  # a diverged pair has no difference to quote
+
+
+def test_lr_sweep_report_rebuilds_json_and_tables_from_the_cells_on_disk(tmp_path):
+    import lr_sweep
+
+    out = tmp_path / "sweep"
+    with pytest.raises(SystemExit, match="no runs in .*run the sweep without --report first"):
+        lr_sweep.main(["--data", "mrpc", "--report", "--steps", "100", "--out", str(out)])
+    for method, loss in (("lora", 0.5), ("reflora", 0.48)):
+        (out / "cells" / f"{method}-lr0.001-s0-n100.json").write_text(json.dumps(
+            {"method": method, "lr": 1e-3, "seed": 0, "steps": 100, "final_train_loss": 0.4,
+             "eval_loss": {"50": 0.7, "100": loss}, "metric_name": "accuracy", "metric": {"100": 0.8}}))
+    lr_sweep.main(["--data", "mrpc", "--report", "--steps", "100", "--out", str(out)])
+    assert json.loads(out.with_suffix(".json").read_text())["cells"] == 2
+    table = out.with_suffix(".md").read_text()
+    assert "| 0.001, 0 | 0.5000 (0.800) | 0.4800 (0.800) |" in table
+    assert "| 0.001 (0) | 0.5000 (0.800) | 0.4800 (0.800); -0.0200, one seed |" in table
+    assert out.with_suffix(".png").stat().st_size > 0
