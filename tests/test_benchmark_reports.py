@@ -207,3 +207,48 @@ def test_lr_sweep_report_rebuilds_json_and_tables_from_the_cells_on_disk(tmp_pat
     assert "| 0.001, 0 | 0.5000 (0.800) | 0.4800 (0.800) |" in table
     assert "| 0.001 (0) | 0.5000 (0.800) | 0.4800 (0.800); -0.0200, one seed |" in table
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_run_parallel_runs_jobs_at_a_time_each_on_its_own_cores(tmp_path):
+    import os
+
+    import common
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs 2 cores to run 2 jobs side by side")
+    probe = ("import json, os, sys, time; start = time.time(); time.sleep(0.6); "
+             "json.dump({'omp': os.environ['OMP_NUM_THREADS'], 'cores': sorted(os.sched_getaffinity(0)), "
+             "'start': start, 'end': time.time()}, open(sys.argv[1], 'w')); sys.exit(int(sys.argv[2]))")
+    commands = [[sys.executable, "-c", probe, str(tmp_path / f"{i}.json"), str(code)]
+                for i, code in enumerate([0, 0, 3])]
+    ended = []
+    codes = common.run_parallel(commands, 2, tmp_path / "logs", lambda i, code, s: ended.append((i, code)))
+    assert codes == [0, 0, 3]
+    assert sorted(ended) == [(0, 0), (1, 0), (2, 3)]
+    runs = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(3)]
+    share = len(cores) // 2
+    assert all(r["omp"] == str(share) and len(r["cores"]) == share for r in runs)
+    assert set(runs[0]["cores"]).isdisjoint(runs[1]["cores"])  # the first two ran side by side on their own cores
+    assert runs[0]["start"] < runs[1]["end"] and runs[1]["start"] < runs[0]["end"]
+    assert runs[2]["start"] >= min(runs[0]["end"], runs[1]["end"]) - 0.05  # the third waited for a free slot
+    assert (tmp_path / "logs" / "2.log").exists()
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "dreambooth" / "dog").is_dir(),
+                    reason="needs ../shared/data/dreambooth/dog")
+def test_lr_sweep_jobs_runs_the_missing_cells_as_processes_and_names_a_failed_one(tmp_path, capsys):
+    import lr_sweep
+
+    out = tmp_path / "sweep"
+    flags = ["--steps", "2", "--lrs", "1e-3", "--seeds", "0", "--out", str(out), "--jobs", "2"]
+    with pytest.raises(SystemExit, match=r"1 of 2 cells failed \(nosuch lr 0.001 seed 0\).*run the same command "
+                                         "again to retry only these"):
+        lr_sweep.main(["--methods", "lora", "nosuch", *flags])
+    printed = capsys.readouterr().out
+    assert "--method 'nosuch' is unknown" in printed  # the end of the failed process's output is shown
+    saved = json.loads((out / "cells" / "lora-lr0.001-s0-n2.json").read_text())  # the other cell is kept
+    assert (saved["method"], saved["steps"], sorted(saved["eval_loss"])) == ("lora", 2, ["0", "1", "2"])
+    lr_sweep.main(["--methods", "lora", *flags])  # nothing left to run: only the report
+    assert capsys.readouterr().out.startswith("0 cells to run")
+    assert json.loads(out.with_suffix(".json").read_text())["cells"] == 1
