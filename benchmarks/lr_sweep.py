@@ -397,13 +397,9 @@ def run_cells(args, glue: bool, cells_dir: Path) -> None:
         else:
             train, held = split_style(Path(work)) if args.data == "style" else split_subject(DOG, Path(work))
             runner = lambda method, lr, seed: run_cell(method, lr, seed, args, train, held)  # noqa: E731
-        for seed in args.seeds:  # seed-major: a partial sweep already pairs every method and rate
-            for lr in args.lrs:
-                for method in args.methods:
-                    result, new = common.cell(cells_dir / cell_name(method, lr, seed, args.steps),
-                                              lambda: runner(method, lr, seed))
-                    if new:
-                        print(json.dumps(result), flush=True)
+        for method, lr, seed in pending_cells(args, cells_dir):
+            result, _ = common.cell(cells_dir / cell_name(method, lr, seed, args.steps), lambda: runner(method, lr, seed))
+            print(json.dumps(result), flush=True)
 
 
 def cell_name(method: str, lr: float, seed: int, steps: int) -> str:
