@@ -354,7 +354,11 @@ def plot(report: dict, path: Path, data: str = "dog", title: str | None = None) 
     first = next(iter(report.values()), {})
     if "final_metric_by_lr" in first:
         panels.append(("final_metric_by_lr", f"dev {first['metric_name']} at the end"))
-    fig, axes = common.pyplot().subplots(1, len(panels), figsize=(4.7 * len(panels), 3.8))
+    others = [m for m, e in report.items() if m != "lora" and e.get("paired_diff_to_lora_by_lr")]
+    n = len(panels) + bool(others)
+    fig, axes = common.pyplot().subplots(1, n, figsize=(4.7 * n, 3.8))
+    if others:  # the differences the loss panels squeeze into a line: each method minus LoRA, same seeds, same rate
+        paired_difference_panel(axes[-1], report, others)
     for ax, (key, name) in zip(axes, panels):
         for method, entry in report.items():
             rates = sorted(entry[key])
@@ -373,6 +377,30 @@ def plot(report: dict, path: Path, data: str = "dog", title: str | None = None) 
     fig.suptitle(title or TITLES[data], fontsize=10)
     fig.tight_layout()
     common.save_figure(fig, path)
+
+
+def paired_difference_panel(ax, report: dict, methods: list[str]) -> None:
+    """Each method's held-out loss minus LoRA's at every rate, paired by seed, with its 95 % interval (a dot alone:
+    one seed). Below zero: the method is ahead. A rate with a diverged run is left out (its difference is infinite)."""
+    rates = sorted({float(r) for m in methods for r in report[m]["paired_diff_to_lora_by_lr"]})
+    for i, method in enumerate(methods):
+        shift = 1.06 ** (i - (len(methods) - 1) / 2)  # side by side on the log axis, not over each other
+        points = [(float(r), d) for r, d in report[method]["paired_diff_to_lora_by_lr"].items()
+                  if d and d.get("mean") is not None]
+        points.sort()
+        xs = [r * shift for r, _ in points]
+        means = [d["mean"] for _, d in points]
+        low = [d["mean"] - d["ci95"][0] if d.get("ci95") else 0.0 for _, d in points]
+        high = [d["ci95"][1] - d["mean"] if d.get("ci95") else 0.0 for _, d in points]
+        color = f"C{list(report).index(method)}"  # the loss panels' colour for this method
+        ax.errorbar(xs, means, yerr=[low, high], marker="o", capsize=3, color=color, label=method)
+    ax.axhline(0.0, color=f"C{list(report).index('lora')}", linewidth=1, label="lora")
+    ax.set_xscale("log")
+    ax.set_xticks(rates, [f"{r:g}" for r in rates])
+    ax.minorticks_off()
+    ax.set_xlabel("learning rate")
+    ax.set_title("held-out loss minus LoRA's (paired, 95 % CI)", fontsize=9)
+    ax.legend(fontsize=7)
 
 
 def run_cells(args, glue: bool, cells_dir: Path) -> None:

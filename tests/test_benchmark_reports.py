@@ -161,6 +161,18 @@ def test_lr_sweep_summary_picks_each_methods_best_rate_band_and_paired_interval(
     assert report["mean_eval_loss_by_lr"][1e-2] == math.inf and 1e-2 not in report["final_train_loss_by_lr"]
     assert report["paired_diff_to_lora_by_lr"][1e-2] == {"mean": None, "ci95": None, "n": 0, "diverged": 1}
     assert lr_sweep.finite_or_none({"a": [math.inf, 1.0]}) == {"a": [None, 1.0]}
+    # the plot's panel of paired differences: one bar per method and rate, its mean and interval, the diverged rate out
+    import common
+
+    full = lr_sweep.summarize(cells + cells_s, tolerance=0.05)
+    fig, ax = common.pyplot().subplots()
+    lr_sweep.paired_difference_panel(ax, full, ["reflora", "reflora-s"])
+    ref_bars, s_bars = ax.containers
+    assert list(ref_bars.lines[0].get_ydata()) == pytest.approx([0.02, -0.37])
+    assert list(s_bars.lines[0].get_ydata()) == pytest.approx([0.04])  # 0.55 - 0.50/0.51/0.52 at 1e-3; 1e-2 diverged
+    low, high = ref_bars.lines[2][0].get_segments()[1][:, 1]  # the interval drawn at 1e-2
+    assert (low, high) == pytest.approx((-0.37 - half, -0.37 + half))
+    common.pyplot().close(fig)
 
 
 def test_lr_sweep_markdown_tables_quote_each_run_and_the_paired_means():
