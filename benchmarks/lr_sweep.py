@@ -365,13 +365,9 @@ def plot(report: dict, path: Path, data: str = "dog", title: str | None = None) 
             diverged = ", ".join(f"{lr:g}" for lr in sorted(entry.get("diverged_by_lr", {})))
             ax.plot(rates, [entry[key][r] for r in rates], marker="o",  # (a diverged run's inf is not drawn)
                     label=method + (f" (diverged at {diverged})" if diverged else ""))
-        ax.set_xscale("log")
-        measured = sorted({float(r) for entry in report.values() for r in entry[key]})
-        ax.set_xticks(measured, [f"{r:g}" for r in measured])  # the rates run, not log-axis minor labels over each other
-        ax.minorticks_off()
+        rate_axis(ax, {float(r) for entry in report.values() for r in entry[key]})
         if data == "smollm" and not key.startswith("final_metric"):  # losses over a decade: slow starts and plateaus
             ax.set_yscale("log")
-        ax.set_xlabel("learning rate")
         ax.set_title(f"{name} (mean over seeds)", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(title or TITLES[data], fontsize=10)
@@ -379,15 +375,23 @@ def plot(report: dict, path: Path, data: str = "dog", title: str | None = None) 
     common.save_figure(fig, path)
 
 
+def rate_axis(ax, rates) -> None:
+    """A log learning-rate axis ticked at the rates run (not log-axis minor labels over each other)."""
+    rates = sorted(rates)
+    ax.set_xscale("log")
+    ax.set_xticks(rates, [f"{r:g}" for r in rates])
+    ax.minorticks_off()
+    ax.set_xlabel("learning rate")
+
+
 def paired_difference_panel(ax, report: dict, methods: list[str]) -> None:
     """Each method's held-out loss minus LoRA's at every rate, paired by seed, with its 95 % interval (a dot alone:
-    one seed). Below zero: the method is ahead. A rate with a diverged run is left out (its difference is infinite)."""
-    rates = sorted({float(r) for m in methods for r in report[m]["paired_diff_to_lora_by_lr"]})
+    one seed). Below zero: the method is ahead. A pair with a diverged run is left out of its rate's mean, as in the
+    tables; a rate where every pair diverged has no point."""
     for i, method in enumerate(methods):
         shift = 1.06 ** (i - (len(methods) - 1) / 2)  # side by side on the log axis, not over each other
-        points = [(float(r), d) for r, d in report[method]["paired_diff_to_lora_by_lr"].items()
-                  if d and d.get("mean") is not None]
-        points.sort()
+        points = sorted(((float(r), d) for r, d in report[method]["paired_diff_to_lora_by_lr"].items()
+                         if d and d.get("mean") is not None), key=lambda point: point[0])
         xs = [r * shift for r, _ in points]
         means = [d["mean"] for _, d in points]
         low = [d["mean"] - d["ci95"][0] if d.get("ci95") else 0.0 for _, d in points]
@@ -395,10 +399,7 @@ def paired_difference_panel(ax, report: dict, methods: list[str]) -> None:
         color = f"C{list(report).index(method)}"  # the loss panels' colour for this method
         ax.errorbar(xs, means, yerr=[low, high], marker="o", capsize=3, color=color, label=method)
     ax.axhline(0.0, color=f"C{list(report).index('lora')}", linewidth=1, label="lora")
-    ax.set_xscale("log")
-    ax.set_xticks(rates, [f"{r:g}" for r in rates])
-    ax.minorticks_off()
-    ax.set_xlabel("learning rate")
+    rate_axis(ax, {float(r) for m in methods for r in report[m]["paired_diff_to_lora_by_lr"]})
     ax.set_title("held-out loss minus LoRA's (paired, 95 % CI)", fontsize=9)
     ax.legend(fontsize=7)
 
