@@ -7,13 +7,15 @@ The config loads the weights on rank 0 only (fsdp_cpu_ram_efficient_loading): ra
 device and receives its shards from rank 0 in accelerate's prepare. Both runs see the same global batch of 4 per
 step (4 in one process, 2 per rank in two), no dropout, the same seed; so the adapters agree up to float rounding.
 
-Tolerance: TOLERANCE = 1e-4 absolute on every saved tensor, a tenth of one AdamW step (lr = 1e-3). Two ranks
-sum two half-batch gradients where one process sums one batch: float32 rounding, relative 1e-7. AdamW's
-normalized update m / sqrt(v) turns the rounding of gradient entries near zero into update differences of up to
-a step; measured after 3 steps: 2.2e-5 (GLUE, RefLoRA), 2.8e-5 (GLUE, RefLoRA-S), 2.5e-6 and 2.7e-6
-(commonsense; benchmarks/distributed.py: 3e-5 after 30 steps). The faults this guards against are whole steps
-(>= lr): a shard stepped twice or never (GLUE's classifier on rank 1: 1e-3), or the gradient doubled by the loss
-scaling (the logged loss differs from step 1).
+Tolerance, on every saved tensor: no entry differs by half an AdamW step (TOLERANCE = lr / 2, lr = 1e-3), and at
+most 0.1 % of the entries by more than NOISE = 1e-5. Two ranks sum two half-batch gradients where one process sums
+one batch: float32 rounding, relative 1e-7. AdamW's normalized update m / (sqrt(v) + eps) turns the rounding of
+gradient entries near zero (|g| ~ eps) into update differences of a fraction of a step in those few entries;
+measured after 3 steps: max 2.2e-5 (GLUE, RefLoRA), 2.8e-5 and 4.9e-6 (GLUE, RefLoRA-S), 2.5e-6 and 6e-7
+(commonsense; benchmarks/distributed.py: 3e-5 after 30 steps); GLUE RefLoRA after 4 steps on an AVX-512 machine: max
+1.6e-4 with 49 of 388,226 entries beyond 1e-5, the same resumed at step 2 as uninterrupted. The faults this guards
+against move whole shards by a step or more (>= lr in every entry): a shard stepped twice or never (GLUE's
+classifier on rank 1: 1e-3), or the gradient doubled by the loss scaling (the logged loss differs from step 1).
 """
 
 import importlib.util
@@ -33,8 +35,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 FSDP2 = os.path.join(ROOT, "examples", "accelerate", "fsdp2.yaml")
 MINILM = minilm_folder()
-TOLERANCE = 1e-4
 LR = 1e-3
+TOLERANCE = LR / 2
+NOISE, NOISE_SHARE = 1e-5, 1e-3
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch without gloo")
 
@@ -108,12 +111,19 @@ def _train(trainer, method, out, processes, *extra, launcher=()):
     return out
 
 
-def _max_difference(one, two):
+def _assert_same_adapter(one, two, label):
+    """The adapters of runs ``one`` and ``two`` agree within the module's tolerance; returns ``one``'s tensors."""
     a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # whole tensors, not rank 0's shards
-    diff = {k: (a[k] - b[k]).abs().max().item() for k in a}
-    worst = max(diff, key=diff.get)
-    return diff[worst], worst, a
+    diff = {k: (a[k] - b[k]).abs() for k in a}
+    worst = max(diff, key=lambda k: diff[k].max())
+    beyond = sum(int((d > NOISE).sum()) for d in diff.values())
+    total = sum(d.numel() for d in diff.values())
+    print(f"{label}: max |1 process - 2 processes| = {diff[worst].max():.2e} ({worst}), {beyond} of {total} "
+          f"entries beyond {NOISE:g}")
+    assert diff[worst].max() <= TOLERANCE, (worst, diff[worst].max().item())
+    assert beyond <= NOISE_SHARE * total, (beyond, total)
+    return a
 
 
 def _losses(out):
@@ -137,10 +147,8 @@ def test_fsdp2_on_two_processes_trains_the_adapter_of_one_process(task, method, 
     # The same loss at every step (a loss scaled by the number of processes would show here)
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5) and len(_losses(one)) == 3
 
-    diff, worst, a = _max_difference(one, two)
-    print(f"{task} {method}: max |1 process - 2 processes| = {diff:.2e} ({worst})")
-    assert diff <= TOLERANCE, (worst, diff)
-    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 10 * TOLERANCE  # B left zero: trained
+    a = _assert_same_adapter(one, two, f"{task} {method}")
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > LR  # B left zero: trained
     if task == "glue":
         assert any("classifier" in k for k in a)  # the head peft trains in full is compared too
 
@@ -158,9 +166,7 @@ def test_fsdp2_checkpoint_resumes_to_the_adapter_of_an_uninterrupted_run(minilm_
     _train(trainer, "reflora", two, 2, *flags, "--max_steps", "4", "--resume_from_checkpoint", str(checkpoint))
     results = json.load(open(two / "results.json"))
     assert results["refactor"]["step"] == 4 and results["distributed"]["sharded"]
-    diff, worst, _ = _max_difference(one, two)
-    print(f"resumed: max |1 process - 2 processes| = {diff:.2e} ({worst})")
-    assert diff <= TOLERANCE, (worst, diff)
+    _assert_same_adapter(one, two, "resumed")
 
 
 def test_fsdp2_with_a_full_state_dict_config_saves_the_adapter(minilm_without_dropout, tmp_path):
@@ -169,8 +175,7 @@ def test_fsdp2_with_a_full_state_dict_config_saves_the_adapter(minilm_without_dr
     trainer = _glue(minilm_without_dropout)
     one = _train(trainer, "reflora", tmp_path / "one", 1)
     two = _train(trainer, "reflora", tmp_path / "two", 2, launcher=("--fsdp_state_dict_type", "FULL_STATE_DICT"))
-    diff, worst, _ = _max_difference(one, two)
-    assert diff <= TOLERANCE, (worst, diff)
+    _assert_same_adapter(one, two, "full state dict")
     assert (two / "tokenizer.json").is_file()
 
 
