@@ -94,7 +94,7 @@ def test_api_train_poll_export_load(app, tmp_path):
     msg = client.predict(images=[handle_file(str(p)) for p in sorted(DOG.glob("*.jpg"))[:3]],
                          run_name="api dog", method="reflora", rank=4, alpha=8, steps=6, lr=1e-3, resolution=64,
                          seed=1, warmup_steps=2, validation_steps=6, checkpointing_steps=3, lora_conv=False,
-                         api_name="/start")
+                         eval_loss_every=3, api_name="/start")
     assert msg.startswith("Started api-dog"), msg
     seen = set()
     deadline = time.time() + 300
@@ -109,6 +109,8 @@ def test_api_train_poll_export_load(app, tmp_path):
     assert (status["step"], status["max_steps"], status["progress"], status["method"]) == (6, 6, 1.0, "reflora")
     assert "running" in seen
     assert len(list((runs_dir / "api-dog" / "data").glob("*.jpg"))) == 3  # the uploads, copied into the run
+    events = [json.loads(line) for line in (runs_dir / "api-dog" / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if "eval_loss" in e] == [0, 3, 6]  # the form's eval loss, at 0 and the end
     assert [r["name"] for r in client.predict(api_name="/runs")] == ["api-dog"]
 
     file, card, info = client.predict(name="api-dog", source="final", fmt="diffusers", api_name="/export")

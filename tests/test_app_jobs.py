@@ -137,6 +137,17 @@ def test_build_config_uses_trainer_names_and_checks(tmp_path, images):
         jobs.build_config({**FORM, "method": "nope", "instance_data_dir": str(data)}, tmp_path / "run")
     with pytest.raises(JobError, match="--rank must be in 1..256"):
         jobs.build_config({**FORM, "rank": 0, "instance_data_dir": str(data)}, tmp_path / "run")
+    held = tmp_path / "held"
+    held.mkdir()
+    cfg = jobs.build_config({**FORM, "instance_data_dir": str(data), "eval_loss_every": 50,
+                             "eval_data_dir": str(tmp_path / "." / "held")}, tmp_path / "run")
+    assert cfg["eval_loss_every"] == 50 and cfg["eval_data_dir"] == str(held.resolve())
+    with pytest.raises(JobError, match=r"^eval images folder '/nope' does not exist; give a folder of held-out "
+                                       r"images, or leave it blank to take the training images$"):
+        jobs.build_config({**FORM, "instance_data_dir": str(data), "eval_loss_every": 50, "eval_data_dir": "/nope"},
+                          tmp_path / "run")
+    with pytest.raises(JobError, match="is given but the eval loss is off"):
+        jobs.build_config({**FORM, "instance_data_dir": str(data), "eval_data_dir": str(held)}, tmp_path / "run")
     edge = {"max_train_steps": 100_000, "rank": 256, "resolution": 2048, "learning_rate": 1.0,
             "num_validation_images": 16, "num_train_epochs": 1000}  # the limits themselves are allowed
     cfg = jobs.build_config({**FORM, **edge, "instance_data_dir": str(data)}, tmp_path / "run")

@@ -206,6 +206,8 @@ def test_default_job_is_the_readme_main_job(tmp_path):
         assert page[param] == getattr(cli, option), (param, page[param], getattr(cli, option))
     assert page["validation_prompt"].splitlines() == cli.validation_prompt
     assert page["precision"] == "default" and cli.mixed_precision is None  # both: accelerate's setting
+    assert page["eval_loss_every"] is None and cli.eval_loss_every == 0  # blank = off, the trainer's default
+    assert page["eval_data_dir"] == "" and cli.eval_data_dir is None  # blank: the training images
     assert page["resolution"] == 64 and cli.resolution is None  # the base model's own size, 64 for tiny-emoji
     assert views.default_job()["rank"] == cli.rank == 16
 

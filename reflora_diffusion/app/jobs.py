@@ -136,6 +136,12 @@ def build_config(form: dict, run_dir: Path, data_dir: Path | None = None) -> dic
             if not folder.is_dir() and key != "class_data_dir":  # class images may still be generated
                 raise JobError(f"data folder {values[key]!r} does not exist; upload images or give a folder")
             values[key] = str(folder)
+    if values.get("eval_data_dir"):
+        folder = Path(values["eval_data_dir"]).expanduser().resolve()
+        if not folder.is_dir():
+            raise JobError(f"eval images folder {values['eval_data_dir']!r} does not exist; give a folder of held-out "
+                           "images, or leave it blank to take the training images")
+        values["eval_data_dir"] = str(folder)
     if not values.get("instance_data_dir") and not values.get("train_data_dir"):
         raise JobError("no training images: upload some images or give a data folder")
     if values.get("with_prior_preservation") and not values.get("class_data_dir"):

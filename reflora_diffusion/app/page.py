@@ -75,6 +75,14 @@ def train_tab(job: dict, methods: list) -> SimpleNamespace:
                         ckpt_steps = gr.Number(job["checkpointing_steps"], precision=0,
                                                label="Checkpoint every N steps")
                     with gr.Row():
+                        eval_every = gr.Number(job["eval_loss_every"] or None, precision=0,
+                                               label="Eval loss every N steps", placeholder="off",
+                                               info="denoising loss at fixed noise and timesteps, the same for every "
+                                                    "run: Runs and Compare plot it")
+                        eval_dir = gr.Textbox("", label="Eval loss on the images of this folder",
+                                              placeholder="blank: the training images (a fit measure)",
+                                              info="held-out images of the subject or style", scale=2)
+                    with gr.Row():
                         prior = gr.Checkbox(False, label="Prior preservation (class images)")
                         class_prompt = gr.Textbox("", label="Class prompt, e.g. 'a photo of dog'")
                     run_name = gr.Textbox("", label="Run name (optional)")
@@ -170,11 +178,11 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
         # the components the events below connect, by name
         (base, images, data_dir, captions, instance_prompt, validation_prompt, method, method_b, rank, alpha,
          steps, lr, resolution, seed, precision, train_te, lora_conv, enable_bucket, buckets_msg, warmup,
-         snr_gamma, val_steps, ckpt_steps, prior, class_prompt, run_name, side_by_side, start_btn, ab_btn,
-         train_msg) = parts(
+         snr_gamma, val_steps, ckpt_steps, eval_every, eval_dir, prior, class_prompt, run_name, side_by_side,
+         start_btn, ab_btn, train_msg) = parts(
             t, "base images data_dir captions instance_prompt validation_prompt method method_b rank alpha steps lr "
             "resolution seed precision train_te lora_conv enable_bucket buckets_msg warmup snr_gamma val_steps "
-            "ckpt_steps prior class_prompt run_name side_by_side start_btn ab_btn train_msg")
+            "ckpt_steps eval_every eval_dir prior class_prompt run_name side_by_side start_btn ab_btn train_msg")
         (runs_table, run_pick, cancel_btn, cancel_msg, progress, loss_plot, stats, samples, log, tab_runs) = parts(
             r, "runs_table run_pick cancel_btn cancel_msg progress loss_plot stats samples log tab")
         (cmp_runs, cmp_prompts, cmp_seeds, cmp_steps, gen_btn, cmp_msg, grid, cmp_plot, cmp_note, cmp_table,
@@ -188,7 +196,7 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
         # ---------------------------------------------------------------- wiring
         form_inputs = [images, run_name, base, data_dir, captions, instance_prompt, class_prompt, prior,
                        validation_prompt, method, rank, alpha, steps, lr, resolution, seed, precision, train_te, warmup,
-                       val_steps, ckpt_steps, enable_bucket, lora_conv, snr_gamma]
+                       val_steps, ckpt_steps, enable_bucket, lora_conv, snr_gamma, eval_every, eval_dir]
 
         form_fields = set(inspect.signature(form_options).parameters)
 
@@ -197,7 +205,8 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
         def start(images, run_name, base, data_dir, captions, instance_prompt, class_prompt, with_prior_preservation,
                   validation_prompt, method, rank, alpha=None, steps=None, lr=None, resolution=None, seed=None,
                   precision=None, train_text_encoder=None, warmup_steps=None, validation_steps=None,
-                  checkpointing_steps=None, enable_bucket=None, lora_conv=None, snr_gamma=None):
+                  checkpointing_steps=None, enable_bucket=None, lora_conv=None, snr_gamma=None, eval_loss_every=None,
+                  eval_data_dir=None):
             fields = {k: v for k, v in locals().items() if k in form_fields}
             msg, _ = views.start(form_options(**fields), images, run_name)
             return msg
@@ -206,7 +215,7 @@ def build_demo(runs_dir: str, max_concurrent_jobs: int | None = None) -> gr.Bloc
                      class_prompt, with_prior_preservation, validation_prompt, method, rank, alpha=None, steps=None,
                      lr=None, resolution=None, seed=None, precision=None, train_text_encoder=None, warmup_steps=None,
                      validation_steps=None, checkpointing_steps=None, enable_bucket=None, lora_conv=None,
-                     snr_gamma=None):
+                     snr_gamma=None, eval_loss_every=None, eval_data_dir=None):
             fields = {k: v for k, v in locals().items() if k in form_fields}
             msg, names = views.start(form_options(**fields), images, run_name, ab=True, method_b=method_b,
                                      side_by_side=side_by_side)

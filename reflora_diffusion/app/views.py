@@ -305,7 +305,7 @@ class AppViews:
 def form_options(base, data_dir, captions, instance_prompt, class_prompt, with_prior_preservation,
          validation_prompt, method, rank, alpha, steps, lr, resolution, seed, precision, train_text_encoder,
          warmup_steps, validation_steps, checkpointing_steps, enable_bucket=False, lora_conv=False,
-         snr_gamma=None) -> dict:
+         snr_gamma=None, eval_loss_every=None, eval_data_dir=None) -> dict:
     """The form as train/sd.py options (same names as its CLI flags)."""
     from reflora_diffusion.sd.buckets import default_bucket_options
 
@@ -318,5 +318,6 @@ def form_options(base, data_dir, captions, instance_prompt, class_prompt, with_p
             "mixed_precision": None if precision == "default" else precision,
             "train_text_encoder": train_text_encoder, "refactor_warmup_steps": warmup_steps,
             "validation_steps": validation_steps, "checkpointing_steps": checkpointing_steps,
-            "lora_conv": bool(lora_conv), "snr_gamma": snr_gamma,
+            "lora_conv": bool(lora_conv), "snr_gamma": snr_gamma, "eval_loss_every": eval_loss_every,
+            "eval_data_dir": eval_data_dir,
             **({"enable_bucket": True, **default_bucket_options(int(resolution))} if enable_bucket else {})}

@@ -253,6 +253,9 @@ class SDTrainConfig(MethodOptions):
         for name in ("eval_loss_every", "eval_seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0 (got {getattr(self, name)})")
+        if self.eval_data_dir and not self.eval_loss_every:
+            raise ConfigError(f"--eval_data_dir {self.eval_data_dir!r} is given but the eval loss is off; add "
+                              "--eval_loss_every N (e.g. 100), or leave out --eval_data_dir")
         for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs", "eval_timesteps",
                      "eval_noises",
                      "checkpointing_steps", "logging_steps", "validation_steps", "max_bad_steps",
