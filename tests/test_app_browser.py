@@ -3,6 +3,7 @@ tiny A/B run (LoRA vs RefLoRA), wait for the comparison grid, save docs/app.png 
 
 Needs: apt-get install -y chromium (skipped, with the reason, where no browser is installed)."""
 
+import json
 import os
 import shutil
 import time
@@ -96,6 +97,10 @@ def test_browser_ab_run_to_comparison_grid(tmp_path):
     for name in ("browser-lora", "browser-reflora"):
         status = (runs_dir / name / "status.json").read_text()
         assert '"state": "done"' in status, (runs_dir / name / "train.log").read_text()[-3000:]
+        # fields left blank in the page reach the trainer as blank (its defaults), not as gradio's 0
+        config = json.loads((runs_dir / name / "config.json").read_text())
+        assert config["lora_alpha"] is None and config["refactor_warmup_steps"] == 2 and config["snr_gamma"] == 5.0
+        assert config["rank"] == 4 and config["eval_loss_every"] == 0
     grids = list((runs_dir / "_compare").glob("*/grid.png"))
     assert len(grids) == 1 and "browser-reflora" in text and "browser-lora" in text
     if os.environ.get("REFLORA_UPDATE_SCREENSHOT"):  # refresh the README's picture on request only

@@ -202,11 +202,14 @@ def test_default_job_is_the_readme_main_job(tmp_path):
                   "validation_steps": "validation_steps", "checkpointing_steps": "checkpointing_steps",
                   "with_prior_preservation": "with_prior_preservation", "enable_bucket": "enable_bucket",
                   "lora_conv": "lora_conv", "snr_gamma": "snr_gamma"}
+    as_text = {"alpha", "seed", "warmup_steps"}  # optional numbers are text boxes: blank = the trainer's default
+    assert all(isinstance(page[p], str) for p in as_text)
     for param, option in as_options.items():
-        assert page[param] == getattr(cli, option), (param, page[param], getattr(cli, option))
+        value = (float(page[param]) if page[param] else None) if param in as_text else page[param]
+        assert value == getattr(cli, option), (param, page[param], getattr(cli, option))
     assert page["validation_prompt"].splitlines() == cli.validation_prompt
     assert page["precision"] == "default" and cli.mixed_precision is None  # both: accelerate's setting
-    assert page["eval_loss_every"] is None and cli.eval_loss_every == 0  # blank = off, the trainer's default
+    assert page["eval_loss_every"] == 0 == cli.eval_loss_every  # 0: off, the trainer's default
     assert page["eval_data_dir"] == "" and cli.eval_data_dir is None  # blank: the training images
     assert page["resolution"] == 64 and cli.resolution is None  # the base model's own size, 64 for tiny-emoji
     assert views.default_job()["rank"] == cli.rank == 16

@@ -78,6 +78,19 @@ def test_overwrite_replaces_only_our_run_and_names_a_users_file_inside_it(tmp_pa
     assert json.loads((run / "config.json").read_text())["rank"] == 8
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--lora_alpha", "0", "--lora_alpha must be > 0 (got 0.0): with alpha 0 the LoRA has no effect and learns nothing; "
+                          "leave it out for alpha = rank"),
+    ("--lora_alpha", "-4", "--lora_alpha must be > 0 (got -4.0): with alpha 0 the LoRA has no effect and learns "
+                           "nothing; leave it out for alpha = rank"),
+    ("--snr_gamma", "0", "--snr_gamma must be > 0 (got 0.0): gamma 0 weighs every step's loss by 0; leave it out to "
+                         "turn min-SNR weighting off")])
+def test_values_that_would_train_nothing_are_refused(tmp_path, capsys, flag, value, message):
+    code, err = run_cli(CLI + ["--output_dir", str(tmp_path / "o"), flag, value], capsys)
+    assert code == 2 and err == f"error: {message}"
+    assert not (tmp_path / "o").exists()
+
+
 def test_checkpoint_limits_below_one_are_refused(tmp_path, capsys):
     for value in ("-1", "0"):
         code, err = run_cli(CLI + ["--output_dir", str(tmp_path / "o"), "--checkpoints_total_limit", value], capsys)

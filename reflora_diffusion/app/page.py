@@ -15,7 +15,8 @@ from reflora_diffusion.core import METHODS
 from reflora_diffusion.presets import PRESETS
 
 from .jobs import JobRunner
-from .views import RUN_COLUMNS, AppViews, bucket_summary, default_job, default_resolution, form_options, method_choices
+from .views import (RUN_COLUMNS, AppViews, blank_if_none, bucket_summary, default_job, default_resolution, form_options,
+                    method_choices)
 
 POLL_SECONDS = 2.0
 # Scrolls the run's log to its last line (autoscroll follows new lines only from there): run in the browser when
@@ -49,13 +50,13 @@ def train_tab(job: dict, methods: list) -> SimpleNamespace:
                     method_b = gr.Dropdown(methods, value="lora", label="A/B: compare with")
                 with gr.Row():
                     rank = gr.Number(job["rank"], precision=0, label="Rank")
-                    alpha = gr.Number(job["lora_alpha"], label="Alpha", placeholder="= rank")
+                    alpha = gr.Textbox(blank_if_none(job["lora_alpha"]), label="Alpha", placeholder="= rank")
                     steps = gr.Number(job["max_train_steps"], precision=0, label="Steps")
                 with gr.Row():
                     lr = gr.Number(job["learning_rate"], label="Learning rate")
                     resolution = gr.Number(default_resolution(job["pretrained_model_name_or_path"]),
                                            precision=0, label="Resolution")
-                    seed = gr.Number(job["seed"], precision=0, label="Seed", placeholder="drawn")
+                    seed = gr.Textbox(blank_if_none(job["seed"]), label="Seed", placeholder="drawn")
                 with gr.Row():
                     precision = gr.Dropdown([("accelerate's setting", "default"), "no", "fp16", "bf16"],
                                             value=job["mixed_precision"] or "default", label="Precision")
@@ -67,21 +68,21 @@ def train_tab(job: dict, methods: list) -> SimpleNamespace:
                 buckets_msg = gr.Markdown()
                 with gr.Accordion("More options", open=False):
                     with gr.Row():
-                        warmup = gr.Number(job["refactor_warmup_steps"], precision=0,
-                                           label="RefLoRA warm-up steps", placeholder="min(100, 10 % of the run)")
-                        snr_gamma = gr.Number(job["snr_gamma"], label="Min-SNR gamma", placeholder="off")
+                        warmup = gr.Textbox(blank_if_none(job["refactor_warmup_steps"]), label="RefLoRA warm-up steps",
+                                            placeholder="min(100, 10 % of the run)")
+                        snr_gamma = gr.Number(job["snr_gamma"] or 0, label="Min-SNR gamma (0: off)")
                         val_steps = gr.Number(job["validation_steps"], precision=0,
                                               label="Sample every N steps")
                         ckpt_steps = gr.Number(job["checkpointing_steps"], precision=0,
                                                label="Checkpoint every N steps")
                     with gr.Row():
-                        eval_every = gr.Number(job["eval_loss_every"] or None, precision=0,
-                                               label="Eval loss every N steps", placeholder="off",
+                        eval_every = gr.Number(job["eval_loss_every"], precision=0,
+                                               label="Eval loss every N steps (0: off)",
                                                info="denoising loss at fixed noise and timesteps, the same for every "
                                                     "run: Runs and Compare plot it")
                         eval_dir = gr.Textbox("", label="Eval loss on the images of this folder",
-                                              placeholder="blank: the training images (a fit measure)",
-                                              info="held-out images of the subject or style", scale=2)
+                                              placeholder="held-out images; blank: the training images (a fit "
+                                                          "measure)", scale=2)
                     with gr.Row():
                         prior = gr.Checkbox(False, label="Prior preservation (class images)")
                         class_prompt = gr.Textbox("", label="Class prompt, e.g. 'a photo of dog'")

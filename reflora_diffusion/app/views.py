@@ -45,6 +45,12 @@ def method_choices(methods) -> list[tuple[str, str]]:
     return [(f"{m} — {METHOD_SUMMARIES[m]}" if m in METHOD_SUMMARIES else m, m) for m in methods]
 
 
+def blank_if_none(value) -> str:
+    """A form text box's starting text for an optional number: blank for None (the trainer's default). Optional
+    numbers are text boxes because gradio 6 shows and sends a blank gr.Number as 0 (alpha 0 would train nothing)."""
+    return "" if value is None else str(value)
+
+
 def default_job() -> dict:
     """Every train/sd.py option as the Train form starts: the trainer's defaults, then MAIN_JOB."""
     from reflora_diffusion.sd.config import SDTrainConfig
@@ -318,6 +324,7 @@ def form_options(base, data_dir, captions, instance_prompt, class_prompt, with_p
             "mixed_precision": None if precision == "default" else precision,
             "train_text_encoder": train_text_encoder, "refactor_warmup_steps": warmup_steps,
             "validation_steps": validation_steps, "checkpointing_steps": checkpointing_steps,
-            "lora_conv": bool(lora_conv), "snr_gamma": snr_gamma, "eval_loss_every": eval_loss_every,
+            "lora_conv": bool(lora_conv), "snr_gamma": snr_gamma or None,  # the form's 0: off
+            "eval_loss_every": eval_loss_every,
             "eval_data_dir": eval_data_dir,
             **({"enable_bucket": True, **default_bucket_options(int(resolution))} if enable_bucket else {})}

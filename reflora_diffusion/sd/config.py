@@ -248,6 +248,12 @@ class SDTrainConfig(MethodOptions):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--{f.name} must be a finite number (got {value})")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:  # scaling alpha / rank = 0: the adapter does nothing
+            raise ConfigError(f"--lora_alpha must be > 0 (got {self.lora_alpha}): with alpha 0 the LoRA has no effect "
+                              "and learns nothing; leave it out for alpha = rank")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:  # min(SNR, 0) / SNR weighs every loss by 0
+            raise ConfigError(f"--snr_gamma must be > 0 (got {self.snr_gamma}): gamma 0 weighs every step's loss by 0; "
+                              "leave it out to turn min-SNR weighting off")
         if self.resolution is not None and self.resolution < 1:
             raise ConfigError(f"--resolution must be >= 1 (got {self.resolution})")
         for name in ("eval_loss_every", "eval_seed"):
