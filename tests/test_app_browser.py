@@ -1,17 +1,17 @@
 """The page in real headless Chromium (Debian's `chromium`, driven by Playwright): upload photos, start a
-tiny A/B run (LoRA vs RefLoRA), wait for the comparison grid, save docs/app.png for the README.
+tiny A/B run (LoRA vs RefLoRA), wait for the comparison grid, export. (The README's picture of the app comes from
+benchmarks/app_screenshot.py: the form's default 600-step job.)
 
 Needs: apt-get install -y chromium (skipped, with the reason, where no browser is installed)."""
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from test_app_api import DOG, REPO, launch_app, stop
+from test_app_api import DOG, launch_app, stop
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -103,5 +103,3 @@ def test_browser_ab_run_to_comparison_grid(tmp_path):
         assert config["rank"] == 4 and config["eval_loss_every"] == 0
     grids = list((runs_dir / "_compare").glob("*/grid.png"))
     assert len(grids) == 1 and "browser-reflora" in text and "browser-lora" in text
-    if os.environ.get("REFLORA_UPDATE_SCREENSHOT"):  # refresh the README's picture on request only
-        shutil.copyfile(shot, REPO / "docs" / "app.png")
