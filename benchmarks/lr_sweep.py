@@ -217,14 +217,17 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
     """Per method: best rate, band width, steps to LoRA's final held-out loss, paired differences to LoRA.
 
     A grid still being filled has seeds that only some methods ran at a rate: each rate's means are taken over the
-    seeds every method run at that rate has (``seeds_by_lr``), so methods are compared on the same seeds; the paired
-    differences to LoRA take every seed the two share."""
+    seeds every grid method (one run at every rate of the sweep) has there (``seeds_by_lr``), so methods are compared
+    on the same seeds; a variant run at only some rates and seeds (``reflora@warmup10`` on seed 0) does not shrink
+    them, its means take its own seeds among those; the paired differences to LoRA take every seed the two share."""
     final = lambda c: c["eval_loss"].get(str(c["steps"]), math.inf)  # noqa: E731  (inf: the run diverged)
     by = {}
     for c in cells:
         by.setdefault(c["method"], {}).setdefault(c["lr"], {})[c["seed"]] = c
+    all_rates = {c["lr"] for c in cells}
+    grid = [rates for rates in by.values() if set(rates) == all_rates] or list(by.values())
     shared: dict[float, set] = {}
-    for rates in by.values():
+    for rates in grid:
         for lr, seeds in rates.items():
             shared[lr] = shared.get(lr, set(seeds)) & set(seeds)
     paired, by = by, {m: {lr: {s: c for s, c in seeds.items() if s in shared[lr]} for lr, seeds in rates.items()}
@@ -312,7 +315,7 @@ def markdown_tables(cells: list[dict], report: dict) -> str:
         runs += f"| {lr:g}, {seed} | " + " | ".join(row) + " |\n"
     means = header("rate (seeds)")
     for lr in sorted({c["lr"] for c in cells}, reverse=True):
-        seeds = next(r["seeds_by_lr"][lr] for r in report.values() if lr in r["seeds_by_lr"])
+        seeds = max((r["seeds_by_lr"][lr] for r in report.values() if lr in r["seeds_by_lr"]), key=len)
         row = []
         for m in methods:
             r = report[m]
@@ -320,6 +323,8 @@ def markdown_tables(cells: list[dict], report: dict) -> str:
                 row.append("not run")
                 continue
             text = value(r["mean_eval_loss_by_lr"][lr], r.get("final_metric_by_lr", {}).get(lr))
+            if r["seeds_by_lr"][lr] != seeds:  # a variant run on fewer seeds: its mean is over those
+                text += f" [seed{'s' * (len(r['seeds_by_lr'][lr]) > 1)} {', '.join(map(str, r['seeds_by_lr'][lr]))}]"
             d = r.get("paired_diff_to_lora_by_lr", {}).get(lr) if m != "lora" else None
             if d and d["mean"] is not None:
                 text += f"; {d['mean']:+.4f}, " + (f"{d['ci95'][0]:+.4f}..{d['ci95'][1]:+.4f}" if d["ci95"]
@@ -359,12 +364,15 @@ def plot(report: dict, path: Path, data: str = "dog", title: str | None = None) 
     fig, axes = common.pyplot().subplots(1, n, figsize=(4.7 * n, 3.8))
     if others:  # the differences the loss panels squeeze into a line: each method minus LoRA, same seeds, same rate
         paired_difference_panel(axes[-1], report, others)
+    most = max((len(s) for e in report.values() for s in e["seeds_by_lr"].values()), default=0)
     for ax, (key, name) in zip(axes, panels):
         for method, entry in report.items():
             rates = sorted(entry[key])
             diverged = ", ".join(f"{lr:g}" for lr in sorted(entry.get("diverged_by_lr", {})))
+            few = sorted({s for seeds in entry["seeds_by_lr"].values() for s in seeds})  # a variant on fewer seeds
             ax.plot(rates, [entry[key][r] for r in rates], marker="o",  # (a diverged run's inf is not drawn)
-                    label=method + (f" (diverged at {diverged})" if diverged else ""))
+                    label=method + (f" (diverged at {diverged})" if diverged else "")
+                    + (f" [seed{'s' * (len(few) > 1)} {', '.join(map(str, few))}]" if len(few) < most else ""))
         rate_axis(ax, {float(r) for entry in report.values() for r in entry[key]})
         if data == "smollm" and not key.startswith("final_metric"):  # losses over a decade: slow starts and plateaus
             ax.set_yscale("log")

@@ -152,6 +152,13 @@ def test_lr_sweep_summary_picks_each_methods_best_rate_band_and_paired_interval(
     # a seed only one method has run at a rate stays out of that rate's means (the others have not run it yet)
     extra = lr_sweep.summarize(cells + [cell("lora", 1e-3, 3, [1.0, 0.8, 0.6, 0.10])], tolerance=0.05)
     assert extra["lora"]["best_eval_loss"] == pytest.approx(0.51) and extra["lora"]["seeds_by_lr"][1e-3] == [0, 1, 2]
+    # a variant run at one rate on one seed does not shrink the grid's seeds there; its own mean is over its seed
+    variant = lr_sweep.summarize(cells + [cell("reflora@warmup10", 1e-3, 0, [1.0, 0.7, 0.5, 0.40], 0.9)], 0.05)
+    assert variant["lora"]["seeds_by_lr"][1e-3] == [0, 1, 2] and variant["lora"]["best_eval_loss"] == pytest.approx(0.51)
+    assert variant["reflora@warmup10"]["seeds_by_lr"] == {1e-3: [0]}
+    assert variant["reflora@warmup10"]["paired_diff_to_lora_by_lr"][1e-3]["mean"] == pytest.approx(0.40 - 0.50)
+    table = lr_sweep.markdown_tables(cells + [cell("reflora@warmup10", 1e-3, 0, [1.0, 0.7, 0.5, 0.40], 0.9)], variant)
+    assert "| 0.001 (0, 1, 2) | 0.5100 (0.800) |" in table and "0.4000 (0.900) [seed 0]; -0.1000, one seed" in table
     # a run that diverged (NaN: no held-out loss; HF's Trainer logs its loss as 0.0) is the worst, not a crash or a 0
     bad = cell("reflora-s", 1e-2, 0, [1.0], 0.32)
     bad["eval_loss"], bad["final_train_loss"] = {}, 0.0
