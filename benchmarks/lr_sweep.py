@@ -285,6 +285,11 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
     return report
 
 
+def seed_note(seeds) -> str:
+    """' [seed 0]' / ' [seeds 0, 1]': the seeds a variant run on fewer seeds than the grid was measured on."""
+    return f" [seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}]"
+
+
 def markdown_tables(cells: list[dict], report: dict) -> str:
     """The docs' two tables: each run's final held-out loss by (rate, seed) and method (GLUE: the dev metric
     beside it), then per rate the means over the seeds every method has there with the paired difference to LoRA
@@ -324,7 +329,7 @@ def markdown_tables(cells: list[dict], report: dict) -> str:
                 continue
             text = value(r["mean_eval_loss_by_lr"][lr], r.get("final_metric_by_lr", {}).get(lr))
             if r["seeds_by_lr"][lr] != seeds:  # a variant run on fewer seeds: its mean is over those
-                text += f" [seed{'s' * (len(r['seeds_by_lr'][lr]) > 1)} {', '.join(map(str, r['seeds_by_lr'][lr]))}]"
+                text += seed_note(r["seeds_by_lr"][lr])
             d = r.get("paired_diff_to_lora_by_lr", {}).get(lr) if m != "lora" else None
             if d and d["mean"] is not None:
                 text += f"; {d['mean']:+.4f}, " + (f"{d['ci95'][0]:+.4f}..{d['ci95'][1]:+.4f}" if d["ci95"]
@@ -372,7 +377,7 @@ def plot(report: dict, path: Path, data: str = "dog", title: str | None = None) 
             few = sorted({s for seeds in entry["seeds_by_lr"].values() for s in seeds})  # a variant on fewer seeds
             ax.plot(rates, [entry[key][r] for r in rates], marker="o",  # (a diverged run's inf is not drawn)
                     label=method + (f" (diverged at {diverged})" if diverged else "")
-                    + (f" [seed{'s' * (len(few) > 1)} {', '.join(map(str, few))}]" if len(few) < most else ""))
+                    + (seed_note(few) if len(few) < most else ""))
         rate_axis(ax, {float(r) for entry in report.values() for r in entry[key]})
         if data == "smollm" and not key.startswith("final_metric"):  # losses over a decade: slow starts and plateaus
             ax.set_yscale("log")

@@ -47,4 +47,3 @@ def test_eval_data_dir_and_bad_values(tmp_path):
     with pytest.raises(ConfigError, match=r"^--eval_data_dir '.*held' is given but the eval loss is off; add "
                                           r"--eval_loss_every N \(e.g. 100\), or leave out --eval_data_dir$"):
         make_config({**BASE, "output_dir": str(tmp_path / "o"), "eval_data_dir": str(held_out)})
-

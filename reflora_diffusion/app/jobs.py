@@ -118,6 +118,11 @@ def check_limits(values: dict) -> None:
             raise JobError(f"--{key} must be in {allowed} (got {values[key]})")
 
 
+MISSING_DATA = "data folder {!r} does not exist; upload images or give a folder"
+MISSING_EVAL = ("eval images folder {!r} does not exist; give a folder of held-out images, or leave it blank to take "
+                "the training images")
+
+
 def build_config(form: dict, run_dir: Path, data_dir: Path | None = None) -> dict:
     """config.json for train/sd.py from the form (same keys as its CLI flags; empty fields left out),
     resolved and checked by the trainer's own config code, so a bad field fails here, in the form."""
@@ -130,18 +135,14 @@ def build_config(form: dict, run_dir: Path, data_dir: Path | None = None) -> dic
     if data_dir is not None:  # uploads win over a folder: DreamBooth images with the instance prompt
         values.pop("train_data_dir", None)
         values["instance_data_dir"] = str(data_dir)
-    for key in ("instance_data_dir", "train_data_dir", "class_data_dir"):
+    for key, missing in (("instance_data_dir", MISSING_DATA), ("train_data_dir", MISSING_DATA),
+                         ("class_data_dir", None),  # class images may still be generated
+                         ("eval_data_dir", MISSING_EVAL)):
         if values.get(key):
             folder = Path(values[key]).expanduser().resolve()
-            if not folder.is_dir() and key != "class_data_dir":  # class images may still be generated
-                raise JobError(f"data folder {values[key]!r} does not exist; upload images or give a folder")
+            if not folder.is_dir() and missing:
+                raise JobError(missing.format(values[key]))
             values[key] = str(folder)
-    if values.get("eval_data_dir"):
-        folder = Path(values["eval_data_dir"]).expanduser().resolve()
-        if not folder.is_dir():
-            raise JobError(f"eval images folder {values['eval_data_dir']!r} does not exist; give a folder of held-out "
-                           "images, or leave it blank to take the training images")
-        values["eval_data_dir"] = str(folder)
     if not values.get("instance_data_dir") and not values.get("train_data_dir"):
         raise JobError("no training images: upload some images or give a data folder")
     if values.get("with_prior_preservation") and not values.get("class_data_dir"):
