@@ -14,59 +14,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import common
-import requests
+from app_driver import CHROMIUM, CHROMIUM_ARGS, REPO, fill, launch_app, stop, upload
 
-REPO = Path(__file__).resolve().parents[1]
 DOG = common.DREAMBOOTH / "dog"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def launch(runs_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "app.py", "--runs_dir", str(runs_dir), "--port", str(port),
-                             "--max_concurrent_jobs", "2"], cwd=REPO, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    for _ in range(240):
-        if proc.poll() is not None:
-            sys.exit(f"the app exited: see {log}")
-        try:
-            requests.get(url, timeout=2)
-            return proc, url
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    sys.exit(f"the app did not answer within 120 s: see {log}")
-
-
-def fill(page, label: str, value) -> None:
-    box = page.get_by_label(label, exact=True)
-    box.fill(str(value))
-    box.press("Tab")  # gradio commits a field's value on blur
 
 
 def drive(url: str, photos: list[Path], held_out: Path, steps: int, shot: Path, timeout_s: float) -> None:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url)
         page.get_by_role("button", name="Start", exact=True).wait_for()
-        page.locator("input[type=file]").first.set_input_files([str(f) for f in photos])
-        page.get_by_text(photos[0].name).first.wait_for(timeout=60_000)
+        upload(page, photos)
         if steps != 600:
             fill(page, "Steps", steps)
         page.get_by_text("More options").click()
@@ -103,13 +71,12 @@ def main(argv=None):
     held_out.mkdir()
     shutil.copy(photos[-1], held_out)
     runs_dir = work / "runs"
-    proc, url = launch(runs_dir, work / "app.log")
+    proc, url = launch_app(runs_dir, "--max_concurrent_jobs", "2")
     t0 = time.perf_counter()
     try:
         drive(url, photos[:-1], held_out, args.steps, work / "app.png", args.timeout_min * 60)
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        stop(proc)
     runs = {}
     for run in sorted(p for p in runs_dir.iterdir() if (p / "events.jsonl").is_file()):
         events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]

@@ -2,9 +2,6 @@
 upload images, start a tiny job, poll to completion, export, and load the downloaded files."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,39 +15,15 @@ from gradio_client import Client, handle_file  # noqa: E402
 from test_app_train import DOG  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import app_driver  # noqa: E402  (the launcher benchmarks/app_screenshot.py uses too)
+from app_driver import stop  # noqa: E402  (test_app_auth and test_app_browser take it from here too)
 AUTH = ("tester", "s3cret-pass")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_app(runs_dir: Path, *args: str):
-    """`python app.py ...` in a subprocess; returns (process, url) once it answers."""
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    log = open(runs_dir.parent / f"app-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--runs_dir", str(runs_dir), "--port", str(port), *args],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        assert proc.poll() is None, Path(log.name).read_text()[-3000:]
-        try:
-            if requests.get(url, timeout=2).status_code < 500:
-                return proc, url
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    proc.kill()
-    raise AssertionError("the app did not answer within 120 s:\n" + Path(log.name).read_text()[-3000:])
-
-
-def stop(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+    """`python app.py ...` in a subprocess on one thread; returns (process, url) once it answers."""
+    return app_driver.launch_app(runs_dir, *args, threads=1)
 
 
 @pytest.fixture(scope="module")

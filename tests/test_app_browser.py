@@ -5,7 +5,6 @@ benchmarks/app_screenshot.py: the form's default 600-step job.)
 Needs: apt-get install -y chromium (skipped, with the reason, where no browser is installed)."""
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -14,31 +13,11 @@ import pytest
 from test_app_api import DOG, launch_app, stop
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+from app_driver import CHROMIUM, CHROMIUM_ARGS, fill, upload  # noqa: E402  (benchmarks/, on the path from test_app_api)
+
 pytestmark = [pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                  reason="no chromium browser: apt-get update && apt-get install -y chromium"),
               pytest.mark.skipif(not DOG.is_dir(), reason="needs ../shared/data/dreambooth/dog")]
-
-
-def fill(page, label: str, value) -> None:
-    box = page.get_by_label(label, exact=True)
-    box.fill(str(value))
-    box.press("Tab")  # gradio commits a field's value on blur
-
-
-def upload(page, files, tries: int = 3) -> None:
-    """Choose files in the 'Training images' box; retried because the first try can land before the
-    page's scripts are wired up (then the browser drops it)."""
-    for _ in range(tries):
-        page.locator("input[type=file]").first.set_input_files([str(f) for f in files])
-        try:
-            page.get_by_text(files[0].name).first.wait_for(timeout=15_000)
-            return
-        except sync_api.TimeoutError:
-            continue
-    raise AssertionError(f"the upload of {files[0].name} never showed on the page")
 
 
 def test_browser_ab_run_to_comparison_grid(tmp_path):
@@ -46,7 +25,7 @@ def test_browser_ab_run_to_comparison_grid(tmp_path):
     proc, url = launch_app(runs_dir, "--max_concurrent_jobs", "2")  # the A/B pair side by side
     try:
         with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(url)
             page.get_by_role("button", name="Start", exact=True).wait_for()
