@@ -42,6 +42,31 @@ def test_steps_to_loss_targets_the_slower_runs_final_loss(tmp_path):
                     ["s-run", "reflora-s", 100, pytest.approx(0.25), 67, "0.67x"]]
 
 
+def test_steps_to_loss_reads_the_eval_loss_when_every_run_has_one(tmp_path):
+    """A held-out eval loss (fixed noise) falls and then rises as a run memorises its photos: the target is the worse
+    run's lowest, and the table reads the eval points, not the noisy training loss."""
+    train = linear_events(0.004)  # equal training curves: the training-loss table would say 1.00x
+    for name, method, evals in (("lora-run", "lora", [1.0, 0.7, 0.6, 0.65]),
+                                ("reflora-run", "reflora", [1.0, 0.6, 0.5, 0.55])):
+        make_run(tmp_path, name, state="done", method=method,
+                 events=[*train, *({"step": 50 * i, "eval_loss": v} for i, v in enumerate(evals))])
+    note, headers, rows = compare.loss_table(tmp_path, ["reflora-run", "lora-run"])
+    assert headers == ["run", "method", "steps", "lowest eval loss (step)", "steps to target", "vs. slower run"]
+    assert "eval loss (fixed noise and timesteps) reaches 0.6, the lowest eval loss of the worse run, lora-run" in note
+    assert rows == [["reflora-run", "reflora", 150, "0.50000 (100)", 50, "0.50x"],
+                    ["lora-run", "lora", 150, "0.60000 (100)", 100, "1.00x"]]
+    # a run without eval points: back to the training loss for all
+    make_run(tmp_path, "no-eval", state="done", method="lora", events=linear_events(0.008))
+    note, headers, rows = compare.loss_table(tmp_path, ["reflora-run", "no-eval"], beta=0.0)
+    assert headers[3] == "final loss" and "smoothed loss" in note and rows[1][4] == 50
+    # an eval loss that never falls clearly: no table
+    for name in ("flat-a", "flat-b"):
+        make_run(tmp_path, name, state="done", method="lora",
+                 events=[*train, {"step": 0, "eval_loss": 0.5}, {"step": 50, "eval_loss": 0.49}])
+    note, headers, rows = compare.loss_table(tmp_path, ["flat-a", "flat-b"])
+    assert note.startswith("**Steps to loss**: none.") and "lowest eval loss of the worse run" in note and rows == []
+
+
 def test_no_steps_to_loss_for_a_loss_that_did_not_fall(tmp_path):
     """Diffusion losses are mostly timestep noise: two flat noisy curves once gave "step 1, 100 %" for both."""
     rng = np.random.default_rng(0)

@@ -50,42 +50,53 @@ def start_level(losses: list[float]) -> float:
 
 
 STEPS_TO_LOSS_HEADERS = ["run", "method", "steps", "final loss", "steps to target", "vs. slower run"]
+EVAL_HEADERS = ["run", "method", "steps", "lowest eval loss (step)", "steps to target", "vs. slower run"]
 
 
 def loss_table(runs_dir, names: list[str], beta: float = 0.9) -> tuple[str, list[str], list[list]]:
-    """(note, headers, rows) of steps to loss: the target is the final smoothed loss of the slower run (the
-    highest final smoothed loss among the runs), and each row says at which step a run's smoothed loss first
-    got there, and that relative to the slower run. No table (a note saying why) for fewer than two runs
-    with logged losses, or when the slower run's loss did not fall by MIN_DROP of its start: a step at
-    which a flat, noisy curve crosses a level measures nothing."""
-    curves = {}
-    for name in names:
-        log = event_log(safe_path(runs_dir, name))
-        if log.steps:
-            curves[name] = (log.steps, log.losses, smooth(log.losses, beta))
+    """(note, headers, rows) of steps to loss. When every picked run logged an eval loss (fixed noise and
+    timesteps: the same measurement for every run, ``--eval_loss_every``) at two or more steps, the table reads
+    it: the target is the lowest eval loss of the worse run (the higher of the runs' lowest), since a held-out loss
+    can rise again as a run memorises its images; each row says at which eval step a run first got there. Otherwise
+    it reads the training loss, smoothed: the target is the final smoothed loss of the slower run. Each row gives the
+    step relative to the slower run's. No table (a note saying why) for fewer than two runs with logged losses, or
+    when a run did not start clearly above the target (by MIN_DROP of its start): a step at which a flat, noisy
+    curve crosses a level measures nothing."""
+    logs = {name: event_log(safe_path(runs_dir, name)) for name in names}
+    if len(names) > 1 and all(len(log.eval_steps) > 1 for log in logs.values()):
+        curves = {n: (log.eval_steps, log.eval_losses, log.eval_losses) for n, log in logs.items()}
+        lowest = {n: min(zip(c[1], c[0])) for n, c in curves.items()}  # (loss, step)
+        slower = max(curves, key=lambda n: lowest[n][0])
+        target, what = lowest[slower][0], f"the lowest eval loss of the worse run, {slower}"
+        reads, headers = "eval loss (fixed noise and timesteps)", list(EVAL_HEADERS)
+        last = {n: f"{lowest[n][0]:.5f} ({lowest[n][1]})" for n in curves}
+    else:
+        curves = {n: (log.steps, log.losses, smooth(log.losses, beta)) for n, log in logs.items() if log.steps}
+        if len(curves) >= 2:
+            slower = max(curves, key=lambda n: curves[n][2][-1])
+            target, what = curves[slower][2][-1], f"the final smoothed loss of the slower run, {slower}"
+        reads, headers = f"smoothed loss (moving average, {beta})", list(STEPS_TO_LOSS_HEADERS)
+        last = {n: round(c[2][-1], 5) for n, c in curves.items()}
     missing = [n for n in names if n not in curves]
     skipped = f" ({', '.join(missing)}: no logged loss yet)" if missing else ""
     if len(curves) < 2:
         return (f"**Steps to loss**: pick two or more runs with logged losses{skipped}." if names else ""), [], []
-    slower = max(curves, key=lambda n: curves[n][2][-1])
-    target = curves[slower][2][-1]
     for name, (_, raw, _) in curves.items():  # every curve must start clearly above the target
-        start = start_level(raw)
+        start = start_level(raw) if headers == STEPS_TO_LOSS_HEADERS else raw[0]
         if start - target < MIN_DROP * abs(start):
-            return (f"**Steps to loss**: none. The target, {target:.4g} (the final smoothed loss of the slower run, "
-                    f"{slower}), is not clearly below where {name} started ({start:.4g}): the loss did not fall "
-                    "clearly, so the step at which a run reaches it would measure noise. Compare the samples and "
-                    f"the grid instead{skipped}."), [], []
+            return (f"**Steps to loss**: none. The target, {target:.4g} ({what}), is not clearly below where {name} "
+                    f"started ({start:.4g}): the loss did not fall clearly, so the step at which a run reaches it "
+                    f"would measure noise. Compare the samples and the grid instead{skipped}."), [], []
     reach = {n: steps_to_loss(c[0], c[2], target) for n, c in curves.items()}
-    methods = {n: read_run(runs_dir, n).method for n in curves}
     rows = []
-    for name, (steps, _, smoothed) in curves.items():
+    for name, (steps, _, _) in curves.items():
         r = reach[name]
-        rows.append([name, methods[name], steps[-1], round(smoothed[-1], 5), r if r is not None else "not reached",
+        rows.append([name, read_run(runs_dir, name).method, steps[-1], last[name],
+                     r if r is not None else "not reached",
                      f"{r / reach[slower]:.2f}x" if r is not None and reach[slower] else ""])
-    note = (f"**Steps to loss**: the first step at which each run's smoothed loss (moving average, {beta}) reaches "
-            f"{target:.4g}, the final smoothed loss of the slower run, {slower}; fewer is faster{skipped}.")
-    return note, list(STEPS_TO_LOSS_HEADERS), rows
+    note = (f"**Steps to loss**: the first step at which each run's {reads} reaches {target:.4g}, {what}; fewer is "
+            f"faster{skipped}.")
+    return note, headers, rows
 
 
 def loss_figure(runs_dir, names: list[str], beta: float = 0.9, title: str = "training loss"):
