@@ -38,7 +38,7 @@ def drive(url: str, photos: list[Path], held_out: Path, steps: int, shot: Path, 
         if steps != 600:
             fill(page, "Steps", steps)
         page.get_by_text("More options").click()
-        fill(page, "Eval loss every N steps (0: off)", max(1, steps // 6))
+        fill(page, "Eval loss every N steps (0: off)", max(1, steps // 12))
         fill(page, "Eval loss on the images of this folder", held_out)
         fill(page, "Run name (optional)", "dog")
         page.get_by_label("A/B side by side (default: one after the other)").check()
