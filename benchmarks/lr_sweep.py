@@ -267,8 +267,10 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
                                    if (n := sum(not math.isfinite(final(c)) for c in seeds.values()))}
         if "metric" in cs[0]:  # GLUE: the task's own dev metric at the end (higher is better), next to the loss
             entry["metric_name"] = cs[0]["metric_name"]
-            entry["final_metric_by_lr"] = {lr: statistics.fmean(c["metric"][str(c["steps"])] for c in seeds.values())
-                                           for lr, seeds in rates.items()}
+            end_metric = lambda c: c["metric"].get(str(c["steps"]))  # noqa: E731  (None: the run diverged)
+            entry["final_metric_by_lr"] = {lr: statistics.fmean(end_metric(c) for c in seeds.values())
+                                           for lr, seeds in rates.items()
+                                           if all(end_metric(c) is not None for c in seeds.values())}
         if lora_best is not None:
             target = statistics.fmean(final(c) for c in lora_best.values())
             reached = []

@@ -144,6 +144,11 @@ def test_lr_sweep_summary_picks_each_methods_best_rate_band_and_paired_interval(
     assert lora["steps_to_lora_final"] == [100, 100, None]
     assert ref["lowest_eval_loss_by_lr"][1e-3] == pytest.approx(0.49)
     assert ref["final_metric_by_lr"] == {1e-3: pytest.approx(0.82), 1e-2: pytest.approx(0.81)}
+    # a diverged GLUE run (no finite dev loss, its metric None at every eval point) leaves its rate's metric out
+    nan_run = {**cell("reflora-s", 1e-2, 0, [1.0, 0.9, 0.9, 0.9], 0.5), "eval_loss": {}, "metric": {"100": None}}
+    both = lr_sweep.summarize([*cells, nan_run, cell("reflora-s", 1e-3, 0, [1.0, 0.7, 0.5, 0.5], 0.8)], 0.05)
+    assert both["reflora-s"]["final_metric_by_lr"] == {1e-3: pytest.approx(0.8)}
+    assert both["reflora-s"]["diverged_by_lr"] == {1e-2: 1}
     assert ref["metric_name"] == "accuracy"
     # at equal rates: 1e-2 pairs RefLoRA's 0.52/0.53/0.54 with LoRA's 0.9 (-0.38, -0.37, -0.36)
     at_high = ref["paired_diff_to_lora_by_lr"][1e-2]
