@@ -63,7 +63,8 @@ def loss_table(runs_dir, names: list[str], beta: float = 0.9) -> tuple[str, list
     when a run did not start clearly above the target (by MIN_DROP of its start): a step at which a flat, noisy
     curve crosses a level measures nothing."""
     logs = {name: event_log(safe_path(runs_dir, name)) for name in names}
-    if len(names) > 1 and all(len(log.eval_steps) > 1 for log in logs.values()):
+    on_eval = len(names) > 1 and all(len(log.eval_steps) > 1 for log in logs.values())
+    if on_eval:
         curves = {n: (log.eval_steps, log.eval_losses, log.eval_losses) for n, log in logs.items()}
         lowest = {n: min(zip(c[1], c[0])) for n, c in curves.items()}  # (loss, step)
         slower = max(curves, key=lambda n: lowest[n][0])
@@ -82,7 +83,7 @@ def loss_table(runs_dir, names: list[str], beta: float = 0.9) -> tuple[str, list
     if len(curves) < 2:
         return (f"**Steps to loss**: pick two or more runs with logged losses{skipped}." if names else ""), [], []
     for name, (_, raw, _) in curves.items():  # every curve must start clearly above the target
-        start = start_level(raw) if headers == STEPS_TO_LOSS_HEADERS else raw[0]
+        start = raw[0] if on_eval else start_level(raw)  # (an eval loss has no step noise to average)
         if start - target < MIN_DROP * abs(start):
             return (f"**Steps to loss**: none. The target, {target:.4g} ({what}), is not clearly below where {name} "
                     f"started ({start:.4g}): the loss did not fall clearly, so the step at which a run reaches it "
