@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections import Counter
@@ -275,10 +276,15 @@ def main(argv=None):
     ap.add_argument("--name", default="hook_ops")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    load = os.getloadavg()[0]  # other processes' work shows up as hook time: measure on a quiet machine
+    if load > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {load:.2f} on {os.cpu_count()} CPUs; the ms figures will read high "
+              "(pause other jobs, e.g. a running sweep, for the ~2 minutes this takes)", flush=True)
     results = measure(args.methods, args.steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"torch": torch.__version__, "targets": TARGETS, "results": results, "meets": verdict(results)}
+    report = {"torch": torch.__version__, "load_average_at_start": round(load, 2), "targets": TARGETS,
+              "results": results, "meets": verdict(results)}
     common.write_json(out / f"{args.name}.json", report)
     plot(results, out / f"{args.name}.png")
     print(json.dumps(report["meets"], indent=1))
