@@ -44,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import common
@@ -220,15 +221,18 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
     """Per method: best rate, band width, steps to LoRA's final held-out loss, paired differences to LoRA.
 
     A grid still being filled has seeds that only some methods ran at a rate: each rate's means are taken over the
-    seeds every grid method (one run at every rate of the sweep) has there (``seeds_by_lr``), so methods are compared
-    on the same seeds; a variant run at only some rates and seeds (``reflora@warmup10`` on seed 0) does not shrink
-    them, its means take its own seeds among those; the paired differences to LoRA take every seed the two share."""
+    seeds every grid method has there (``seeds_by_lr``), so methods are compared on the same seeds. The grid's rates
+    are those two or more methods ran, its methods those that ran at every one of them: a variant run at only some
+    rates and seeds (``reflora@warmup10`` on seed 0) does not shrink the seeds, its means take its own seeds among
+    them, and a pilot rate only LoRA ran does not take the others off the grid; the paired differences to LoRA take
+    every seed the two share."""
     final = lambda c: c["eval_loss"].get(str(c["steps"]), math.inf)  # noqa: E731  (inf: the run diverged)
     by = {}
     for c in cells:
         by.setdefault(c["method"], {}).setdefault(c["lr"], {})[c["seed"]] = c
-    all_rates = {c["lr"] for c in cells}
-    grid = [rates for rates in by.values() if set(rates) == all_rates] or list(by.values())
+    ran = Counter(lr for rates in by.values() for lr in rates)
+    grid_rates = {lr for lr, n in ran.items() if n > 1} or set(ran)
+    grid = [rates for rates in by.values() if grid_rates <= set(rates)] or list(by.values())
     shared: dict[float, set] = {}
     for rates in grid:
         for lr, seeds in rates.items():

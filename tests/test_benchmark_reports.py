@@ -157,6 +157,11 @@ def test_lr_sweep_summary_picks_each_methods_best_rate_band_and_paired_interval(
     # a seed only one method has run at a rate stays out of that rate's means (the others have not run it yet)
     extra = lr_sweep.summarize(cells + [cell("lora", 1e-3, 3, [1.0, 0.8, 0.6, 0.10])], tolerance=0.05)
     assert extra["lora"]["best_eval_loss"] == pytest.approx(0.51) and extra["lora"]["seeds_by_lr"][1e-3] == [0, 1, 2]
+    # ... also when LoRA alone ran a pilot rate (which the others never run): they stay on the grid
+    pilot = lr_sweep.summarize(cells + [cell("lora", 1e-3, 3, [1.0, 0.8, 0.6, 0.10], 0.9),
+                                        cell("lora", 1e-1, 0, [1.0, 2.0, 2.0, 2.0], 0.3)], tolerance=0.05)
+    assert pilot["lora"]["seeds_by_lr"] == {1e-3: [0, 1, 2], 1e-2: [0, 1, 2], 1e-1: [0]}
+    assert pilot["lora"]["best_eval_loss"] == pytest.approx(0.51)
     # a variant run at one rate on one seed does not shrink the grid's seeds there; its own mean is over its seed
     variant = lr_sweep.summarize(cells + [cell("reflora@warmup10", 1e-3, 0, [1.0, 0.7, 0.5, 0.40], 0.9)], 0.05)
     assert variant["lora"]["seeds_by_lr"][1e-3] == [0, 1, 2] and variant["lora"]["best_eval_loss"] == pytest.approx(0.51)
