@@ -222,8 +222,9 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
 
     A grid still being filled has seeds that only some methods ran at a rate: each rate's means are taken over the
     seeds every grid method has there (``seeds_by_lr``), so methods are compared on the same seeds. The grid's rates
-    are those two or more methods ran, its methods those that ran at every one of them: a variant run at only some
-    rates and seeds (``reflora@warmup10`` on seed 0) does not shrink the seeds, its means take its own seeds among
+    are those two or more methods ran, its methods those that ran at every one of them on more than half as many
+    seeds as the most any method ran: a variant run at only some rates or seeds (``reflora@warmup10`` on seed 0,
+    ``reflora@normalize`` at every rate on seed 0 of 5) does not shrink the seeds, its means take its own seeds among
     them, and a pilot rate only LoRA ran does not take the others off the grid; the paired differences to LoRA take
     every seed the two share."""
     final = lambda c: c["eval_loss"].get(str(c["steps"]), math.inf)  # noqa: E731  (inf: the run diverged)
@@ -232,7 +233,9 @@ def summarize(cells: list[dict], tolerance: float) -> dict:
         by.setdefault(c["method"], {}).setdefault(c["lr"], {})[c["seed"]] = c
     ran = Counter(lr for rates in by.values() for lr in rates)
     grid_rates = {lr for lr, n in ran.items() if n > 1} or set(ran)
-    grid = [rates for rates in by.values() if grid_rates <= set(rates)] or list(by.values())
+    n_seeds = {m: len({s for seeds in rates.values() for s in seeds}) for m, rates in by.items()}
+    grid = [rates for m, rates in by.items()
+            if grid_rates <= set(rates) and 2 * n_seeds[m] > max(n_seeds.values())] or list(by.values())
     shared: dict[float, set] = {}
     for rates in grid:
         for lr, seeds in rates.items():

@@ -169,6 +169,12 @@ def test_lr_sweep_summary_picks_each_methods_best_rate_band_and_paired_interval(
     assert variant["reflora@warmup10"]["paired_diff_to_lora_by_lr"][1e-3]["mean"] == pytest.approx(0.40 - 0.50)
     table = lr_sweep.markdown_tables(cells + [cell("reflora@warmup10", 1e-3, 0, [1.0, 0.7, 0.5, 0.40], 0.9)], variant)
     assert "| 0.001 (0, 1, 2) | 0.5100 (0.800) |" in table and "0.4000 (0.900) [seed 0]; -0.1000, one seed" in table
+    # ... also a variant run at every rate on one seed of three (RefLoRA `normalize` on SmolLM2): marked, not shrinking
+    wide = lr_sweep.summarize(cells + [cell("reflora@normalize", lr, 0, [1.0, 0.7, 0.5, 0.45], 0.9)
+                                       for lr in (1e-3, 1e-2)], 0.05)
+    assert wide["lora"]["seeds_by_lr"] == {1e-3: [0, 1, 2], 1e-2: [0, 1, 2]}
+    assert wide["reflora@normalize"]["seeds_by_lr"] == {1e-3: [0], 1e-2: [0]}
+    assert wide["reflora@normalize"]["paired_diff_to_lora_by_lr"][1e-2]["mean"] == pytest.approx(0.45 - 0.9)
     # a run that diverged (NaN: no held-out loss; HF's Trainer logs its loss as 0.0) is the worst, not a crash or a 0
     bad = cell("reflora-s", 1e-2, 0, [1.0], 0.32)
     bad["eval_loss"], bad["final_train_loss"] = {}, 0.0
